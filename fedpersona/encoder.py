@@ -1,0 +1,273 @@
+"""The persona encoder: kind-scoped feature adapter, global trunk, local heads.
+
+Every layer is an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm``, each used once per
+forward pass, so Opacus computes per-sample gradient norms for all of them (ghost clipping
+for Linear and Embedding, exact per-sample gradients for LayerNorm). No BatchNorm.
+
+Parameter scopes are declared once, here, in :data:`SCOPES`, and the aggregation strategy
+obeys them:
+
+- ``adapter`` (scope ``kind``): averaged only among partners of one kind and one schema.
+- ``trunk`` (scope ``global``): averaged over every partner.
+- ``recon_head`` and ``label_head`` (scope ``local``): never leave the partner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedpersona.features import FeatureLayout
+
+__all__ = [
+    "SCOPES",
+    "EncoderConfig",
+    "FeatureAdapter",
+    "PersonaEncoder",
+    "PersonaTrunk",
+    "parameter_scope",
+    "random_keep",
+    "token_presence",
+]
+
+Scope = Literal["global", "kind", "local"]
+
+SCOPES: dict[str, Scope] = {
+    "adapter": "kind",
+    "trunk": "global",
+    "recon_head": "local",
+    "label_head": "local",
+}
+
+
+def parameter_scope(name: str) -> Scope:
+    """The scope of a state-dict key such as ``trunk.pool.weight``."""
+    prefix = name.split(".", 1)[0]
+    if prefix not in SCOPES:
+        raise KeyError(f"parameter '{name}' belongs to no declared scope ({', '.join(SCOPES)})")
+    return SCOPES[prefix]
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Model sizes (public; identical at every partner)."""
+
+    token_dim: int = 32
+    embed_dim: int = 32
+    hidden: int = 64
+    blocks: int = 2
+    mask_rate: float = 0.3
+
+    def __post_init__(self) -> None:
+        for key in ("token_dim", "embed_dim", "hidden"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 2:
+                raise ValueError(f"model.{key} must be an integer >= 2, got {value!r}")
+        if not isinstance(self.blocks, int) or self.blocks < 0:
+            raise ValueError(f"model.blocks must be an integer >= 0, got {self.blocks!r}")
+        if not 0.0 <= self.mask_rate < 1.0:
+            raise ValueError(f"model.mask_rate must be in [0, 1), got {self.mask_rate!r}")
+
+
+class FeatureAdapter(nn.Module):
+    """Turns one user's row into a set of d-dimensional tokens (scope: kind)."""
+
+    def __init__(self, layout: FeatureLayout, d: int) -> None:
+        super().__init__()
+        self.layout = layout
+        n_scalar = max(1, len(layout.scalar_names))
+        # A scalar token is value * scale[f] + shift[f]: the shift also identifies the feature.
+        self.scalar_scale = nn.Embedding(n_scalar, d)
+        self.scalar_shift = nn.Embedding(n_scalar, d)
+        self.register_buffer("scalar_index", torch.arange(n_scalar), persistent=False)
+        self.cat = nn.Embedding(max(1, sum(layout.cat_cardinalities)), d)
+        self.texts = nn.ModuleList(nn.Embedding(b + 1, d) for b in layout.text_buckets)
+        self.seq_num = nn.ModuleList(nn.Linear(2 * n, d) for n in layout.seq_num_lengths)
+        self.seq_cat = nn.ModuleList(
+            nn.Embedding(n * card, d)
+            for n, card in zip(layout.seq_cat_lengths, layout.seq_cat_cardinalities, strict=True)
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns tokens ``(B, T, d)`` and presence ``(B, T)`` (False = missing value)."""
+        tokens: list[torch.Tensor] = []
+        scalar = batch["scalar"]  # (B, S)
+        if self.layout.scalar_names:
+            index = self.scalar_index.expand(scalar.shape[0], -1).contiguous()  # (B, S)
+            tokens.append(scalar.unsqueeze(-1) * self.scalar_scale(index) + self.scalar_shift(index))
+        if self.layout.cat_names:
+            tokens.append(self.cat(batch["cat"]))  # (B, C, d)
+        for i, emb in enumerate(self.texts):
+            ids = batch[f"text{i}"]  # (B, L)
+            mask = (ids > 0).unsqueeze(-1).to(scalar.dtype)
+            summed = (emb(ids) * mask).sum(1)
+            tokens.append((summed / mask.sum(1).clamp(min=1.0)).unsqueeze(1))
+        for i, lin in enumerate(self.seq_num):
+            values = batch[f"seqnum{i}"]
+            mask = batch[f"seqnum{i}_present"].to(values.dtype)
+            tokens.append(lin(torch.cat([values * mask, mask], 1)).unsqueeze(1))
+        for i, emb in enumerate(self.seq_cat):
+            codes = batch[f"seqcat{i}"]
+            mask = batch[f"seqcat{i}_present"].unsqueeze(-1).to(scalar.dtype)
+            summed = (emb(codes) * mask).sum(1)
+            tokens.append((summed / mask.sum(1).clamp(min=1.0)).unsqueeze(1))
+        return torch.cat(tokens, 1), token_presence(self.layout, batch)
+
+
+class _Block(nn.Module):
+    """Pre-norm residual MLP applied to each token independently."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
+        return h + self.down(F.gelu(self.up(self.norm(h))))
+
+
+class PersonaTrunk(nn.Module):
+    """Any number of tokens -> unit-norm persona embedding z (scope: global)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        d = config.token_dim
+        self.blocks = nn.ModuleList(_Block(d, config.hidden) for _ in range(config.blocks))
+        self.score = nn.Linear(d, 1)
+        self.mix = nn.Linear(2 * d, config.hidden)
+        self.out = nn.Linear(config.hidden, config.embed_dim)
+
+    def forward(self, tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (B, T, d), ``keep`` (B, T) bool -> z (B, embed_dim), unit norm."""
+        h = tokens
+        for block in self.blocks:
+            h = block(h)
+        weight = keep.unsqueeze(-1).to(h.dtype)  # (B, T, 1)
+        scores = self.score(h).masked_fill(~keep.unsqueeze(-1), -1e9)  # (B, T, 1)
+        attn = torch.softmax(scores, dim=1) * weight
+        attended = (attn * h).sum(1) / attn.sum(1).clamp(min=1e-9)  # (B, d)
+        mean = (h * weight).sum(1) / weight.sum(1).clamp(min=1.0)  # (B, d)
+        z = self.out(F.gelu(self.mix(torch.cat([attended, mean], 1))))
+        return F.normalize(z, dim=1)
+
+
+class PersonaEncoder(nn.Module):
+    """Adapter + trunk + local heads; owns its self-supervised and label losses."""
+
+    def __init__(self, layout: FeatureLayout, config: EncoderConfig) -> None:
+        super().__init__()
+        self.layout = layout
+        self.config = config
+        self.adapter = FeatureAdapter(layout, config.token_dim)
+        self.trunk = PersonaTrunk(config)
+        n_scalar = len(layout.scalar_names)
+        n_cat = sum(layout.cat_cardinalities)
+        self.recon_head = nn.Sequential(
+            nn.Linear(config.embed_dim, config.hidden),
+            nn.GELU(),
+            nn.Linear(config.hidden, max(1, n_scalar + n_cat)),
+        )
+        self.label_head = nn.Linear(config.embed_dim, max(1, len(layout.label_names)))
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Persona embedding of every row from all its present features: (B, embed_dim)."""
+        tokens, present = self.adapter(batch)
+        return self.trunk(tokens, _at_least_one(present))
+
+    def forward(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss ``(B,)``: reconstruct the hidden features, predict known labels.
+
+        ``keep`` (B, T) says which present tokens the encoder sees; the others (present but
+        hidden) are the reconstruction targets. Each sample's loss depends on that sample
+        only, so the batch loss is a mean of per-sample terms, as DP-SGD requires.
+        """
+        tokens, present = self.adapter(batch)
+        keep = _at_least_one(keep & present)
+        z = self.trunk(tokens, keep)
+        target = present & ~keep
+        recon, recon_weight = self._reconstruction(z, batch, target)
+        loss = recon / recon_weight.clamp(min=1.0)
+        labels = batch["labels"]  # (B, n_labels), NaN = unknown
+        if self.layout.label_names:
+            known = ~torch.isnan(labels)
+            logits = self.label_head(z)
+            bce = F.binary_cross_entropy_with_logits(
+                logits, torch.nan_to_num(labels), reduction="none"
+            )
+            loss = loss + (bce * known).sum(1) / known.sum(1).clamp(min=1)
+        return loss
+
+    def _reconstruction(
+        self, z: torch.Tensor, batch: dict[str, torch.Tensor], target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed per-sample reconstruction loss of hidden scalar and categorical tokens."""
+        out = self.recon_head(z)  # (B, S + sum(cards))
+        n_scalar = len(self.layout.scalar_names)
+        total = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
+        count = torch.zeros_like(total)
+        if n_scalar:
+            pred = torch.sigmoid(out[:, :n_scalar])
+            mask = target[:, :n_scalar].to(z.dtype)
+            total = total + (((pred - batch["scalar"]) ** 2) * mask).sum(1)
+            count = count + mask.sum(1)
+        start = n_scalar
+        offsets = self.layout.cat_offsets
+        for j, card in enumerate(self.layout.cat_cardinalities):
+            logits = out[:, start : start + card]
+            code = batch["cat"][:, j] - offsets[j]
+            mask = target[:, n_scalar + j].to(z.dtype)
+            ce = F.cross_entropy(logits, code, reduction="none") / max(1.0, float(card)) ** 0.5
+            total = total + ce * mask
+            count = count + mask
+            start += card
+        return total, count
+
+    def reconstruction_error(
+        self, batch: dict[str, torch.Tensor], keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample mean reconstruction loss of the hidden features (for evaluation)."""
+        tokens, present = self.adapter(batch)
+        keep = _at_least_one(keep & present)
+        z = self.trunk(tokens, keep)
+        total, count = self._reconstruction(z, batch, present & ~keep)
+        return total / count.clamp(min=1.0)
+
+    def label_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.label_head(self.embed(batch))
+
+
+def _at_least_one(mask: torch.Tensor) -> torch.Tensor:
+    """Make sure every row keeps one token (the first one) so pooling is defined."""
+    empty = ~mask.any(1, keepdim=True)
+    first = torch.zeros_like(mask)
+    first[:, 0] = True
+    return mask | (empty & first)
+
+
+def token_presence(layout: FeatureLayout, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Which tokens of each row carry a value: (B, T) bool, in the adapter's token order."""
+    parts: list[torch.Tensor] = []
+    if layout.scalar_names:
+        parts.append(batch["scalar_present"])
+    if layout.cat_names:
+        parts.append(batch["cat_present"])
+    for i in range(len(layout.text_names)):
+        parts.append((batch[f"text{i}"] > 0).any(1, keepdim=True))
+    for i in range(len(layout.seq_num_names)):
+        parts.append(batch[f"seqnum{i}_present"].any(1, keepdim=True))
+    for i in range(len(layout.seq_cat_names)):
+        parts.append(batch[f"seqcat{i}_present"].any(1, keepdim=True))
+    return torch.cat(parts, 1)
+
+
+def random_keep(
+    present: torch.Tensor, rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Hide each present token with probability ``rate`` (self-supervised masking)."""
+    draw = torch.rand(present.shape, generator=generator, device=generator.device)
+    return present & (draw.to(present.device) >= rate)

@@ -1,0 +1,193 @@
+"""Local training at a partner: DP-SGD with Opacus, one row = one user.
+
+Batches are drawn by Poisson sampling (each row independently with probability q) as
+tensor operations on the device, with exactly the q that Opacus' optimizer hook reports to
+its accountant, so the privacy analysis (which assumes Poisson sampling) matches what runs.
+The privacy engine's accountant is seeded with the partner's whole ledger history before
+training, so every epsilon it reports is cumulative over all rounds and restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedpersona.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.errors import ConfigError
+from fedpersona.features import FeatureTensors
+from fedpersona.privacy import PrivacyLedger, PrivacySettings, merge_history, sample_rate_for
+
+__all__ = ["GRAD_SAMPLE_MODES", "LocalResult", "TrainingSettings", "pick_device", "train_locally"]
+
+logger = logging.getLogger(__name__)
+
+GRAD_SAMPLE_MODES = ("ghost", "hooks")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Local optimisation settings (the same at every partner of a federation)."""
+
+    local_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 3e-3
+    grad_sample_mode: str = "ghost"
+    fedprox_mu: float = 0.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
+            raise ConfigError(f"training.local_epochs must be an integer >= 1, got {self.local_epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"training.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.lr, int | float) or not self.lr > 0:
+            raise ConfigError(f"training.lr must be > 0, got {self.lr!r}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ConfigError(
+                f"training.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
+                f"got {self.grad_sample_mode!r}"
+            )
+        if not isinstance(self.fedprox_mu, int | float) or self.fedprox_mu < 0:
+            raise ConfigError(f"training.fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"training.device must be auto, cpu or cuda, got {self.device!r}")
+
+    def steps_per_round(self, rows: int) -> int:
+        """Optimizer steps in one round: local epochs x expected batches per epoch."""
+        return self.local_epochs * round(1.0 / sample_rate_for(rows, self.batch_size))
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """What one local round did; every number here is public (a function of the plan)."""
+
+    steps: int
+    sample_rate: float
+    noise_multiplier: float | None
+    epsilon: float | None
+    mean_loss: float
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("training.device = 'cuda' but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class _PerSampleLoss:
+    """Criterion for Opacus' ghost clipping: the model already returns per-sample losses."""
+
+    reduction = "mean"
+
+    def __call__(self, per_sample: torch.Tensor) -> torch.Tensor:
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.mean() if self.reduction == "mean" else per_sample.sum()
+
+
+def train_locally(
+    *,
+    model: PersonaEncoder,
+    data: FeatureTensors,
+    settings: TrainingSettings,
+    privacy: PrivacySettings,
+    noise_multiplier: float | None,
+    ledger: PrivacyLedger | None,
+    round: int,
+    generator: torch.Generator,
+    anchor: dict[str, torch.Tensor] | None = None,
+) -> LocalResult:
+    """Run one round of local training in place on ``model``.
+
+    For a private run the ledger is charged (and the budget checked) before the first
+    gradient step; :class:`~fedpersona.errors.PrivacyBudgetExceeded` leaves the model and the
+    ledger untouched. ``anchor`` holds the global parameters received this round, used by the
+    FedProx proximal step (applied after each noisy step: post-processing, no privacy cost).
+    """
+    rows = len(data)
+    q = sample_rate_for(rows, settings.batch_size)
+    steps = settings.steps_per_round(rows)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    criterion = _PerSampleLoss()
+    engine: PrivacyEngine | None = None
+    train_model: torch.nn.Module = model
+    model.train()
+    if privacy.private:
+        if noise_multiplier is None or ledger is None:
+            raise ValueError("a private round needs a planned noise multiplier and a ledger")
+        previous = list(ledger.history)
+        ledger.charge(
+            round=round, mechanism="dp-sgd", noise_multiplier=noise_multiplier,
+            sample_rate=q, steps=steps,
+        )  # fmt: skip
+        engine = PrivacyEngine(accountant=privacy.accountant)
+        engine.accountant.history = merge_history(previous)
+        # Only its length matters: Opacus derives q = 1 / len(loader) from it for the accountant.
+        index_loader = DataLoader(
+            TensorDataset(torch.arange(rows)), batch_size=max(1, min(settings.batch_size, rows))
+        )
+        if not math.isclose(1.0 / len(index_loader), q):
+            raise RuntimeError("sample rate mismatch between the plan and Opacus")
+        noise_gen = torch.Generator(device=device)
+        noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=index_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=settings.grad_sample_mode,
+            noise_generator=noise_gen,
+        )
+        if settings.grad_sample_mode == "ghost":
+            train_model, optimizer, criterion, _ = private
+        else:
+            train_model, optimizer, _ = private
+    model.train()
+    total = 0.0
+    for _ in range(steps):
+        draw = torch.rand(rows, generator=generator, device=generator.device)
+        index = torch.nonzero(draw < q).squeeze(1).to(data.tensors["scalar"].device)
+        batch = data.batch(index)
+        keep = random_keep(token_presence(data.layout, batch), model.config.mask_rate, generator)
+        per_sample = train_model(batch, keep)
+        loss = criterion(per_sample) if engine is not None else per_sample.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if anchor and settings.fedprox_mu > 0:
+            _proximal_step(model, anchor, settings.lr * settings.fedprox_mu)
+        total += float(per_sample.detach().mean()) if len(index) else 0.0
+    epsilon: float | None = None
+    if engine is not None:
+        epsilon = float(engine.get_epsilon(privacy.delta))
+        assert ledger is not None
+        ledger_eps = ledger.epsilon()
+        if not math.isclose(epsilon, ledger_eps, rel_tol=1e-6, abs_tol=1e-9):
+            raise RuntimeError(
+                f"accountant ({epsilon}) and ledger ({ledger_eps}) disagree: steps were "
+                "taken that the ledger did not charge"
+            )
+        train_model._close()  # type: ignore[operator]
+    model.eval()
+    return LocalResult(steps, q, noise_multiplier, epsilon, total / max(1, steps))
+
+
+@torch.no_grad()
+def _proximal_step(model: PersonaEncoder, anchor: dict[str, torch.Tensor], strength: float) -> None:
+    """Pull shared parameters toward the received global ones (FedProx)."""
+    for name, param in model.named_parameters():
+        ref = anchor.get(name)
+        if ref is not None:
+            param.sub_(strength * (param - ref.to(param.device)))
