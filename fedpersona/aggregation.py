@@ -1,0 +1,119 @@
+"""Scoped aggregation: each parameter is averaged over the partners its scope allows.
+
+- ``global`` parameters (the trunk): weighted mean over every partner that replied.
+- ``kind`` parameters (an adapter): weighted mean over the partners of one *slot*, i.e. one
+  silo kind with one schema fingerprint. A partner whose schema differs from its kind's
+  shared schema keeps its adapter local and never sends it.
+- ``local`` parameters (heads): never sent; a reply that contains one is rejected.
+
+Weights are the partners' training-row counts, which are public by declaration (see the
+release manifest). The server optimizer then moves the current parameters toward the mean:
+FedAvg (``lr = 1`` replaces them), FedAdam (Reddi et al., 2021, on the pseudo-gradient
+``mean - current``) or FedProx (FedAvg on the server; the proximal term lives at the clients).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedpersona.encoder import parameter_scope
+from fedpersona.errors import ConfigError
+
+__all__ = ["SERVER_OPTIMIZERS", "PartnerUpdate", "ScopedAggregator", "weighted_mean"]
+
+logger = logging.getLogger(__name__)
+
+SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedprox")
+
+
+@dataclass(frozen=True)
+class PartnerUpdate:
+    """One partner's reply: its model arrays by state-dict name and its example count."""
+
+    partner: str
+    slot: str | None
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+
+
+def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    """Weighted mean of equally shaped arrays (float64 accumulation)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    acc = np.zeros(arrays[0].shape, dtype=np.float64)
+    for arr, w in zip(arrays, weights, strict=True):
+        acc += np.asarray(arr, dtype=np.float64) * (w / total)
+    return acc.astype(arrays[0].dtype)
+
+
+@dataclass
+class ScopedAggregator:
+    """Holds the global state (trunk + one adapter per shared slot) and updates it."""
+
+    optimizer: str = "fedavg"
+    lr: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    trunk: dict[str, np.ndarray] = field(default_factory=dict)
+    adapters: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    moments: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in SERVER_OPTIMIZERS:
+            raise ConfigError(
+                f"federation.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
+                f"got {self.optimizer!r}"
+            )
+        if not self.lr > 0:
+            raise ConfigError(f"federation.server_lr must be > 0, got {self.lr!r}")
+
+    def arrays_for(self, slot: str | None) -> dict[str, np.ndarray]:
+        """What a partner of ``slot`` receives: the trunk, plus its slot's adapter if any."""
+        out = dict(self.trunk)
+        if slot is not None and slot in self.adapters:
+            out.update(self.adapters[slot])
+        return out
+
+    def aggregate(self, updates: list[PartnerUpdate]) -> None:
+        """Apply one round of updates, scope by scope."""
+        groups: dict[tuple[str, str | None], list[tuple[dict[str, np.ndarray], float]]] = {}
+        for upd in updates:
+            arrays: dict[str, dict[str, np.ndarray]] = {"global": {}, "kind": {}}
+            for name, value in upd.arrays.items():
+                scope = parameter_scope(name)
+                if scope == "local":
+                    raise ValueError(f"{upd.partner} sent local parameter '{name}'")
+                if scope == "kind" and upd.slot is None:
+                    raise ValueError(f"{upd.partner} sent adapter '{name}' but its adapter is local")
+                arrays[scope][name] = value
+            groups.setdefault(("global", None), []).append((arrays["global"], upd.num_examples))
+            if arrays["kind"]:
+                groups.setdefault(("kind", upd.slot), []).append((arrays["kind"], upd.num_examples))
+        for (scope, slot), members in groups.items():
+            names = set(members[0][0])
+            for arrays, _ in members[1:]:
+                if set(arrays) != names:
+                    raise ValueError(f"replies for scope {scope} {slot or ''} carry different keys")
+            weights = [w for _, w in members]
+            mean = {n: weighted_mean([a[n] for a, _ in members], weights) for n in sorted(names)}
+            target = self.trunk if scope == "global" else self.adapters.setdefault(str(slot), {})
+            for name, value in mean.items():
+                key = name if scope == "global" else f"{slot}/{name}"
+                target[name] = self._step(key, target.get(name), value)
+
+    def _step(self, key: str, current: np.ndarray | None, mean: np.ndarray) -> np.ndarray:
+        if current is None:
+            return mean
+        if self.optimizer in ("fedavg", "fedprox"):
+            return (current + self.lr * (mean - current)).astype(current.dtype)
+        delta = (mean - current).astype(np.float64)
+        m, v = self.moments.get(key, (np.zeros_like(delta), np.zeros_like(delta)))
+        m = self.beta1 * m + (1 - self.beta1) * delta
+        v = self.beta2 * v + (1 - self.beta2) * delta**2
+        self.moments[key] = (m, v)
+        return (current + self.lr * m / (np.sqrt(v) + self.tau)).astype(current.dtype)

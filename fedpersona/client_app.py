@@ -1,0 +1,155 @@
+"""The Flower ClientApp: decode a message, call :mod:`fedpersona.partner`, encode the reply.
+
+How a partner finds its own configuration (``Context.node_config``):
+
+- deployment: ``client-config = "/path/to/client.toml"`` (set by ``fedpersona partner start``);
+- simulation: ``partition-id`` picks an entry of ``<run-dir>/partners/index.json``.
+
+A user-fixable problem (e.g. an exhausted privacy budget, a bad data file) is sent back as
+an error reply whose reason is the one-paragraph message, so the server can log it and go
+on without this partner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpersona.config import PartnerConfig, load_partner_config
+from fedpersona.errors import ConfigError, FedPersonaError, PrivacyBudgetExceeded
+from fedpersona.messages import decode_arrays, decode_settings, encode_arrays
+from fedpersona.partner import (
+    evaluate_round,
+    load_partner_data,
+    load_plan,
+    partner_schema,
+    train_round,
+)
+from fedpersona.training import pick_device
+
+__all__ = ["ERROR_BUDGET", "ERROR_USER", "app", "build_client_app"]
+
+logger = logging.getLogger(__name__)
+
+ERROR_USER = 4001
+ERROR_BUDGET = 4002
+
+
+def _partner_config(context: Context, run_dir: str | None) -> PartnerConfig:
+    node = context.node_config
+    if "client-config" in node:
+        return load_partner_config(str(node["client-config"]))
+    folder = run_dir or context.run_config.get("run-dir")
+    if "partition-id" in node and folder:
+        index = json.loads((Path(str(folder)) / "partners" / "index.json").read_text())
+        return load_partner_config(index[int(node["partition-id"])])
+    raise ConfigError(
+        "this node has no partner configuration: start it with node config "
+        "client-config=<path to client.toml> (fedpersona partner start does this)"
+    )
+
+
+def _guarded(
+    handler: Callable[[Message, Context, PartnerConfig], RecordDict], run_dir: str | None
+) -> Callable[[Message, Context], Message]:
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            cfg = _partner_config(context, run_dir)
+            return Message(handler(msg, context, cfg), reply_to=msg)
+        except PrivacyBudgetExceeded as exc:
+            logger.warning("refusing work: %s", exc)
+            return Message(Error(code=ERROR_BUDGET, reason=str(exc)), reply_to=msg)
+        except FedPersonaError as exc:
+            logger.error("%s", exc)
+            return Message(Error(code=ERROR_USER, reason=str(exc)), reply_to=msg)
+
+    wrapped.__name__ = handler.__name__
+    return wrapped
+
+
+def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Describe this partner: kind, schema fingerprint, public row count and noise plan."""
+    model_cfg, training = decode_settings(msg.content["config"])
+    rounds = int(msg.content["config"]["num_rounds"])
+    data = load_partner_data(cfg, device=pick_device(training.device))
+    plan = load_plan(cfg, data, training, rounds)
+    schema = partner_schema(cfg)
+    info = {
+        "name": cfg.name,
+        "kind": cfg.kind,
+        "fingerprint": schema.fingerprint(),
+        "schema_version": schema.version,
+        "rows": len(data.train) + len(data.test),
+        "train_rows": len(data.train),
+        "private": plan.private,
+        "noise_multiplier": plan.noise_multiplier if plan.noise_multiplier is not None else 0.0,
+        "sample_rate": plan.sample_rate,
+        "steps_per_round": plan.steps_per_round,
+        "planned_rounds": plan.planned_rounds,
+        "target_epsilon": plan.target_epsilon if math.isfinite(plan.target_epsilon) else -1.0,
+        "delta": plan.delta,
+        "accountant": plan.accountant,
+        "max_grad_norm": plan.max_grad_norm,
+        "share_eval_metrics": cfg.share_eval_metrics,
+    }
+    return RecordDict({"info": ConfigRecord(info)})
+
+
+def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    config = msg.content["config"]
+    model_cfg, training = decode_settings(config)
+    outcome = train_round(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        training=training,
+        received=decode_arrays(msg.content["arrays"]),
+        server_round=int(config["round"]),
+        num_rounds=int(config["num_rounds"]),
+        adapter_shared=bool(config["adapter_shared"]),
+        seed=int(config["seed"]),
+    )
+    metrics: dict[str, float | int] = {
+        "num-examples": outcome.train_rows,
+        "steps": outcome.result.steps,
+        "sample_rate": outcome.result.sample_rate,
+    }
+    if outcome.epsilon is not None:
+        metrics["epsilon"] = outcome.epsilon
+    return RecordDict({"arrays": encode_arrays(outcome.arrays), "metrics": MetricRecord(metrics)})
+
+
+def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    config = msg.content["config"]
+    model_cfg, training = decode_settings(config)
+    metrics = evaluate_round(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        training=training,
+        received=decode_arrays(msg.content["arrays"]),
+        server_round=int(config["round"]),
+        seed=int(config["seed"]),
+    )
+    public = {"epsilon": metrics["epsilon"]} if metrics["epsilon"] is not None else {}
+    if cfg.share_eval_metrics:
+        public.update(
+            {k: float(v) for k, v in metrics.items() if k not in ("epsilon", "rows") and v == v}
+        )
+    return RecordDict({"metrics": MetricRecord(public)})
+
+
+def build_client_app(run_dir: str | None = None) -> ClientApp:
+    """A ClientApp; ``run_dir`` lets a simulation point partitions at its partner configs."""
+    client = ClientApp()
+    client.query()(_guarded(_query, run_dir))
+    client.train()(_guarded(_train, run_dir))
+    client.evaluate()(_guarded(_evaluate, run_dir))
+    return client
+
+
+app = build_client_app()

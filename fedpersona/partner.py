@@ -1,0 +1,322 @@
+"""Everything a partner does with its own data and disk, independent of the transport.
+
+The Flower ClientApp (:mod:`fedpersona.client_app`) decodes a message and calls one function
+here; the same functions run in a simulation, under ``flwr run`` and in a deployment.
+
+On the partner's disk, in ``state_dir``:
+
+- ``ledger.jsonl``: the privacy ledger (source of truth for the epsilon spent);
+- ``plan.json``: the noise plan, fixed at the partner's first round;
+- ``local.pt``: parameters that never leave (heads, and an unshared adapter);
+- ``eval.jsonl``: this partner's evaluation metrics, kept locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpersona.config import PartnerConfig
+from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.errors import ConfigError
+from fedpersona.evaluation import evaluate
+from fedpersona.features import FeatureTensors, featurize
+from fedpersona.privacy import PrivacyLedger, plan_noise, sample_rate_for
+from fedpersona.schema import Schema, load_schema
+from fedpersona.tables import Table, load_table
+from fedpersona.training import LocalResult, TrainingSettings, pick_device, train_locally
+
+__all__ = [
+    "PartnerData",
+    "PrivacyPlan",
+    "build_model",
+    "evaluate_round",
+    "load_partner_data",
+    "load_plan",
+    "partner_schema",
+    "train_round",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PartnerData:
+    """A partner's table split into train and test, featurized."""
+
+    schema: Schema
+    train: FeatureTensors
+    test: FeatureTensors
+    personas_test: np.ndarray | None
+    table: Table
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The noise plan a partner fixed at its first round (public numbers only)."""
+
+    private: bool
+    noise_multiplier: float | None
+    sample_rate: float
+    steps_per_round: int
+    planned_rounds: int
+    target_epsilon: float
+    delta: float
+    accountant: str
+    max_grad_norm: float
+
+
+def partner_schema(cfg: PartnerConfig) -> Schema:
+    """The partner's schema: its own file, or the packaged synthetic one."""
+    if cfg.schema is not None:
+        return load_schema(cfg.schema)
+    from fedpersona.synthetic import synthetic_schema
+
+    return synthetic_schema(cfg.kind)
+
+
+def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None) -> PartnerData:
+    """Load, validate and featurize the partner's table, then split it (seeded)."""
+    schema = partner_schema(cfg)
+    personas: np.ndarray | None = None
+    if cfg.data is not None:
+        table = load_table(schema, cfg.data)
+    else:
+        from fedpersona.synthetic import generate_silo
+
+        mix = np.asarray(cfg.synthetic_mix) if cfg.synthetic_mix is not None else None
+        silo = generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix)
+        table, personas = silo.table, silo.persona
+    n = len(table)
+    rng = np.random.default_rng(cfg.split_seed)
+    order = rng.permutation(n)
+    n_test = max(1, int(round(n * cfg.test_fraction)))
+    if n - n_test < 2:
+        raise ConfigError(f"{cfg.source}: the table has {n} rows, too few to split for training")
+    test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+    features = featurize(table)
+    if device is not None:
+        features = features.to(device)
+    index_train = torch.from_numpy(train_idx).to(features.tensors["scalar"].device)
+    index_test = torch.from_numpy(test_idx).to(features.tensors["scalar"].device)
+    train = FeatureTensors(features.layout, features.batch(index_train))
+    test = FeatureTensors(features.layout, features.batch(index_test))
+    return PartnerData(
+        schema=schema,
+        train=train,
+        test=test,
+        personas_test=personas[test_idx] if personas is not None else None,
+        table=table,
+    )
+
+
+def _seed_for(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**62 - 1)
+
+
+def build_model(
+    data: PartnerData, model_cfg: EncoderConfig, *, seed: int, device: torch.device
+) -> PersonaEncoder:
+    """A fresh encoder whose adapter init depends only on (seed, kind, schema fingerprint).
+
+    Partners that share a slot therefore start from identical adapters, and every partner
+    starts from the same trunk (the server overwrites it with the global one anyway).
+    """
+    torch.manual_seed(_seed_for(seed, data.schema.kind, data.schema.fingerprint()))
+    model = PersonaEncoder(data.train.layout, model_cfg)
+    return model.to(device)
+
+
+def load_plan(
+    cfg: PartnerConfig, data: PartnerData, training: TrainingSettings, rounds: int
+) -> PrivacyPlan:
+    """The partner's noise plan: read from disk, or made now from its budget and saved.
+
+    The plan covers ALL planned rounds x local epochs x steps; it is never re-made per round.
+    """
+    path = Path(cfg.state_dir) / "plan.json"
+    if path.exists():
+        return PrivacyPlan(**json.loads(path.read_text()))
+    rows = len(data.train)
+    q = sample_rate_for(rows, training.batch_size)
+    steps = training.steps_per_round(rows)
+    p = cfg.privacy
+    sigma = (
+        plan_noise(
+            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
+            steps=steps * rounds, accountant=p.accountant,
+        )
+        if p.private
+        else None
+    )  # fmt: skip
+    if p.private and p.delta >= 1.0 / rows:
+        logger.warning(
+            "%s: delta %.3g is not below 1/n = %.3g; a guarantee with such a delta is weak",
+            cfg.name, p.delta, 1.0 / rows,
+        )  # fmt: skip
+    plan = PrivacyPlan(
+        private=p.private,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        steps_per_round=steps,
+        planned_rounds=rounds,
+        target_epsilon=p.target_epsilon,
+        delta=p.delta,
+        accountant=p.accountant,
+        max_grad_norm=p.max_grad_norm,
+    )
+    _atomic_write(path, json.dumps(asdict(plan), indent=2).encode())
+    return plan
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def _load_local(model: PersonaEncoder, state_dir: str) -> None:
+    path = Path(state_dir) / "local.pt"
+    if path.exists():
+        state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+        model.load_state_dict(state, strict=False)
+
+
+def _save_local(model: PersonaEncoder, state_dir: str, shared: set[str]) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
+    path = Path(state_dir) / "local.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("local.pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def shared_names(model: PersonaEncoder, *, adapter_shared: bool) -> list[str]:
+    """State-dict names this partner sends: the trunk, plus the adapter when its slot shares."""
+    names = []
+    for name in model.state_dict():
+        scope = parameter_scope(name)
+        if scope == "global" or (scope == "kind" and adapter_shared):
+            names.append(name)
+    return names
+
+
+def _apply_received(model: PersonaEncoder, received: dict[str, np.ndarray]) -> None:
+    state = model.state_dict()
+    for name, value in received.items():
+        if name not in state:
+            raise ConfigError(f"the server sent unknown parameter '{name}'")
+        if parameter_scope(name) == "local":
+            raise ConfigError(f"the server sent local parameter '{name}'")
+        if tuple(state[name].shape) != tuple(value.shape):
+            raise ConfigError(
+                f"parameter '{name}' has shape {tuple(value.shape)} from the server, "
+                f"{tuple(state[name].shape)} here: the model configurations differ"
+            )
+        state[name] = torch.from_numpy(np.array(value, copy=True)).to(state[name].device)
+    model.load_state_dict(state)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What a train round produced: the arrays to send and public metrics."""
+
+    arrays: dict[str, np.ndarray]
+    result: LocalResult
+    epsilon: float | None
+    train_rows: int
+
+
+def train_round(
+    *,
+    cfg: PartnerConfig,
+    model_cfg: EncoderConfig,
+    training: TrainingSettings,
+    received: dict[str, np.ndarray],
+    server_round: int,
+    num_rounds: int,
+    adapter_shared: bool,
+    seed: int,
+) -> RoundOutcome:
+    """One local round: load data and state, check the budget, train with DP-SGD, save."""
+    device = pick_device(training.device)
+    data = load_partner_data(cfg, device=device)
+    plan = load_plan(cfg, data, training, num_rounds)
+    model = build_model(data, model_cfg, seed=seed, device=device)
+    _load_local(model, cfg.state_dir)
+    _apply_received(model, received)
+    ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy) if plan.private else None
+    anchor = {k: torch.from_numpy(np.array(v)) for k, v in received.items()}
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_seed_for(seed, cfg.name, server_round, "train"))
+    with warnings.catch_warnings():
+        # PyTorch notes that a backward hook fires on a module whose inputs need no gradient
+        # (the first Embedding); it is expected with integer inputs and harmless.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        result = train_locally(
+            model=model,
+            data=data.train,
+            settings=training,
+            privacy=cfg.privacy,
+            noise_multiplier=plan.noise_multiplier,
+            ledger=ledger,
+            round=server_round,
+            generator=generator,
+            anchor=anchor,
+        )
+    names = shared_names(model, adapter_shared=adapter_shared)
+    _save_local(model, cfg.state_dir, set(names))
+    state = model.state_dict()
+    arrays = {n: state[n].detach().cpu().numpy() for n in names}
+    return RoundOutcome(
+        arrays=arrays, result=result, epsilon=result.epsilon, train_rows=len(data.train)
+    )
+
+
+def evaluate_round(
+    *,
+    cfg: PartnerConfig,
+    model_cfg: EncoderConfig,
+    training: TrainingSettings,
+    received: dict[str, np.ndarray],
+    server_round: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Evaluate the received global model with this partner's local heads; log locally."""
+    device = pick_device(training.device)
+    data = load_partner_data(cfg, device=device)
+    model = build_model(data, model_cfg, seed=seed, device=device)
+    _load_local(model, cfg.state_dir)
+    _apply_received(model, received)
+    metrics: dict[str, Any] = evaluate(
+        model=model, train=data.train, test=data.test, personas=data.personas_test, seed=seed
+    )
+    metrics["epsilon"] = spent_epsilon(cfg)
+    metrics["rows"] = len(data.train) + len(data.test)
+    record = {"round": server_round, "partner": cfg.name, "kind": cfg.kind, **metrics}
+    path = Path(cfg.state_dir) / "eval.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+    return metrics
+
+
+def spent_epsilon(cfg: PartnerConfig) -> float | None:
+    """Cumulative epsilon from the ledger (None for an explicitly non-private partner)."""
+    if not cfg.privacy.private:
+        return None
+    return PrivacyLedger(cfg.state_dir, settings=cfg.privacy).epsilon()

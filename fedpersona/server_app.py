@@ -1,0 +1,346 @@
+"""The Flower ServerApp: rounds of scoped training and evaluation over the Message API.
+
+Per run: a ``query`` message asks every partner for its kind, schema fingerprint, public
+row count and noise plan; partners of one kind with the most common fingerprint form a
+*slot* and share their adapter, the others keep theirs local (and the log says so). Then, per
+round, ``train`` messages carry each partner's view of the global model (trunk + its slot's
+adapter), replies are aggregated by :class:`~fedpersona.aggregation.ScopedAggregator`, and
+``evaluate`` messages collect the cumulative epsilon (and, where a partner opted in, its
+held-out metrics). A partner that replies with an error (e.g. its budget is spent) is logged
+and dropped; the run goes on while ``min_partners`` remain.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.artifacts import generate_signing_key, save_model
+from fedpersona.client_app import ERROR_BUDGET
+from fedpersona.config import FederationSettings, load_scenario
+from fedpersona.encoder import EncoderConfig, PersonaTrunk
+from fedpersona.errors import ConfigError
+from fedpersona.messages import decode_arrays, encode_arrays, encode_settings
+from fedpersona.training import TrainingSettings
+
+__all__ = ["ServerSettings", "app", "build_server_app", "run_federation"]
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[int, list[dict[str, Any]]], None]
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the coordinator needs for one run."""
+
+    federation: FederationSettings
+    model: EncoderConfig
+    training: TrainingSettings
+    run_dir: str
+    expected_partners: int | None = None
+    wait_timeout: float = 120.0
+
+
+@dataclass
+class _Partner:
+    node_id: int
+    info: dict[str, Any]
+    slot: str | None = None
+    active: bool = True
+    epsilon: float | None = None
+    steps: int = 0
+    dropped_reason: str = ""
+
+
+@dataclass
+class FederationResult:
+    rounds_completed: int
+    partners: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= want or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.5)
+
+
+def _messages(
+    grid: Grid, kind: str, contents: dict[int, RecordDict], group: str
+) -> list[Message]:
+    return [
+        Message(content, dst_node_id=node, message_type=kind, group_id=group)
+        for node, content in contents.items()
+    ]
+
+
+def _assign_slots(partners: dict[int, _Partner]) -> None:
+    by_kind: dict[str, Counter[str]] = {}
+    for p in partners.values():
+        by_kind.setdefault(p.info["kind"], Counter())[p.info["fingerprint"]] += 1
+    for p in partners.values():
+        kind, fp = p.info["kind"], p.info["fingerprint"]
+        shared_fp = sorted(by_kind[kind].items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        if fp == shared_fp:
+            p.slot = f"{kind}:{fp}"
+        else:
+            logger.warning(
+                "partner %s (%s) has schema fingerprint %s, not its kind's shared %s: "
+                "its feature adapter stays local and is never averaged",
+                p.info["name"], kind, fp, shared_fp,
+            )  # fmt: skip
+
+
+def _initial_trunk(model: EncoderConfig, seed: int) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(seed)
+    trunk = PersonaTrunk(model)
+    return {f"trunk.{k}": v.detach().cpu().numpy() for k, v in trunk.state_dict().items()}
+
+
+def run_federation(
+    grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None
+) -> FederationResult:
+    """Run the whole federation; writes metrics.jsonl, privacy.json and model/ in run_dir."""
+    fed = settings.federation
+    run_dir = Path(settings.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    want = settings.expected_partners or fed.min_partners
+    nodes = _wait_for_nodes(grid, want, settings.wait_timeout)
+    if len(nodes) < fed.min_partners:
+        raise ConfigError(
+            f"only {len(nodes)} partner(s) connected within {settings.wait_timeout:.0f}s; "
+            f"federation.min_partners is {fed.min_partners}"
+        )
+
+    def config(**extra: Any) -> ConfigRecord:
+        return encode_settings(
+            settings.model, settings.training, num_rounds=fed.rounds, seed=fed.seed, **extra
+        )
+
+    partners: dict[int, _Partner] = {}
+    replies = grid.send_and_receive(
+        _messages(grid, "query", {n: RecordDict({"config": config()}) for n in nodes}, "0"),
+        timeout=fed.round_timeout,
+    )
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            logger.error("node %s cannot join: %s", node, reply.error.reason)
+            continue
+        info = dict(reply.content["info"])
+        partners[node] = _Partner(node, info)
+        logger.info(
+            "partner %s: kind %s, %d rows, schema %s, noise %.4g, q %.4g, %d steps/round",
+            info["name"], info["kind"], info["rows"], info["fingerprint"],
+            info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
+        )  # fmt: skip
+    _assign_slots(partners)
+    aggregator = ScopedAggregator(optimizer=fed.server_optimizer, lr=fed.server_lr)
+    aggregator.trunk = _initial_trunk(settings.model, fed.seed)
+    metrics_path = run_dir / "metrics.jsonl"
+    completed = 0
+    for rnd in range(1, fed.rounds + 1):
+        active = {n: p for n, p in partners.items() if p.active}
+        if len(active) < fed.min_partners:
+            logger.error(
+                "round %d not started: %d partner(s) left, federation.min_partners is %d",
+                rnd, len(active), fed.min_partners,
+            )  # fmt: skip
+            break
+        contents = {
+            n: RecordDict(
+                {
+                    "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
+                    "config": config(round=rnd, adapter_shared=p.slot is not None),
+                }
+            )
+            for n, p in active.items()
+        }
+        updates: list[PartnerUpdate] = []
+        for reply in grid.send_and_receive(
+            _messages(grid, "train", contents, str(rnd)), timeout=fed.round_timeout
+        ):
+            p = partners[reply.metadata.src_node_id]
+            if reply.has_error():
+                p.active = False
+                p.dropped_reason = reply.error.reason or "error"
+                what = "refused (privacy budget)" if reply.error.code == ERROR_BUDGET else "failed"
+                logger.warning("round %d: partner %s %s: %s", rnd, p.info["name"], what, p.dropped_reason)
+                continue
+            metrics = dict(reply.content["metrics"])
+            p.steps += int(metrics.get("steps", 0))
+            p.epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
+            updates.append(
+                PartnerUpdate(
+                    partner=p.info["name"],
+                    slot=p.slot,
+                    arrays=decode_arrays(reply.content["arrays"]),
+                    num_examples=int(p.info["train_rows"]),
+                )
+            )
+        if not updates:
+            logger.error("round %d: no partner replied; stopping", rnd)
+            break
+        aggregator.aggregate(updates)
+        completed = rnd
+        rows = _evaluate(grid, aggregator, partners, rnd, config)
+        with metrics_path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        if on_round is not None:
+            on_round(rnd, rows)
+    _write_privacy(run_dir, partners)
+    _publish(run_dir, aggregator, partners, settings, completed)
+    return FederationResult(
+        rounds_completed=completed,
+        partners={p.info["name"]: p.info for p in partners.values()},
+    )
+
+
+def _evaluate(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+) -> list[dict[str, Any]]:
+    active = {n: p for n, p in partners.items() if p.active}
+    contents = {
+        n: RecordDict(
+            {
+                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
+                "config": config(round=rnd, adapter_shared=p.slot is not None),
+            }
+        )
+        for n, p in active.items()
+    }
+    rows = []
+    for reply in grid.send_and_receive(
+        _messages(grid, "evaluate", contents, str(rnd)), timeout=3600
+    ):
+        p = partners[reply.metadata.src_node_id]
+        row: dict[str, Any] = {
+            "round": rnd,
+            "partner": p.info["name"],
+            "kind": p.info["kind"],
+            "rows": p.info["rows"],
+            "epsilon": p.epsilon,
+            "private": bool(p.info["private"]),
+        }
+        if reply.has_error():
+            logger.warning("round %d: evaluation at %s failed: %s", rnd, p.info["name"], reply.error.reason)
+        else:
+            metrics = dict(reply.content["metrics"])
+            if "epsilon" in metrics:
+                p.epsilon = float(metrics.pop("epsilon"))
+                row["epsilon"] = p.epsilon
+            row.update({k: float(v) for k, v in metrics.items()})
+        rows.append(row)
+    rows.sort(key=lambda r: r["partner"])
+    return rows
+
+
+def _write_privacy(run_dir: Path, partners: dict[int, _Partner]) -> None:
+    out: dict[str, Any] = {}
+    for p in sorted(partners.values(), key=lambda p: p.info["name"]):
+        info = p.info
+        private = bool(info["private"])
+        entry: dict[str, Any] = {
+            "kind": info["kind"],
+            "epsilon": p.epsilon if private else None,
+            "delta": info["delta"],
+            "target_epsilon": info["target_epsilon"] if private else math.inf,
+            "noise_multiplier": info["noise_multiplier"] if private else 0.0,
+            "sample_rate": info["sample_rate"],
+            "steps": p.steps,
+            "accountant": info["accountant"],
+            "max_grad_norm": info["max_grad_norm"],
+        }
+        if not private:
+            entry["private"] = False
+            entry["target_epsilon"] = None
+        if p.dropped_reason:
+            entry["dropped"] = p.dropped_reason
+        out[info["name"]] = entry
+    tmp = run_dir / "privacy.json.tmp"
+    tmp.write_text(json.dumps({"partners": out}, indent=2))
+    tmp.replace(run_dir / "privacy.json")
+
+
+def _publish(
+    run_dir: Path,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    settings: ServerSettings,
+    rounds: int,
+) -> None:
+    key_path = run_dir / "keys" / "model-signing.key"
+    from cryptography.hazmat.primitives import serialization
+
+    if key_path.exists():
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    else:
+        key = generate_signing_key(key_path)
+    arrays = dict(aggregator.trunk)
+    for slot, adapter in aggregator.adapters.items():
+        arrays.update({f"{slot}/{name}": value for name, value in adapter.items()})
+    card = {
+        "version": 1,
+        "created": time.time(),
+        "rounds": rounds,
+        "model": {k: getattr(settings.model, k) for k in settings.model.__dataclass_fields__},
+        "slots": sorted(aggregator.adapters),
+        "partners": {
+            p.info["name"]: {
+                "kind": p.info["kind"],
+                "schema_fingerprint": p.info["fingerprint"],
+                "schema_version": p.info["schema_version"],
+                "slot": p.slot,
+                "epsilon": p.epsilon,
+                "private": bool(p.info["private"]),
+            }
+            for p in partners.values()
+        },
+    }
+    save_model(run_dir / "model", arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
+
+
+def build_server_app(
+    settings: ServerSettings | None = None, *, on_round: RoundCallback | None = None
+) -> ServerApp:
+    """A ServerApp; without ``settings`` it reads ``scenario`` and ``run-dir`` from run config."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        nonlocal settings
+        if settings is None:
+            scenario = load_scenario(str(context.run_config["scenario"]))
+            settings = ServerSettings(
+                federation=scenario.federation,
+                model=scenario.model,
+                training=scenario.training,
+                run_dir=str(context.run_config.get("run-dir", "runs/flwr")),
+            )
+        run_federation(grid, settings, on_round=on_round)
+
+    return server
+
+
+app = build_server_app()
