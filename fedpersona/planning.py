@@ -1,0 +1,119 @@
+"""Views for ``fedpersona privacy plan`` and ``fedpersona privacy ledger``.
+
+The plan is computed exactly as a partner computes it at its first round
+(:func:`fedpersona.partner.load_plan`): the same sample rate, steps and noise planner, so
+the plan printed before a run is the plan the run follows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from fedpersona.config import load_partner_config, load_scenario, read_toml
+from fedpersona.errors import ConfigError
+from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise, sample_rate_for
+from fedpersona.training import TrainingSettings
+
+__all__ = ["ledger_table", "plan_rows", "plan_table"]
+
+Lines = list[list[str]]
+
+
+def plan_rows(
+    *, rows: int, privacy: PrivacySettings, training: TrainingSettings, rounds: int
+) -> tuple[float | None, float, int, list[float]]:
+    """``(noise, sample_rate, steps_per_round, cumulative epsilon after each round)``."""
+    q = sample_rate_for(rows, training.batch_size)
+    steps = training.steps_per_round(rows)
+    if not privacy.private:
+        return None, q, steps, [math.inf] * rounds
+    sigma = plan_noise(
+        target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
+        steps=steps * rounds, accountant=privacy.accountant,
+    )  # fmt: skip
+    eps = [
+        compute_epsilon([(sigma, q, steps * r)], delta=privacy.delta, accountant=privacy.accountant)
+        for r in range(1, rounds + 1)
+    ]
+    return sigma, q, steps, eps
+
+
+def _block(title: str, rows: int, privacy: PrivacySettings, training: TrainingSettings, rounds: int) -> tuple[str, Lines]:
+    sigma, q, steps, eps = plan_rows(rows=rows, privacy=privacy, training=training, rounds=rounds)
+    head = (
+        f"{title}: {rows} training rows, delta {privacy.delta:g}, target epsilon "
+        f"{privacy.target_epsilon:g}, accountant {privacy.accountant}, noise multiplier "
+        + (f"{sigma:.4f}" if sigma is not None else "none (NOT PRIVATE)")
+        + f", sample rate {q:.5f}, {steps} steps/round"
+    )
+    if privacy.private and privacy.delta >= 1.0 / rows:
+        head += f"  WARNING: delta >= 1/n ({1.0 / rows:.2g}): the guarantee is weak"
+    lines: Lines = [["round", "epsilon this round", "cumulative epsilon"]]
+    prev = 0.0
+    for r, e in enumerate(eps, start=1):
+        lines.append([str(r), f"{e - prev:.4f}" if math.isfinite(e) else "inf", f"{e:.4f}" if math.isfinite(e) else "inf"])
+        prev = e
+    return head, lines
+
+
+def plan_table(path: str | Path, *, rounds: int | None, rows: int | None) -> list[tuple[str, Lines]]:
+    """One table per partner kind (scenario) or for the partner (client.toml)."""
+    doc = read_toml(path)
+    out = []
+    if "silos" in doc:
+        scenario = load_scenario(path, rounds=rounds)
+        for group in scenario.silos:
+            if rows is not None:
+                n = rows
+            elif group.source == "synthetic":
+                n = int((group.rows or 0) // group.partners * (1 - scenario.simulation.test_fraction))
+            else:
+                from fedpersona.schema import load_schema
+                from fedpersona.tables import load_table
+
+                assert group.schema is not None
+                total = len(load_table(load_schema(group.schema), group.source))
+                n = int(total * (1 - scenario.simulation.test_fraction) / group.partners)
+            out.append(_block(f"silo {group.name} (per partner, about)", n, scenario.privacy, scenario.training, scenario.federation.rounds))
+        return out
+    if "partner" in doc:
+        cfg = load_partner_config(path)
+        if rows is None:
+            from fedpersona.partner import load_partner_data
+
+            rows = len(load_partner_data(cfg).train)
+        if rounds is None:
+            raise ConfigError(f"{path}: give --rounds, the number of rounds the federation plans")
+        out.append(_block(f"partner {cfg.name}", rows, cfg.privacy, TrainingSettings(), rounds))
+        return out
+    raise ConfigError(f"{path}: neither a scenario ([[silos]]) nor a partner config ([partner])")
+
+
+def ledger_table(state_dir: str | Path) -> tuple[str, Lines]:
+    """Every ledger entry with its cumulative epsilon, and the budget left."""
+    state_dir = Path(state_dir)
+    plan_path = state_dir / "plan.json"
+    if not (state_dir / PrivacyLedger.FILE).exists():
+        raise ConfigError(f"{state_dir} holds no privacy ledger ({PrivacyLedger.FILE})")
+    if plan_path.exists():
+        plan = json.loads(plan_path.read_text())
+        settings = PrivacySettings(
+            target_epsilon=plan["target_epsilon"], delta=plan["delta"],
+            max_grad_norm=plan["max_grad_norm"], accountant=plan["accountant"],
+        )  # fmt: skip
+    else:
+        settings = PrivacySettings()
+    ledger = PrivacyLedger(state_dir, settings=settings)
+    lines: Lines = [["#", "round", "mechanism", "noise", "sample rate", "steps", "cumulative epsilon"]]
+    for e in ledger.entries:
+        lines.append(
+            [str(e.seq), str(e.round), e.mechanism, f"{e.noise_multiplier:.4f}", f"{e.sample_rate:.5f}", str(e.steps), f"{e.epsilon_after:.4f}"]
+        )
+    spent = ledger.epsilon()
+    title = (
+        f"{state_dir}: spent epsilon {spent:.4f} of {settings.target_epsilon:g} "
+        f"(delta {settings.delta:g}, {settings.accountant}); remaining {max(0.0, settings.target_epsilon - spent):.4f}"
+    )
+    return title, lines

@@ -1,0 +1,153 @@
+"""The run report: ``DIR/report.html`` (self-contained, plots inline) and ``DIR/report.md``.
+
+Built only from files in the run folder (metrics.jsonl, privacy.json, config.toml), so
+``fedpersona report DIR`` can rebuild it at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["SUMMARY_COLUMNS", "load_run", "summary_rows", "write_report"]
+
+SUMMARY_COLUMNS = (
+    ("partner", "partner"),
+    ("kind", "kind"),
+    ("rows", "rows"),
+    ("epsilon", "epsilon spent"),
+    ("label_auc", "label AUC"),
+    ("probe_auc", "probe AUC"),
+    ("reconstruction_error", "recon. error"),
+    ("ari", "ARI"),
+)
+
+
+def load_run(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    privacy_path = run_dir / "privacy.json"
+    privacy = json.loads(privacy_path.read_text()) if privacy_path.exists() else {"partners": {}}
+    return rows, privacy
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last evaluated round of each partner."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        last[row["partner"]] = row
+    return [last[k] for k in sorted(last)]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NOT PRIVATE"
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def _plot(rows: list[dict[str, Any]], key: str, title: str) -> str | None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        value = row.get(key)
+        if isinstance(value, int | float) and not math.isnan(float(value)):
+            series.setdefault(row["partner"], []).append((row["round"], float(value)))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=100)
+    for name, points in sorted(series.items()):
+        xs, ys = zip(*points, strict=True)
+        ax.plot(xs, ys, marker="o", label=name, linewidth=1.2, markersize=3)
+    ax.set_xlabel("round")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) <= 12:
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write report.html and report.md for a run folder; returns the HTML path."""
+    run_dir = Path(run_dir)
+    rows, privacy = load_run(run_dir)
+    final = summary_rows(rows)
+    any_public = any(p.get("private") is False for p in privacy.get("partners", {}).values())
+    banner = (
+        "<p class='warn'>NOT PRIVATE: at least one partner ran without differential privacy "
+        "(epsilon = inf). Use this run only as a utility reference.</p>"
+        if any_public
+        else ""
+    )
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in SUMMARY_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(k)))}</td>" for k, _ in SUMMARY_COLUMNS) + "</tr>"
+        for r in final
+    )
+    priv_rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(p['kind']))}</td>"
+        f"<td>{html.escape(_cell(p.get('epsilon')))}</td><td>{html.escape(str(p.get('target_epsilon')))}</td>"
+        f"<td>{p.get('delta')}</td><td>{_cell(float(p.get('noise_multiplier') or 0.0))}</td>"
+        f"<td>{_cell(float(p.get('sample_rate') or 0.0))}</td><td>{p.get('steps')}</td>"
+        f"<td>{html.escape(str(p.get('accountant')))}</td></tr>"
+        for name, p in sorted(privacy.get("partners", {}).items())
+    )
+    plots = []
+    for key, title in (
+        ("epsilon", "cumulative epsilon per partner"),
+        ("label_auc", "label AUC (held-out)"),
+        ("probe_auc", "linear-probe AUC on embeddings"),
+        ("reconstruction_error", "masked reconstruction error"),
+        ("ari", "ARI vs ground-truth personas (synthetic)"),
+    ):
+        image = _plot(rows, key, title)
+        if image:
+            plots.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{image}'/></figure>")
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>fedpersona run report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+.warn {{ background: #fee; border: 1px solid #c00; padding: 0.5em; font-weight: bold; }}
+figure {{ display: inline-block; margin: 0.5em; }}
+</style></head><body>
+<h1>fedpersona run report</h1>
+<p>Run folder: {html.escape(str(run_dir))}</p>
+{banner}
+<h2>Partners after the last round</h2>
+<table><tr>{head}</tr>{body}</table>
+<h2>Privacy spent</h2>
+<table><tr><th>partner</th><th>kind</th><th>epsilon</th><th>target</th><th>delta</th>
+<th>noise</th><th>sample rate</th><th>steps</th><th>accountant</th></tr>{priv_rows}</table>
+<h2>Training curves</h2>
+{"".join(plots)}
+</body></html>
+"""
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    md = ["# fedpersona run report", ""]
+    if any_public:
+        md += ["**NOT PRIVATE**: at least one partner ran without differential privacy.", ""]
+    md.append("| " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |")
+    md.append("|" + "---|" * len(SUMMARY_COLUMNS))
+    for r in final:
+        md.append("| " + " | ".join(_cell(r.get(k)) for k, _ in SUMMARY_COLUMNS) + " |")
+    (run_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return out

@@ -1,0 +1,263 @@
+"""``fedpersona simulate``: a whole federation on one machine with Flower's Simulation Engine.
+
+The driver plays the owner of every silo (which is what a simulation is): it writes one
+``client.toml`` per partner into ``DIR/partners/<name>/`` (synthetic partners generate their
+own rows from a seed; a real dataset is split non-IID into one Parquet file per partner), then
+runs the real ServerApp and ClientApp in process with Ray, so nothing touches the network and
+nothing is installed per run. Everything is written under ``DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpersona.config import Scenario, SiloGroup, dump_toml, load_scenario
+from fedpersona.errors import ConfigError
+from fedpersona.schema import load_schema
+
+__all__ = ["SimulationResult", "materialize_partners", "prepare_run_dir", "simulate"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SCENARIO = "three_silos.toml"
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    privacy: dict[str, Any]
+    seconds: float
+
+
+def default_scenario_path() -> Path:
+    """The packaged default scenario (also shipped as ``simulations/three_silos.toml``)."""
+    from importlib.resources import files
+
+    return Path(str(files("fedpersona") / "scenarios" / DEFAULT_SCENARIO))
+
+
+def prepare_run_dir(out: str | Path | None) -> Path:
+    """A fresh run folder; refuses one that already holds a run (nothing is overwritten)."""
+    run_dir = Path(out) if out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"{run_dir} already exists and is not empty; choose another --out so that no earlier "
+            "run (and no partner's privacy ledger) is overwritten"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _label_skew_split(
+    labels: np.ndarray, parts: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Split row positions into ``parts`` with Dirichlet(alpha) label proportions (non-IID)."""
+    out: list[list[int]] = [[] for _ in range(parts)]
+    for value in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        shares = rng.dirichlet(np.full(parts, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(int)
+        for i, chunk in enumerate(np.split(rows, cuts)):
+            out[i].extend(chunk.tolist())
+    return [np.sort(np.asarray(o, dtype=np.int64)) for o in out]
+
+
+def _partner_doc(
+    name: str, kind: str, folder: Path, scenario: Scenario, data: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "partner": {"name": name, "kind": kind, "state_dir": "state"},
+        "data": {"test_fraction": scenario.simulation.test_fraction, "split_seed": 0, **data},
+        "privacy": {
+            k: v
+            for k, v in scenario.to_dict()["privacy"].items()
+        },
+        "release": {"share_eval_metrics": scenario.simulation.share_eval_metrics},
+    }
+
+
+def materialize_partners(scenario: Scenario, run_dir: Path) -> list[str]:
+    """Write each partner's client.toml (and data file); returns their paths in order."""
+    from fedpersona.synthetic import partner_mixes
+    from fedpersona.tables import read_frame, validate_frame
+
+    paths: list[str] = []
+    root = run_dir / "partners"
+    for group in scenario.silos:
+        rng = np.random.default_rng([scenario.federation.seed, group.seed, len(paths)])
+        specs: list[tuple[str, dict[str, Any]]] = []
+        if group.source == "synthetic":
+            assert group.rows is not None
+            mixes = partner_mixes(group.partners, alpha=group.non_iid_alpha, rng=rng)
+            per = group.rows // group.partners
+            for i in range(group.partners):
+                specs.append(
+                    (
+                        f"{group.name}-{i + 1}",
+                        {
+                            "synthetic_rows": per,
+                            "synthetic_seed": int(rng.integers(0, 2**31)),
+                            "synthetic_mix": [float(x) for x in mixes[i]],
+                        },
+                    )
+                )
+            if group.small_partner_rows:
+                specs.append(
+                    (
+                        f"{group.name}-small",
+                        {
+                            "synthetic_rows": group.small_partner_rows,
+                            "synthetic_seed": int(rng.integers(0, 2**31)),
+                        },
+                    )
+                )
+        else:
+            specs = _split_file(group, root, rng, read_frame, validate_frame)
+        for name, data in specs:
+            folder = root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            doc = _partner_doc(name, group.kind, folder, scenario, data)
+            dump_toml(folder / "client.toml", doc)
+            paths.append(str((folder / "client.toml").resolve()))
+    (root / "index.json").write_text(json.dumps(paths, indent=2))
+    return paths
+
+
+def _split_file(
+    group: SiloGroup,
+    root: Path,
+    rng: np.random.Generator,
+    read_frame: Callable[..., Any],
+    validate_frame: Callable[..., Any],
+) -> list[tuple[str, dict[str, Any]]]:
+    assert group.schema is not None
+    schema = load_schema(group.schema)
+    frame = read_frame(schema, group.source)
+    table = validate_frame(schema, frame, source=group.source)  # fail early, before any run
+    n = len(table)
+    order = rng.permutation(n)
+    if group.rows is not None:
+        order = order[: group.rows]
+    specs = []
+    if group.small_partner_rows:
+        small, order = order[: group.small_partner_rows], order[group.small_partner_rows :]
+        specs.append((f"{group.name}-small", small))
+    if schema.labels:
+        labels = table.labels[schema.labels[0].name][order]
+        labels = np.nan_to_num(labels, nan=-1.0)
+    else:
+        labels = np.zeros(len(order))
+    parts = _label_skew_split(labels, group.partners, group.non_iid_alpha, rng)
+    specs = [(f"{group.name}-{i + 1}", order[p]) for i, p in enumerate(parts)] + specs
+    out = []
+    for name, rows in specs:
+        if len(rows) < schema.min_rows:
+            raise ConfigError(
+                f"silo '{group.name}': partner {name} would get {len(rows)} rows, fewer than the "
+                f"schema's min_rows {schema.min_rows}; raise non_iid_alpha or lower partners"
+            )
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        part = frame.iloc[np.sort(rows)].reset_index(drop=True)
+        part.to_parquet(folder / "data.parquet", index=False)
+        out.append((name, {"path": "data.parquet", "schema": str(Path(group.schema).resolve())}))
+    return out
+
+
+def simulate(
+    *,
+    scenario_path: str | Path | None = None,
+    rounds: int | None = None,
+    epsilon: float | None = None,
+    out: str | Path | None = None,
+    on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    on_start: Callable[[Scenario, Path, list[str]], None] | None = None,
+) -> SimulationResult:
+    """Run a scenario end to end and return the final per-partner rows."""
+    from flwr.simulation import run_simulation
+
+    from fedpersona.client_app import build_client_app
+    from fedpersona.server_app import ServerSettings, build_server_app
+
+    path = Path(scenario_path) if scenario_path else default_scenario_path()
+    scenario = load_scenario(path, rounds=rounds, epsilon=epsilon)
+    run_dir = prepare_run_dir(out).resolve()
+    started = time.monotonic()
+    try:
+        dump_toml(run_dir / "config.toml", {"scenario": str(path), **scenario.to_dict()})
+        partners = materialize_partners(scenario, run_dir)
+    except Exception:
+        _clean(run_dir)
+        raise
+    if on_start is not None:
+        on_start(scenario, run_dir, partners)
+    settings = ServerSettings(
+        federation=scenario.federation,
+        model=scenario.model,
+        training=scenario.training,
+        run_dir=str(run_dir),
+        expected_partners=len(partners),
+    )
+    sim = scenario.simulation
+    backend = {
+        "client_resources": {"num_cpus": sim.cpus_per_partner, "num_gpus": sim.gpus_per_partner},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": True,
+        },
+    }
+    run_simulation(
+        server_app=build_server_app(settings, on_round=on_round),
+        client_app=build_client_app(str(run_dir)),
+        num_supernodes=len(partners),
+        backend_config=backend,  # type: ignore[arg-type]
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    privacy_path = run_dir / "privacy.json"
+    if not privacy_path.exists():
+        raise RuntimeError(f"the federation did not finish; see the log above ({run_dir})")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    privacy = json.loads(privacy_path.read_text())
+    from fedpersona.report import write_report
+
+    write_report(run_dir)
+    return SimulationResult(run_dir, rows, privacy, time.monotonic() - started)
+
+
+def _clean(run_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def final_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last round's row of each partner."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        last[row["partner"]] = row
+    return [last[k] for k in sorted(last)]
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}"
+    return str(value)
