@@ -79,12 +79,14 @@ class FeatureAdapter(nn.Module):
     def __init__(self, layout: FeatureLayout, d: int) -> None:
         super().__init__()
         self.layout = layout
-        n_scalar = max(1, len(layout.scalar_names))
+        # Only layers the schema uses exist: a parameter that gets no gradient would break
+        # Opacus' per-sample norm computation.
+        n_scalar = len(layout.scalar_names)
         # A scalar token is value * scale[f] + shift[f]: the shift also identifies the feature.
-        self.scalar_scale = nn.Embedding(n_scalar, d)
-        self.scalar_shift = nn.Embedding(n_scalar, d)
+        self.scalar_scale = nn.Embedding(n_scalar, d) if n_scalar else None
+        self.scalar_shift = nn.Embedding(n_scalar, d) if n_scalar else None
         self.register_buffer("scalar_index", torch.arange(n_scalar), persistent=False)
-        self.cat = nn.Embedding(max(1, sum(layout.cat_cardinalities)), d)
+        self.cat = nn.Embedding(sum(layout.cat_cardinalities), d) if layout.cat_names else None
         self.texts = nn.ModuleList(nn.Embedding(b + 1, d) for b in layout.text_buckets)
         self.seq_num = nn.ModuleList(nn.Linear(2 * n, d) for n in layout.seq_num_lengths)
         self.seq_cat = nn.ModuleList(
@@ -96,10 +98,10 @@ class FeatureAdapter(nn.Module):
         """Returns tokens ``(B, T, d)`` and presence ``(B, T)`` (False = missing value)."""
         tokens: list[torch.Tensor] = []
         scalar = batch["scalar"]  # (B, S)
-        if self.layout.scalar_names:
+        if self.scalar_scale is not None and self.scalar_shift is not None:
             index = self.scalar_index.expand(scalar.shape[0], -1).contiguous()  # (B, S)
             tokens.append(scalar.unsqueeze(-1) * self.scalar_scale(index) + self.scalar_shift(index))
-        if self.layout.cat_names:
+        if self.cat is not None:
             tokens.append(self.cat(batch["cat"]))  # (B, C, d)
         for i, emb in enumerate(self.texts):
             ids = batch[f"text{i}"]  # (B, L)
@@ -167,12 +169,17 @@ class PersonaEncoder(nn.Module):
         self.trunk = PersonaTrunk(config)
         n_scalar = len(layout.scalar_names)
         n_cat = sum(layout.cat_cardinalities)
-        self.recon_head = nn.Sequential(
-            nn.Linear(config.embed_dim, config.hidden),
-            nn.GELU(),
-            nn.Linear(config.hidden, max(1, n_scalar + n_cat)),
+        self.recon_head = (
+            nn.Sequential(
+                nn.Linear(config.embed_dim, config.hidden),
+                nn.GELU(),
+                nn.Linear(config.hidden, n_scalar + n_cat),
+            )
+            if n_scalar + n_cat
+            else None
         )
-        self.label_head = nn.Linear(config.embed_dim, max(1, len(layout.label_names)))
+        n_labels = len(layout.label_names)
+        self.label_head = nn.Linear(config.embed_dim, n_labels) if n_labels else None
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Persona embedding of every row from all its present features: (B, embed_dim)."""
@@ -193,7 +200,7 @@ class PersonaEncoder(nn.Module):
         recon, recon_weight = self._reconstruction(z, batch, target)
         loss = recon / recon_weight.clamp(min=1.0)
         labels = batch["labels"]  # (B, n_labels), NaN = unknown
-        if self.layout.label_names:
+        if self.label_head is not None:
             known = ~torch.isnan(labels)
             logits = self.label_head(z)
             bce = F.binary_cross_entropy_with_logits(
@@ -206,10 +213,12 @@ class PersonaEncoder(nn.Module):
         self, z: torch.Tensor, batch: dict[str, torch.Tensor], target: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed per-sample reconstruction loss of hidden scalar and categorical tokens."""
-        out = self.recon_head(z)  # (B, S + sum(cards))
-        n_scalar = len(self.layout.scalar_names)
         total = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         count = torch.zeros_like(total)
+        if self.recon_head is None:
+            return total, count
+        out = self.recon_head(z)  # (B, S + sum(cards))
+        n_scalar = len(self.layout.scalar_names)
         if n_scalar:
             pred = torch.sigmoid(out[:, :n_scalar])
             mask = target[:, :n_scalar].to(z.dtype)
@@ -237,8 +246,11 @@ class PersonaEncoder(nn.Module):
         total, count = self._reconstruction(z, batch, present & ~keep)
         return total / count.clamp(min=1.0)
 
-    def label_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.label_head(self.embed(batch))
+    def label_logits(self, z: torch.Tensor) -> torch.Tensor:
+        """Label-head logits ``(B, n_labels)`` for embeddings ``z``."""
+        if self.label_head is None:
+            raise ValueError("this schema declares no label, so the model has no label head")
+        return self.label_head(z)
 
 
 def _at_least_one(mask: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ def evaluate(
     metrics["reconstruction_error"] = float(model.reconstruction_error(batch, keep).mean())
     if test.layout.label_names:
         y_test = test.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
-        logits = model.label_head(torch.from_numpy(z_test).to(index.device))[:, 0]
+        logits = model.label_logits(torch.from_numpy(z_test).to(index.device))[:, 0]
         metrics["label_auc"] = _auc(y_test, logits.cpu().numpy())
         z_train = embed_all(model, train)
         y_train = train.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)

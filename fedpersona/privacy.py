@@ -19,14 +19,17 @@ DP-SGD and is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from opacus.accountants import create_accountant
@@ -99,16 +102,17 @@ def plan_noise(
     """Smallest noise multiplier whose epsilon after ``steps`` steps stays <= the target."""
     if steps < 1:
         raise ConfigError(f"the plan needs at least one step, got {steps}")
-    sigma = float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=0.005,
+    with rdp_order_notice_silenced():
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.005,
+            )
         )
-    )
     # Independent re-check with the same accountant: the plan must never overshoot.
     reached = compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
     while reached > target_epsilon:
@@ -125,7 +129,18 @@ def compute_epsilon(
         return 0.0
     acc = create_accountant(accountant)
     acc.history = merge_history(history)
-    return float(acc.get_epsilon(delta=delta))
+    with rdp_order_notice_silenced():
+        return float(acc.get_epsilon(delta=delta))
+
+
+@contextlib.contextmanager
+def rdp_order_notice_silenced() -> Iterator[None]:
+    """Opacus' RDP analysis (also used by PRV to size its domain) warns when the best order
+    is the largest one it tried; the bound is still valid, only possibly looser than PRV's
+    own result, so the notice carries no information for the caller."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def merge_history(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedpersona.encoder import PersonaEncoder, random_keep, token_presence
 from fedpersona.errors import ConfigError
 from fedpersona.features import FeatureTensors
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, merge_history, sample_rate_for
+from fedpersona.privacy import (
+    PrivacyLedger,
+    PrivacySettings,
+    merge_history,
+    rdp_order_notice_silenced,
+    sample_rate_for,
+)
 
 __all__ = ["GRAD_SAMPLE_MODES", "LocalResult", "TrainingSettings", "pick_device", "train_locally"]
 
@@ -33,9 +40,9 @@ GRAD_SAMPLE_MODES = ("ghost", "hooks")
 class TrainingSettings:
     """Local optimisation settings (the same at every partner of a federation)."""
 
-    local_epochs: int = 1
-    batch_size: int = 128
-    lr: float = 3e-3
+    local_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-2
     grad_sample_mode: str = "ghost"
     fedprox_mu: float = 0.0
     device: str = "auto"
@@ -43,8 +50,9 @@ class TrainingSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
             raise ConfigError(f"training.local_epochs must be an integer >= 1, got {self.local_epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ConfigError(f"training.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 16:
+            # Poisson batches of expected size >= 16 are empty with probability < 1e-7.
+            raise ConfigError(f"training.batch_size must be an integer >= 16, got {self.batch_size!r}")
         if not isinstance(self.lr, int | float) or not self.lr > 0:
             raise ConfigError(f"training.lr must be > 0, got {self.lr!r}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
@@ -129,7 +137,7 @@ def train_locally(
             round=round, mechanism="dp-sgd", noise_multiplier=noise_multiplier,
             sample_rate=q, steps=steps,
         )  # fmt: skip
-        engine = PrivacyEngine(accountant=privacy.accountant)
+        engine = _privacy_engine(privacy.accountant)
         engine.accountant.history = merge_history(previous)
         # Only its length matters: Opacus derives q = 1 / len(loader) from it for the accountant.
         index_loader = DataLoader(
@@ -159,6 +167,11 @@ def train_locally(
     for _ in range(steps):
         draw = torch.rand(rows, generator=generator, device=generator.device)
         index = torch.nonzero(draw < q).squeeze(1).to(data.tensors["scalar"].device)
+        if len(index) == 0:
+            # Probability < (1 - q)^rows, below 1e-7 for the allowed batch sizes; the step
+            # is still charged in the ledger, so skipping it only releases less.
+            logger.warning("round %d: an empty Poisson batch; step skipped", round)
+            continue
         batch = data.batch(index)
         keep = random_keep(token_presence(data.layout, batch), model.config.mask_rate, generator)
         per_sample = train_model(batch, keep)
@@ -171,7 +184,8 @@ def train_locally(
         total += float(per_sample.detach().mean()) if len(index) else 0.0
     epsilon: float | None = None
     if engine is not None:
-        epsilon = float(engine.get_epsilon(privacy.delta))
+        with rdp_order_notice_silenced():
+            epsilon = float(engine.get_epsilon(privacy.delta))
         assert ledger is not None
         ledger_eps = ledger.epsilon()
         if not math.isclose(epsilon, ledger_eps, rel_tol=1e-6, abs_tol=1e-9):
@@ -182,6 +196,29 @@ def train_locally(
         train_model._close()  # type: ignore[operator]
     model.eval()
     return LocalResult(steps, q, noise_multiplier, epsilon, total / max(1, steps))
+
+
+_secure_rng_noted = False
+
+
+def _privacy_engine(accountant: str) -> PrivacyEngine:
+    """A PrivacyEngine; Opacus' notice that its RNG is not cryptographically secure is
+    logged once per process (not silenced): seeded noise is reproducible but a production
+    deployment should run with ``secure_mode`` and torchcsprng."""
+    global _secure_rng_noted
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = PrivacyEngine(accountant=accountant)
+    for warning in caught:
+        if "Secure RNG" in str(warning.message):
+            if not _secure_rng_noted:
+                logger.warning("Opacus: %s", str(warning.message).split(".")[0])
+                _secure_rng_noted = True
+        else:
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    return engine
 
 
 @torch.no_grad()
