@@ -22,7 +22,12 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 
 from fedpersona.config import PartnerConfig, load_partner_config
-from fedpersona.errors import ConfigError, FedPersonaError, PrivacyBudgetExceeded
+from fedpersona.errors import (
+    ConfigError,
+    FedPersonaError,
+    PrivacyBudgetExceeded,
+    PrivacyLedgerError,
+)
 from fedpersona.messages import decode_arrays, decode_settings, encode_arrays
 from fedpersona.partner import (
     evaluate_round,
@@ -31,6 +36,7 @@ from fedpersona.partner import (
     partner_schema,
     train_round,
 )
+from fedpersona.privacy import PrivacyLedger
 from fedpersona.training import pick_device
 
 __all__ = ["ERROR_BUDGET", "ERROR_USER", "app", "build_client_app"]
@@ -101,9 +107,29 @@ def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     return RecordDict({"info": ConfigRecord(info)})
 
 
+def _check_ledger_not_rolled_back(context: Context, cfg: PartnerConfig) -> int:
+    """Compare the ledger on disk with the entry count this node remembers in Context.state.
+
+    A ledger with fewer entries than the node has already charged means the file was
+    replaced or restored from an old copy: the partner refuses to train rather than
+    under-count its spending.
+    """
+    on_disk = len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries)
+    if "privacy" in context.state:
+        remembered = int(context.state["privacy"]["ledger_entries"])  # type: ignore[arg-type]
+        if on_disk < remembered:
+            raise PrivacyLedgerError(
+                f"{cfg.state_dir}/ledger.jsonl has {on_disk} entries but this node has already "
+                f"charged {remembered}: the ledger was rolled back; refusing to train"
+            )
+    return on_disk
+
+
 def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     config = msg.content["config"]
     model_cfg, training = decode_settings(config)
+    if cfg.privacy.private:
+        _check_ledger_not_rolled_back(context, cfg)
     outcome = train_round(
         cfg=cfg,
         model_cfg=model_cfg,
@@ -121,6 +147,10 @@ def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     }
     if outcome.epsilon is not None:
         metrics["epsilon"] = outcome.epsilon
+        entries = len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries)
+        context.state["privacy"] = ConfigRecord(
+            {"ledger_entries": entries, "epsilon": outcome.epsilon}
+        )
     return RecordDict({"arrays": encode_arrays(outcome.arrays), "metrics": MetricRecord(metrics)})
 
 
