@@ -21,7 +21,7 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(privacy_app, name="privacy")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -63,7 +63,7 @@ def simulate(
 
     eps = _parse_epsilon(epsilon)
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").propagate = False
 
     def on_start(sc: Any, run_dir: Path, partners: list[str]) -> None:
         private = math.isfinite(sc.privacy.target_epsilon)

@@ -210,6 +210,8 @@ def simulate(
         expected_partners=len(partners),
     )
     sim = scenario.simulation
+    # Keep Ray's current behaviour explicitly (and quiet its notice about a future change).
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     backend = {
         "client_resources": {"num_cpus": sim.cpus_per_partner, "num_gpus": sim.gpus_per_partner},
         "init_args": {

@@ -1,0 +1,68 @@
+"""The persona encoder: Opacus compatibility, exact per-sample gradients, scopes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+
+from fedpersona.encoder import SCOPES, EncoderConfig, parameter_scope, random_keep, token_presence
+from fedpersona.partner import PartnerData, build_model
+
+
+def test_model_passes_opacus_validator(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
+    model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
+    ModuleValidator.validate(model, strict=True)  # raises on any unsupported layer
+
+
+def test_every_parameter_has_a_declared_scope(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
+    model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
+    scopes = {parameter_scope(name) for name in model.state_dict()}
+    assert scopes == {"global", "kind", "local"}
+    assert SCOPES["trunk"] == "global" and SCOPES["adapter"] == "kind"
+    with pytest.raises(KeyError, match="no declared scope"):
+        parameter_scope("mystery.weight")
+
+
+def test_per_sample_gradients_equal_one_sample_at_a_time(
+    small_data: PartnerData, model_cfg: EncoderConfig
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu")).double()
+    index = torch.arange(6)
+    batch = small_data.train.batch(index)
+    batch = {k: (v.double() if v.is_floating_point() else v) for k, v in batch.items()}
+    keep = random_keep(token_presence(small_data.train.layout, batch), 0.3, torch.Generator().manual_seed(1))
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    gsm(batch, keep).sum().backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.grad_sample is not None}
+    gsm._close()
+    reference = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu")).double()
+    reference.load_state_dict(model.state_dict())
+    for i in range(len(index)):
+        reference.zero_grad()
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        reference(one, keep[i : i + 1]).sum().backward()
+        for name, param in reference.named_parameters():
+            expected = param.grad if param.grad is not None else torch.zeros_like(param)
+            torch.testing.assert_close(per_sample[name][i], expected, rtol=1e-6, atol=1e-9)
+    assert len(per_sample) == len(list(model.parameters()))
+
+
+def test_embedding_is_unit_norm_and_handles_missing_tokens(
+    small_data: PartnerData, model_cfg: EncoderConfig
+) -> None:
+    model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
+    batch = small_data.test.batch(torch.arange(10))
+    for key in list(batch):
+        if key.endswith("present"):
+            batch[key] = torch.zeros_like(batch[key])  # every value missing
+    z = model.embed(batch)
+    assert z.shape == (10, model_cfg.embed_dim)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(10))
+
+
+def test_config_validates_its_range() -> None:
+    with pytest.raises(ValueError, match="mask_rate must be in"):
+        EncoderConfig(mask_rate=1.5)

@@ -1,0 +1,118 @@
+"""Planning, ledger and accounting: numbers against independent references."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from dp_accounting import dp_event, pld
+
+from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
+from fedpersona.partner import load_partner_data, load_plan
+from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise
+from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.encoder import EncoderConfig
+from fedpersona.partner import build_model
+
+from .conftest import partner_config
+
+
+def pld_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    acc = pld.PLDAccountant()
+    acc.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps)
+    return float(acc.get_epsilon(delta))
+
+
+@pytest.mark.parametrize("sigma,q,steps", [(1.1, 0.01, 1000), (0.8, 256 / 60000, 3000), (2.0, 0.01, 100)])
+def test_prv_epsilon_matches_google_pld(sigma: float, q: float, steps: int) -> None:
+    ours = compute_epsilon([(sigma, q, steps)], delta=1e-5, accountant="prv")
+    ref = pld_epsilon(sigma, q, steps, 1e-5)
+    assert ours >= ref * (1 - 1e-3)
+    # Opacus' PRV accountant has an absolute epsilon error of 0.01 (its eps_error default),
+    # which dominates the relative error at very small epsilon.
+    assert ours <= ref * 1.05 + 0.01
+
+
+def test_rdp_is_an_upper_bound_of_pld() -> None:
+    ours = compute_epsilon([(1.1, 0.01, 1000)], delta=1e-5, accountant="rdp")
+    assert ours >= pld_epsilon(1.1, 0.01, 1000, 1e-5)
+
+
+def test_planned_noise_never_overshoots_and_is_tight() -> None:
+    for target in (0.5, 3.0, 8.0):
+        sigma = plan_noise(target_epsilon=target, delta=1e-5, sample_rate=0.02, steps=500, accountant="prv")
+        reached = compute_epsilon([(sigma, 0.02, 500)], delta=1e-5, accountant="prv")
+        assert reached <= target
+        assert reached >= 0.97 * target
+
+
+def test_history_of_rounds_equals_one_accountant_over_all_steps() -> None:
+    rounds = [(1.0, 0.05, 40)] * 5
+    assert compute_epsilon(rounds, delta=1e-5, accountant="prv") == pytest.approx(
+        pld_epsilon(1.0, 0.05, 200, 1e-5), rel=0.05
+    )
+    assert compute_epsilon(rounds, delta=1e-5, accountant="prv") == pytest.approx(
+        compute_epsilon([(1.0, 0.05, 200)], delta=1e-5, accountant="prv"), rel=1e-9
+    )
+
+
+def test_gdp_accountant_is_refused() -> None:
+    with pytest.raises(ConfigError, match="gdp"):
+        PrivacySettings(accountant="gdp")
+    with pytest.raises(ConfigError, match="target_epsilon must be > 0"):
+        PrivacySettings(target_epsilon=-1)
+
+
+def test_ledger_refuses_before_writing_and_detects_tampering(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, settings=PrivacySettings(target_epsilon=1.0))
+    ledger.charge(round=1, mechanism="dp-sgd", noise_multiplier=2.0, sample_rate=0.01, steps=100)
+    before = ledger.path.read_bytes()
+    with pytest.raises(PrivacyBudgetExceeded, match="above the target 1"):
+        ledger.charge(round=2, mechanism="dp-sgd", noise_multiplier=0.5, sample_rate=0.5, steps=100)
+    assert ledger.path.read_bytes() == before
+    reread = PrivacyLedger(tmp_path, settings=PrivacySettings(target_epsilon=1.0))
+    assert reread.epsilon() == pytest.approx(ledger.epsilon())
+    lines = before.decode().splitlines()
+    entry = json.loads(lines[0])
+    entry["steps"] = 1  # an attempt to under-report
+    ledger.path.write_text(json.dumps(entry) + "\n")
+    with pytest.raises(PrivacyLedgerError, match="hash chain"):
+        PrivacyLedger(tmp_path, settings=PrivacySettings(target_epsilon=1.0))
+
+
+def test_torn_last_line_is_ignored(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path, settings=PrivacySettings())
+    ledger.charge(round=1, mechanism="dp-sgd", noise_multiplier=1.0, sample_rate=0.01, steps=10)
+    with ledger.path.open("ab") as handle:
+        handle.write(b'{"seq": 2, "time"')
+    assert len(PrivacyLedger(tmp_path, settings=PrivacySettings()).entries) == 1
+
+
+def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) -> None:
+    """Three real DP-SGD rounds: the reported epsilon is cumulative, and equals the plan."""
+    cfg = partner_config(tmp_path, "health", rows=300, epsilon=2.0)
+    data = load_partner_data(cfg)
+    training = TrainingSettings(batch_size=32, local_epochs=1)
+    plan = load_plan(cfg, data, training, rounds=3)
+    model = build_model(data, EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu"))
+    ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
+    gen = torch.Generator().manual_seed(0)
+    reported = []
+    for rnd in (1, 2, 3):
+        result = train_locally(model=model, data=data.train, settings=training, privacy=cfg.privacy,
+                               noise_multiplier=plan.noise_multiplier, ledger=ledger, round=rnd, generator=gen)
+        reported.append(result.epsilon)
+    assert reported[0] < reported[1] < reported[2]
+    total_steps = 3 * plan.steps_per_round
+    one = compute_epsilon([(plan.noise_multiplier, plan.sample_rate, total_steps)], delta=1e-5, accountant="prv")
+    assert reported[2] == pytest.approx(one, rel=1e-9)
+    assert reported[2] <= 2.0
+    assert reported[2] == pytest.approx(pld_epsilon(plan.noise_multiplier, plan.sample_rate, total_steps, 1e-5), rel=0.05)
+    with pytest.raises(PrivacyBudgetExceeded):
+        train_locally(model=model, data=data.train, settings=training, privacy=cfg.privacy,
+                      noise_multiplier=plan.noise_multiplier, ledger=ledger, round=4, generator=gen)
+    assert len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries) == 3
+    assert math.isfinite(reported[2])

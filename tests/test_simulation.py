@@ -1,0 +1,127 @@
+"""End to end: `fedpersona simulate` on Flower's simulation engine writes the run folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedpersona.artifacts import ArtifactError, verify_model
+
+SCENARIO = """
+[federation]
+rounds = 2
+min_partners = 2
+[model]
+token_dim = 16
+embed_dim = 16
+hidden = 32
+blocks = 1
+[training]
+batch_size = 32
+local_epochs = 1
+[privacy]
+target_epsilon = 2.0
+delta = 1e-5
+[[silos]]
+kind = "ecommerce"
+name = "shop"
+partners = 2
+rows = 600
+[[silos]]
+kind = "finance"
+name = "bank"
+partners = 1
+rows = 300
+[[silos]]
+kind = "health"
+name = "clinic"
+partners = 1
+rows = 300
+"""
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedpersona.cli", *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(SCENARIO)
+    out = tmp_path / "run"
+    done = _cli("simulate", "--scenario", str(scenario), "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 2:" in done.stdout and "shop-1" in done.stdout and "label AUC" in done.stdout
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({(r["round"], r["partner"]) for r in rows}) == [
+        (rnd, p) for rnd in (1, 2) for p in ("bank-1", "clinic-1", "shop-1", "shop-2")
+    ]
+    for row in rows:
+        assert {"round", "partner", "kind", "rows", "epsilon", "label_auc", "probe_auc",
+                "reconstruction_error", "ari"} <= set(row)
+        assert 0 < row["epsilon"] <= 2.0
+    by_partner = {r["partner"]: r for r in rows if r["round"] == 2}
+    first = {r["partner"]: r for r in rows if r["round"] == 1}
+    assert all(by_partner[p]["epsilon"] > first[p]["epsilon"] for p in by_partner)
+
+    privacy = json.loads((out / "privacy.json").read_text())["partners"]
+    assert set(privacy) == {"bank-1", "clinic-1", "shop-1", "shop-2"}
+    for name, entry in privacy.items():
+        assert entry["epsilon"] <= entry["target_epsilon"] == 2.0
+        assert entry["accountant"] == "prv" and entry["noise_multiplier"] > 0
+        assert entry["epsilon"] == pytest.approx(by_partner[name]["epsilon"])
+        ledger = out / "partners" / name / "state" / "ledger.jsonl"
+        assert len(ledger.read_text().splitlines()) == 2
+    config = (out / "config.toml").read_text()
+    assert "rounds = 2" in config and "target_epsilon = 2.0" in config
+
+    arrays, card = verify_model(out / "model")
+    assert card["rounds"] == 2 and set(card["partners"]) == set(privacy)
+    assert any(k.startswith("trunk.") for k in arrays)
+    assert not any("head" in k for k in arrays)  # local heads never reach the server
+    assert sum(k.startswith("ecommerce:") for k in arrays) > 0  # the shops' shared adapter
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "shop-2" in html
+    weights = out / "model" / "weights.npz"
+    blob = bytearray(weights.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="weights.npz"):
+        verify_model(out / "model")
+    again = _cli("simulate", "--scenario", str(scenario), "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_user_errors_exit_2_with_one_clear_message(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.toml"
+    schema.write_text(
+        '[table]\nkind = "health"\nid = "id"\n'
+        '[features.age]\ntype = "numeric"\nbounds = [0, 120]\nmissing = "reject"\n'
+        '[features.smoker]\ntype = "boolean"\n'
+    )
+    data = tmp_path / "patients.csv"
+    rows = ["id,age,smoker"] + [f"{i},{30 + i % 40},yes" for i in range(40)]
+    rows[3] = "3,abc,yes"
+    rows[8] = "8,,no"
+    data.write_text("\n".join(rows) + "\n")
+    done = _cli("schema", "check", "--schema", str(schema), "--data", str(data), cwd=tmp_path)
+    assert done.returncode == 2
+    text = " ".join(done.stderr.split())
+    assert "patients.csv" in text and "'age'" in text and "abc" in text and "Traceback" not in text
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation]\nrounds = 0\n[[silos]]\nkind='health'\nname='c'\nrows=100\n")
+    done = _cli("simulate", "--scenario", str(bad), "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert done.returncode == 2 and "federation.rounds must be an integer >= 1" in " ".join(done.stderr.split())
+    assert not (tmp_path / "r").exists()
+
+    done = _cli("simulate", "--epsilon", "-3", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert done.returncode == 2 and "--epsilon" in done.stderr
