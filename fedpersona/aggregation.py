@@ -66,8 +66,7 @@ class ScopedAggregator:
     def __post_init__(self) -> None:
         if self.optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError(
-                f"federation.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, "
-                f"got {self.optimizer!r}"
+                f"federation.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.optimizer!r}"
             )
         if not self.lr > 0:
             raise ConfigError(f"federation.server_lr must be > 0, got {self.lr!r}")
@@ -85,7 +84,7 @@ class ScopedAggregator:
         for upd in updates:
             arrays: dict[str, dict[str, np.ndarray]] = {"global": {}, "kind": {}}
             for name, value in upd.arrays.items():
-                scope = parameter_scope(name)
+                scope: str = parameter_scope(name)
                 if scope == "local":
                     raise ValueError(f"{upd.partner} sent local parameter '{name}'")
                 if scope == "kind" and upd.slot is None:
@@ -96,8 +95,8 @@ class ScopedAggregator:
                 groups.setdefault(("kind", upd.slot), []).append((arrays["kind"], upd.num_examples))
         for (scope, slot), members in groups.items():
             names = set(members[0][0])
-            for arrays, _ in members[1:]:
-                if set(arrays) != names:
+            for member, _ in members[1:]:
+                if set(member) != names:
                     raise ValueError(f"replies for scope {scope} {slot or ''} carry different keys")
             weights = [w for _, w in members]
             mean = {n: weighted_mean([a[n] for a, _ in members], weights) for n in sorted(names)}

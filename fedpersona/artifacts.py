@@ -68,7 +68,7 @@ def save_model(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.asarray(value) for name, value in sorted(arrays.items())})
+    np.savez(buffer, **{name: np.asarray(value) for name, value in sorted(arrays.items())})  # type: ignore[arg-type]
     weights = buffer.getvalue()
     card = {**card, "weights_sha256": _sha256(weights)}
     card_bytes = json.dumps(card, indent=2, sort_keys=True).encode()
@@ -77,9 +77,7 @@ def save_model(
         "weights_sha256": card["weights_sha256"],
         "card_sha256": _sha256(card_bytes),
     }
-    public = key.public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     signature = {
         "algorithm": "ed25519",
         "public_key": base64.b64encode(public).decode(),

@@ -70,15 +70,20 @@ def simulate(
         console.print(
             f"[bold]fedpersona simulate[/bold]: {len(partners)} partners, "
             f"{sc.federation.rounds} rounds, "
-            + (f"target epsilon {sc.privacy.target_epsilon:g} per partner" if private
-               else "[bold red]NOT PRIVATE (epsilon = inf)[/bold red]")
+            + (
+                f"target epsilon {sc.privacy.target_epsilon:g} per partner"
+                if private
+                else "[bold red]NOT PRIVATE (epsilon = inf)[/bold red]"
+            )
             + f"\nrun folder: {run_dir}"
         )
         console.print("starting the Flower simulation engine (Ray)...")
 
     def on_round(rnd: int, rows: list[dict[str, Any]]) -> None:
         def mean(key: str) -> str:
-            vals = [float(r[key]) for r in rows if isinstance(r.get(key), int | float) and not math.isnan(float(r[key]))]
+            vals = [
+                float(r[key]) for r in rows if isinstance(r.get(key), int | float) and not math.isnan(float(r[key]))
+            ]
             return f"{sum(vals) / len(vals):.3f}" if vals else "-"
 
         eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
@@ -88,14 +93,27 @@ def simulate(
             f"probe AUC {mean('probe_auc')} | recon {mean('reconstruction_error')} | ARI {mean('ari')}"
         )
 
-    result = run(scenario_path=scenario, rounds=rounds, epsilon=eps, out=out, on_round=on_round, on_start=on_start)
+    result = run(
+        scenario_path=scenario,
+        rounds=rounds,
+        epsilon=eps,
+        out=out,
+        on_round=on_round,
+        on_start=on_start,
+    )
     from fedpersona.report import SUMMARY_COLUMNS, summary_rows
 
     table = RichTable(title=f"after {max((r['round'] for r in result.rows), default=0)} rounds")
     for _, label in SUMMARY_COLUMNS:
         table.add_column(label, justify="right")
     for row in summary_rows(result.rows):
-        table.add_row(*[_num(row.get(key)) for key, _ in SUMMARY_COLUMNS])
+        cells = [_num(row.get(key)) if key == "epsilon" else _num(row.get(key, math.nan)) for key, _ in SUMMARY_COLUMNS]
+        table.add_row(
+            *[
+                c if c != "NOT PRIVATE" or key == "epsilon" else "-"
+                for c, (key, _) in zip(cells, SUMMARY_COLUMNS, strict=True)
+            ]
+        )
     console.print(table)
     if any(p.get("private") is False for p in result.privacy["partners"].values()):
         console.print("[bold red]NOT PRIVATE: this run used no differential privacy.[/bold red]")

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,7 +29,7 @@ from fedpersona.errors import (
     PrivacyBudgetExceeded,
     PrivacyLedgerError,
 )
-from fedpersona.messages import decode_arrays, decode_settings, encode_arrays
+from fedpersona.messages import arrays_of, config_of, decode_settings, encode_arrays
 from fedpersona.partner import (
     evaluate_round,
     load_partner_data,
@@ -81,12 +82,12 @@ def _guarded(
 
 def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Describe this partner: kind, schema fingerprint, public row count and noise plan."""
-    model_cfg, training = decode_settings(msg.content["config"])
-    rounds = int(msg.content["config"]["num_rounds"])
+    _, training = decode_settings(config_of(msg))
+    rounds = int(config_of(msg)["num_rounds"])
     data = load_partner_data(cfg, device=pick_device(training.device))
     plan = load_plan(cfg, data, training, rounds)
     schema = partner_schema(cfg)
-    info = {
+    info: dict[str, Any] = {
         "name": cfg.name,
         "kind": cfg.kind,
         "fingerprint": schema.fingerprint(),
@@ -126,7 +127,7 @@ def _check_ledger_not_rolled_back(context: Context, cfg: PartnerConfig) -> int:
 
 
 def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    config = msg.content["config"]
+    config = config_of(msg)
     model_cfg, training = decode_settings(config)
     if cfg.privacy.private:
         _check_ledger_not_rolled_back(context, cfg)
@@ -134,13 +135,13 @@ def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         cfg=cfg,
         model_cfg=model_cfg,
         training=training,
-        received=decode_arrays(msg.content["arrays"]),
+        received=arrays_of(msg),
         server_round=int(config["round"]),
         num_rounds=int(config["num_rounds"]),
         adapter_shared=bool(config["adapter_shared"]),
         seed=int(config["seed"]),
     )
-    metrics: dict[str, float | int] = {
+    metrics: dict[str, Any] = {
         "num-examples": outcome.train_rows,
         "steps": outcome.result.steps,
         "sample_rate": outcome.result.sample_rate,
@@ -148,28 +149,24 @@ def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     if outcome.epsilon is not None:
         metrics["epsilon"] = outcome.epsilon
         entries = len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries)
-        context.state["privacy"] = ConfigRecord(
-            {"ledger_entries": entries, "epsilon": outcome.epsilon}
-        )
+        context.state["privacy"] = ConfigRecord({"ledger_entries": entries, "epsilon": float(outcome.epsilon)})
     return RecordDict({"arrays": encode_arrays(outcome.arrays), "metrics": MetricRecord(metrics)})
 
 
 def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    config = msg.content["config"]
+    config = config_of(msg)
     model_cfg, training = decode_settings(config)
     metrics = evaluate_round(
         cfg=cfg,
         model_cfg=model_cfg,
         training=training,
-        received=decode_arrays(msg.content["arrays"]),
+        received=arrays_of(msg),
         server_round=int(config["round"]),
         seed=int(config["seed"]),
     )
     public = {"epsilon": metrics["epsilon"]} if metrics["epsilon"] is not None else {}
     if cfg.share_eval_metrics:
-        public.update(
-            {k: float(v) for k, v in metrics.items() if k not in ("epsilon", "rows") and v == v}
-        )
+        public.update({k: float(v) for k, v in metrics.items() if k not in ("epsilon", "rows") and v == v})
     return RecordDict({"metrics": MetricRecord(public)})
 
 

@@ -54,9 +54,7 @@ class FederationSettings:
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ConfigError(f"federation.rounds must be an integer >= 1, got {self.rounds!r}")
         if not isinstance(self.min_partners, int) or self.min_partners < 1:
-            raise ConfigError(
-                f"federation.min_partners must be an integer >= 1, got {self.min_partners!r}"
-            )
+            raise ConfigError(f"federation.min_partners must be an integer >= 1, got {self.min_partners!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"federation.seed must be an integer, got {self.seed!r}")
 
@@ -101,8 +99,7 @@ class SiloGroup:
         if self.source == "synthetic":
             if not isinstance(self.rows, int) or self.rows < 10 * self.partners:
                 raise ConfigError(
-                    f"silo '{self.name}': synthetic rows must be an integer >= 10 per partner, "
-                    f"got {self.rows!r}"
+                    f"silo '{self.name}': synthetic rows must be an integer >= 10 per partner, got {self.rows!r}"
                 )
         elif self.schema is None:
             raise ConfigError(f"silo '{self.name}': a file source needs a schema")
@@ -129,9 +126,7 @@ class Scenario:
         out: dict[str, Any] = {}
         for key in ("federation", "model", "training", "privacy", "simulation"):
             out[key] = _as_dict(getattr(self, key))
-        out["silos"] = [
-            {k: v for k, v in _as_dict(s).items() if v is not None} for s in self.silos
-        ]
+        out["silos"] = [{k: v for k, v in _as_dict(s).items() if v is not None} for s in self.silos]
         return out
 
 
@@ -199,9 +194,7 @@ def _toml_safe(value: Any) -> Any:
     return value
 
 
-def _section(
-    cls: type[T], data: Any, where: str, source: str, base: T | None = None
-) -> T:
+def _section(cls: type[T], data: Any, where: str, source: str, base: T | None = None) -> T:
     """Build dataclass ``cls`` from a TOML table, rejecting unknown keys."""
     if data is None:
         return base if base is not None else cls()
@@ -243,9 +236,7 @@ def load_scenario(
     source = str(path)
     unknown = sorted(set(doc) - set(_SCENARIO_KEYS))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SCENARIO_KEYS)}"
-        )
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_SCENARIO_KEYS)}")
     federation = _section(FederationSettings, doc.get("federation"), "federation", source)
     if rounds is not None:
         federation = _section(FederationSettings, {"rounds": rounds}, "federation", "--rounds", federation)
@@ -295,9 +286,7 @@ def load_partner_config(path: str | Path) -> PartnerConfig:
     source = str(path)
     unknown = sorted(set(doc) - set(_PARTNER_SECTIONS))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_PARTNER_SECTIONS)}"
-        )
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_PARTNER_SECTIONS)}")
     for section, valid in _PARTNER_SECTIONS.items():
         table = doc.get(section, {})
         if not isinstance(table, dict):

@@ -99,7 +99,7 @@ class FeatureAdapter(nn.Module):
         tokens: list[torch.Tensor] = []
         scalar = batch["scalar"]  # (B, S)
         if self.scalar_scale is not None and self.scalar_shift is not None:
-            index = self.scalar_index.expand(scalar.shape[0], -1).contiguous()  # (B, S)
+            index = self.scalar_index.expand(scalar.shape[0], -1).contiguous()  # type: ignore[operator]
             tokens.append(scalar.unsqueeze(-1) * self.scalar_scale(index) + self.scalar_shift(index))
         if self.cat is not None:
             tokens.append(self.cat(batch["cat"]))  # (B, C, d)
@@ -203,9 +203,7 @@ class PersonaEncoder(nn.Module):
         if self.label_head is not None:
             known = ~torch.isnan(labels)
             logits = self.label_head(z)
-            bce = F.binary_cross_entropy_with_logits(
-                logits, torch.nan_to_num(labels), reduction="none"
-            )
+            bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels), reduction="none")
             loss = loss + (bce * known).sum(1) / known.sum(1).clamp(min=1)
         return loss
 
@@ -236,9 +234,7 @@ class PersonaEncoder(nn.Module):
             start += card
         return total, count
 
-    def reconstruction_error(
-        self, batch: dict[str, torch.Tensor], keep: torch.Tensor
-    ) -> torch.Tensor:
+    def reconstruction_error(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """Per-sample mean reconstruction loss of the hidden features (for evaluation)."""
         tokens, present = self.adapter(batch)
         keep = _at_least_one(keep & present)
@@ -277,9 +273,7 @@ def token_presence(layout: FeatureLayout, batch: dict[str, torch.Tensor]) -> tor
     return torch.cat(parts, 1)
 
 
-def random_keep(
-    present: torch.Tensor, rate: float, generator: torch.Generator
-) -> torch.Tensor:
+def random_keep(present: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Hide each present token with probability ``rate`` (self-supervised masking)."""
     draw = torch.rand(present.shape, generator=generator, device=generator.device)
     return present & (draw.to(present.device) >= rate)

@@ -86,7 +86,7 @@ def evaluate(
         else:
             metrics["probe_auc"] = math.nan
     if personas is not None and len(personas) == len(test):
-        k = int(len(np.unique(personas)))
+        k = len(np.unique(personas))
         if k >= 2 and len(test) > k:
             labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(z_test)
             metrics["ari"] = float(adjusted_rand_score(personas, labels))

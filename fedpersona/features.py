@@ -163,9 +163,7 @@ def _text_ids(feature: TextFeature, values: np.ndarray) -> np.ndarray:
         ids = cache.get(value)
         if ids is None:
             words = _WORD.findall(str(value).lower())
-            grams = [
-                " ".join(words[i : i + n]) for n in range(lo, hi + 1) for i in range(len(words) - n + 1)
-            ]
+            grams = [" ".join(words[i : i + n]) for n in range(lo, hi + 1) for i in range(len(words) - n + 1)]
             ids = [1 + hash_bucket(feature.name, g, feature.buckets) for g in grams]
             ids = ids[: feature.max_tokens]
             cache[value] = ids

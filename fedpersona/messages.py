@@ -12,12 +12,20 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from fedpersona.encoder import EncoderConfig
 from fedpersona.training import TrainingSettings
 
-__all__ = ["decode_arrays", "decode_settings", "encode_arrays", "encode_settings"]
+__all__ = [
+    "arrays_of",
+    "config_of",
+    "decode_arrays",
+    "decode_settings",
+    "encode_arrays",
+    "encode_settings",
+    "metrics_of",
+]
 
 
 def encode_settings(model: EncoderConfig, training: TrainingSettings, **extra: Any) -> ConfigRecord:
@@ -29,10 +37,25 @@ def encode_settings(model: EncoderConfig, training: TrainingSettings, **extra: A
     return ConfigRecord(values)
 
 
-def decode_settings(config: ConfigRecord) -> tuple[EncoderConfig, TrainingSettings]:
-    model = {f.name: config[f"model.{f.name}"] for f in fields(EncoderConfig)}
-    training = {f.name: config[f"training.{f.name}"] for f in fields(TrainingSettings)}
+def decode_settings(config: ConfigRecord | dict[str, Any]) -> tuple[EncoderConfig, TrainingSettings]:
+    model: dict[str, Any] = {f.name: config[f"model.{f.name}"] for f in fields(EncoderConfig)}
+    training: dict[str, Any] = {f.name: config[f"training.{f.name}"] for f in fields(TrainingSettings)}
     return EncoderConfig(**model), TrainingSettings(**training)
+
+
+def config_of(message: Message) -> dict[str, Any]:
+    """The message's ``config`` record as a plain dict."""
+    return dict(message.content.config_records["config"])
+
+
+def metrics_of(message: Message) -> dict[str, Any]:
+    """The message's ``metrics`` record as a plain dict."""
+    return dict(message.content.metric_records["metrics"])
+
+
+def arrays_of(message: Message) -> dict[str, np.ndarray]:
+    """The message's ``arrays`` record as numpy arrays by name."""
+    return decode_arrays(message.content.array_records["arrays"])
 
 
 def encode_arrays(arrays: dict[str, np.ndarray]) -> ArrayRecord:

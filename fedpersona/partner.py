@@ -99,7 +99,7 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
     n = len(table)
     rng = np.random.default_rng(cfg.split_seed)
     order = rng.permutation(n)
-    n_test = max(1, int(round(n * cfg.test_fraction)))
+    n_test = max(1, round(n * cfg.test_fraction))
     if n - n_test < 2:
         raise ConfigError(f"{cfg.source}: the table has {n} rows, too few to split for training")
     test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
@@ -124,9 +124,7 @@ def _seed_for(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
-def build_model(
-    data: PartnerData, model_cfg: EncoderConfig, *, seed: int, device: torch.device
-) -> PersonaEncoder:
+def build_model(data: PartnerData, model_cfg: EncoderConfig, *, seed: int, device: torch.device) -> PersonaEncoder:
     """A fresh encoder whose adapter init depends only on (seed, kind, schema fingerprint).
 
     Partners that share a slot therefore start from identical adapters, and every partner
@@ -137,9 +135,7 @@ def build_model(
     return model.to(device)
 
 
-def load_plan(
-    cfg: PartnerConfig, data: PartnerData, training: TrainingSettings, rounds: int
-) -> PrivacyPlan:
+def load_plan(cfg: PartnerConfig, data: PartnerData, training: TrainingSettings, rounds: int) -> PrivacyPlan:
     """The partner's noise plan: read from disk, or made now from its budget and saved.
 
     The plan covers ALL planned rounds x local epochs x steps; it is never re-made per round.
@@ -282,9 +278,7 @@ def train_round(
     _save_local(model, cfg.state_dir, set(names))
     state = model.state_dict()
     arrays = {n: state[n].detach().cpu().numpy() for n in names}
-    return RoundOutcome(
-        arrays=arrays, result=result, epsilon=result.epsilon, train_rows=len(data.train)
-    )
+    return RoundOutcome(arrays=arrays, result=result, epsilon=result.epsilon, train_rows=len(data.train))
 
 
 def evaluate_round(

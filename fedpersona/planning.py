@@ -13,7 +13,13 @@ from pathlib import Path
 
 from fedpersona.config import load_partner_config, load_scenario, read_toml
 from fedpersona.errors import ConfigError
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise, sample_rate_for
+from fedpersona.privacy import (
+    PrivacyLedger,
+    PrivacySettings,
+    compute_epsilon,
+    plan_noise,
+    sample_rate_for,
+)
 from fedpersona.training import TrainingSettings
 
 __all__ = ["ledger_table", "plan_rows", "plan_table"]
@@ -40,7 +46,9 @@ def plan_rows(
     return sigma, q, steps, eps
 
 
-def _block(title: str, rows: int, privacy: PrivacySettings, training: TrainingSettings, rounds: int) -> tuple[str, Lines]:
+def _block(
+    title: str, rows: int, privacy: PrivacySettings, training: TrainingSettings, rounds: int
+) -> tuple[str, Lines]:
     sigma, q, steps, eps = plan_rows(rows=rows, privacy=privacy, training=training, rounds=rounds)
     head = (
         f"{title}: {rows} training rows, delta {privacy.delta:g}, target epsilon "
@@ -53,7 +61,13 @@ def _block(title: str, rows: int, privacy: PrivacySettings, training: TrainingSe
     lines: Lines = [["round", "epsilon this round", "cumulative epsilon"]]
     prev = 0.0
     for r, e in enumerate(eps, start=1):
-        lines.append([str(r), f"{e - prev:.4f}" if math.isfinite(e) else "inf", f"{e:.4f}" if math.isfinite(e) else "inf"])
+        lines.append(
+            [
+                str(r),
+                f"{e - prev:.4f}" if math.isfinite(e) else "inf",
+                f"{e:.4f}" if math.isfinite(e) else "inf",
+            ]
+        )
         prev = e
     return head, lines
 
@@ -76,7 +90,15 @@ def plan_table(path: str | Path, *, rounds: int | None, rows: int | None) -> lis
                 assert group.schema is not None
                 total = len(load_table(load_schema(group.schema), group.source))
                 n = int(total * (1 - scenario.simulation.test_fraction) / group.partners)
-            out.append(_block(f"silo {group.name} (per partner, about)", n, scenario.privacy, scenario.training, scenario.federation.rounds))
+            out.append(
+                _block(
+                    f"silo {group.name} (per partner, about)",
+                    n,
+                    scenario.privacy,
+                    scenario.training,
+                    scenario.federation.rounds,
+                )
+            )
         return out
     if "partner" in doc:
         cfg = load_partner_config(path)
@@ -109,7 +131,15 @@ def ledger_table(state_dir: str | Path) -> tuple[str, Lines]:
     lines: Lines = [["#", "round", "mechanism", "noise", "sample rate", "steps", "cumulative epsilon"]]
     for e in ledger.entries:
         lines.append(
-            [str(e.seq), str(e.round), e.mechanism, f"{e.noise_multiplier:.4f}", f"{e.sample_rate:.5f}", str(e.steps), f"{e.epsilon_after:.4f}"]
+            [
+                str(e.seq),
+                str(e.round),
+                e.mechanism,
+                f"{e.noise_multiplier:.4f}",
+                f"{e.sample_rate:.5f}",
+                str(e.steps),
+                f"{e.epsilon_after:.4f}",
+            ]
         )
     spent = ledger.epsilon()
     title = (

@@ -27,9 +27,9 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from opacus.accountants import create_accountant
@@ -76,9 +76,7 @@ class PrivacySettings:
                 "epsilon for DP-SGD; use 'prv' (default) or 'rdp'"
             )
         if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(
-                f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}"
-            )
+            raise ConfigError(f"privacy.accountant must be one of {', '.join(ACCOUNTANTS)}, got {self.accountant!r}")
 
     @property
     def private(self) -> bool:
@@ -96,9 +94,7 @@ def sample_rate_for(rows: int, batch_size: int) -> float:
     return 1.0 / math.ceil(rows / max(1, min(batch_size, rows)))
 
 
-def plan_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
+def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
     """Smallest noise multiplier whose epsilon after ``steps`` steps stays <= the target."""
     if steps < 1:
         raise ConfigError(f"the plan needs at least one step, got {steps}")
@@ -121,9 +117,7 @@ def plan_noise(
     return sigma
 
 
-def compute_epsilon(
-    history: list[tuple[float, float, int]], *, delta: float, accountant: str
-) -> float:
+def compute_epsilon(history: list[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
     """Epsilon of the composition of subsampled-Gaussian runs ``(sigma, q, steps)``."""
     if not history:
         return 0.0
@@ -232,9 +226,7 @@ class PrivacyLedger:
 
     def epsilon(self) -> float:
         """Epsilon spent so far, from the whole ledger."""
-        return compute_epsilon(
-            self.history, delta=self.settings.delta, accountant=self.settings.accountant
-        )
+        return compute_epsilon(self.history, delta=self.settings.delta, accountant=self.settings.accountant)
 
     def would_reach(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon after adding one more run, without writing anything."""

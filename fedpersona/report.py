@@ -17,7 +17,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 __all__ = ["SUMMARY_COLUMNS", "load_run", "summary_rows", "write_report"]
 
@@ -96,7 +96,12 @@ def write_report(run_dir: str | Path) -> Path:
     )
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in SUMMARY_COLUMNS)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(r.get(k)))}</td>" for k, _ in SUMMARY_COLUMNS) + "</tr>"
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(_cell(r.get(k) if k == 'epsilon' else r.get(k, math.nan)))}</td>"
+            for k, _ in SUMMARY_COLUMNS
+        )
+        + "</tr>"
         for r in final
     )
     priv_rows = "".join(
@@ -148,6 +153,10 @@ figure {{ display: inline-block; margin: 0.5em; }}
     md.append("| " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |")
     md.append("|" + "---|" * len(SUMMARY_COLUMNS))
     for r in final:
-        md.append("| " + " | ".join(_cell(r.get(k)) for k, _ in SUMMARY_COLUMNS) + " |")
+        md.append(
+            "| "
+            + " | ".join(_cell(r.get(k) if k == "epsilon" else r.get(k, math.nan)) for k, _ in SUMMARY_COLUMNS)
+            + " |"
+        )
     (run_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return out

@@ -84,7 +84,14 @@ __all__ = [
 ]
 
 KINDS: tuple[str, ...] = ("ecommerce", "finance", "health")
-DELIMITERS: dict[str, str] = {",": ",", ";": ";", "\\t": "\t", "\t": "\t", "|": "|", "whitespace": r"\s+"}
+DELIMITERS: dict[str, str] = {
+    ",": ",",
+    ";": ";",
+    "\\t": "\t",
+    "\t": "\t",
+    "|": "|",
+    "whitespace": r"\s+",
+}
 EVENT_OPS: tuple[str, ...] = (
     "count",
     "sum",
@@ -353,10 +360,7 @@ def parse_schema(doc: dict[str, Any], *, source: str = "<schema>") -> Schema:
         problems.append(f"table.version must be an integer >= 1, got {version!r}")
     delimiter = table.get("delimiter", ",")
     if delimiter not in DELIMITERS:
-        problems.append(
-            f"table.delimiter must be one of {', '.join(repr(d) for d in DELIMITERS)}, "
-            f"got {delimiter!r}"
-        )
+        problems.append(f"table.delimiter must be one of {', '.join(repr(d) for d in DELIMITERS)}, got {delimiter!r}")
     header = table.get("header", True)
     if not isinstance(header, bool):
         problems.append(f"table.header must be true or false, got {header!r}")
@@ -523,9 +527,7 @@ def _canonical(value: Any) -> str:
     return text
 
 
-def _parse_feature(
-    name: str, spec: Any, default_missing: str, problems: list[str]
-) -> Feature | None:
+def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[str]) -> Feature | None:
     where = f"features.{name}"
     if not isinstance(spec, dict):
         problems.append(f"{where} must be a table")
@@ -537,8 +539,7 @@ def _parse_feature(
     unknown = sorted(set(spec) - _FEATURE_KEYS[ftype])
     for key in unknown:
         problems.append(
-            f"unknown key '{where}.{key}' for a {ftype} feature "
-            f"(valid: {', '.join(sorted(_FEATURE_KEYS[ftype]))})"
+            f"unknown key '{where}.{key}' for a {ftype} feature (valid: {', '.join(sorted(_FEATURE_KEYS[ftype]))})"
         )
     missing = spec.get("missing", default_missing)
     if missing not in ("drop", "reject"):
@@ -597,7 +598,7 @@ def _parse_feature(
         return TextFeature(name, column, buckets, (ngrams[0], ngrams[1]), max_tokens, missing)
     # sequence
     columns = spec.get("columns")
-    if not _is_str_list(columns) or len(columns) < 2:
+    if not isinstance(columns, list) or not _is_str_list(columns) or len(columns) < 2:
         problems.append(f"{where}.columns must list at least two column names, in order")
         return None
     element = spec.get("element", "numeric")
@@ -648,7 +649,13 @@ def _parse_events(spec: Any, problems: list[str]) -> EventSpec | None:
             problems.append(f"{where}.op must be one of {', '.join(EVENT_OPS)}, got {op!r}")
             continue
         column = agg.get("column")
-        if op not in ("count", "days_since_first", "days_since_last", "active_days", "count_by_period") and not isinstance(column, str):
+        if op not in (
+            "count",
+            "days_since_first",
+            "days_since_last",
+            "active_days",
+            "count_by_period",
+        ) and not isinstance(column, str):
             problems.append(f"{where}.column is required for op '{op}'")
             continue
         periods = agg.get("periods", 0)
@@ -658,18 +665,16 @@ def _parse_events(spec: Any, problems: list[str]) -> EventSpec | None:
                 continue
         if op in ("days_since_first", "days_since_last", "active_days") or op.endswith("_by_period"):
             needs_time = True
-        aggregates.append(
-            EventAggregate(name, op, column, agg.get("start"), int(periods), str(agg.get("freq", "MS")))
-        )
+        aggregates.append(EventAggregate(name, op, column, agg.get("start"), int(periods), str(agg.get("freq", "MS"))))
     time_col = spec.get("time")
     if needs_time and not isinstance(time_col, str):
         problems.append("events.time must name the timestamp column for time-based aggregates")
-    if needs_time and not isinstance(spec.get("reference"), str) and any(
-        a.op in ("days_since_first", "days_since_last") for a in aggregates
+    if (
+        needs_time
+        and not isinstance(spec.get("reference"), str)
+        and any(a.op in ("days_since_first", "days_since_last") for a in aggregates)
     ):
-        problems.append(
-            "events.reference must give the reference date (public) for days_since_* aggregates"
-        )
+        problems.append("events.reference must give the reference date (public) for days_since_* aggregates")
     return EventSpec(
         user=user,
         time=time_col,

@@ -31,7 +31,7 @@ from fedpersona.client_app import ERROR_BUDGET
 from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
 from fedpersona.errors import ConfigError
-from fedpersona.messages import decode_arrays, encode_arrays, encode_settings
+from fedpersona.messages import arrays_of, encode_arrays, encode_settings, metrics_of
 from fedpersona.training import TrainingSettings
 
 __all__ = ["ServerSettings", "app", "build_server_app", "run_federation"]
@@ -79,13 +79,8 @@ def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def _messages(
-    grid: Grid, kind: str, contents: dict[int, RecordDict], group: str
-) -> list[Message]:
-    return [
-        Message(content, dst_node_id=node, message_type=kind, group_id=group)
-        for node, content in contents.items()
-    ]
+def _messages(grid: Grid, kind: str, contents: dict[int, RecordDict], group: str) -> list[Message]:
+    return [Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in contents.items()]
 
 
 def _assign_slots(partners: dict[int, _Partner]) -> None:
@@ -113,9 +108,7 @@ def _initial_trunk(model: EncoderConfig, seed: int) -> dict[str, Any]:
     return {f"trunk.{k}": v.detach().cpu().numpy() for k, v in trunk.state_dict().items()}
 
 
-def run_federation(
-    grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None
-) -> FederationResult:
+def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None) -> FederationResult:
     """Run the whole federation; writes metrics.jsonl, privacy.json and model/ in run_dir."""
     fed = settings.federation
     run_dir = Path(settings.run_dir)
@@ -129,9 +122,7 @@ def run_federation(
         )
 
     def config(**extra: Any) -> ConfigRecord:
-        return encode_settings(
-            settings.model, settings.training, num_rounds=fed.rounds, seed=fed.seed, **extra
-        )
+        return encode_settings(settings.model, settings.training, num_rounds=fed.rounds, seed=fed.seed, **extra)
 
     partners: dict[int, _Partner] = {}
     replies = grid.send_and_receive(
@@ -143,7 +134,7 @@ def run_federation(
         if reply.has_error():
             logger.error("node %s cannot join: %s", node, reply.error.reason)
             continue
-        info = dict(reply.content["info"])
+        info = dict(reply.content.config_records["info"])
         partners[node] = _Partner(node, info)
         logger.info(
             "partner %s: kind %s, %d rows, schema %s, noise %.4g, q %.4g, %d steps/round",
@@ -173,9 +164,7 @@ def run_federation(
             for n, p in active.items()
         }
         updates: list[PartnerUpdate] = []
-        for reply in grid.send_and_receive(
-            _messages(grid, "train", contents, str(rnd)), timeout=fed.round_timeout
-        ):
+        for reply in grid.send_and_receive(_messages(grid, "train", contents, str(rnd)), timeout=fed.round_timeout):
             p = partners[reply.metadata.src_node_id]
             if reply.has_error():
                 p.active = False
@@ -183,14 +172,14 @@ def run_federation(
                 what = "refused (privacy budget)" if reply.error.code == ERROR_BUDGET else "failed"
                 logger.warning("round %d: partner %s %s: %s", rnd, p.info["name"], what, p.dropped_reason)
                 continue
-            metrics = dict(reply.content["metrics"])
+            metrics = metrics_of(reply)
             p.steps += int(metrics.get("steps", 0))
             p.epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
             updates.append(
                 PartnerUpdate(
                     partner=p.info["name"],
                     slot=p.slot,
-                    arrays=decode_arrays(reply.content["arrays"]),
+                    arrays=arrays_of(reply),
                     num_examples=int(p.info["train_rows"]),
                 )
             )
@@ -231,9 +220,7 @@ def _evaluate(
         for n, p in active.items()
     }
     rows = []
-    for reply in grid.send_and_receive(
-        _messages(grid, "evaluate", contents, str(rnd)), timeout=3600
-    ):
+    for reply in grid.send_and_receive(_messages(grid, "evaluate", contents, str(rnd)), timeout=3600):
         p = partners[reply.metadata.src_node_id]
         row: dict[str, Any] = {
             "round": rnd,
@@ -246,7 +233,7 @@ def _evaluate(
         if reply.has_error():
             logger.warning("round %d: evaluation at %s failed: %s", rnd, p.info["name"], reply.error.reason)
         else:
-            metrics = dict(reply.content["metrics"])
+            metrics = metrics_of(reply)
             if "epsilon" in metrics:
                 p.epsilon = float(metrics.pop("epsilon"))
                 row["epsilon"] = p.epsilon
@@ -321,9 +308,7 @@ def _publish(
     save_model(run_dir / "model", arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
 
 
-def build_server_app(
-    settings: ServerSettings | None = None, *, on_round: RoundCallback | None = None
-) -> ServerApp:
+def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundCallback | None = None) -> ServerApp:
     """A ServerApp; without ``settings`` it reads ``scenario`` and ``run-dir`` from run config."""
     server = ServerApp()
 

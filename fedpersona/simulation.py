@@ -59,9 +59,7 @@ def prepare_run_dir(out: str | Path | None) -> Path:
     return run_dir
 
 
-def _label_skew_split(
-    labels: np.ndarray, parts: int, alpha: float, rng: np.random.Generator
-) -> list[np.ndarray]:
+def _label_skew_split(labels: np.ndarray, parts: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
     """Split row positions into ``parts`` with Dirichlet(alpha) label proportions (non-IID)."""
     out: list[list[int]] = [[] for _ in range(parts)]
     for value in np.unique(labels):
@@ -73,16 +71,11 @@ def _label_skew_split(
     return [np.sort(np.asarray(o, dtype=np.int64)) for o in out]
 
 
-def _partner_doc(
-    name: str, kind: str, folder: Path, scenario: Scenario, data: dict[str, Any]
-) -> dict[str, Any]:
+def _partner_doc(name: str, kind: str, folder: Path, scenario: Scenario, data: dict[str, Any]) -> dict[str, Any]:
     return {
         "partner": {"name": name, "kind": kind, "state_dir": "state"},
         "data": {"test_fraction": scenario.simulation.test_fraction, "split_seed": 0, **data},
-        "privacy": {
-            k: v
-            for k, v in scenario.to_dict()["privacy"].items()
-        },
+        "privacy": {k: v for k, v in scenario.to_dict()["privacy"].items()},
         "release": {"share_eval_metrics": scenario.simulation.share_eval_metrics},
     }
 

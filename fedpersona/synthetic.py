@@ -227,9 +227,7 @@ def generate_frame(
     return frame, persona
 
 
-def generate_silo(
-    kind: str, rows: int, *, seed: int, mix: np.ndarray | None = None
-) -> SyntheticSilo:
+def generate_silo(kind: str, rows: int, *, seed: int, mix: np.ndarray | None = None) -> SyntheticSilo:
     """Generate a synthetic ``kind`` silo from ``seed`` and validate it against its schema."""
     from fedpersona.tables import validate_frame
 
@@ -259,9 +257,7 @@ def _check_mix(mix: np.ndarray | None) -> np.ndarray:
         return np.full(k, 1.0 / k)
     p = np.asarray(mix, dtype=np.float64)
     if p.shape != (k,):
-        raise ValueError(
-            f"mix must have shape ({k},), one probability per archetype, got {p.shape}"
-        )
+        raise ValueError(f"mix must have shape ({k},), one probability per archetype, got {p.shape}")
     if not np.all(np.isfinite(p)) or np.any(p < 0):
         raise ValueError(f"mix must hold finite probabilities >= 0, got {p.tolist()}")
     if abs(p.sum() - 1.0) > _MIX_TOLERANCE:
@@ -361,9 +357,7 @@ def _ecommerce(t: np.ndarray, persona: np.ndarray, rng: np.random.Generator) -> 
     # Region: a high-cardinality postcode-like code with Zipf-shaped sizes; the young and
     # the very online live in the 20 big metro areas (codes R000-R019) more often.
     metro = _bernoulli(-1.2 + 0.7 * dig - 0.5 * age, rng)
-    region = np.where(
-        metro, rng.integers(0, 20, size=n), rng.choice(N_REGIONS, size=n, p=_REGION_P)
-    )
+    region = np.where(metro, rng.integers(0, 20, size=n), rng.choice(N_REGIONS, size=n, p=_REGION_P))
     out["region"] = np.char.add("R", np.char.zfill(region.astype(str), 3)).astype(object)
     out["last_search"] = _search_text(persona, rng)
     # Archetype taste, plus the active (sports, health) and the well-off (travel).
@@ -412,9 +406,7 @@ def _finance(t: np.ndarray, persona: np.ndarray, rng: np.random.Generator) -> di
     out: dict[str, Any] = {}
     out["age"] = _ints(42 + 13 * age + _noise(rng, n, 4), 18, 99)
     income = np.exp(10.4 + 0.55 * inc + _noise(rng, n, 0.3))
-    out["annual_income"] = _with_missing(
-        _floats(np.round(income, -2), 0, 2_000_000, 0).astype(np.int64), 0.09, rng
-    )
+    out["annual_income"] = _with_missing(_floats(np.round(income, -2), 0, 2_000_000, 0).astype(np.int64), 0.09, rng)
     limit = np.exp(8.7 + 0.6 * inc + 0.2 * spend - 0.1 * risk + _noise(rng, n, 0.2))
     limit = np.clip(np.round(limit / 500) * 500, 500, 200_000)
     out["credit_limit"] = limit.astype(np.int64)
@@ -455,9 +447,7 @@ def _finance(t: np.ndarray, persona: np.ndarray, rng: np.random.Generator) -> di
         payment = bill * paid_frac
         out[f"pay_status_{m}"] = _pick(PAY_STATUS, status)
         out[f"bill_amt_{m}"] = _floats(bill, 0, 500_000, 0).astype(np.int64)
-        out[f"pay_amt_{m}"] = _with_missing(
-            _floats(payment, 0, 500_000, 0).astype(np.int64), 0.04, rng
-        )
+        out[f"pay_amt_{m}"] = _with_missing(_floats(payment, 0, 500_000, 0).astype(np.int64), 0.04, rng)
     logit = _INTERCEPT["finance"] + 1.3 * risk - 0.5 * inc - 0.2 * age + _noise(rng, n, 0.5)
     out["default_next_month"] = _bernoulli(logit, rng).astype(np.int64)
     return out
@@ -498,9 +488,7 @@ def _health(t: np.ndarray, persona: np.ndarray, rng: np.random.Generator) -> dic
     out["education_level"] = _ints(4.4 + 0.8 * inc - 0.2 * age + _noise(rng, n, 0.7), 1, 6)
     visits = rng.poisson(np.exp(0.9 + 0.5 * hr + 0.3 * age + _noise(rng, n, 0.4)))
     out["doctor_visits_12m"] = np.minimum(visits, 365).astype(np.int64)
-    ins_logits = np.stack(
-        [1.2 * inc - 0.5 * risk + 0.5, 0.8 * age, 1.0 * risk - 0.8 * inc - 2.0], 1
-    )
+    ins_logits = np.stack([1.2 * inc - 0.5 * risk + 0.5, 0.8 * age, 1.0 * risk - 0.8 * inc - 2.0], 1)
     out["insurance"] = _pick(INSURANCE, _categorical(ins_logits, rng))
     missed = rng.poisson(np.exp(-0.8 + 0.8 * risk - 0.2 * age + _noise(rng, n, 0.3)))
     out["missed_appointments_12m"] = np.minimum(missed, 50).astype(np.int64)

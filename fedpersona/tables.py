@@ -105,17 +105,13 @@ def read_frame(schema: Schema, path: str | Path) -> pd.DataFrame:
     file cannot be read, :class:`SchemaError` when its shape contradicts the schema.
     """
     path = Path(path)
-    frame = _read_raw(
-        path, delimiter=schema.delimiter, header=schema.header, names=schema.column_names
-    )
+    frame = _read_raw(path, delimiter=schema.delimiter, header=schema.header, names=schema.column_names)
     if schema.events is not None:
         frame = _aggregate_events(schema, frame, source=str(path))
     return frame
 
 
-def _read_raw(
-    path: Path, *, delimiter: str, header: bool, names: tuple[str, ...] | None
-) -> pd.DataFrame:
+def _read_raw(path: Path, *, delimiter: str, header: bool, names: tuple[str, ...] | None) -> pd.DataFrame:
     _check_file(path)
     try:
         if path.suffix.lower() in _PARQUET_SUFFIXES:
@@ -244,9 +240,7 @@ def _convert(
             spelled = _quoted(list(feat.true_values[:3]) + list(feat.false_values[:3]))
             problems.append(_problem(col, bad, text, f"are not booleans (such as {spelled})"))
         return np.where(missing | bad, np.nan, values)
-    if isinstance(feat, NumericFeature) or (
-        isinstance(feat, SequenceFeature) and feat.element == "numeric"
-    ):
+    if isinstance(feat, NumericFeature) or (isinstance(feat, SequenceFeature) and feat.element == "numeric"):
         numbers, bad = _numbers(text, missing)
         if bad.any():
             problems.append(_problem(col, bad, text, "are not numbers"))
@@ -275,8 +269,7 @@ def _convert(
                     col,
                     unseen,
                     text,
-                    f"are not in the vocabulary of feature '{feat.name}' "
-                    f"({_quoted(list(feat.vocabulary))})",
+                    f"are not in the vocabulary of feature '{feat.name}' ({_quoted(list(feat.vocabulary))})",
                 )
             )
         elif unseen.any():
@@ -289,15 +282,10 @@ def _convert(
     return values
 
 
-def _ids(
-    column: str, series: pd.Series, na_values: frozenset[str], problems: list[str]
-) -> np.ndarray:
+def _ids(column: str, series: pd.Series, na_values: frozenset[str], problems: list[str]) -> np.ndarray:
     text, missing = _text(series, na_values)
     if missing.any():
-        problems.append(
-            f"id column '{column}': {int(missing.sum())} row(s) have no id, "
-            f"at rows {_rows(missing)}"
-        )
+        problems.append(f"id column '{column}': {int(missing.sum())} row(s) have no id, at rows {_rows(missing)}")
     duplicated = text.duplicated(keep=False).to_numpy() & ~missing
     if duplicated.any():
         first = text.iloc[int(np.flatnonzero(duplicated)[0])]
@@ -335,8 +323,7 @@ def _label(
                     column,
                     bad,
                     text,
-                    f"are neither positive ({_quoted(list(positive))}) nor a recognisable "
-                    "negative (0, false, no)",
+                    f"are neither positive ({_quoted(list(positive))}) nor a recognisable negative (0, false, no)",
                 )
             )
     return np.where(missing, np.nan, is_positive.astype(np.float64))
@@ -391,10 +378,7 @@ def _rows(mask: np.ndarray) -> str:
 
 def _problem(column: str, mask: np.ndarray, text: pd.Series, what: str) -> str:
     example = text.iloc[int(np.flatnonzero(mask)[0])]
-    return (
-        f"column '{column}': {int(mask.sum())} value(s) {what}, "
-        f"e.g. {example!r} at rows {_rows(mask)}"
-    )
+    return f"column '{column}': {int(mask.sum())} value(s) {what}, e.g. {example!r} at rows {_rows(mask)}"
 
 
 def _quoted(names: Iterable[str]) -> str:
@@ -426,8 +410,7 @@ def _aggregate_events(schema: Schema, raw: pd.DataFrame, *, source: str) -> pd.D
     users, no_user = _text(raw[events.user], na_values)
     if no_user.any():
         problems.append(
-            f"event log column '{events.user}': {int(no_user.sum())} event(s) have no user id, "
-            f"at rows {_rows(no_user)}"
+            f"event log column '{events.user}': {int(no_user.sum())} event(s) have no user id, at rows {_rows(no_user)}"
         )
     times = pd.Series(pd.NaT, index=raw.index, dtype="datetime64[ns]")
     if events.time is not None:
@@ -458,9 +441,7 @@ def _aggregate_events(schema: Schema, raw: pd.DataFrame, *, source: str) -> pd.D
                 text, missing = _text(raw[agg.column], na_values)
                 numbers[agg.column], bad = _numbers(text, missing)
                 if bad.any():
-                    problems.append(
-                        "event log " + _problem(agg.column, bad, text, "are not numbers")
-                    )
+                    problems.append("event log " + _problem(agg.column, bad, text, "are not numbers"))
         if agg.column and agg.op in ("nunique", "first", "last"):
             texts[agg.column] = _text(raw[agg.column], na_values)[0]
         if agg.op.endswith("_by_period"):
@@ -483,9 +464,7 @@ def _aggregate_events(schema: Schema, raw: pd.DataFrame, *, source: str) -> pd.D
     order = np.argsort(times.to_numpy(), kind="stable")  # first/last follow time, then file order
     for agg in events.aggregates:
         try:
-            out.update(
-                _aggregate(agg, codes, len(uniques), times, reference, numbers, texts, edges, order)
-            )
+            out.update(_aggregate(agg, codes, len(uniques), times, reference, numbers, texts, edges, order))
         except (TypeError, ValueError) as exc:  # e.g. dates with time zones vs. a naive start
             problem = f"events.aggregate.{agg.name}: cannot compute ({exc})"
             raise SchemaError(source, [problem]) from None
@@ -581,11 +560,7 @@ def infer_schema(
     na_values = frozenset(DEFAULT_NA)
     n = len(frame)
     id_column = next(
-        (
-            c
-            for c in names
-            if _ID_NAME.fullmatch(c) and c != label and _is_unique(frame[c], na_values)
-        ),
+        (c for c in names if _ID_NAME.fullmatch(c) and c != label and _is_unique(frame[c], na_values)),
         None,
     )
     blocks: list[str] = []
@@ -630,9 +605,7 @@ def infer_schema(
     return "\n".join(head) + "\n\n" + "\n\n".join(blocks) + "\n"
 
 
-def _draft_feature(
-    col: str, series: pd.Series, na_values: frozenset[str], max_categories: int
-) -> tuple[str, bool]:
+def _draft_feature(col: str, series: pd.Series, na_values: frozenset[str], max_categories: int) -> tuple[str, bool]:
     """The TOML block of one column and whether the column looks like an id."""
     text, missing = _text(series, na_values)
     values = text[~missing]
@@ -654,16 +627,11 @@ def _draft_feature(
         if len(counts) == 1:
             notes.append("a single value in this file: drop it unless it varies elsewhere")
         elif integral and len(counts) <= 20:
-            notes.append(
-                f"only {len(counts)} distinct integers: if they are codes, make it categorical"
-            )
+            notes.append(f"only {len(counts)} distinct integers: if they are codes, make it categorical")
         if unique and integral:
-            notes.append(
-                "a different value in every row: an identifier? drop it or make it table.id"
-            )
+            notes.append("a different value in every row: an identifier? drop it or make it table.id")
         body = (
-            f'type = "numeric"\nbounds = [{_number_text(lo)}, {_number_text(hi)}]\n'
-            f"log = {'true' if log else 'false'}"
+            f'type = "numeric"\nbounds = [{_number_text(lo)}, {_number_text(hi)}]\nlog = {"true" if log else "false"}'
         )
     elif len(counts) <= max_categories:
         common = [v for v in sorted(counts.index, key=_sort_key) if counts[v] >= _RARE]
@@ -682,9 +650,7 @@ def _draft_feature(
         if values.str.fullmatch(_DATE).all():
             notes.append("looks like dates: better derive a number (e.g. days since) from it")
         elif unique:
-            notes.append(
-                "a different value in every row: an identifier? drop it or make it table.id"
-            )
+            notes.append("a different value in every row: an identifier? drop it or make it table.id")
         body = f'type = "categorical"\nbuckets = {buckets}'
     comments = "".join(f"# {col}: {note}\n" for note in notes)
     return f"{comments}{key}\n{body}", unique and (not numeric or integral)
@@ -742,9 +708,7 @@ def _delimiter_key(delimiter: str) -> str:
     if delimiter == r"\s+":
         return "whitespace"
     if delimiter not in DELIMITERS:
-        raise ConfigError(
-            f"delimiter must be one of {', '.join(repr(d) for d in DELIMITERS)}, got {delimiter!r}"
-        )
+        raise ConfigError(f"delimiter must be one of {', '.join(repr(d) for d in DELIMITERS)}, got {delimiter!r}")
     return "\\t" if delimiter == "\t" else delimiter
 
 

@@ -140,9 +140,7 @@ def train_locally(
         engine = _privacy_engine(privacy.accountant)
         engine.accountant.history = merge_history(previous)
         # Only its length matters: Opacus derives q = 1 / len(loader) from it for the accountant.
-        index_loader = DataLoader(
-            TensorDataset(torch.arange(rows)), batch_size=max(1, min(settings.batch_size, rows))
-        )
+        index_loader = DataLoader(TensorDataset(torch.arange(rows)), batch_size=max(1, min(settings.batch_size, rows)))
         if not math.isclose(1.0 / len(index_loader), q):
             raise RuntimeError("sample rate mismatch between the plan and Opacus")
         noise_gen = torch.Generator(device=device)
@@ -215,9 +213,7 @@ def _privacy_engine(accountant: str) -> PrivacyEngine:
                 logger.warning("Opacus: %s", str(warning.message).split(".")[0])
                 _secure_rng_noted = True
         else:
-            warnings.warn_explicit(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return engine
 
 

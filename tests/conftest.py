@@ -21,7 +21,9 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def partner_config(tmp_path: Path, kind: str = "ecommerce", *, rows: int = 400, epsilon: float = 3.0, seed: int = 1) -> PartnerConfig:
+def partner_config(
+    tmp_path: Path, kind: str = "ecommerce", *, rows: int = 400, epsilon: float = 3.0, seed: int = 1
+) -> PartnerConfig:
     return PartnerConfig(
         name=f"{kind}-test",
         kind=kind,

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
@@ -53,7 +52,13 @@ def _message(kind: str, arrays: dict[str, np.ndarray] | None, **config: object) 
 
 
 def _context(path: Path) -> Context:
-    return Context(run_id=1, node_id=7, node_config={"client-config": str(path)}, state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"client-config": str(path)},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def test_train_reply_carries_only_shared_parameters(tmp_path: Path) -> None:
@@ -101,11 +106,16 @@ def test_budget_refusal_and_bad_data_are_error_replies(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "data.csv").write_text("a,b\n1,2\n")
-    (broken / "schema.toml").write_text('[table]\nkind = "health"\n[features.age]\ntype = "numeric"\nbounds = [0, 120]\n')
-    dump_toml(broken / "client.toml", {
-        "partner": {"name": "b", "kind": "health"},
-        "data": {"path": "data.csv", "schema": "schema.toml"},
-    })
+    (broken / "schema.toml").write_text(
+        '[table]\nkind = "health"\n[features.age]\ntype = "numeric"\nbounds = [0, 120]\n'
+    )
+    dump_toml(
+        broken / "client.toml",
+        {
+            "partner": {"name": "b", "kind": "health"},
+            "data": {"path": "data.csv", "schema": "schema.toml"},
+        },
+    )
     reply = app(_message("query", None), _context(broken / "client.toml"))
     assert reply.has_error() and reply.error.code == ERROR_USER
     assert "age" in (reply.error.reason or "") and "data.csv" in (reply.error.reason or "")

@@ -44,10 +44,10 @@ def test_overrides_and_inf(tmp_path: Path) -> None:
 def test_partner_config_errors(tmp_path: Path) -> None:
     path = tmp_path / "client.toml"
     path.write_text('[partner]\nname="x"\nkind="bakery"\n[data]\nsynthetic_rows=10\n')
-    with pytest.raises(ConfigError, match="partner.kind must be one of"):
+    with pytest.raises(ConfigError, match=r"partner.kind must be one of"):
         load_partner_config(path)
     path.write_text('[partner]\nname="x"\nkind="health"\n[data]\npath="d.csv"\n')
-    with pytest.raises(ConfigError, match="data.schema"):
+    with pytest.raises(ConfigError, match=r"data.schema"):
         load_partner_config(path)
     path.write_text('[partner]\nname="x"\nkind="health"\n[data]\nsynthetic_rows=10\n[privacy]\ndelta=2\n')
     with pytest.raises(ConfigError, match=r"delta must be in \(0, 1\)"):

@@ -25,9 +25,7 @@ def test_every_parameter_has_a_declared_scope(small_data: PartnerData, model_cfg
         parameter_scope("mystery.weight")
 
 
-def test_per_sample_gradients_equal_one_sample_at_a_time(
-    small_data: PartnerData, model_cfg: EncoderConfig
-) -> None:
+def test_per_sample_gradients_equal_one_sample_at_a_time(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
     torch.manual_seed(0)
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu")).double()
     index = torch.arange(6)
@@ -50,9 +48,7 @@ def test_per_sample_gradients_equal_one_sample_at_a_time(
     assert len(per_sample) == len(list(model.parameters()))
 
 
-def test_embedding_is_unit_norm_and_handles_missing_tokens(
-    small_data: PartnerData, model_cfg: EncoderConfig
-) -> None:
+def test_embedding_is_unit_norm_and_handles_missing_tokens(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
     batch = small_data.test.batch(torch.arange(10))
     for key in list(batch):

@@ -10,12 +10,11 @@ import pytest
 import torch
 from dp_accounting import dp_event, pld
 
+from fedpersona.encoder import EncoderConfig
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
-from fedpersona.partner import load_partner_data, load_plan
+from fedpersona.partner import build_model, load_partner_data, load_plan
 from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise
 from fedpersona.training import TrainingSettings, train_locally
-from fedpersona.encoder import EncoderConfig
-from fedpersona.partner import build_model
 
 from .conftest import partner_config
 
@@ -97,22 +96,45 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
     data = load_partner_data(cfg)
     training = TrainingSettings(batch_size=32, local_epochs=1)
     plan = load_plan(cfg, data, training, rounds=3)
-    model = build_model(data, EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu"))
+    model = build_model(
+        data,
+        EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1),
+        seed=0,
+        device=torch.device("cpu"),
+    )
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
     gen = torch.Generator().manual_seed(0)
     reported = []
     for rnd in (1, 2, 3):
-        result = train_locally(model=model, data=data.train, settings=training, privacy=cfg.privacy,
-                               noise_multiplier=plan.noise_multiplier, ledger=ledger, round=rnd, generator=gen)
+        result = train_locally(
+            model=model,
+            data=data.train,
+            settings=training,
+            privacy=cfg.privacy,
+            noise_multiplier=plan.noise_multiplier,
+            ledger=ledger,
+            round=rnd,
+            generator=gen,
+        )
         reported.append(result.epsilon)
     assert reported[0] < reported[1] < reported[2]
     total_steps = 3 * plan.steps_per_round
     one = compute_epsilon([(plan.noise_multiplier, plan.sample_rate, total_steps)], delta=1e-5, accountant="prv")
     assert reported[2] == pytest.approx(one, rel=1e-9)
     assert reported[2] <= 2.0
-    assert reported[2] == pytest.approx(pld_epsilon(plan.noise_multiplier, plan.sample_rate, total_steps, 1e-5), rel=0.05)
+    assert reported[2] == pytest.approx(
+        pld_epsilon(plan.noise_multiplier, plan.sample_rate, total_steps, 1e-5), rel=0.05
+    )
     with pytest.raises(PrivacyBudgetExceeded):
-        train_locally(model=model, data=data.train, settings=training, privacy=cfg.privacy,
-                      noise_multiplier=plan.noise_multiplier, ledger=ledger, round=4, generator=gen)
+        train_locally(
+            model=model,
+            data=data.train,
+            settings=training,
+            privacy=cfg.privacy,
+            noise_multiplier=plan.noise_multiplier,
+            ledger=ledger,
+            round=4,
+            generator=gen,
+        )
     assert len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries) == 3
     assert math.isfinite(reported[2])

@@ -65,8 +65,17 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
         (rnd, p) for rnd in (1, 2) for p in ("bank-1", "clinic-1", "shop-1", "shop-2")
     ]
     for row in rows:
-        assert {"round", "partner", "kind", "rows", "epsilon", "label_auc", "probe_auc",
-                "reconstruction_error", "ari"} <= set(row)
+        assert {
+            "round",
+            "partner",
+            "kind",
+            "rows",
+            "epsilon",
+            "label_auc",
+            "probe_auc",
+            "reconstruction_error",
+            "ari",
+        } <= set(row)
         assert 0 < row["epsilon"] <= 2.0
     by_partner = {r["partner"]: r for r in rows if r["round"] == 2}
     first = {r["partner"]: r for r in rows if r["round"] == 1}
@@ -94,7 +103,7 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     weights.write_bytes(bytes(blob))
-    with pytest.raises(ArtifactError, match="weights.npz"):
+    with pytest.raises(ArtifactError, match=r"weights\.npz"):
         verify_model(out / "model")
     again = _cli("simulate", "--scenario", str(scenario), "--out", str(out), cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr

@@ -65,8 +65,7 @@ def _numeric_columns(schema: Schema) -> list[tuple[str, NumericFeature | Sequenc
     return [
         (col, f)
         for f in schema.features
-        if isinstance(f, NumericFeature)
-        or (isinstance(f, SequenceFeature) and f.element == "numeric")
+        if isinstance(f, NumericFeature) or (isinstance(f, SequenceFeature) and f.element == "numeric")
         for col in f.columns
     ]
 
@@ -188,9 +187,7 @@ def test_label_rate_near_the_real_dataset(kind: str, large) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_some_numeric_columns_miss_three_to_ten_percent(kind: str, large) -> None:
     frame, _ = large[kind]
-    rates = {
-        col: _missing(frame[col]).mean() for col, _ in _numeric_columns(synthetic_schema(kind))
-    }
+    rates = {col: _missing(frame[col]).mean() for col, _ in _numeric_columns(synthetic_schema(kind))}
     with_gaps = {c: r for c, r in rates.items() if r > 0}
     assert len(with_gaps) >= 2
     lo, hi = MISSING_RANGE
@@ -284,10 +281,7 @@ def test_labels_follow_the_personas(kind: str, high: str, low: str, large) -> No
     label = synthetic_schema(kind).labels[0]
     positive = frame[label.column].astype(str).isin(label.positive).to_numpy()
     names = [a.name for a in ARCHETYPES]
-    assert (
-        positive[persona == names.index(high)].mean()
-        > 2 * positive[persona == names.index(low)].mean()
-    )
+    assert positive[persona == names.index(high)].mean() > 2 * positive[persona == names.index(low)].mean()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -300,9 +294,7 @@ def test_kmeans_recovers_the_archetypes(kind: str) -> None:
     # ...but no single numeric column gives them away.
     for col, feat in _numeric_columns(schema):
         one = _kmeans_features(
-            dataclasses.replace(
-                schema, features=(NumericFeature(col, col, feat.lo, feat.hi, feat.log),)
-            ),
+            dataclasses.replace(schema, features=(NumericFeature(col, col, feat.lo, feat.hi, feat.log),)),
             frame,
         )
         ari = adjusted_rand_score(persona, KMeans(6, n_init=3, random_state=0).fit_predict(one))

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
-import tomllib
 
 from fedpersona.errors import ConfigError, DataError, SchemaError
 from fedpersona.schema import Schema, load_schema, parse_schema
@@ -20,9 +20,7 @@ DATA = ROOT / ".." / "shared" / "data"
 CLIENTS = ROOT / "clients"
 
 
-def make_schema(
-    features: dict[str, Any], *, labels: dict[str, Any] | None = None, **table: Any
-) -> Schema:
+def make_schema(features: dict[str, Any], *, labels: dict[str, Any] | None = None, **table: Any) -> Schema:
     doc: dict[str, Any] = {"table": {"kind": "finance", "min_rows": 1, **table}}
     doc["features"] = features
     if labels is not None:
@@ -68,9 +66,7 @@ def test_numbers_in_scientific_notation_are_numbers() -> None:
 def test_out_of_bounds_rejected_names_the_rows() -> None:
     schema = make_schema(AGE, out_of_bounds="reject")
     problems = problems_of(schema, strings(AGE=["30", "150", "17", "50"]))
-    assert problems == [
-        "column 'AGE': 2 value(s) are outside the bounds [18, 100], e.g. '150' at rows 2, 3"
-    ]
+    assert problems == ["column 'AGE': 2 value(s) are outside the bounds [18, 100], e.g. '150' at rows 2, 3"]
 
 
 def test_out_of_bounds_clipped_to_the_bound() -> None:
@@ -112,8 +108,7 @@ def test_missing_value_rejected_where_the_policy_says_so() -> None:
     frame = strings(AGE=["30", "NA", "", "N/A"], note=["a b", "", "x", "y"])
     problems = problems_of(schema, frame)
     assert problems == [
-        "column 'AGE': 3 value(s) are missing but feature 'AGE' has missing = \"reject\", "
-        "at rows 2, 3, 4"
+        "column 'AGE': 3 value(s) are missing but feature 'AGE' has missing = \"reject\", at rows 2, 3, 4"
     ]
 
 
@@ -127,9 +122,7 @@ def test_missing_values_dropped_by_default() -> None:
 
 
 def test_bad_boolean_is_reported() -> None:
-    problems = problems_of(
-        make_schema({"flag": {"type": "boolean"}}), strings(flag=["1.0", "maybe"])
-    )
+    problems = problems_of(make_schema({"flag": {"type": "boolean"}}), strings(flag=["1.0", "maybe"]))
     assert len(problems) == 1
     assert problems[0].startswith("column 'flag': 1 value(s) are not booleans")
     assert "'maybe' at rows 2" in problems[0]
@@ -138,15 +131,11 @@ def test_bad_boolean_is_reported() -> None:
 def test_duplicate_ids_are_named_with_rows() -> None:
     frame = strings(ID=["7", "8", "7", "9", "7", "8"], AGE=["30"] * 6)
     problems = problems_of(make_schema(AGE, id="ID"), frame)
-    assert problems == [
-        "id column 'ID': 2 id(s) occur more than once (5 rows), e.g. '7' at rows 1, 3, 5"
-    ]
+    assert problems == ["id column 'ID': 2 id(s) occur more than once (5 rows), e.g. '7' at rows 1, 3, 5"]
 
 
 def test_ids_come_from_the_id_column_or_the_row_number() -> None:
-    with_id = validate_frame(
-        make_schema(AGE, id="ID"), strings(ID=["u1", "u2"], AGE=["30", "40"]), source="t"
-    )
+    with_id = validate_frame(make_schema(AGE, id="ID"), strings(ID=["u1", "u2"], AGE=["30", "40"]), source="t")
     assert with_id.ids.tolist() == ["u1", "u2"]
     without = validate_frame(make_schema(AGE), strings(AGE=["30", "40"]), source="t")
     assert without.ids.tolist() == ["row-1", "row-2"]
@@ -171,9 +160,7 @@ def test_undeclared_columns_are_ignored_and_logged(caplog: pytest.LogCaptureFixt
 def test_label_values() -> None:
     labels = {"bought": {"positive": ["TRUE"]}, "bad": {"column": "class", "positive": ["2"]}}
     schema = make_schema(AGE, labels=labels)
-    frame = strings(
-        AGE=["30"] * 4, bought=["TRUE", "FALSE", "true", ""], **{"class": ["1", "2", "1", "2.0"]}
-    )
+    frame = strings(AGE=["30"] * 4, bought=["TRUE", "FALSE", "true", ""], **{"class": ["1", "2", "1", "2.0"]})
     table = validate_frame(schema, frame, source="t")
     np.testing.assert_array_equal(table.labels["bought"], [1.0, 0.0, 1.0, np.nan])
     np.testing.assert_array_equal(table.labels["bad"], [0.0, 1.0, 0.0, 1.0])
@@ -199,9 +186,7 @@ def test_unrecognised_label_values_are_reported() -> None:
         ("broken.parquet", b"PAR1 not parquet", ""),
     ],
 )
-def test_unreadable_file_is_a_data_error(
-    tmp_path: Path, name: str, content: bytes | str | None, reason: str
-) -> None:
+def test_unreadable_file_is_a_data_error(tmp_path: Path, name: str, content: bytes | str | None, reason: str) -> None:
     path = tmp_path / name
     if content == "dir":
         path.mkdir()
@@ -285,9 +270,7 @@ def _check_small(table: Table) -> None:
 def test_gzip_csv_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "small.csv.gz"
     SMALL.to_csv(path, index=False, compression="gzip", sep=";")
-    schema = make_schema(
-        SMALL_FEATURES, id="ID", delimiter=";", labels={"y": {"positive": ["yes"]}}
-    )
+    schema = make_schema(SMALL_FEATURES, id="ID", delimiter=";", labels={"y": {"positive": ["yes"]}})
     _check_small(load_table(schema, path))
 
 
@@ -425,9 +408,7 @@ def _real(name: str) -> Path:
 
 
 @pytest.mark.parametrize(("schema_file", "data_file", "rows", "positives"), REAL)
-def test_real_schema_loads_its_dataset(
-    schema_file: str, data_file: str, rows: int, positives: dict[str, int]
-) -> None:
+def test_real_schema_loads_its_dataset(schema_file: str, data_file: str, rows: int, positives: dict[str, int]) -> None:
     schema = load_schema(CLIENTS / schema_file)
     table = load_table(schema, _real(data_file))
     assert len(table) == rows
@@ -446,9 +427,7 @@ def test_real_schemas_keep_the_documented_quirks() -> None:
     )
     assert credit.columns["LIMIT_BAL"].max() == 1_000_000  # written "1e+06" in the file
     assert set(credit.columns["PAY_0"]) == {str(c) for c in range(-2, 9)}
-    cdc = load_table(
-        load_schema(CLIENTS / "health/schema.toml"), _real("health/cdc_diabetes_5050.csv.gz")
-    )
+    cdc = load_table(load_schema(CLIENTS / "health/schema.toml"), _real("health/cdc_diabetes_5050.csv.gz"))
     assert set(np.unique(cdc.columns["HighBP"])) == {0.0, 1.0}  # "1.0"/"0.0" are booleans
     shoppers = load_table(
         load_schema(CLIENTS / "ecommerce/schema.toml"),
