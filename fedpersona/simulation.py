@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
@@ -236,23 +235,3 @@ def _clean(run_dir: Path) -> None:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def final_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The last round's row of each partner."""
-    last: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        last[row["partner"]] = row
-    return [last[k] for k in sorted(last)]
-
-
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        if math.isinf(value):
-            return "inf"
-        return f"{value:.{digits}f}"
-    return str(value)
