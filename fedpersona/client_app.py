@@ -29,6 +29,7 @@ from fedpersona.errors import (
     PrivacyBudgetExceeded,
     PrivacyLedgerError,
 )
+from fedpersona.manifest import audit_entry, check_outgoing, write_audit
 from fedpersona.messages import arrays_of, config_of, decode_settings, encode_arrays
 from fedpersona.partner import (
     evaluate_round,
@@ -68,7 +69,14 @@ def _guarded(
     def wrapped(msg: Message, context: Context) -> Message:
         try:
             cfg = _partner_config(context, run_dir)
-            return Message(handler(msg, context, cfg), reply_to=msg)
+            content = handler(msg, context, cfg)
+            message_type = msg.metadata.message_type
+            check_outgoing(message_type, content, share_eval_metrics=cfg.share_eval_metrics)
+            if cfg.audit_log:
+                rnd = config_of(msg).get("round")
+                seq = _last_ledger_seq(cfg) if message_type.startswith("train") else None
+                write_audit(cfg.state_dir, audit_entry(message_type, rnd, content, seq))
+            return Message(content, reply_to=msg)
         except PrivacyBudgetExceeded as exc:
             logger.warning("refusing work: %s", exc)
             return Message(Error(code=ERROR_BUDGET, reason=str(exc)), reply_to=msg)
@@ -78,6 +86,13 @@ def _guarded(
 
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+def _last_ledger_seq(cfg: PartnerConfig) -> int | None:
+    if not cfg.privacy.private:
+        return None
+    entries = PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries
+    return entries[-1].seq if entries else None
 
 
 def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:

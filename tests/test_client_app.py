@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from fedpersona.client_app import ERROR_BUDGET, ERROR_USER, build_client_app
@@ -129,3 +131,33 @@ def test_rolled_back_ledger_is_detected(tmp_path: Path) -> None:
     (tmp_path / "state" / "ledger.jsonl").unlink()
     reply = app(_message("train", _trunk(), round=2, adapter_shared=True), ctx)
     assert reply.has_error() and "rolled back" in (reply.error.reason or "")
+
+
+def test_every_reply_matches_the_release_manifest_and_is_audited(tmp_path: Path) -> None:
+    from fedpersona.manifest import MANIFEST, ReleaseError, check_outgoing
+
+    path = _client_toml(tmp_path)
+    text = path.read_text() + "\n[release]\naudit_log = true\n"
+    path.write_text(text)
+    app = build_client_app()
+    ctx = _context(path)
+    app(_message("query", None), ctx)
+    app(_message("train", _trunk(), round=1, adapter_shared=True), ctx)
+    log = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert [e["message_type"] for e in log] == ["query", "train"]
+    train = log[1]
+    assert train["ledger_entry"] == 1 and train["round"] == 1
+    keys = {i["key"] for i in train["items"] if i["record"] == "arrays"}
+    assert keys and all(k.startswith(("trunk.", "adapter.")) for k in keys)
+    assert train["bytes"] == sum(i["bytes"] for i in train["items"])
+
+    sneaky = RecordDict({"metrics": MetricRecord({"epsilon": 1.0, "mean_income": 52000.0})})
+    with pytest.raises(ReleaseError, match="mean_income"):
+        check_outgoing("train", sneaky, share_eval_metrics=True)
+    opt_in = RecordDict({"metrics": MetricRecord({"label_auc": 0.8})})
+    with pytest.raises(ReleaseError, match="share_eval_metrics is false"):
+        check_outgoing("evaluate", opt_in, share_eval_metrics=False)
+    assert check_outgoing("evaluate", opt_in, share_eval_metrics=True)[0].status == "opt-in"
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text()
+    for item in MANIFEST:
+        assert f"`{item.key}`" in docs, item.key

@@ -1,0 +1,153 @@
+"""The release manifest: everything a partner may send, and why each item is allowed.
+
+Each item is one key (or key pattern) of one record of one message type, with its status:
+
+- ``dp``: the output of a differentially private mechanism, charged to the partner's ledger
+  before it was computed (the DP-SGD model update of that round);
+- ``public``: public by declaration: a function of the partner's configuration, its schema
+  and its example counts, which the partner declares public (as in every FL system: the
+  server needs the counts to weight the average);
+- ``opt-in``: NOT differentially private, sent only when the partner sets
+  ``share_eval_metrics = true`` (evaluation metrics on its held-out rows).
+
+The ClientApp checks every outgoing reply against this list and refuses to send a key that is
+not declared (or an opt-in key the partner did not opt into). ``docs/privacy.md`` shows the
+same table; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedpersona.errors import FedPersonaError
+
+__all__ = ["MANIFEST", "ReleaseError", "ReleaseItem", "audit_entry", "check_outgoing", "write_audit"]
+
+Status = Literal["dp", "public", "opt-in"]
+
+
+class ReleaseError(FedPersonaError):
+    """An outgoing message holds something the release manifest does not allow."""
+
+
+@dataclass(frozen=True)
+class ReleaseItem:
+    message: str
+    record: str
+    key: str
+    status: Status
+    why: str
+
+
+_PLAN = "the noise plan: a function of the partner's privacy config and its public row count"
+MANIFEST: tuple[ReleaseItem, ...] = (
+    ReleaseItem("query", "info", "name", "public", "the partner's name from its client.toml"),
+    ReleaseItem("query", "info", "kind", "public", "the silo kind from its client.toml"),
+    ReleaseItem("query", "info", "fingerprint", "public", "hash of the schema (public by declaration)"),
+    ReleaseItem("query", "info", "schema_version", "public", "from the schema"),
+    ReleaseItem("query", "info", "rows", "public", "example count, declared public"),
+    ReleaseItem("query", "info", "train_rows", "public", "example count, declared public"),
+    ReleaseItem("query", "info", "private", "public", "whether the partner runs DP (its config)"),
+    ReleaseItem("query", "info", "noise_multiplier", "public", _PLAN),
+    ReleaseItem("query", "info", "sample_rate", "public", _PLAN),
+    ReleaseItem("query", "info", "steps_per_round", "public", _PLAN),
+    ReleaseItem("query", "info", "planned_rounds", "public", _PLAN),
+    ReleaseItem("query", "info", "target_epsilon", "public", "the partner's privacy config"),
+    ReleaseItem("query", "info", "delta", "public", "the partner's privacy config"),
+    ReleaseItem("query", "info", "accountant", "public", "the partner's privacy config"),
+    ReleaseItem("query", "info", "max_grad_norm", "public", "the partner's privacy config"),
+    ReleaseItem("query", "info", "share_eval_metrics", "public", "the partner's release config"),
+    ReleaseItem("train", "arrays", "trunk.*", "dp", "DP-SGD update; ledger entry of this round"),
+    ReleaseItem("train", "arrays", "adapter.*", "dp", "DP-SGD update; ledger entry of this round"),
+    ReleaseItem("train", "metrics", "num-examples", "public", "example count, declared public"),
+    ReleaseItem("train", "metrics", "steps", "public", _PLAN),
+    ReleaseItem("train", "metrics", "sample_rate", "public", _PLAN),
+    ReleaseItem("train", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("evaluate", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("evaluate", "metrics", "label_auc", "opt-in", "held-out metric, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "probe_auc", "opt-in", "held-out metric, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "reconstruction_error", "opt-in", "held-out metric, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "ari", "opt-in", "held-out metric on synthetic ground truth, NOT DP"),
+)
+
+
+def _lookup(message: str, record: str, key: str) -> ReleaseItem | None:
+    for item in MANIFEST:
+        if item.message == message and item.record == record and fnmatch.fnmatchcase(key, item.key):
+            return item
+    return None
+
+
+def _records(content: RecordDict) -> list[tuple[str, str, ArrayRecord | ConfigRecord | MetricRecord]]:
+    out: list[tuple[str, str, Any]] = []
+    for name, record in content.items():
+        out.append((name, type(record).__name__, record))
+    return out
+
+
+def check_outgoing(message_type: str, content: RecordDict, *, share_eval_metrics: bool) -> list[ReleaseItem]:
+    """The manifest items an outgoing reply uses; raises :class:`ReleaseError` otherwise."""
+    message = message_type.split(".", 1)[0]
+    used: list[ReleaseItem] = []
+    problems: list[str] = []
+    for name, _, record in _records(content):
+        for key in record:
+            item = _lookup(message, name, key)
+            if item is None:
+                problems.append(f"'{name}.{key}' is not in the release manifest for '{message}' replies")
+            elif item.status == "opt-in" and not share_eval_metrics:
+                problems.append(f"'{name}.{key}' is not DP and release.share_eval_metrics is false")
+            else:
+                used.append(item)
+    if problems:
+        raise ReleaseError("refusing to send: " + "; ".join(problems))
+    return used
+
+
+def audit_entry(
+    message_type: str, server_round: int | None, content: RecordDict, ledger_seq: int | None
+) -> dict[str, Any]:
+    """What left: message type, keys, shapes, dtypes and bytes, and the ledger entry that paid."""
+    items: list[dict[str, Any]] = []
+    total = 0
+    for name, _, record in _records(content):
+        for key, value in record.items():
+            if isinstance(value, Array):
+                array = value.numpy()
+                items.append(
+                    {
+                        "record": name,
+                        "key": key,
+                        "shape": list(array.shape),
+                        "dtype": str(array.dtype),
+                        "bytes": array.nbytes,
+                    }
+                )
+                total += array.nbytes
+            else:
+                size = len(json.dumps(value, default=str))
+                items.append({"record": name, "key": key, "value": value, "bytes": size})
+                total += size
+    return {
+        "time": time.time(),
+        "message_type": message_type,
+        "round": server_round,
+        "ledger_entry": ledger_seq,
+        "bytes": total,
+        "items": items,
+    }
+
+
+def write_audit(state_dir: str | Path, entry: dict[str, Any]) -> None:
+    """Append one entry to ``<state_dir>/audit.jsonl`` (the partner's outbound audit log)."""
+    path = Path(state_dir) / "audit.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, default=str) + "\n")
