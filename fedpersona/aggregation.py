@@ -27,6 +27,7 @@ __all__ = ["SERVER_OPTIMIZERS", "PartnerUpdate", "ScopedAggregator", "weighted_m
 logger = logging.getLogger(__name__)
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedprox")
+GLOBAL_WEIGHTINGS = ("examples", "kind_balanced")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,16 @@ class PartnerUpdate:
     slot: str | None
     arrays: dict[str, np.ndarray]
     num_examples: int
+    kind: str | None = None
+
+    @property
+    def group(self) -> str:
+        """The partner's kind (from its slot when not given), or its own name."""
+        if self.kind is not None:
+            return self.kind
+        if self.slot is not None:
+            return self.slot.split(":", 1)[0]
+        return self.partner
 
 
 def weighted_mean(arrays: list[np.ndarray], weights: list[float]) -> np.ndarray:
@@ -56,6 +67,7 @@ class ScopedAggregator:
 
     optimizer: str = "fedavg"
     lr: float = 1.0
+    global_weighting: str = "kind_balanced"
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -67,6 +79,11 @@ class ScopedAggregator:
         if self.optimizer not in SERVER_OPTIMIZERS:
             raise ConfigError(
                 f"federation.server_optimizer must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.optimizer!r}"
+            )
+        if self.global_weighting not in GLOBAL_WEIGHTINGS:
+            raise ConfigError(
+                f"federation.global_weighting must be one of {', '.join(GLOBAL_WEIGHTINGS)}, "
+                f"got {self.global_weighting!r}"
             )
         if not self.lr > 0:
             raise ConfigError(f"federation.server_lr must be > 0, got {self.lr!r}")
@@ -81,6 +98,7 @@ class ScopedAggregator:
     def aggregate(self, updates: list[PartnerUpdate]) -> None:
         """Apply one round of updates, scope by scope."""
         groups: dict[tuple[str, str | None], list[tuple[dict[str, np.ndarray], float]]] = {}
+        global_weight = self.global_weights(updates)
         for upd in updates:
             arrays: dict[str, dict[str, np.ndarray]] = {"global": {}, "kind": {}}
             for name, value in upd.arrays.items():
@@ -90,7 +108,7 @@ class ScopedAggregator:
                 if scope == "kind" and upd.slot is None:
                     raise ValueError(f"{upd.partner} sent adapter '{name}' but its adapter is local")
                 arrays[scope][name] = value
-            groups.setdefault(("global", None), []).append((arrays["global"], upd.num_examples))
+            groups.setdefault(("global", None), []).append((arrays["global"], global_weight[upd.partner]))
             if arrays["kind"]:
                 groups.setdefault(("kind", upd.slot), []).append((arrays["kind"], upd.num_examples))
         for (scope, slot), members in groups.items():
@@ -104,6 +122,18 @@ class ScopedAggregator:
             for name, value in mean.items():
                 key = name if scope == "global" else f"{slot}/{name}"
                 target[name] = self._step(key, target.get(name), value)
+
+    def global_weights(self, updates: list[PartnerUpdate]) -> dict[str, float]:
+        """Weights of the global (trunk) average: example counts, or example counts
+        normalised within each kind so that every kind weighs the same (``kind_balanced``),
+        which keeps one large silo kind from dictating the shared trunk. Both use only
+        public numbers (counts and kinds)."""
+        if self.global_weighting == "examples":
+            return {u.partner: float(u.num_examples) for u in updates}
+        per_group: dict[str, float] = {}
+        for u in updates:
+            per_group[u.group] = per_group.get(u.group, 0.0) + u.num_examples
+        return {u.partner: u.num_examples / per_group[u.group] for u in updates}
 
     def _step(self, key: str, current: np.ndarray | None, mean: np.ndarray) -> np.ndarray:
         if current is None:

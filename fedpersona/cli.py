@@ -173,7 +173,8 @@ def privacy_plan(
     from fedpersona.planning import plan_table
 
     for title, lines in plan_table(config, rounds=rounds, rows=rows):
-        table = RichTable(title=title)
+        console.print(title)
+        table = RichTable()
         for col in lines[0]:
             table.add_column(col, justify="right")
         for line in lines[1:]:
@@ -187,7 +188,8 @@ def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state
     from fedpersona.planning import ledger_table
 
     title, lines = ledger_table(state_dir)
-    table = RichTable(title=title)
+    console.print(title)
+    table = RichTable()
     for col in lines[0]:
         table.add_column(col, justify="right")
     for line in lines[1:]:

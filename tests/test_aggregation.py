@@ -17,7 +17,7 @@ def _update(name: str, slot: str | None, value: float, n: int, adapter: bool = T
 
 
 def test_each_scope_is_the_weighted_average_of_its_members() -> None:
-    agg = ScopedAggregator()
+    agg = ScopedAggregator(global_weighting="examples")
     ups = [
         _update("a", "shop:1", 1.0, 100),
         _update("b", "shop:1", 2.0, 300),
@@ -54,3 +54,24 @@ def test_fedavg_with_server_lr_and_fedadam_move_toward_the_mean() -> None:
     np.testing.assert_allclose(adam.trunk["trunk.w"], 0.1 * 0.2 / (0.2 + 1e-3), rtol=1e-5)
     with pytest.raises(ConfigError, match="server_optimizer"):
         ScopedAggregator(optimizer="sgd")
+
+
+def test_kind_balanced_global_weights_give_each_kind_equal_weight() -> None:
+    ups = [
+        _update("a", "shop:1", 1.0, 100),
+        _update("b", "shop:1", 2.0, 300),
+        _update("c", "clinic:9", 5.0, 9000),
+    ]
+    balanced = ScopedAggregator(global_weighting="kind_balanced")
+    balanced.aggregate(ups)
+    # shops: (1*100 + 2*300)/400 = 1.75 with total weight 1; clinic: 5 with weight 1
+    np.testing.assert_allclose(balanced.trunk["trunk.w"], (1.75 + 5.0) / 2, rtol=1e-6)
+    by_examples = ScopedAggregator(global_weighting="examples")
+    by_examples.aggregate(ups)
+    np.testing.assert_allclose(
+        by_examples.trunk["trunk.w"], np.average([1.0, 2.0, 5.0], weights=[100, 300, 9000]), rtol=1e-6
+    )
+    # the adapter average is by examples within the slot either way
+    np.testing.assert_allclose(balanced.adapters["shop:1"]["adapter.e"], 17.5, rtol=1e-6)
+    with pytest.raises(ConfigError, match="global_weighting"):
+        ScopedAggregator(global_weighting="votes")
