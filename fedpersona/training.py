@@ -132,13 +132,14 @@ def train_locally(
     if privacy.private:
         if noise_multiplier is None or ledger is None:
             raise ValueError("a private round needs a planned noise multiplier and a ledger")
-        previous = list(ledger.history)
         ledger.charge(
             round=round, mechanism="dp-sgd", noise_multiplier=noise_multiplier,
             sample_rate=q, steps=steps,
         )  # fmt: skip
         engine = _privacy_engine(privacy.accountant)
-        engine.accountant.history = merge_history(previous)
+        # Everything charged before this round's entry (read after the charge, which may have
+        # caught up with entries another writer appended).
+        engine.accountant.history = merge_history(ledger.history[:-1])
         # Only its length matters: Opacus derives q = 1 / len(loader) from it for the accountant.
         index_loader = DataLoader(TensorDataset(torch.arange(rows)), batch_size=max(1, min(settings.batch_size, rows)))
         if not math.isclose(1.0 / len(index_loader), q):
