@@ -41,7 +41,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class FederationSettings:
-    """Round structure and server optimizer."""
+    """Round structure, server optimizer and secure aggregation (see :mod:`fedpersona.secagg`).
+
+    ``secagg_threshold`` partners must survive every stage of a securely aggregated round (and
+    reveal their shares) or the round aborts; update values are clipped to
+    +-``secagg_clipping_range`` and quantized to ``secagg_quantization_range`` + 1 levels.
+    """
 
     rounds: int = 5
     min_partners: int = 2
@@ -49,6 +54,10 @@ class FederationSettings:
     server_lr: float = 1.0
     seed: int = 0
     round_timeout: float = 600.0
+    secure_aggregation: bool = False
+    secagg_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 2**16
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -57,6 +66,26 @@ class FederationSettings:
             raise ConfigError(f"federation.min_partners must be an integer >= 1, got {self.min_partners!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"federation.seed must be an integer, got {self.seed!r}")
+        problems = []
+        if not isinstance(self.secure_aggregation, bool):
+            problems.append(f"federation.secure_aggregation must be true or false, got {self.secure_aggregation!r}")
+        if isinstance(self.secagg_threshold, bool) or not isinstance(self.secagg_threshold, int):
+            problems.append(f"federation.secagg_threshold must be an integer >= 2, got {self.secagg_threshold!r}")
+        elif self.secagg_threshold < 2:
+            problems.append(f"federation.secagg_threshold must be an integer >= 2, got {self.secagg_threshold!r}")
+        elif self.secure_aggregation is True and self.min_partners < self.secagg_threshold:
+            problems.append(
+                f"federation.min_partners ({self.min_partners}) must be >= federation.secagg_threshold "
+                f"({self.secagg_threshold}): a round with fewer partners would always abort"
+            )
+        clip = self.secagg_clipping_range
+        if isinstance(clip, bool) or not isinstance(clip, int | float) or not (math.isfinite(clip) and clip > 0):
+            problems.append(f"federation.secagg_clipping_range must be a finite number > 0, got {clip!r}")
+        levels = self.secagg_quantization_range
+        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 2**32:
+            problems.append(f"federation.secagg_quantization_range must be an integer in [2, 2**32], got {levels!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -90,6 +119,7 @@ class SiloGroup:
     non_iid_alpha: float = 0.5
     small_partner_rows: int = 0
     seed: int = 0
+    privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -107,6 +137,8 @@ class SiloGroup:
             raise ConfigError(f"silos.non_iid_alpha must be > 0, got {self.non_iid_alpha!r}")
         if not isinstance(self.small_partner_rows, int) or self.small_partner_rows < 0:
             raise ConfigError("silos.small_partner_rows must be an integer >= 0")
+        if self.privacy is not None and not isinstance(self.privacy, dict):
+            raise ConfigError(f"silo '{self.name}': privacy must be a table of [privacy] keys")
 
 
 @dataclass(frozen=True)
@@ -253,6 +285,8 @@ def load_scenario(
             group = replace(group, source=str((path.parent / group.source).resolve()))
         if group.schema is not None:
             group = replace(group, schema=str((path.parent / group.schema).resolve()))
+        if group.privacy is not None:  # validate the override against the scenario default
+            _section(PrivacySettings, group.privacy, f"silos #{i}.privacy", source, privacy)
         silos.append(group)
     names = [s.name for s in silos]
     if len(set(names)) != len(names):

@@ -143,6 +143,8 @@ def load_plan(cfg: PartnerConfig, data: PartnerData, training: TrainingSettings,
     path = Path(cfg.state_dir) / "plan.json"
     if path.exists():
         return PrivacyPlan(**json.loads(path.read_text()))
+    # A partner may commit to fewer rounds than the federation runs; it then refuses the rest.
+    rounds = cfg.privacy.planned_rounds or rounds
     rows = len(data.train)
     q = sample_rate_for(rows, training.batch_size)
     steps = training.steps_per_round(rows)

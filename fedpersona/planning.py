@@ -35,13 +35,14 @@ def plan_rows(
     steps = training.steps_per_round(rows)
     if not privacy.private:
         return None, q, steps, [math.inf] * rounds
+    planned = min(rounds, privacy.planned_rounds or rounds)  # rounds past it are refused
     sigma = plan_noise(
         target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
-        steps=steps * rounds, accountant=privacy.accountant,
+        steps=steps * planned, accountant=privacy.accountant,
     )  # fmt: skip
     eps = [
         compute_epsilon([(sigma, q, steps * r)], delta=privacy.delta, accountant=privacy.accountant)
-        for r in range(1, rounds + 1)
+        for r in range(1, planned + 1)
     ]
     return sigma, q, steps, eps
 

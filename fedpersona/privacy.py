@@ -64,6 +64,7 @@ class PrivacySettings:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"
+    planned_rounds: int | None = None
 
     def __post_init__(self) -> None:
         eps = self.target_epsilon
@@ -75,6 +76,10 @@ class PrivacySettings:
         if not isinstance(norm, int | float) or isinstance(norm, bool) or not (norm > 0 and math.isfinite(norm)):
             # An infinite clipping norm is no clipping: the sensitivity, and so epsilon, is unbounded.
             raise ConfigError(f"privacy.max_grad_norm must be a finite number > 0, got {norm!r}")
+        if self.planned_rounds is not None and (
+            not isinstance(self.planned_rounds, int) or isinstance(self.planned_rounds, bool) or self.planned_rounds < 1
+        ):
+            raise ConfigError(f"privacy.planned_rounds must be an integer >= 1, got {self.planned_rounds!r}")
         if self.accountant == "gdp":
             raise ConfigError(
                 "privacy.accountant 'gdp' is refused: Opacus' GDP accountant under-reports "

@@ -70,11 +70,13 @@ def _label_skew_split(labels: np.ndarray, parts: int, alpha: float, rng: np.rand
     return [np.sort(np.asarray(o, dtype=np.int64)) for o in out]
 
 
-def _partner_doc(name: str, kind: str, folder: Path, scenario: Scenario, data: dict[str, Any]) -> dict[str, Any]:
+def _partner_doc(
+    name: str, kind: str, scenario: Scenario, data: dict[str, Any], privacy: dict[str, Any] | None
+) -> dict[str, Any]:
     return {
         "partner": {"name": name, "kind": kind, "state_dir": "state"},
         "data": {"test_fraction": scenario.simulation.test_fraction, "split_seed": 0, **data},
-        "privacy": {k: v for k, v in scenario.to_dict()["privacy"].items()},
+        "privacy": {**scenario.to_dict()["privacy"], **(privacy or {})},
         "release": {"share_eval_metrics": scenario.simulation.share_eval_metrics},
     }
 
@@ -119,7 +121,7 @@ def materialize_partners(scenario: Scenario, run_dir: Path) -> list[str]:
         for name, data in specs:
             folder = root / name
             folder.mkdir(parents=True, exist_ok=True)
-            doc = _partner_doc(name, group.kind, folder, scenario, data)
+            doc = _partner_doc(name, group.kind, scenario, data, group.privacy)
             dump_toml(folder / "client.toml", doc)
             paths.append(str((folder / "client.toml").resolve()))
     (root / "index.json").write_text(json.dumps(paths, indent=2))
@@ -213,12 +215,18 @@ def simulate(
             "log_to_driver": True,
         },
     }
-    run_simulation(
-        server_app=build_server_app(settings, on_round=on_round),
-        client_app=build_client_app(str(run_dir)),
-        num_supernodes=len(partners),
-        backend_config=backend,  # type: ignore[arg-type]
-    )
+    flwr_logger = logging.getLogger("flwr")
+    notice = _DeprecationNoticeFilter()
+    flwr_logger.addFilter(notice)
+    try:
+        run_simulation(
+            server_app=build_server_app(settings, on_round=on_round),
+            client_app=build_client_app(str(run_dir)),
+            num_supernodes=len(partners),
+            backend_config=backend,  # type: ignore[arg-type]
+        )
+    finally:
+        flwr_logger.removeFilter(notice)
     metrics_path = run_dir / "metrics.jsonl"
     privacy_path = run_dir / "privacy.json"
     if not privacy_path.exists():
@@ -229,6 +237,15 @@ def simulate(
 
     write_report(run_dir)
     return SimulationResult(run_dir, rows, privacy, time.monotonic() - started)
+
+
+class _DeprecationNoticeFilter(logging.Filter):
+    """Drops Flower's notice that ``run_simulation`` is deprecated in favour of ``flwr run``:
+    fedpersona uses the in-process engine on purpose (no background SuperLink, no per-run
+    installs), so the notice would only confuse a user of ``fedpersona simulate``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
 
 
 def _clean(run_dir: Path) -> None:

@@ -134,3 +134,22 @@ def test_user_errors_exit_2_with_one_clear_message(tmp_path: Path) -> None:
 
     done = _cli("simulate", "--epsilon", "-3", "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert done.returncode == 2 and "--epsilon" in done.stderr
+
+
+@pytest.mark.slow
+def test_budget_veto_drops_a_partner_and_the_run_goes_on(tmp_path: Path) -> None:
+    """A partner that committed to one round refuses the second; the server carries on."""
+    scenario = tmp_path / "veto.toml"
+    scenario.write_text(SCENARIO.replace('name = "bank"', 'name = "bank"\nprivacy = { planned_rounds = 1 }'))
+    out = tmp_path / "run"
+    done = _cli("simulate", "--scenario", str(scenario), "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    privacy = json.loads((out / "privacy.json").read_text())["partners"]
+    assert "above the target 2" in privacy["bank-1"]["dropped"]
+    assert privacy["bank-1"]["epsilon"] <= 2.0 and privacy["bank-1"]["steps"] > 0
+    ledger = out / "partners" / "bank-1" / "state" / "ledger.jsonl"
+    assert len(ledger.read_text().splitlines()) == 1  # the refused round was never charged
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["partner"] for r in rows if r["round"] == 2} == {"clinic-1", "shop-1", "shop-2"}
+    for name in ("clinic-1", "shop-1", "shop-2"):
+        assert "dropped" not in privacy[name] and privacy[name]["epsilon"] <= 2.0
