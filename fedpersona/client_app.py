@@ -8,6 +8,10 @@ How a partner finds its own configuration (``Context.node_config``):
 A user-fixable problem (e.g. an exhausted privacy budget, a bad data file) is sent back as
 an error reply whose reason is the one-paragraph message, so the server can log it and go
 on without this partner.
+
+With secure aggregation the ``query.secagg_*`` and ``train.secagg`` handlers run the partner's
+side of :mod:`fedpersona.secagg`; its secrets live in ``Context.state["secagg"]`` (kept by the
+SuperNode between messages, never sent).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpersona.config import PartnerConfig, load_partner_config
@@ -32,13 +37,31 @@ from fedpersona.errors import (
 from fedpersona.manifest import audit_entry, check_outgoing, write_audit
 from fedpersona.messages import arrays_of, config_of, decode_settings, encode_arrays
 from fedpersona.partner import (
+    RoundOutcome,
+    build_model,
     evaluate_round,
     load_partner_data,
     load_plan,
     partner_schema,
+    shared_names,
     train_round,
 )
 from fedpersona.privacy import PrivacyLedger
+from fedpersona.secagg import (
+    PartnerSecrets,
+    Placement,
+    SecAggParams,
+    SecureAggregationError,
+    blobs,
+    encode_shapes,
+    encode_update,
+    ints,
+    mask_vector,
+    receive_shares,
+    reveal_shares,
+    share_keys,
+    start_round,
+)
 from fedpersona.training import pick_device
 
 __all__ = ["ERROR_BUDGET", "ERROR_USER", "app", "build_client_app"]
@@ -141,7 +164,7 @@ def _check_ledger_not_rolled_back(context: Context, cfg: PartnerConfig) -> int:
     return on_disk
 
 
-def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+def _run_training(msg: Message, context: Context, cfg: PartnerConfig) -> tuple[RoundOutcome, MetricRecord]:
     config = config_of(msg)
     model_cfg, training = decode_settings(config)
     if cfg.privacy.private:
@@ -165,7 +188,86 @@ def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         metrics["epsilon"] = outcome.epsilon
         entries = len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries)
         context.state["privacy"] = ConfigRecord({"ledger_entries": entries, "epsilon": float(outcome.epsilon)})
-    return RecordDict({"arrays": encode_arrays(outcome.arrays), "metrics": MetricRecord(metrics)})
+    return outcome, MetricRecord(metrics)
+
+
+def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    outcome, metrics = _run_training(msg, context, cfg)
+    return RecordDict({"arrays": encode_arrays(outcome.arrays), "metrics": metrics})
+
+
+def _secrets(context: Context, config: dict[str, Any]) -> PartnerSecrets:
+    if "secagg" not in context.state.config_records:
+        raise SecureAggregationError("secure aggregation: this node has no round in progress (no setup message)")
+    return PartnerSecrets.from_record(context.state.config_records["secagg"], server_round=int(config["round"]))
+
+
+def _secagg_setup(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Fresh key pairs for this round; reply with the public keys and the shared shapes."""
+    config = config_of(msg)
+    model_cfg, training = decode_settings(config)
+    data = load_partner_data(cfg, device=pick_device(training.device))
+    model = build_model(data, model_cfg, seed=int(config["seed"]), device=pick_device(training.device))
+    state = model.state_dict()
+    names = shared_names(model, adapter_shared=bool(config["adapter_shared"]))
+    secrets, public = start_round(
+        server_round=int(config["round"]), index=int(config["secagg.index"]), params=SecAggParams.from_config(config)
+    )
+    context.state["secagg"] = secrets.to_record()
+    shapes = encode_shapes({n: tuple(state[n].shape) for n in names})
+    return RecordDict({"secagg": ConfigRecord(dict(public)), "shapes": ConfigRecord(dict(shapes))})
+
+
+def _secagg_share_keys(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Shamir shares of a fresh mask seed and of the mask key, encrypted per recipient."""
+    secrets = _secrets(context, config_of(msg))
+    bundle: dict[int, tuple[bytes, bytes]] = {}
+    for index, value in msg.content.config_records["keys"].items():
+        pair = blobs(value, f"the public keys of index {index}")
+        if len(pair) != 2:
+            raise SecureAggregationError(f"secure aggregation: index {index} has {len(pair)} public keys, not 2")
+        bundle[int(index)] = (pair[0], pair[1])
+    secrets, ciphertexts = share_keys(secrets, bundle)
+    context.state["secagg"] = secrets.to_record()
+    destinations = sorted(ciphertexts)
+    return RecordDict(
+        {"secagg": ConfigRecord({"destinations": destinations, "ciphertexts": [ciphertexts[d] for d in destinations]})}
+    )
+
+
+def _secagg_train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Train as usual, then send only the masked, quantized, count-weighted update."""
+    config = config_of(msg)
+    secrets = _secrets(context, config)
+    relayed = msg.content.config_records["shares"]
+    sources, ciphertexts = ints(relayed["sources"], "sources"), blobs(relayed["ciphertexts"], "ciphertexts")
+    if len(sources) != len(ciphertexts):
+        raise SecureAggregationError("secure aggregation: relayed sources and ciphertexts differ in number")
+    secrets = receive_shares(secrets, dict(zip(sources, ciphertexts, strict=True)))
+    outcome, metrics = _run_training(msg, context, cfg)
+    vector = encode_update(
+        outcome.arrays,
+        num_examples=outcome.train_rows,
+        placement=Placement.from_config(config),
+        params=secrets.params,
+        generator=np.random.default_rng(),
+        trunk_weight=int(config["secagg.trunk_weight"]) if "secagg.trunk_weight" in config else None,
+    )
+    masked, secrets = mask_vector(secrets, vector)
+    context.state["secagg"] = secrets.to_record()
+    return RecordDict({"masked": ArrayRecord({"vector": Array(masked)}), "metrics": metrics})
+
+
+def _secagg_unmask(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Reveal seed shares of the survivors and key shares of the dropped, once per round."""
+    config = config_of(msg)
+    secrets = _secrets(context, config)
+    survivors = ints(config["secagg.survivors"], "survivors")
+    dropped = ints(config.get("secagg.dropped", []), "dropped")
+    shares, secrets = reveal_shares(secrets, survivors=survivors, dropped=dropped)
+    context.state["secagg"] = secrets.to_record()
+    owners = sorted(shares)
+    return RecordDict({"secagg": ConfigRecord({"owners": owners, "shares": [shares[o] for o in owners]})})
 
 
 def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
@@ -191,6 +293,10 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
     client.query()(_guarded(_query, run_dir))
     client.train()(_guarded(_train, run_dir))
     client.evaluate()(_guarded(_evaluate, run_dir))
+    client.query("secagg_setup")(_guarded(_secagg_setup, run_dir))
+    client.query("secagg_share_keys")(_guarded(_secagg_share_keys, run_dir))
+    client.train("secagg")(_guarded(_secagg_train, run_dir))
+    client.query("secagg_unmask")(_guarded(_secagg_unmask, run_dir))
     return client
 
 

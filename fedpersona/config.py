@@ -52,6 +52,7 @@ class FederationSettings:
     min_partners: int = 2
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
+    global_weighting: str = "kind_balanced"
     seed: int = 0
     round_timeout: float = 600.0
     secure_aggregation: bool = False

@@ -10,6 +10,11 @@ Each item is one key (or key pattern) of one record of one message type, with it
 - ``opt-in``: NOT differentially private, sent only when the partner sets
   ``share_eval_metrics = true`` (evaluation metrics on its held-out rows).
 
+Items name the full message type: with secure aggregation (:mod:`fedpersona.secagg`) the
+``query.secagg_*`` replies carry public keys, parameter shapes, encrypted shares and revealed
+shares (cryptographic material drawn independently of the data), and ``train.secagg`` carries
+the masked DP update instead of ``train``'s arrays.
+
 The ClientApp checks every outgoing reply against this list and refuses to send a key that is
 not declared (or an opt-in key the partner did not opt into). ``docs/privacy.md`` shows the
 same table; a test keeps the two in step.
@@ -47,6 +52,9 @@ class ReleaseItem:
 
 
 _PLAN = "the noise plan: a function of the partner's privacy config and its public row count"
+_KEY = "fresh X25519 public key of this round (cryptographic material, independent of the data)"
+_SHAPES = "parameter shapes: a function of the public model config and schema"
+_SHARES = "Shamir shares of a random mask seed and a random key (independent of the data)"
 MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query", "info", "name", "public", "the partner's name from its client.toml"),
     ReleaseItem("query", "info", "kind", "public", "the silo kind from its client.toml"),
@@ -71,6 +79,23 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("train", "metrics", "sample_rate", "public", _PLAN),
     ReleaseItem("train", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
     ReleaseItem("evaluate", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("query.secagg_setup", "secagg", "mask_key", "public", _KEY),
+    ReleaseItem("query.secagg_setup", "secagg", "share_key", "public", _KEY),
+    ReleaseItem("query.secagg_setup", "shapes", "trunk.*", "public", _SHAPES),
+    ReleaseItem("query.secagg_setup", "shapes", "adapter.*", "public", _SHAPES),
+    ReleaseItem("query.secagg_share_keys", "secagg", "destinations", "public", "indices of the round's partners"),
+    ReleaseItem("query.secagg_share_keys", "secagg", "ciphertexts", "public", _SHARES + ", encrypted per recipient"),
+    ReleaseItem(
+        "train.secagg", "masked", "vector", "dp", "masked, quantized DP-SGD update; ledger entry of this round"
+    ),
+    ReleaseItem("train.secagg", "metrics", "num-examples", "public", "example count, declared public"),
+    ReleaseItem("train.secagg", "metrics", "steps", "public", _PLAN),
+    ReleaseItem("train.secagg", "metrics", "sample_rate", "public", _PLAN),
+    ReleaseItem("train.secagg", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("query.secagg_unmask", "secagg", "owners", "public", "indices of the round's partners"),
+    ReleaseItem(
+        "query.secagg_unmask", "secagg", "shares", "public", _SHARES + " (seeds of survivors, keys of dropped)"
+    ),
     ReleaseItem("evaluate", "metrics", "label_auc", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "probe_auc", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "reconstruction_error", "opt-in", "held-out metric, NOT DP"),
@@ -93,15 +118,18 @@ def _records(content: RecordDict) -> list[tuple[str, str, ArrayRecord | ConfigRe
 
 
 def check_outgoing(message_type: str, content: RecordDict, *, share_eval_metrics: bool) -> list[ReleaseItem]:
-    """The manifest items an outgoing reply uses; raises :class:`ReleaseError` otherwise."""
-    message = message_type.split(".", 1)[0]
+    """The manifest items an outgoing reply uses; raises :class:`ReleaseError` otherwise.
+
+    Items match the exact message type: a ``query.secagg_setup`` reply may carry only what is
+    declared for ``query.secagg_setup``, not what a ``query`` reply may.
+    """
     used: list[ReleaseItem] = []
     problems: list[str] = []
     for name, _, record in _records(content):
         for key in record:
-            item = _lookup(message, name, key)
+            item = _lookup(message_type, name, key)
             if item is None:
-                problems.append(f"'{name}.{key}' is not in the release manifest for '{message}' replies")
+                problems.append(f"'{name}.{key}' is not in the release manifest for '{message_type}' replies")
             elif item.status == "opt-in" and not share_eval_metrics:
                 problems.append(f"'{name}.{key}' is not DP and release.share_eval_metrics is false")
             else:

@@ -8,6 +8,10 @@ adapter), replies are aggregated by :class:`~fedpersona.aggregation.ScopedAggreg
 ``evaluate`` messages collect the cumulative epsilon (and, where a partner opted in, its
 held-out metrics). A partner that replies with an error (e.g. its budget is spent) is logged
 and dropped; the run goes on while ``min_partners`` remain.
+
+With ``secure_aggregation = true`` each round's ``train`` exchange becomes the four exchanges
+of :mod:`fedpersona.secagg` and the server sees only per-scope sums. A round that loses too
+many partners to unmask aborts: the server logs why, stops, and publishes no model of it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
 from fedpersona.errors import ConfigError
 from fedpersona.messages import arrays_of, encode_arrays, encode_settings, metrics_of
+from fedpersona.secagg import (
+    SecAggParams,
+    SecureAggregationError,
+    SecureRound,
+    as_updates,
+    blobs,
+    decode_shapes,
+    ints,
+    modulus_bits_for,
+)
 from fedpersona.training import TrainingSettings
 
 __all__ = ["ServerSettings", "app", "build_server_app", "run_federation"]
@@ -68,6 +82,7 @@ class _Partner:
 class FederationResult:
     rounds_completed: int
     partners: dict[str, dict[str, Any]] = field(default_factory=dict)
+    aborted: str = ""  # why a securely aggregated round aborted, if one did
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
@@ -142,10 +157,13 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
         )  # fmt: skip
     _assign_slots(partners)
-    aggregator = ScopedAggregator(optimizer=fed.server_optimizer, lr=fed.server_lr)
+    aggregator = ScopedAggregator(
+        optimizer=fed.server_optimizer, lr=fed.server_lr, global_weighting=fed.global_weighting
+    )
     aggregator.trunk = _initial_trunk(settings.model, fed.seed)
     metrics_path = run_dir / "metrics.jsonl"
     completed = 0
+    aborted = ""
     for rnd in range(1, fed.rounds + 1):
         active = {n: p for n, p in partners.items() if p.active}
         if len(active) < fed.min_partners:
@@ -154,35 +172,15 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
                 rnd, len(active), fed.min_partners,
             )  # fmt: skip
             break
-        contents = {
-            n: RecordDict(
-                {
-                    "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
-                    "config": config(round=rnd, adapter_shared=p.slot is not None),
-                }
-            )
-            for n, p in active.items()
-        }
-        updates: list[PartnerUpdate] = []
-        for reply in grid.send_and_receive(_messages(grid, "train", contents, str(rnd)), timeout=fed.round_timeout):
-            p = partners[reply.metadata.src_node_id]
-            if reply.has_error():
-                p.active = False
-                p.dropped_reason = reply.error.reason or "error"
-                what = "refused (privacy budget)" if reply.error.code == ERROR_BUDGET else "failed"
-                logger.warning("round %d: partner %s %s: %s", rnd, p.info["name"], what, p.dropped_reason)
-                continue
-            metrics = metrics_of(reply)
-            p.steps += int(metrics.get("steps", 0))
-            p.epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
-            updates.append(
-                PartnerUpdate(
-                    partner=p.info["name"],
-                    slot=p.slot,
-                    arrays=arrays_of(reply),
-                    num_examples=int(p.info["train_rows"]),
-                )
-            )
+        if fed.secure_aggregation:
+            try:
+                updates = _train_secure(grid, aggregator, partners, active, rnd, config, fed)
+            except SecureAggregationError as exc:
+                aborted = str(exc)
+                logger.error("round %d: %s; stopping", rnd, aborted)
+                break
+        else:
+            updates = _train_plain(grid, aggregator, partners, active, rnd, config, fed)
         if not updates:
             logger.error("round %d: no partner replied; stopping", rnd)
             break
@@ -195,11 +193,176 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         if on_round is not None:
             on_round(rnd, rows)
     _write_privacy(run_dir, partners)
-    _publish(run_dir, aggregator, partners, settings, completed)
+    if aborted and not completed:
+        logger.error("no round completed; no model is published")
+    else:
+        _publish(run_dir, aggregator, partners, settings, completed)
     return FederationResult(
         rounds_completed=completed,
         partners={p.info["name"]: p.info for p in partners.values()},
+        aborted=aborted,
     )
+
+
+def _failed(p: _Partner, reply: Message, rnd: int) -> None:
+    p.active = False
+    p.dropped_reason = reply.error.reason or "error"
+    what = "refused (privacy budget)" if reply.error.code == ERROR_BUDGET else "failed"
+    logger.warning("round %d: partner %s %s: %s", rnd, p.info["name"], what, p.dropped_reason)
+
+
+def _trained(p: _Partner, reply: Message) -> None:
+    metrics = metrics_of(reply)
+    p.steps += int(metrics.get("steps", 0))
+    p.epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
+
+
+def _train_plain(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    active: dict[int, _Partner],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+) -> list[PartnerUpdate]:
+    contents = {
+        n: RecordDict(
+            {
+                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
+                "config": config(round=rnd, adapter_shared=p.slot is not None),
+            }
+        )
+        for n, p in active.items()
+    }
+    updates: list[PartnerUpdate] = []
+    for reply in grid.send_and_receive(_messages(grid, "train", contents, str(rnd)), timeout=fed.round_timeout):
+        p = partners[reply.metadata.src_node_id]
+        if reply.has_error():
+            _failed(p, reply, rnd)
+            continue
+        _trained(p, reply)
+        updates.append(
+            PartnerUpdate(
+                partner=p.info["name"],
+                slot=p.slot,
+                arrays=arrays_of(reply),
+                num_examples=int(p.info["train_rows"]),
+            )
+        )
+    return updates
+
+
+def _integer_trunk_weights(aggregator: ScopedAggregator, active: dict[int, _Partner]) -> dict[int, int]:
+    """Each partner's trunk weight as an integer (the masked sum is modular arithmetic).
+
+    ``examples`` weighting is exact (the example counts); ``kind_balanced`` weights
+    ``n_i / N_kind`` are scaled by 10,000 and rounded, a relative error below 1e-4 per kind.
+    Both come from public counts and kinds only.
+    """
+    updates = [
+        PartnerUpdate(str(n), p.slot, {}, int(p.info["train_rows"]), kind=str(p.info["kind"]))
+        for n, p in active.items()
+    ]
+    if aggregator.global_weighting == "examples":
+        return {n: int(p.info["train_rows"]) for n, p in active.items()}
+    weights = aggregator.global_weights(updates)
+    return {n: max(1, round(weights[str(n)] * 10_000)) for n in active}
+
+
+def _train_secure(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    active: dict[int, _Partner],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+) -> list[PartnerUpdate]:
+    """One round of :mod:`fedpersona.secagg`; raises SecureAggregationError to abort it."""
+    total_rows = sum(int(p.info["train_rows"]) for p in active.values())
+    trunk_weight = _integer_trunk_weights(aggregator, active)
+    params = SecAggParams(
+        threshold=fed.secagg_threshold,
+        clipping_range=float(fed.secagg_clipping_range),
+        quantization_range=fed.secagg_quantization_range,
+        modulus_bits=modulus_bits_for(max(total_rows, sum(trunk_weight.values())), fed.secagg_quantization_range),
+    )
+    sec = SecureRound(
+        server_round=rnd,
+        params=params,
+        members={n: p.slot for n, p in active.items()},
+        trunk_shapes={k: tuple(v.shape) for k, v in aggregator.trunk.items()},
+    )
+
+    def exchange(kind: str, contents: dict[int, RecordDict], accept: Callable[[int, RecordDict], None]) -> None:
+        """Send one stage; hand each good reply to ``accept``, which may reject that partner."""
+        for reply in grid.send_and_receive(_messages(grid, kind, contents, str(rnd)), timeout=fed.round_timeout):
+            p = partners[reply.metadata.src_node_id]
+            if reply.has_error():
+                _failed(p, reply, rnd)
+                continue
+            if kind == "train.secagg":
+                _trained(p, reply)
+            try:
+                accept(p.node_id, reply.content)
+            except (SecureAggregationError, KeyError, TypeError, ValueError) as exc:
+                logger.warning("round %d: partner %s left out at %s: %s", rnd, p.info["name"], kind, exc)
+
+    def settings(n: int, **extra: Any) -> ConfigRecord:
+        return config(round=rnd, adapter_shared=active[n].slot is not None, **extra)
+
+    def keys(n: int, content: RecordDict) -> None:
+        record = content.config_records["secagg"]
+        mask_key, share_key = blobs([record["mask_key"], record["share_key"]], "public keys")
+        sec.add_keys(n, mask_key, share_key, decode_shapes(content.config_records["shapes"]))
+
+    def ciphertexts(n: int, content: RecordDict) -> None:
+        record = content.config_records["secagg"]
+        sec.add_ciphertexts(
+            n, ints(record["destinations"], "destinations"), blobs(record["ciphertexts"], "ciphertexts")
+        )
+
+    def masked(n: int, content: RecordDict) -> None:
+        sec.add_masked(n, content.array_records["masked"]["vector"].numpy())
+
+    def shares(n: int, content: RecordDict) -> None:
+        record = content.config_records["secagg"]
+        owners, values = ints(record["owners"], "owners"), blobs(record["shares"], "shares")
+        sec.add_shares(n, dict(zip(owners, values, strict=True)))
+
+    exchange(
+        "query.secagg_setup", {n: RecordDict({"config": settings(n, **sec.setup_config(n))}) for n in active}, keys
+    )
+    bundle = ConfigRecord(sec.key_bundle())  # type: ignore[arg-type]
+    exchange(
+        "query.secagg_share_keys",
+        {n: RecordDict({"config": settings(n), "keys": bundle}) for n in sec.joined},
+        ciphertexts,
+    )
+    sec.start_masking()
+    train: dict[int, RecordDict] = {}
+    for n in sec.sharers:
+        sources, relayed = sec.forwarded(n)
+        train[n] = RecordDict(
+            {
+                "arrays": encode_arrays(aggregator.arrays_for(active[n].slot)),
+                "config": settings(n, **sec.placement(n).to_config(), **{"secagg.trunk_weight": trunk_weight[n]}),
+                "shares": ConfigRecord({"sources": sources, "ciphertexts": relayed}),  # type: ignore[dict-item]
+            }
+        )
+    exchange("train.secagg", train, masked)
+    survivors, dropped = sec.unmask_request()
+    if dropped:
+        logger.warning("round %d: %d partner(s) dropped after sharing keys; unmasking without them", rnd, len(dropped))
+    request: dict[str, Any] = {"secagg.survivors": survivors, **({"secagg.dropped": dropped} if dropped else {})}
+    exchange(
+        "query.secagg_unmask",
+        {sec.node[i]: RecordDict({"config": settings(sec.node[i], **request)}) for i in survivors},
+        shares,
+    )
+    trunk, adapters = sec.result()
+    return as_updates(trunk, adapters)
 
 
 def _evaluate(
