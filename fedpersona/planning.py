@@ -143,8 +143,14 @@ def ledger_table(state_dir: str | Path) -> tuple[str, Lines]:
             ]
         )
     spent = ledger.epsilon()
+    by_mechanism = {}
+    for mechanism in dict.fromkeys(e.mechanism for e in ledger.entries):
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries if e.mechanism == mechanism]
+        by_mechanism[mechanism] = compute_epsilon(history, delta=settings.delta, accountant=settings.accountant)
+    alone = ", ".join(f"{m} alone {eps:.4f}" for m, eps in by_mechanism.items())
     title = (
         f"{state_dir}: spent epsilon {spent:.4f} of {settings.target_epsilon:g} "
         f"(delta {settings.delta:g}, {settings.accountant}); remaining {max(0.0, settings.target_epsilon - spent):.4f}"
+        + (f"; by mechanism (composed, not additive): {alone}" if alone else "")
     )
     return title, lines

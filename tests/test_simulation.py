@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedpersona.artifacts import ArtifactError, verify_model
+from fedpersona.privacy import compute_epsilon
 
 SCENARIO = """
 [federation]
@@ -89,6 +90,19 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
         assert entry["epsilon"] == pytest.approx(by_partner[name]["epsilon"])
         ledger = out / "partners" / name / "state" / "ledger.jsonl"
         assert len(ledger.read_text().splitlines()) == 2
+        # the ledger follows the plan fixed before round 1, and privacy plan predicted it
+        plan = json.loads((out / "partners" / name / "state" / "plan.json").read_text())
+        entries = [json.loads(x) for x in ledger.read_text().splitlines()]
+        assert {(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries} == {
+            (plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"])
+        }
+        predicted = compute_epsilon(
+            [(plan["noise_multiplier"], plan["sample_rate"], 2 * plan["steps_per_round"])], delta=1e-5, accountant="prv"
+        )
+        assert entries[-1]["epsilon_after"] == pytest.approx(predicted, rel=1e-9)
+        assert entry["noise_multiplier"] == plan["noise_multiplier"]
+    shown = _cli("privacy", "ledger", str(out / "partners" / "shop-1" / "state"), cwd=tmp_path)
+    assert shown.returncode == 0 and "dp-sgd alone" in " ".join(shown.stdout.split())
     config = (out / "config.toml").read_text()
     assert "rounds = 2" in config and "target_epsilon = 2.0" in config
 
