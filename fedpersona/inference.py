@@ -1,0 +1,396 @@
+"""Persona inference at a partner: the global model and prototypes applied to its own users.
+
+:func:`load_encoder` builds the partner's encoder from a verified model artifact (the shared
+trunk plus the adapter of the partner's slot ``<kind>:<schema fingerprint>``; heads are not
+needed). :func:`assign_personas` embeds a featurized table and assigns every user to the
+nearest prototype. :func:`infer_file` does the same for a file of any size: it streams a
+CSV or Parquet file in chunks, validates each chunk against the schema, and writes one row
+per user (id, persona, probabilities, optionally the embedding) to CSV or Parquet through a
+temporary file renamed at the end, so a failed run leaves nothing half-written.
+
+**Probabilities.** ``p_j = softmax_j(cos(z, c_j) / temperature)`` over the K prototypes.
+The temperature sets how peaked they are (cosines lie in [-1, 1]; at the default 0.1 a
+cosine 0.1 higher weighs e = 2.7 times more); as it goes to 0 they approach the hard
+assignment, which is always the arg-max (ties: the lowest index). They express nearness,
+not a calibrated likelihood.
+
+**Reproducibility.** Everything runs on the CPU in float32 with deterministic operations,
+and rows are encoded in micro-batches of exactly ``batch_size`` rows aligned to the global
+row number (partial batches are padded with copies of their own rows), so every row is
+computed in the same position of a batch of the same shape whatever the chunking: the
+output is bit-for-bit the same for any ``chunk_rows``, and two runs on one machine (same
+torch build and thread count) write identical bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.errors import ConfigError, DataError, SchemaError
+from fedpersona.features import FeatureTensors, featurize, layout_of
+from fedpersona.schema import Schema
+from fedpersona.tables import _as_str, _check_file, read_frame, validate_frame
+
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "InferenceSummary",
+    "assign_personas",
+    "infer_file",
+    "load_encoder",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 0.1
+_PARQUET = (".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class InferenceSummary:
+    """What :func:`infer_file` wrote (local numbers; nothing here leaves the partner)."""
+
+    path: str
+    rows: int
+    chunks: int
+    counts: tuple[int, ...]  # users per persona
+
+
+def load_encoder(
+    *,
+    arrays: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+    schema: Schema,
+    local_adapter: Mapping[str, np.ndarray] | None = None,
+) -> PersonaEncoder:
+    """The partner's encoder from a model artifact (``arrays, card = verify_model(folder)``).
+
+    Builds ``PersonaEncoder(layout_of(schema), EncoderConfig(**card["model"]))`` and loads the
+    trunk (keys ``trunk.*``) and the adapter of slot ``f"{schema.kind}:{schema.fingerprint()}"``
+    (keys ``<slot>/adapter.*``). A partner whose adapter was never shared (its schema differs
+    from its kind's) passes its own as ``local_adapter`` (keys ``adapter.*``). Raises
+    :class:`~fedpersona.errors.ConfigError` when a parameter is missing or has another shape.
+    """
+    section = card.get("model")
+    if not isinstance(section, Mapping):
+        raise ConfigError("the model card has no 'model' section with the encoder sizes")
+    try:
+        config = EncoderConfig(**section)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"the model card's 'model' section is not a valid encoder configuration ({exc})") from None
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
+        model = PersonaEncoder(layout_of(schema), config)
+    slot = f"{schema.kind}:{schema.fingerprint()}"
+    found: dict[str, np.ndarray] = {}
+    for name, value in arrays.items():
+        if name.startswith("trunk."):
+            found[name] = value
+        elif name.startswith(slot + "/"):
+            found[name[len(slot) + 1 :]] = value
+    for name, value in (local_adapter or {}).items():
+        if not name.startswith("adapter."):
+            raise ConfigError(f"local_adapter holds '{name}', which is not an adapter parameter")
+        found[name] = value
+    state = model.state_dict()
+    wanted = [name for name in state if parameter_scope(name) != "local"]
+    problems = []
+    missing = [name for name in wanted if name not in found]
+    if any(name.startswith("adapter.") for name in missing):
+        slots = sorted({name.split("/", 1)[0] for name in arrays if "/" in name})
+        problems.append(
+            f"the model holds no adapter for this schema's slot '{slot}' (slots in the model: "
+            f"{', '.join(slots) or 'none'}): the schema differs from the one trained with, or this "
+            "partner's adapter stayed local (pass it as local_adapter)"
+        )
+    if any(name.startswith("trunk.") for name in missing):
+        problems.append(f"the model lacks trunk parameter(s) {', '.join(n for n in missing if n.startswith('trunk.'))}")
+    unknown = sorted(name for name in found if name not in state)
+    if unknown:
+        problems.append(f"the model holds parameter(s) this encoder does not have: {', '.join(unknown[:5])}")
+    for name in wanted:
+        if name in found and tuple(np.shape(found[name])) != tuple(state[name].shape):
+            problems.append(
+                f"parameter '{name}' has shape {tuple(np.shape(found[name]))} in the model but "
+                f"{tuple(state[name].shape)} here (card model sizes: {section})"
+            )
+    if problems:
+        raise ConfigError("cannot load the persona model: " + "; ".join(problems))
+    for name in wanted:
+        state[name] = torch.as_tensor(np.asarray(found[name]), dtype=state[name].dtype).clone()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def assign_personas(
+    model: PersonaEncoder,
+    features: FeatureTensors,
+    prototypes: np.ndarray,
+    *,
+    batch_size: int = 1024,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(hard (n,) int64, probs (n, k) float32, z (n, d) float32)`` for every row of ``features``.
+
+    ``hard`` is the nearest prototype by cosine, ``probs`` the softmax of cosine / temperature
+    (see the module docstring), ``z`` the unit-norm embedding. Runs on the CPU.
+    """
+    return _encode(
+        model, features, _centres(prototypes, model), offset=0, batch_size=batch_size, temperature=temperature
+    )
+
+
+def infer_file(
+    *,
+    arrays: Mapping[str, np.ndarray],
+    card: Mapping[str, Any],
+    schema: Schema,
+    prototypes: np.ndarray,
+    data_path: str | Path,
+    out_path: str | Path,
+    chunk_rows: int = 100_000,
+    batch_size: int = 1024,
+    temperature: float = DEFAULT_TEMPERATURE,
+    include_embedding: bool = False,
+    local_adapter: Mapping[str, np.ndarray] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> InferenceSummary:
+    """Assign a persona to every user of ``data_path`` and write them to ``out_path``.
+
+    The input (CSV, optionally compressed, or Parquet; read as the schema says) is streamed
+    ``chunk_rows`` rows at a time; each chunk is validated with
+    :func:`~fedpersona.tables.validate_frame` (label columns are not needed; an error names
+    the chunk's data rows, and row numbers inside it count from the chunk's first row), then
+    featurized, embedded and assigned. An event log is aggregated to one row per user first,
+    which needs the whole file in memory. Output columns: the id column (or ``row``), then
+    ``persona``, ``p_0 .. p_{k-1}`` and with ``include_embedding`` ``z_0 .. z_{d-1}``; the
+    format follows the suffix of ``out_path`` (``.csv``, ``.parquet`` or ``.pq``). The file is
+    written under a temporary name in the same folder and renamed when complete; on any error
+    the temporary file is removed and ``out_path`` is left as it was. ``progress`` is called
+    with the number of rows done after each chunk.
+    """
+    data_path, out_path = Path(data_path), Path(out_path)
+    _check_int("chunk_rows", chunk_rows)
+    _check_int("batch_size", batch_size)
+    _check_temperature(temperature)
+    suffix = out_path.suffix.lower()
+    if suffix not in (".csv", *_PARQUET):
+        raise ConfigError(f"{out_path}: the output must end in .csv, .parquet or .pq")
+    if not out_path.parent.is_dir():
+        raise ConfigError(f"{out_path}: the folder {out_path.parent} does not exist")
+    model = load_encoder(arrays=arrays, card=card, schema=schema, local_adapter=local_adapter)
+    centres = _centres(prototypes, model)
+    k, dim = centres.shape[0], int(model.config.embed_dim)
+    id_name = schema.id_column or (schema.events.user if schema.events else None) or "row"
+    columns = [id_name, "persona", *(f"p_{j}" for j in range(k))]
+    columns += [f"z_{j}" for j in range(dim)] if include_embedding else []
+    reading = dataclasses.replace(schema, labels=(), min_rows=1)  # labels are not needed to infer
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    rows = chunks = 0
+    counts = np.zeros(k, dtype=np.int64)
+    seen: set[str] = set()
+    try:
+        with contextlib.ExitStack() as stack:
+            handle = stack.enter_context(open(tmp, "w", encoding="utf-8", newline="")) if suffix == ".csv" else None
+            writer: pq.ParquetWriter | None = None
+            for frame in _chunks(schema, data_path, chunk_rows):
+                source = f"{data_path} (data rows {rows + 1}-{rows + len(frame)})"
+                table = validate_frame(reading, frame, source=source)
+                ids = table.ids if schema.id_column or schema.events else _row_ids(rows, len(table))
+                _check_repeated(ids, seen, source, id_name, track=bool(schema.id_column or schema.events))
+                hard, probs, z = _encode(
+                    model, featurize(table), centres, offset=rows, batch_size=batch_size, temperature=temperature
+                )
+                out = _frame(columns, ids, hard, probs, z if include_embedding else None)
+                if handle is not None:
+                    out.to_csv(handle, header=chunks == 0, index=False, lineterminator="\n")
+                else:
+                    arrow = pa.Table.from_pandas(out, preserve_index=False)
+                    if writer is None:
+                        writer = stack.enter_context(pq.ParquetWriter(tmp, arrow.schema))
+                    writer.write_table(arrow)
+                counts += np.bincount(hard, minlength=k)
+                rows += len(table)
+                chunks += 1
+                logger.info("%s: %d rows assigned", data_path, rows)
+                if progress is not None:
+                    progress(rows)
+            if rows == 0:
+                raise SchemaError(str(data_path), ["the table has no data rows"])
+        _fsync(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %d users in %d chunk(s) to %s", rows, chunks, out_path)
+    return InferenceSummary(path=str(out_path), rows=rows, chunks=chunks, counts=tuple(int(c) for c in counts))
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+
+def _encode(
+    model: PersonaEncoder,
+    features: FeatureTensors,
+    centres: torch.Tensor,
+    *,
+    offset: int,
+    batch_size: int,
+    temperature: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hard assignments, probabilities and embeddings, in batches aligned to global rows."""
+    _check_int("batch_size", batch_size)
+    _check_temperature(temperature)
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError("persona inference runs on the CPU (for bit-for-bit reproducible output); move the model")
+    model.eval()
+    n = len(features)
+    k, dim = centres.shape[0], int(model.config.embed_dim)
+    hard = np.zeros(n, dtype=np.int64)
+    probs = np.zeros((n, k), dtype=np.float32)
+    z_out = np.zeros((n, dim), dtype=np.float32)
+    tensors = features.to("cpu")
+    start = 0
+    with torch.no_grad():
+        while start < n:
+            slot = (offset + start) % batch_size  # this row's position in its global batch
+            take = min(batch_size - slot, n - start)
+            rows = torch.arange(start, start + take)
+            index = torch.cat([rows[:1].repeat(slot), rows, rows[-1:].repeat(batch_size - slot - take)])
+            z = model.embed(tensors.batch(index)).to(torch.float32)  # (batch_size, d)
+            cos = z @ centres.T  # (batch_size, k)
+            p = torch.softmax(cos / temperature, dim=1)
+            window = slice(slot, slot + take)
+            hard[start : start + take] = torch.argmax(cos[window], dim=1).numpy()
+            probs[start : start + take] = p[window].numpy()
+            z_out[start : start + take] = z[window].numpy()
+            start += take
+    return hard, probs, z_out
+
+
+def _centres(prototypes: np.ndarray, model: PersonaEncoder) -> torch.Tensor:
+    centres = np.asarray(prototypes, dtype=np.float64)
+    dim = int(model.config.embed_dim)
+    if centres.ndim != 2 or centres.shape[0] < 1 or centres.shape[1] != dim:
+        raise ValueError(f"prototypes must have shape (k, {dim}) for this model, got {centres.shape}")
+    norms = np.linalg.norm(centres, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError("prototypes must be finite, non-zero vectors")
+    return torch.from_numpy((centres / norms).astype(np.float32))
+
+
+# --- reading and writing ----------------------------------------------------------------------
+
+
+def _chunks(schema: Schema, path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The file as frames of stripped strings, ``chunk_rows`` rows each (as tables.read_frame)."""
+    if schema.events is not None:
+        frame = read_frame(schema, path)  # one row per user needs every event of the user
+        for start in range(0, len(frame), chunk_rows):
+            yield frame.iloc[start : start + chunk_rows].reset_index(drop=True)
+        return
+    _check_file(path)
+    try:
+        if path.suffix.lower() in _PARQUET:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
+                raw = batch.to_pandas()
+                yield _stripped(pd.DataFrame({col: _as_str(raw[col]) for col in raw.columns}), schema)
+            return
+        reader = pd.read_csv(
+            path,
+            sep=schema.delimiter,
+            header=0 if schema.header else None,
+            dtype=str,
+            keep_default_na=False,
+            na_filter=False,
+            compression="infer",
+            encoding="utf-8-sig",
+            chunksize=chunk_rows,
+        )
+        with reader:
+            for frame in reader:
+                yield _stripped(frame, schema)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"cannot read data file {path}: the file is empty") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"cannot read data file {path}: it is not UTF-8 text ({exc})") from None
+    except (OSError, ValueError, EOFError, zlib.error, pa.ArrowException) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot read data file {path}: {reason}") from None
+
+
+def _stripped(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if not schema.header and schema.column_names is not None:
+        if frame.shape[1] != len(schema.column_names):
+            raise SchemaError(
+                schema.source,
+                [f"the file has {frame.shape[1]} columns but table.columns names {len(schema.column_names)}"],
+            )
+        frame.columns = list(schema.column_names)
+    for col in frame.columns:
+        frame[col] = frame[col].str.strip()
+    return frame.reset_index(drop=True)
+
+
+def _row_ids(done: int, n: int) -> np.ndarray:
+    return np.array([f"row-{i}" for i in range(done + 1, done + n + 1)], dtype=object)
+
+
+def _check_repeated(ids: np.ndarray, seen: set[str], source: str, id_name: str, *, track: bool) -> None:
+    """Ids must be unique across chunks too (validate_frame checks within one chunk)."""
+    if not track:
+        return
+    chunk = [str(i) for i in ids]
+    again = [i for i in chunk if i in seen]
+    if again:
+        raise SchemaError(
+            source,
+            [f"id column '{id_name}': {len(again)} id(s) already occurred in an earlier chunk, e.g. {again[0]!r}"],
+        )
+    seen.update(chunk)
+
+
+def _frame(
+    columns: list[str], ids: np.ndarray, hard: np.ndarray, probs: np.ndarray, z: np.ndarray | None
+) -> pd.DataFrame:
+    data: dict[str, Any] = {columns[0]: np.array([str(i) for i in ids], dtype=object), "persona": hard}
+    for j in range(probs.shape[1]):
+        data[f"p_{j}"] = probs[:, j]
+    if z is not None:
+        for j in range(z.shape[1]):
+            data[f"z_{j}"] = z[:, j]
+    return pd.DataFrame(data, columns=columns)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

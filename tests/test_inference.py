@@ -1,0 +1,227 @@
+"""Persona inference: streaming equals one pass, byte-identical reruns, nothing half-written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from fedpersona.clustering import init_prototypes
+from fedpersona.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.errors import ConfigError, DataError, SchemaError
+from fedpersona.features import featurize, layout_of
+from fedpersona.inference import assign_personas, infer_file, load_encoder
+from fedpersona.schema import Schema
+from fedpersona.synthetic import generate_frame, synthetic_schema
+from fedpersona.tables import validate_frame
+
+ROWS = 1200
+MODEL = {"token_dim": 16, "embed_dim": 8, "hidden": 16, "blocks": 1, "mask_rate": 0.3}
+
+
+class Published:
+    """A global model as the server publishes it: trunk.* and <kind>:<fingerprint>/adapter.*."""
+
+    def __init__(self, schema: Schema) -> None:
+        torch.manual_seed(0)
+        model = PersonaEncoder(layout_of(schema), EncoderConfig(**MODEL))
+        slot = f"{schema.kind}:{schema.fingerprint()}"
+        self.arrays: dict[str, np.ndarray] = {}
+        for name, value in model.state_dict().items():
+            if name.startswith("trunk."):
+                self.arrays[name] = value.numpy().copy()
+            elif name.startswith("adapter."):
+                self.arrays[f"{slot}/{name}"] = value.numpy().copy()
+        self.arrays["finance:0123456789abcdef/adapter.cat.weight"] = np.zeros((3, 16), np.float32)  # another slot
+        self.card: dict[str, Any] = {"version": 1, "model": dict(MODEL), "slots": [slot]}
+        self.prototypes = init_prototypes(4, MODEL["embed_dim"], generator=np.random.default_rng(1))
+
+
+@pytest.fixture(scope="module")
+def schema() -> Schema:
+    return synthetic_schema("ecommerce")
+
+
+@pytest.fixture(scope="module")
+def published(schema: Schema) -> Published:
+    return Published(schema)
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return generate_frame("ecommerce", ROWS, rng=np.random.default_rng(0))[0]
+
+
+@pytest.fixture
+def data(tmp_path: Path, frame: pd.DataFrame) -> Path:
+    path = tmp_path / "users.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def run(published: Published, schema: Schema, data: Path, out: Path, **options: Any) -> Path:
+    infer_file(
+        arrays=published.arrays, card=published.card, schema=schema, prototypes=published.prototypes,
+        data_path=data, out_path=out, **options,
+    )  # fmt: skip
+    return out
+
+
+def test_streaming_in_chunks_writes_the_same_bytes_as_one_chunk(
+    tmp_path: Path, published: Published, schema: Schema, data: Path
+) -> None:
+    whole = run(published, schema, data, tmp_path / "whole.csv", chunk_rows=10**6, include_embedding=True)
+    for chunk_rows in (97, 500):
+        chunked = run(
+            published, schema, data, tmp_path / f"c{chunk_rows}.csv", chunk_rows=chunk_rows, include_embedding=True
+        )
+        assert chunked.read_bytes() == whole.read_bytes()
+    written = pd.read_csv(whole)
+    assert list(written.columns[:6]) == ["user_id", "persona", "p_0", "p_1", "p_2", "p_3"]
+    assert list(written.columns[6:]) == [f"z_{j}" for j in range(8)]
+    assert len(written) == ROWS and written["user_id"].is_unique
+
+
+def test_two_runs_write_identical_bytes(tmp_path: Path, published: Published, schema: Schema, data: Path) -> None:
+    for name in ("a.csv", "b.parquet"):
+        first = run(published, schema, data, tmp_path / f"1-{name}", chunk_rows=300).read_bytes()
+        second = run(published, schema, data, tmp_path / f"2-{name}", chunk_rows=300).read_bytes()
+        assert first == second
+
+
+def test_parquet_input_and_output_hold_the_same_assignments(
+    tmp_path: Path, published: Published, schema: Schema, data: Path, frame: pd.DataFrame
+) -> None:
+    parquet_in = tmp_path / "users.parquet"
+    frame.to_parquet(parquet_in)
+    csv_out = run(published, schema, data, tmp_path / "from-csv.csv")
+    assert run(published, schema, parquet_in, tmp_path / "from-pq.csv", chunk_rows=250).read_bytes() == (
+        csv_out.read_bytes()
+    )
+    one = pd.read_parquet(run(published, schema, data, tmp_path / "one.parquet", chunk_rows=10**6))
+    many = pd.read_parquet(run(published, schema, parquet_in, tmp_path / "many.parquet", chunk_rows=111))
+    pd.testing.assert_frame_equal(one, many)
+    assert one["p_0"].dtype == np.float32
+
+
+def test_file_output_equals_in_memory_assignment_and_the_softmax_formula(
+    tmp_path: Path, published: Published, schema: Schema, data: Path, frame: pd.DataFrame
+) -> None:
+    out = pd.read_parquet(
+        run(published, schema, data, tmp_path / "out.parquet", chunk_rows=333, include_embedding=True)
+    )
+    model = load_encoder(arrays=published.arrays, card=published.card, schema=schema)
+    table = validate_frame(schema, frame, source="memory")
+    hard, probs, z = assign_personas(model, featurize(table), published.prototypes, temperature=0.1)
+    np.testing.assert_array_equal(out["persona"].to_numpy(), hard)
+    np.testing.assert_array_equal(out[[f"p_{j}" for j in range(4)]].to_numpy(), probs)
+    np.testing.assert_array_equal(out[[f"z_{j}" for j in range(8)]].to_numpy(), z)
+    # Independent check of the documented formula: p = softmax(cos / 0.1), hard = argmax.
+    centres = published.prototypes / np.linalg.norm(published.prototypes, axis=1, keepdims=True)
+    cos = z.astype(np.float64) @ centres.T
+    expected = np.exp((cos - cos.max(1, keepdims=True)) / 0.1)
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+    np.testing.assert_array_equal(hard, np.argmax(cos, axis=1))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    # A lower temperature sharpens the probabilities but never changes the hard assignment.
+    hard_cold, probs_cold, _ = assign_personas(model, featurize(table), published.prototypes, temperature=0.01)
+    np.testing.assert_array_equal(hard_cold, hard)
+    assert np.all(probs_cold.max(1) >= probs.max(1) - 1e-6)
+
+
+def test_labels_are_not_needed_and_progress_is_reported(
+    tmp_path: Path, published: Published, schema: Schema, frame: pd.DataFrame
+) -> None:
+    path = tmp_path / "no-labels.csv"
+    frame.drop(columns=["purchased"]).to_csv(path, index=False)
+    seen: list[int] = []
+    summary = infer_file(
+        arrays=published.arrays, card=published.card, schema=schema, prototypes=published.prototypes,
+        data_path=path, out_path=tmp_path / "out.csv", chunk_rows=500, progress=seen.append,
+    )  # fmt: skip
+    assert seen == [500, 1000, 1200]
+    assert (summary.rows, summary.chunks, sum(summary.counts)) == (ROWS, 3, ROWS)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_bad_row_in_a_late_chunk_leaves_no_output(
+    tmp_path: Path, published: Published, schema: Schema, frame: pd.DataFrame
+) -> None:
+    bad = frame.astype({"sessions_30d": object})
+    bad.loc[1100, "sessions_30d"] = "many"
+    path = tmp_path / "bad.csv"
+    bad.to_csv(path, index=False)
+    out = tmp_path / "out" / "personas.csv"
+    out.parent.mkdir()
+    with pytest.raises(SchemaError, match=r"data rows 1001-1200.*'sessions_30d'.*are not numbers"):
+        run(published, schema, path, out, chunk_rows=500)
+    assert not out.exists() and leftovers(out.parent) == []
+    # An earlier result stays exactly as it was.
+    out.write_text("previous result\n")
+    with pytest.raises(SchemaError):
+        run(published, schema, path, out, chunk_rows=500)
+    assert out.read_text() == "previous result\n" and leftovers(out.parent) == []
+
+
+def test_unreadable_or_inconsistent_files_are_user_errors(
+    tmp_path: Path, published: Published, schema: Schema, frame: pd.DataFrame
+) -> None:
+    out = tmp_path / "out.parquet"
+    with pytest.raises(DataError, match="does not exist"):
+        run(published, schema, tmp_path / "missing.csv", out)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        run(published, schema, empty, out)
+    header_only = tmp_path / "header.csv"
+    frame.head(0).to_csv(header_only, index=False)
+    with pytest.raises(SchemaError, match="no data rows"):
+        run(published, schema, header_only, out)
+    repeated = tmp_path / "repeated.csv"
+    pd.concat([frame.head(300), frame.head(10)]).to_csv(repeated, index=False)
+    with pytest.raises(SchemaError, match="already occurred in an earlier chunk"):
+        run(published, schema, repeated, out, chunk_rows=100)
+    no_column = tmp_path / "no-column.csv"
+    frame.drop(columns=["device"]).to_csv(no_column, index=False)
+    with pytest.raises(SchemaError, match="missing column"):
+        run(published, schema, no_column, out)
+    assert not out.exists() and leftovers(tmp_path) == []
+    with pytest.raises(ConfigError, match=r"\.csv, \.parquet or \.pq"):
+        run(published, schema, no_column, tmp_path / "out.xlsx")
+
+
+def test_loading_checks_the_slot_and_the_sizes(published: Published, schema: Schema) -> None:
+    other = synthetic_schema("finance")
+    with pytest.raises(ConfigError, match=r"no adapter for this schema's slot 'finance:[0-9a-f]{16}'"):
+        load_encoder(arrays=published.arrays, card=published.card, schema=other)
+    with pytest.raises(ConfigError, match="has shape"):
+        load_encoder(arrays=published.arrays, card={"model": {**MODEL, "hidden": 32}}, schema=schema)
+    with pytest.raises(ConfigError, match=r"does not have: trunk\.blocks\.0"):
+        load_encoder(arrays=published.arrays, card={"model": {**MODEL, "blocks": 0}}, schema=schema)
+    with pytest.raises(ConfigError, match="not a valid encoder configuration"):
+        load_encoder(arrays=published.arrays, card={"model": {**MODEL, "layers": 3}}, schema=schema)
+    # A partner whose adapter stayed local brings its own.
+    slot = f"{schema.kind}:{schema.fingerprint()}/"
+    trunk_only = {n: v for n, v in published.arrays.items() if n.startswith("trunk.")}
+    adapter = {n[len(slot) :]: v for n, v in published.arrays.items() if n.startswith(slot)}
+    model = load_encoder(arrays=trunk_only, card=published.card, schema=schema, local_adapter=adapter)
+    reference = load_encoder(arrays=published.arrays, card=published.card, schema=schema)
+    for name, value in reference.state_dict().items():
+        if name.startswith(("trunk.", "adapter.")):
+            assert torch.equal(model.state_dict()[name], value)
+
+
+def test_loading_leaves_the_global_torch_rng_alone(published: Published, schema: Schema) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    load_encoder(arrays=published.arrays, card=published.card, schema=schema)
+    assert torch.equal(torch.rand(3), expected)
