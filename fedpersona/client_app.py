@@ -39,11 +39,14 @@ from fedpersona.messages import arrays_of, config_of, decode_settings, encode_ar
 from fedpersona.partner import (
     RoundOutcome,
     build_model,
+    cluster_round,
     evaluate_round,
     load_partner_data,
     load_plan,
     partner_schema,
+    persona_round,
     shared_names,
+    spent_epsilon,
     train_round,
 )
 from fedpersona.privacy import PrivacyLedger
@@ -121,9 +124,14 @@ def _last_ledger_seq(cfg: PartnerConfig) -> int | None:
 def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Describe this partner: kind, schema fingerprint, public row count and noise plan."""
     _, training = decode_settings(config_of(msg))
-    rounds = int(config_of(msg)["num_rounds"])
+    config = config_of(msg)
+    rounds = int(config["num_rounds"])
     data = load_partner_data(cfg, device=pick_device(training.device))
-    plan = load_plan(cfg, data, training, rounds)
+    plan = load_plan(
+        cfg, data, training, rounds,
+        kmeans_rounds=int(config.get("kmeans_rounds", 0)),
+        kmeans_noise=float(config["kmeans_noise"]) if config.get("kmeans_rounds") else None,
+    )  # fmt: skip
     schema = partner_schema(cfg)
     info: dict[str, Any] = {
         "name": cfg.name,
@@ -287,6 +295,51 @@ def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(public)})
 
 
+def _kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """One DP k-means release: noisy per-prototype sums and counts (charged first)."""
+    config = config_of(msg)
+    model_cfg, training = decode_settings(config)
+    stats = cluster_round(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        training=training,
+        received=arrays_of(msg),
+        prototypes=msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64),
+        server_round=int(config["round"]),
+        seed=int(config["seed"]),
+    )
+    metrics: dict[str, Any] = {"noise_std": stats.noise_std}
+    epsilon = spent_epsilon(cfg)
+    if epsilon is not None:
+        metrics["epsilon"] = epsilon
+    sums = stats.sums.astype(np.float32)
+    counts = stats.counts.astype(np.float32)
+    return RecordDict(
+        {"stats": ArrayRecord({"sums": Array(sums), "counts": Array(counts)}), "metrics": MetricRecord(metrics)}
+    )
+
+
+def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Assign users to the global personas and write the persona cards locally."""
+    config = config_of(msg)
+    model_cfg, training = decode_settings(config)
+    metrics = persona_round(
+        cfg=cfg,
+        model_cfg=model_cfg,
+        training=training,
+        received=arrays_of(msg),
+        prototypes=msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64),
+        seed=int(config["seed"]),
+    )
+    public: dict[str, Any] = {}
+    epsilon = spent_epsilon(cfg)
+    if epsilon is not None:
+        public["epsilon"] = epsilon
+    if cfg.share_eval_metrics:
+        public.update({k: float(v) for k, v in metrics.items()})
+    return RecordDict({"metrics": MetricRecord(public)})
+
+
 def build_client_app(run_dir: str | None = None) -> ClientApp:
     """A ClientApp; ``run_dir`` lets a simulation point partitions at its partner configs."""
     client = ClientApp()
@@ -297,6 +350,8 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
     client.query("secagg_share_keys")(_guarded(_secagg_share_keys, run_dir))
     client.train("secagg")(_guarded(_secagg_train, run_dir))
     client.query("secagg_unmask")(_guarded(_secagg_unmask, run_dir))
+    client.query("kmeans")(_guarded(_kmeans, run_dir))
+    client.query("personas")(_guarded(_personas, run_dir))
     return client
 
 

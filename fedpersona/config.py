@@ -53,6 +53,9 @@ class FederationSettings:
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     global_weighting: str = "kind_balanced"
+    personas: int = 8
+    kmeans_rounds: int = 6
+    kmeans_noise: float = 10.0
     seed: int = 0
     round_timeout: float = 600.0
     secure_aggregation: bool = False
@@ -67,6 +70,14 @@ class FederationSettings:
             raise ConfigError(f"federation.min_partners must be an integer >= 1, got {self.min_partners!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"federation.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.personas, bool) or not isinstance(self.personas, int) or self.personas < 0:
+            raise ConfigError(f"federation.personas must be an integer >= 0 (0 = no clustering), got {self.personas!r}")
+        if isinstance(self.kmeans_rounds, bool) or not isinstance(self.kmeans_rounds, int) or self.kmeans_rounds < 1:
+            raise ConfigError(f"federation.kmeans_rounds must be an integer >= 1, got {self.kmeans_rounds!r}")
+        if not isinstance(self.kmeans_noise, int | float) or not (
+            math.isfinite(self.kmeans_noise) and self.kmeans_noise > 0
+        ):
+            raise ConfigError(f"federation.kmeans_noise must be a finite number > 0, got {self.kmeans_noise!r}")
         problems = []
         if not isinstance(self.secure_aggregation, bool):
             problems.append(f"federation.secure_aggregation must be true or false, got {self.secure_aggregation!r}")

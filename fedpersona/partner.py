@@ -24,14 +24,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import adjusted_rand_score
 
+from fedpersona.clustering import (
+    ClusterStats,
+    charge_kmeans_round,
+    local_cluster_stats,
+    nearest_prototype,
+    plan_with_reserve,
+)
 from fedpersona.config import PartnerConfig
 from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
 from fedpersona.errors import ConfigError
-from fedpersona.evaluation import evaluate
+from fedpersona.evaluation import embed_all, evaluate
 from fedpersona.features import FeatureTensors, featurize
 from fedpersona.privacy import PrivacyLedger, plan_noise, sample_rate_for
-from fedpersona.schema import Schema, load_schema
+from fedpersona.schema import Schema, SequenceFeature, load_schema
 from fedpersona.tables import Table, load_table
 from fedpersona.training import LocalResult, TrainingSettings, pick_device, train_locally
 
@@ -73,6 +81,8 @@ class PrivacyPlan:
     delta: float
     accountant: str
     max_grad_norm: float
+    kmeans_rounds: int = 0
+    kmeans_noise: float | None = None
 
 
 def partner_schema(cfg: PartnerConfig) -> Schema:
@@ -135,10 +145,21 @@ def build_model(data: PartnerData, model_cfg: EncoderConfig, *, seed: int, devic
     return model.to(device)
 
 
-def load_plan(cfg: PartnerConfig, data: PartnerData, training: TrainingSettings, rounds: int) -> PrivacyPlan:
+def load_plan(
+    cfg: PartnerConfig,
+    data: PartnerData,
+    training: TrainingSettings,
+    rounds: int,
+    *,
+    kmeans_rounds: int = 0,
+    kmeans_noise: float | None = None,
+) -> PrivacyPlan:
     """The partner's noise plan: read from disk, or made now from its budget and saved.
 
     The plan covers ALL planned rounds x local epochs x steps; it is never re-made per round.
+    When the federation clusters personas (``kmeans_rounds`` Gaussian releases of noise
+    ``kmeans_noise``), that reserve is planned in too: DP-SGD gets the noise that keeps the
+    composition of both within the target.
     """
     path = Path(cfg.state_dir) / "plan.json"
     if path.exists():
@@ -149,14 +170,17 @@ def load_plan(cfg: PartnerConfig, data: PartnerData, training: TrainingSettings,
     q = sample_rate_for(rows, training.batch_size)
     steps = training.steps_per_round(rows)
     p = cfg.privacy
-    sigma = (
-        plan_noise(
+    sigma: float | None = None
+    if p.private and kmeans_rounds and kmeans_noise:
+        sigma = plan_with_reserve(
+            target_epsilon=p.target_epsilon, delta=p.delta, sgd_sample_rate=q, sgd_steps=steps * rounds,
+            kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise, accountant=p.accountant,
+        )  # fmt: skip
+    elif p.private:
+        sigma = plan_noise(
             target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
             steps=steps * rounds, accountant=p.accountant,
-        )
-        if p.private
-        else None
-    )  # fmt: skip
+        )  # fmt: skip
     if p.private and p.delta >= 1.0 / rows:
         logger.warning(
             "%s: delta %.3g is not below 1/n = %.3g; a guarantee with such a delta is weak",
@@ -172,6 +196,8 @@ def load_plan(cfg: PartnerConfig, data: PartnerData, training: TrainingSettings,
         delta=p.delta,
         accountant=p.accountant,
         max_grad_norm=p.max_grad_norm,
+        kmeans_rounds=kmeans_rounds,
+        kmeans_noise=kmeans_noise,
     )
     _atomic_write(path, json.dumps(asdict(plan), indent=2).encode())
     return plan
@@ -316,3 +342,109 @@ def spent_epsilon(cfg: PartnerConfig) -> float | None:
     if not cfg.privacy.private:
         return None
     return PrivacyLedger(cfg.state_dir, settings=cfg.privacy).epsilon()
+
+
+def _global_model(
+    cfg: PartnerConfig, model_cfg: EncoderConfig, training: TrainingSettings, received: dict[str, np.ndarray], seed: int
+) -> tuple[PartnerData, PersonaEncoder]:
+    device = pick_device(training.device)
+    data = load_partner_data(cfg, device=device)
+    model = build_model(data, model_cfg, seed=seed, device=device)
+    _load_local(model, cfg.state_dir)
+    _apply_received(model, received)
+    return data, model
+
+
+def cluster_round(
+    *,
+    cfg: PartnerConfig,
+    model_cfg: EncoderConfig,
+    training: TrainingSettings,
+    received: dict[str, np.ndarray],
+    prototypes: np.ndarray,
+    server_round: int,
+    seed: int,
+) -> ClusterStats:
+    """One federated DP k-means step: noisy per-prototype sums and counts of the training
+    rows' embeddings under the global model, charged to the ledger before it is computed."""
+    data, model = _global_model(cfg, model_cfg, training, received, seed)
+    plan = load_plan(cfg, data, training, 1)
+    noise = 0.0
+    if plan.private:
+        if not plan.kmeans_noise:
+            raise ConfigError(
+                f"{cfg.name}: this partner's noise plan reserved no budget for persona clustering "
+                "(it was planned before the federation announced clustering); it refuses the release"
+            )
+        noise = float(plan.kmeans_noise)
+        charge_kmeans_round(
+            PrivacyLedger(cfg.state_dir, settings=cfg.privacy), round=server_round, noise_multiplier=noise
+        )
+    z = embed_all(model, data.train)
+    rng = np.random.default_rng(_seed_for(seed, cfg.name, server_round, "kmeans"))
+    return local_cluster_stats(z, prototypes, noise_multiplier=noise, rng=rng)
+
+
+def persona_round(
+    *,
+    cfg: PartnerConfig,
+    model_cfg: EncoderConfig,
+    training: TrainingSettings,
+    received: dict[str, np.ndarray],
+    prototypes: np.ndarray,
+    seed: int,
+    min_users: int = 10,
+) -> dict[str, Any]:
+    """Assign every user to a persona and write this partner's persona cards, locally.
+
+    Nothing here is sent: the cards (``state_dir/personas.json``) stay at the partner. The
+    returned metrics are held-out evaluation metrics (opt-in, not DP) for the server.
+    """
+    from fedpersona.personas import persona_cards
+
+    data, model = _global_model(cfg, model_cfg, training, received, seed)
+    all_rows = featurize(data.table).to(data.train.tensors["scalar"].device)
+    z = embed_all(model, all_rows)
+    assignments = nearest_prototype(z, prototypes)
+    k = int(prototypes.shape[0])
+    category = None
+    if cfg.kind == "ecommerce":
+        category = next(
+            (f.name for f in data.schema.features if isinstance(f, SequenceFeature) and f.element == "categorical"),
+            None,
+        )
+    cards = persona_cards(
+        data.table,
+        assignments,
+        k=k,
+        rng=np.random.default_rng(_seed_for(seed, cfg.name, "cards")),
+        min_users=min_users,
+        category_feature=category,
+    )
+    path = Path(cfg.state_dir) / "personas.json"
+    _atomic_write(
+        path,
+        json.dumps(
+            {"partner": cfg.name, "kind": cfg.kind, "k": k, "cards": [c.to_dict() for c in cards]},
+            indent=2,
+            default=str,
+        ).encode(),
+    )
+    metrics: dict[str, Any] = {"personas_found": len(np.unique(assignments))}
+    if data.personas_test is not None:
+        truth = _synthetic_personas(cfg)
+        if truth is not None and len(truth) == len(assignments):
+            metrics["persona_ari"] = float(adjusted_rand_score(truth, assignments))
+    fidelity = [c.fidelity for c in cards if c.fidelity is not None]
+    if fidelity:
+        metrics["surrogate_fidelity"] = float(fidelity[0])
+    return metrics
+
+
+def _synthetic_personas(cfg: PartnerConfig) -> np.ndarray | None:
+    if cfg.data is not None:
+        return None
+    from fedpersona.synthetic import generate_silo
+
+    mix = np.asarray(cfg.synthetic_mix) if cfg.synthetic_mix is not None else None
+    return generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix).persona

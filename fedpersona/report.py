@@ -46,8 +46,14 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The last evaluated round of each partner."""
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
-        last[row["partner"]] = row
+        if "phase" not in row:
+            last[row["partner"]] = row
     return [last[k] for k in sorted(last)]
+
+
+def persona_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each partner's persona-assignment row (after DP k-means), if the run clustered."""
+    return sorted((r for r in rows if r.get("phase") == "personas"), key=lambda r: r["partner"])
 
 
 def _cell(value: Any) -> str:
@@ -112,6 +118,30 @@ def write_report(run_dir: str | Path) -> Path:
         f"<td>{html.escape(str(p.get('accountant')))}</td></tr>"
         for name, p in sorted(privacy.get("partners", {}).items())
     )
+    personas_path = run_dir / "personas.json"
+    persona_html = ""
+    if personas_path.exists():
+        personas = json.loads(personas_path.read_text())
+        share_rows = "".join(
+            f"<tr><td>{html.escape(kind)}</td>" + "".join(f"<td>{100 * s:.1f}%</td>" for s in shares) + "</tr>"
+            for kind, shares in sorted(personas.get("shares_by_kind", {}).items())
+        )
+        head_p = "".join(f"<th>P{i}</th>" for i in range(int(personas.get("k", 0))))
+        local = "".join(
+            f"<tr><td>{html.escape(r['partner'])}</td><td>{_cell(r.get('personas_found', math.nan))}</td>"
+            f"<td>{_cell(r.get('surrogate_fidelity', math.nan))}</td>"
+            f"<td>{_cell(r.get('persona_ari', math.nan))}</td></tr>"
+            for r in persona_rows(rows)
+        )
+        persona_html = (
+            f"<h2>Personas</h2><p>{int(personas.get('k', 0))} global personas from "
+            f"{int(personas.get('rounds', 0))} rounds of federated DP k-means. Shares per kind come from "
+            "DP-noised counts only. Each partner's persona cards stay at the partner "
+            "(<code>partners/&lt;name&gt;/state/personas.json</code> in a simulation).</p>"
+            f"<table><tr><th>kind</th>{head_p}</tr>{share_rows}</table>"
+            "<table><tr><th>partner</th><th>personas among its users</th><th>surrogate fidelity</th>"
+            f"<th>ARI vs ground truth</th></tr>{local}</table>"
+        )
     plots = []
     for key, title in (
         ("epsilon", "cumulative epsilon per partner"),
@@ -141,6 +171,7 @@ figure {{ display: inline-block; margin: 0.5em; }}
 <h2>Privacy spent</h2>
 <table><tr><th>partner</th><th>kind</th><th>epsilon</th><th>target</th><th>delta</th>
 <th>noise</th><th>sample rate</th><th>steps</th><th>accountant</th></tr>{priv_rows}</table>
+{persona_html}
 <h2>Training curves</h2>
 {"".join(plots)}
 </body></html>

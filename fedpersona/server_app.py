@@ -26,12 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.artifacts import generate_signing_key, save_model
 from fedpersona.client_app import ERROR_BUDGET
+from fedpersona.clustering import ClusterStats, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
 from fedpersona.errors import ConfigError
@@ -136,8 +138,14 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             f"federation.min_partners is {fed.min_partners}"
         )
 
+    clustering = fed.personas > 0
+    kmeans_rounds = fed.kmeans_rounds if clustering else 0
+
     def config(**extra: Any) -> ConfigRecord:
-        return encode_settings(settings.model, settings.training, num_rounds=fed.rounds, seed=fed.seed, **extra)
+        return encode_settings(
+            settings.model, settings.training, num_rounds=fed.rounds, seed=fed.seed,
+            kmeans_rounds=kmeans_rounds, kmeans_noise=float(fed.kmeans_noise), **extra,
+        )  # fmt: skip
 
     partners: dict[int, _Partner] = {}
     replies = grid.send_and_receive(
@@ -192,11 +200,22 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
                 handle.write(json.dumps(row) + "\n")
         if on_round is not None:
             on_round(rnd, rows)
+    personas: dict[str, Any] | None = None
+    if clustering and completed:
+        personas = _cluster_personas(grid, aggregator, partners, fed, config, settings.model.embed_dim)
+        if personas is not None:
+            rows = _persona_metrics(grid, aggregator, partners, personas, completed, config)
+            with metrics_path.open("a", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row) + "\n")
+            tmp = run_dir / "personas.json.tmp"
+            tmp.write_text(json.dumps({k: v for k, v in personas.items() if k != "centres"}, indent=2))
+            tmp.replace(run_dir / "personas.json")
     _write_privacy(run_dir, partners)
     if aborted and not completed:
         logger.error("no round completed; no model is published")
     else:
-        _publish(run_dir, aggregator, partners, settings, completed)
+        _publish(run_dir, aggregator, partners, settings, completed, personas)
     return FederationResult(
         rounds_completed=completed,
         partners={p.info["name"]: p.info for p in partners.values()},
@@ -433,12 +452,140 @@ def _write_privacy(run_dir: Path, partners: dict[int, _Partner]) -> None:
     tmp.replace(run_dir / "privacy.json")
 
 
+def _cluster_personas(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    fed: FederationSettings,
+    config: Callable[..., ConfigRecord],
+    dim: int,
+) -> dict[str, Any] | None:
+    """Federated DP k-means on the partners' embeddings (see :mod:`fedpersona.clustering`).
+
+    Each round every active partner releases noisy per-prototype sums and counts (charged to
+    its ledger first); the server only ever combines noisy releases. Schedule: half the rounds
+    with ``3 x K`` prototypes, a server-side reduction to ``K``, then the rest with ``K``.
+    The persona shares per kind come from the last round's noisy counts (post-processing).
+    """
+    rng = np.random.default_rng([fed.seed, 7])
+    k = fed.personas
+    summary = fed.kmeans_rounds // 2
+    prototypes = init_prototypes(3 * k if summary else k, dim, generator=rng)
+    stats: dict[int, ClusterStats] = {}
+    for r in range(fed.kmeans_rounds):
+        rnd = fed.rounds + 1 + r
+        active = {n: p for n, p in partners.items() if p.active}
+        contents = {
+            n: RecordDict(
+                {
+                    "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
+                    "prototypes": encode_arrays({"centres": prototypes.astype(np.float32)}),
+                    "config": config(round=rnd, adapter_shared=p.slot is not None),
+                }
+            )
+            for n, p in active.items()
+        }
+        stats = {}
+        for reply in grid.send_and_receive(
+            _messages(grid, "query.kmeans", contents, str(rnd)), timeout=fed.round_timeout
+        ):
+            p = partners[reply.metadata.src_node_id]
+            if reply.has_error():
+                _failed(p, reply, rnd)
+                continue
+            released = reply.content.array_records["stats"]
+            metrics = metrics_of(reply)
+            if "epsilon" in metrics:
+                p.epsilon = float(metrics["epsilon"])
+            stats[p.node_id] = ClusterStats(
+                sums=released["sums"].numpy().astype(np.float64),
+                counts=released["counts"].numpy().astype(np.float64),
+                noise_std=float(metrics.get("noise_std", 0.0)),
+            )
+        if len(stats) < fed.min_partners:
+            logger.error("persona clustering stopped: %d partner(s) replied in round %d", len(stats), rnd)
+            return None
+        if r == summary - 1:
+            try:
+                prototypes = reduce_prototypes(list(stats.values()), k=k, generator=rng)
+            except ValueError as exc:
+                # Too few prototypes rose above the noise floor to summarise them: keep the k
+                # with the largest noisy counts (post-processing of the same releases).
+                logger.warning("persona clustering: %s; keeping the %d largest prototypes", exc, k)
+                updated = update_prototypes(prototypes, list(stats.values()), reseed=rng)
+                counts = np.sum([s.counts for s in stats.values()], axis=0)
+                prototypes = updated[np.argsort(-counts, kind="stable")[:k]]
+        else:
+            prototypes = update_prototypes(prototypes, list(stats.values()), reseed=rng)
+    shares: dict[str, list[float]] = {}
+    for node, st in stats.items():
+        kind = str(partners[node].info["kind"])
+        counts = np.maximum(st.counts, 0.0)
+        acc = np.asarray(shares.get(kind, np.zeros(len(counts))))
+        shares[kind] = list(acc + counts)
+    by_kind = {kind: [c / max(1e-9, sum(v)) for c in v] for kind, v in shares.items()}
+    present = {kind: [i for i, s in enumerate(v) if s >= 0.02] for kind, v in by_kind.items()}
+    logger.info("personas: %d prototypes after %d DP k-means rounds", len(prototypes), fed.kmeans_rounds)
+    return {
+        "k": len(prototypes),
+        "rounds": fed.kmeans_rounds,
+        "noise_multiplier": fed.kmeans_noise,
+        "prototypes": prototypes.astype(float).tolist(),
+        "shares_by_kind": by_kind,
+        "personas_by_kind": present,
+        "note": "shares come from DP-noised counts only (charged to every partner's ledger)",
+    }
+
+
+def _persona_metrics(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    personas: dict[str, Any],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+) -> list[dict[str, Any]]:
+    """Ask each partner to assign its users and write its persona cards locally."""
+    prototypes = np.asarray(personas["prototypes"], dtype=np.float32)
+    active = {n: p for n, p in partners.items() if p.active}
+    contents = {
+        n: RecordDict(
+            {
+                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
+                "prototypes": encode_arrays({"centres": prototypes}),
+                "config": config(round=rnd, adapter_shared=p.slot is not None),
+            }
+        )
+        for n, p in active.items()
+    }
+    rows = []
+    for reply in grid.send_and_receive(_messages(grid, "query.personas", contents, str(rnd)), timeout=3600):
+        p = partners[reply.metadata.src_node_id]
+        if reply.has_error():
+            logger.warning("persona cards at %s failed: %s", p.info["name"], reply.error.reason)
+            continue
+        metrics = metrics_of(reply)
+        row = {
+            "round": rnd,
+            "partner": p.info["name"],
+            "kind": p.info["kind"],
+            "rows": p.info["rows"],
+            "epsilon": p.epsilon,
+            "private": bool(p.info["private"]),
+            "phase": "personas",
+        }
+        row.update({k: float(v) for k, v in metrics.items() if k != "epsilon"})
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["partner"])
+
+
 def _publish(
     run_dir: Path,
     aggregator: ScopedAggregator,
     partners: dict[int, _Partner],
     settings: ServerSettings,
     rounds: int,
+    personas: dict[str, Any] | None = None,
 ) -> None:
     key_path = run_dir / "keys" / "model-signing.key"
     from cryptography.hazmat.primitives import serialization
@@ -456,6 +603,7 @@ def _publish(
         "rounds": rounds,
         "model": {k: getattr(settings.model, k) for k in settings.model.__dataclass_fields__},
         "slots": sorted(aggregator.adapters),
+        "prototypes": personas["prototypes"] if personas else None,
         "partners": {
             p.info["name"]: {
                 "kind": p.info["kind"],
@@ -478,6 +626,11 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         nonlocal settings
+        if settings is None and context.run_config.get("federation-config"):  # fedpersona server start
+            from fedpersona.deploy import load_federation_config, server_settings
+
+            federation = load_federation_config(str(context.run_config["federation-config"]))
+            settings = server_settings(federation, run_dir=str(context.run_config["run-dir"]))
         if settings is None:
             scenario = load_scenario(str(context.run_config["scenario"]))
             settings = ServerSettings(

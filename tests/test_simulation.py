@@ -16,6 +16,8 @@ SCENARIO = """
 [federation]
 rounds = 2
 min_partners = 2
+personas = 4
+kmeans_rounds = 2
 [model]
 token_dim = 16
 embed_dim = 16
@@ -61,7 +63,11 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "round 2:" in done.stdout and "shop-1" in done.stdout and "label AUC" in done.stdout
 
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    all_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in all_rows if "phase" not in r]
+    persona_rows = [r for r in all_rows if r.get("phase") == "personas"]
+    assert sorted(r["partner"] for r in persona_rows) == ["bank-1", "clinic-1", "shop-1", "shop-2"]
+    assert all(0.0 <= r["surrogate_fidelity"] <= 1.0 and r["personas_found"] >= 1 for r in persona_rows)
     assert sorted({(r["round"], r["partner"]) for r in rows}) == [
         (rnd, p) for rnd in (1, 2) for p in ("bank-1", "clinic-1", "shop-1", "shop-2")
     ]
@@ -87,12 +93,16 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     for name, entry in privacy.items():
         assert entry["epsilon"] <= entry["target_epsilon"] == 2.0
         assert entry["accountant"] == "prv" and entry["noise_multiplier"] > 0
-        assert entry["epsilon"] == pytest.approx(by_partner[name]["epsilon"])
+        assert entry["epsilon"] > by_partner[name]["epsilon"]  # clustering spent the reserve
         ledger = out / "partners" / name / "state" / "ledger.jsonl"
-        assert len(ledger.read_text().splitlines()) == 2
+        assert entry["epsilon"] == pytest.approx(json.loads(ledger.read_text().splitlines()[-1])["epsilon_after"])
+        mechanisms = [json.loads(x)["mechanism"] for x in ledger.read_text().splitlines()]
+        assert mechanisms == ["dp-sgd", "dp-sgd", "dp-kmeans", "dp-kmeans"]
+        cards = json.loads((out / "partners" / name / "state" / "personas.json").read_text())
+        assert cards["k"] == 4 and len(cards["cards"]) == 4
         # the ledger follows the plan fixed before round 1, and privacy plan predicted it
         plan = json.loads((out / "partners" / name / "state" / "plan.json").read_text())
-        entries = [json.loads(x) for x in ledger.read_text().splitlines()]
+        entries = [json.loads(x) for x in ledger.read_text().splitlines() if '"dp-sgd"' in x]
         assert {(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries} == {
             (plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"])
         }
@@ -103,11 +113,17 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
         assert entry["noise_multiplier"] == plan["noise_multiplier"]
     shown = _cli("privacy", "ledger", str(out / "partners" / "shop-1" / "state"), cwd=tmp_path)
     assert shown.returncode == 0 and "dp-sgd alone" in " ".join(shown.stdout.split())
+    assert "dp-kmeans alone" in " ".join(shown.stdout.split())
+    personas = json.loads((out / "personas.json").read_text())
+    assert personas["k"] == 4 and set(personas["shares_by_kind"]) == {"ecommerce", "finance", "health"}
+    for shares in personas["shares_by_kind"].values():
+        assert sum(shares) == pytest.approx(1.0)
     config = (out / "config.toml").read_text()
     assert "rounds = 2" in config and "target_epsilon = 2.0" in config
 
     arrays, card = verify_model(out / "model")
     assert card["rounds"] == 2 and set(card["partners"]) == set(privacy)
+    assert len(card["prototypes"]) == 4
     assert any(k.startswith("trunk.") for k in arrays)
     assert not any("head" in k for k in arrays)  # local heads never reach the server
     assert sum(k.startswith("ecommerce:") for k in arrays) > 0  # the shops' shared adapter
