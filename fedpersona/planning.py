@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from fedpersona.clustering import plan_with_reserve
 from fedpersona.config import load_partner_config, load_scenario, read_toml
 from fedpersona.errors import ConfigError
 from fedpersona.privacy import (
@@ -28,29 +29,58 @@ Lines = list[list[str]]
 
 
 def plan_rows(
-    *, rows: int, privacy: PrivacySettings, training: TrainingSettings, rounds: int
+    *,
+    rows: int,
+    privacy: PrivacySettings,
+    training: TrainingSettings,
+    rounds: int,
+    kmeans_rounds: int = 0,
+    kmeans_noise: float = 10.0,
 ) -> tuple[float | None, float, int, list[float]]:
-    """``(noise, sample_rate, steps_per_round, cumulative epsilon after each round)``."""
+    """``(noise, sample_rate, steps_per_round, cumulative epsilon after each round)``.
+
+    With ``kmeans_rounds`` the list has one more entry: the epsilon after persona clustering,
+    whose reserve the DP-SGD noise is planned around (as :func:`fedpersona.partner.load_plan`).
+    """
     q = sample_rate_for(rows, training.batch_size)
     steps = training.steps_per_round(rows)
     if not privacy.private:
-        return None, q, steps, [math.inf] * rounds
+        return None, q, steps, [math.inf] * (rounds + (1 if kmeans_rounds else 0))
     planned = min(rounds, privacy.planned_rounds or rounds)  # rounds past it are refused
-    sigma = plan_noise(
-        target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
-        steps=steps * planned, accountant=privacy.accountant,
-    )  # fmt: skip
+    if kmeans_rounds:
+        sigma = plan_with_reserve(
+            target_epsilon=privacy.target_epsilon, delta=privacy.delta, sgd_sample_rate=q,
+            sgd_steps=steps * planned, kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise,
+            accountant=privacy.accountant,
+        )  # fmt: skip
+    else:
+        sigma = plan_noise(
+            target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
+            steps=steps * planned, accountant=privacy.accountant,
+        )  # fmt: skip
     eps = [
         compute_epsilon([(sigma, q, steps * r)], delta=privacy.delta, accountant=privacy.accountant)
         for r in range(1, planned + 1)
     ]
+    if kmeans_rounds:
+        history = [(sigma, q, steps * planned), (kmeans_noise, 1.0, kmeans_rounds)]
+        eps.append(compute_epsilon(history, delta=privacy.delta, accountant=privacy.accountant))
     return sigma, q, steps, eps
 
 
 def _block(
-    title: str, rows: int, privacy: PrivacySettings, training: TrainingSettings, rounds: int
+    title: str,
+    rows: int,
+    privacy: PrivacySettings,
+    training: TrainingSettings,
+    rounds: int,
+    kmeans_rounds: int = 0,
+    kmeans_noise: float = 10.0,
 ) -> tuple[str, Lines]:
-    sigma, q, steps, eps = plan_rows(rows=rows, privacy=privacy, training=training, rounds=rounds)
+    sigma, q, steps, eps = plan_rows(
+        rows=rows, privacy=privacy, training=training, rounds=rounds,
+        kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise,
+    )  # fmt: skip
     head = (
         f"{title}: {rows} training rows, delta {privacy.delta:g}, target epsilon "
         f"{privacy.target_epsilon:g}, accountant {privacy.accountant}, noise multiplier "
@@ -62,19 +92,36 @@ def _block(
     lines: Lines = [["round", "epsilon this round", "cumulative epsilon"]]
     prev = 0.0
     for r, e in enumerate(eps, start=1):
+        label = str(r) if not kmeans_rounds or r < len(eps) else f"personas ({kmeans_rounds} DP k-means rounds)"
         lines.append(
             [
-                str(r),
+                label,
                 f"{e - prev:.4f}" if math.isfinite(e) else "inf",
                 f"{e:.4f}" if math.isfinite(e) else "inf",
             ]
         )
         prev = e
+    if kmeans_rounds and privacy.private and len(eps) >= 2 and math.isfinite(eps[-1]):
+        head += (
+            f"; {100 * (eps[-1] - eps[-2]) / eps[-1]:.0f}% of the final epsilon is reserved for persona "
+            f"clustering (noise {kmeans_noise:g})"
+        )
     return head, lines
 
 
-def plan_table(path: str | Path, *, rounds: int | None, rows: int | None) -> list[tuple[str, Lines]]:
-    """One table per partner kind (scenario) or for the partner (client.toml)."""
+def plan_table(
+    path: str | Path,
+    *,
+    rounds: int | None,
+    rows: int | None,
+    kmeans_rounds: int | None = None,
+    kmeans_noise: float | None = None,
+) -> list[tuple[str, Lines]]:
+    """One table per partner kind (scenario) or for the partner (client.toml).
+
+    A scenario's ``[federation]`` says whether personas are clustered (and with what noise);
+    for a partner's client.toml the federation announces it, so the caller passes it here.
+    """
     doc = read_toml(path)
     out = []
     if "silos" in doc:
@@ -98,6 +145,8 @@ def plan_table(path: str | Path, *, rounds: int | None, rows: int | None) -> lis
                     scenario.privacy,
                     scenario.training,
                     scenario.federation.rounds,
+                    scenario.federation.kmeans_rounds if scenario.federation.personas else 0,
+                    scenario.federation.kmeans_noise,
                 )
             )
         return out
@@ -109,7 +158,17 @@ def plan_table(path: str | Path, *, rounds: int | None, rows: int | None) -> lis
             rows = len(load_partner_data(cfg).train)
         if rounds is None:
             raise ConfigError(f"{path}: give --rounds, the number of rounds the federation plans")
-        out.append(_block(f"partner {cfg.name}", rows, cfg.privacy, TrainingSettings(), rounds))
+        out.append(
+            _block(
+                f"partner {cfg.name}",
+                rows,
+                cfg.privacy,
+                TrainingSettings(),
+                rounds,
+                kmeans_rounds or 0,
+                kmeans_noise or 10.0,
+            )
+        )
         return out
     raise ConfigError(f"{path}: neither a scenario ([[silos]]) nor a partner config ([partner])")
 
