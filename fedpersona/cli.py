@@ -106,7 +106,9 @@ def simulate(
     table = RichTable(title=f"after {max((r['round'] for r in result.rows), default=0)} rounds")
     for _, label in SUMMARY_COLUMNS:
         table.add_column(label, justify="right")
+    spent = {name: entry.get("epsilon") for name, entry in result.privacy["partners"].items()}
     for row in summary_rows(result.rows):
+        row = {**row, "epsilon": spent.get(row["partner"], row.get("epsilon"))}
         cells = [_num(row.get(key)) if key == "epsilon" else _num(row.get(key, math.nan)) for key, _ in SUMMARY_COLUMNS]
         table.add_row(
             *[
@@ -117,7 +119,89 @@ def simulate(
     console.print(table)
     if any(p.get("private") is False for p in result.privacy["partners"].values()):
         console.print("[bold red]NOT PRIVATE: this run used no differential privacy.[/bold red]")
+    from fedpersona.report import persona_rows
+
+    found = persona_rows(result.rows)
+    if found:
+
+        def avg(key: str) -> str:
+            vals = [float(r[key]) for r in found if key in r]
+            return f"{sum(vals) / len(vals):.3f}" if vals else "-"
+
+        console.print(
+            f"personas: {len(found)} partners assigned their users to the global personas "
+            f"(mean surrogate fidelity {avg('surrogate_fidelity')}, mean ARI vs ground truth "
+            f"{avg('persona_ari')}); cards stay at each partner, shares per kind in personas.json"
+        )
     console.print(f"done in {result.seconds:.0f}s; report: {result.run_dir / 'report.html'}")
+
+
+@app.command()
+def infer(
+    model: str = typer.Option(..., help="A model folder, or the URL of a fedpersona registry."),
+    config: Path = typer.Option(..., help="The partner's client.toml (schema, state folder)."),
+    data: Path = typer.Option(..., help="Users to assign: CSV (also .gz) or Parquet."),
+    out: Path = typer.Option(..., help="Output .csv or .parquet (user id, persona, probabilities)."),
+    public_key: Path | None = typer.Option(None, help="The federation's model-signing public key (PEM)."),
+    token_file: Path | None = typer.Option(None, help="Bearer token for the registry."),
+    chunk_rows: int = typer.Option(100_000, min=1, help="Rows read and written per chunk."),
+    embedding: bool = typer.Option(False, help="Also write each user's embedding."),
+) -> None:
+    """Assign personas to a partner's users, entirely at the partner."""
+    import numpy as np
+    import torch
+    from rich.progress import Progress
+
+    from fedpersona.artifacts import verify_model
+    from fedpersona.config import load_partner_config
+    from fedpersona.inference import infer_file
+    from fedpersona.partner import partner_schema
+
+    cfg = load_partner_config(config)
+    key_bytes = None
+    if public_key is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        try:
+            loaded = serialization.load_pem_public_key(public_key.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise FedPersonaError(f"{public_key}: not a PEM public key ({exc})") from None
+        key_bytes = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if model.startswith(("http://", "https://")):
+        from fedpersona.registry import fetch_model
+
+        if public_key is None:
+            raise FedPersonaError("--public-key is required to verify a model downloaded from a registry")
+        token = token_file.read_text().strip() if token_file else None
+        folder = fetch_model(model, public_key=public_key, cache_dir=Path(cfg.state_dir) / "models", token=token).path
+    else:
+        folder = Path(model)
+    arrays, card = verify_model(folder, public_key=key_bytes)
+    if not card.get("prototypes"):
+        raise FedPersonaError(f"{folder}: the model carries no persona prototypes (the run clustered no personas)")
+    schema = partner_schema(cfg)
+    local_adapter = None
+    slot = f"{cfg.kind}:{schema.fingerprint()}"
+    if not any(name.startswith(slot + "/") for name in arrays):
+        local_path = Path(cfg.state_dir) / "local.pt"
+        if local_path.exists():
+            state = torch.load(local_path, map_location="cpu", weights_only=True)
+            local_adapter = {k: v.numpy() for k, v in state.items() if k.startswith("adapter.")}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("assigning personas", total=None)
+        summary = infer_file(
+            arrays=arrays,
+            card=card,
+            schema=schema,
+            prototypes=np.asarray(card["prototypes"], dtype=np.float64),
+            data_path=data,
+            out_path=out,
+            chunk_rows=chunk_rows,
+            include_embedding=embedding,
+            local_adapter=local_adapter,
+            progress=lambda rows: progress.update(task, completed=rows),
+        )
+    console.print(f"wrote {summary.rows} users in {summary.chunks} chunk(s) to {summary.path}")
 
 
 @app.command()
@@ -128,6 +212,59 @@ def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
     if not (run_dir / "metrics.jsonl").exists():
         raise FedPersonaError(f"{run_dir} is not a run folder (no metrics.jsonl)")
     console.print(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
+def audit(
+    scenario: Path | None = typer.Option(
+        None, help="Scenario TOML; its federation, training and privacy sections apply (default: the packaged one)."
+    ),
+    epsilon: str | None = typer.Option(None, help="The claimed epsilon to check (default: the scenario's target)."),
+    canaries: str = typer.Option("1000", help="Canary users, each put into the audited table with probability 1/2."),
+    noise_scale: str = typer.Option("1", help="Test knob: planned noise x this (1 = correct pipeline, 0 = no DP)."),
+    out: Path | None = typer.Option(None, help="Folder for audit.json (required)."),
+) -> None:
+    """Check a partner's claimed epsilon with a one-run canary audit (Steinke et al. 2023)."""
+    import numpy as np
+
+    from fedpersona.audit import AuditSettings, check_out_dir, run_audit, write_audit
+    from fedpersona.config import load_scenario
+    from fedpersona.simulation import default_scenario_path
+
+    # Numbers are parsed here so that a typo exits 2 with one line, like every other user error.
+    def number(text: str, option: str, kind: type[int] | type[float]) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise FedPersonaError(f"{option} must be {what}, got {text!r}") from None
+
+    if out is None:
+        raise FedPersonaError("--out DIR is required: the folder that receives audit.json")
+    settings = AuditSettings(
+        canaries=number(canaries, "--canaries", int), noise_scale=number(noise_scale, "--noise-scale", float)
+    )
+    check_out_dir(out)
+    sc = load_scenario(scenario or default_scenario_path(), epsilon=_parse_epsilon(epsilon))
+    if not sc.privacy.private:
+        raise FedPersonaError("an audit checks a finite claimed epsilon; 'inf' (NOT PRIVATE) has nothing to check")
+    console.print(
+        f"[bold]fedpersona audit[/bold]: claimed epsilon {sc.privacy.target_epsilon:g}, {settings.canaries} "
+        f"canaries, {sc.federation.rounds} rounds, noise x {settings.noise_scale:g}, seed {sc.federation.seed}"
+    )
+    result = run_audit(scenario=sc, settings=settings, rng=np.random.default_rng(sc.federation.seed))
+    path = write_audit(result, out)
+    verdict = (
+        "[bold red]REFUTED: the lower bound exceeds the claim[/bold red]"
+        if result.claim_refuted
+        else "consistent with the claim"
+    )
+    console.print(
+        f"epsilon lower bound {result.epsilon_lower_bound:.3f} at {result.confidence:.0%} confidence "
+        f"({result.correct}/{result.guesses} guesses right; from the releases alone "
+        f"{result.epsilon_lower_bound_releases:.3f}) vs claimed {result.epsilon_claimed:g}: {verdict}"
+        f"\nwrote {path} in {result.seconds:.0f}s"
+    )
 
 
 @schema_app.command("check")
@@ -168,11 +305,15 @@ def privacy_plan(
     config: Path = typer.Option(..., help="A scenario or a partner's client.toml."),
     rounds: int | None = typer.Option(None, min=1, help="Planned rounds."),
     rows: int | None = typer.Option(None, min=2, help="Training rows (default: from the data)."),
+    kmeans_rounds: int = typer.Option(6, min=0, help="Persona-clustering rounds the federation announces (0: none)."),
+    kmeans_noise: float = typer.Option(10.0, min=0.01, help="Noise multiplier of each clustering release."),
 ) -> None:
-    """Noise multiplier and epsilon per round, before anything runs."""
+    """Noise multiplier and epsilon per round, and the clustering reserve, before anything runs."""
     from fedpersona.planning import plan_table
 
-    for title, lines in plan_table(config, rounds=rounds, rows=rows):
+    for title, lines in plan_table(
+        config, rounds=rounds, rows=rows, kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise
+    ):
         console.print(title)
         table = RichTable()
         for col in lines[0]:
@@ -197,6 +338,141 @@ def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state
     console.print(table)
 
 
+# --- deployment: credentials, coordinator, partners, model registry (fedpersona.certs/deploy/registry)
+
+certs_app = typer.Typer(no_args_is_help=True, help="Federation CA, SuperLink certificate, signing and node keys.")
+server_app_cli = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + the fedpersona run).")
+partner_app = typer.Typer(no_args_is_help=True, help="Check and run a partner site (Flower SuperNode).")
+app.add_typer(certs_app, name="certs")
+app.add_typer(server_app_cli, name="server")
+app.add_typer(partner_app, name="partner")
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Path = typer.Option(..., help="Folder for ca.pem/ca.key, server.pem/server.key, model-signing.key/.pub."),
+    host: list[str] = typer.Option(..., help="DNS name or IP partners use to reach the SuperLink (repeatable)."),
+    days: int = typer.Option(825, help="Certificate lifetime in days."),
+) -> None:
+    """Create the federation CA, the SuperLink's TLS certificate and the model-signing key."""
+    from fedpersona.certs import init_federation
+
+    creds = init_federation(out=out, hosts=host, days=days)
+    console.print(
+        f"wrote {creds.ca_cert}, {creds.server_cert}, {creds.signing_public_key} (give ca.pem and "
+        f"model-signing.pub to every partner) and private keys {creds.ca_key}, {creds.server_key}, "
+        f"{creds.signing_key} (mode 0600; never share them)"
+    )
+
+
+@certs_app.command("partner")
+def certs_partner(
+    name: str = typer.Argument(..., help="The partner's name (as in its client.toml)."),
+    out: Path = typer.Option(..., help="Folder for NAME.key (private, 0600) and NAME.pub."),
+    curve: str = typer.Option("p384", help="NIST curve: p384 or p256."),
+) -> None:
+    """Create a partner's SuperNode authentication key pair (run it at the partner's site)."""
+    from fedpersona.certs import partner_keys
+
+    keys = partner_keys(name, out=out, curve=curve)
+    console.print(
+        f"wrote {keys.private_key} (keep it at the site, mode 0600) and {keys.public_key} "
+        "(send it to the coordinator for server/federation.toml)"
+    )
+
+
+@server_app_cli.command("start")
+def server_start(
+    config: Path = typer.Option(..., help="server/federation.toml."),
+    resume: bool = typer.Option(False, help="Continue a federation whose run folder already exists."),
+) -> None:
+    """Start the SuperLink (TLS + node auth), register partners, run the federation; Ctrl-C stops all."""
+    from fedpersona.deploy import start_server
+
+    code = start_server(config, resume=resume, report=_report)
+    if code:
+        sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
+
+
+def _report(message: str) -> None:
+    console.print(message, soft_wrap=True, highlight=False)
+
+
+def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Path, Path]:
+    from fedpersona.config import load_partner_config
+
+    cfg = load_partner_config(config)
+    folder = config.resolve().parent / "credentials"
+    return ca or folder / "ca.pem", key or folder / f"{cfg.name}.key"
+
+
+@partner_app.command("check")
+def partner_check(
+    config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
+    ca: Path | None = typer.Option(None, help="Federation CA (default: credentials/ca.pem beside client.toml)."),
+    key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds the federation plans (for the privacy plan)."),
+) -> None:
+    """Validate data, schema, privacy plan and credentials; nothing connects."""
+    from fedpersona.deploy import check_partner
+
+    ca_path, key_path = _partner_paths(config, ca, key)
+    result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds)
+    cfg = result.config
+    console.print(
+        f"partner {cfg.name} ({cfg.kind}): data OK, {result.rows} users ({result.train_rows} for training), "
+        f"{result.features} features; credentials OK; state folder {cfg.state_dir}"
+    )
+    if not cfg.privacy.private:
+        console.print("[bold red]NOT PRIVATE: privacy.target_epsilon = inf[/bold red]")
+    elif result.planned_rounds is None:
+        console.print("privacy plan: give --rounds (or set privacy.planned_rounds) to see noise and epsilon per round")
+    else:
+        eps = ", ".join(f"{e:.3f}" for e in result.epsilon_per_round)
+        sigma = _num(result.noise_multiplier, 4)
+        console.print(
+            f"privacy plan ({result.plan_source}): {result.planned_rounds} rounds, noise multiplier {sigma}, "
+            f"target epsilon {cfg.privacy.target_epsilon:g}" + (f", cumulative epsilon {eps}" if eps else "")
+        )
+
+
+@partner_app.command("start")
+def partner_start(
+    config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
+    superlink: str = typer.Option(..., envvar="FEDPERSONA_SUPERLINK", help="The coordinator's SuperLink as HOST:PORT."),
+    ca: Path | None = typer.Option(None, help="Federation CA (default: credentials/ca.pem beside client.toml)."),
+    key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
+    runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback)."),
+    max_wait_time: float = typer.Option(600.0, help="Seconds flower-supernode keeps reconnecting before a restart."),
+    max_restarts: int = typer.Option(10, min=0, help="Restarts of flower-supernode (backoff 5s..300s)."),
+) -> None:
+    """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
+    from fedpersona.deploy import start_partner
+
+    ca_path, key_path = _partner_paths(config, ca, key)
+    code = start_partner(
+        config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
+        max_wait_time=max_wait_time, max_restarts=max_restarts, report=_report,
+    )  # fmt: skip
+    if code:
+        sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
+
+
+@app.command()
+def serve(
+    artifacts: Path = typer.Option(..., help="A model folder (RUN_DIR/model) or a folder of them."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8443, help="Port to listen on."),
+    tls_cert: Path | None = typer.Option(None, help="TLS certificate (PEM); with --tls-key serves HTTPS."),
+    tls_key: Path | None = typer.Option(None, help="TLS private key (PEM)."),
+    token_file: Path | None = typer.Option(None, help="File holding a bearer token required on /v1 (mode 0600)."),
+) -> None:
+    """Serve signed global models read-only over HTTP(S)."""
+    from fedpersona.registry import serve_registry
+
+    serve_registry(artifacts, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file)
+
+
 def main() -> None:
     """Entry point: user errors exit 2 with one paragraph, internal failures exit 1."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -207,10 +483,8 @@ def main() -> None:
         sys.exit(2)
     except typer.Abort:
         sys.exit(1)
-    except (typer.BadParameter, typer.Exit) as exc:
-        if isinstance(exc, typer.Exit):
-            sys.exit(exc.exit_code)
-        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
     except Exception as exc:  # click usage errors and internal failures
         import click
 

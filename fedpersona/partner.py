@@ -397,7 +397,8 @@ def persona_round(
 ) -> dict[str, Any]:
     """Assign every user to a persona and write this partner's persona cards, locally.
 
-    Nothing here is sent: the cards (``state_dir/personas.json``) stay at the partner. The
+    Nothing here is sent: the cards (``state_dir/personas.json``) and each user's persona
+    (``state_dir/assignments.csv``) stay at the partner. The
     returned metrics are held-out evaluation metrics (opt-in, not DP) for the server.
     """
     from fedpersona.personas import persona_cards
@@ -421,6 +422,8 @@ def persona_round(
         min_users=min_users,
         category_feature=category,
     )
+    lines = ["user_id,persona"] + [f"{uid},{int(a)}" for uid, a in zip(data.table.ids, assignments, strict=True)]
+    _atomic_write(Path(cfg.state_dir) / "assignments.csv", ("\n".join(lines) + "\n").encode())
     path = Path(cfg.state_dir) / "personas.json"
     _atomic_write(
         path,

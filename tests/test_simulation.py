@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedpersona.artifacts import ArtifactError, verify_model
@@ -129,6 +130,21 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     assert sum(k.startswith("ecommerce:") for k in arrays) > 0  # the shops' shared adapter
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "shop-2" in html
+    # local inference from the saved model reproduces the run's persona assignments exactly
+    from fedpersona.config import load_partner_config
+    from fedpersona.synthetic import generate_silo
+
+    shop = load_partner_config(out / "partners" / "shop-1" / "client.toml")
+    silo = generate_silo("ecommerce", shop.synthetic_rows or 0, seed=shop.synthetic_seed,
+                         mix=np.asarray(shop.synthetic_mix))  # fmt: skip
+    silo.frame.to_csv(tmp_path / "users.csv", index=False)
+    done = _cli("infer", "--model", str(out / "model"), "--config", str(out / "partners" / "shop-1" / "client.toml"),
+                "--data", str(tmp_path / "users.csv"), "--out", str(tmp_path / "personas.csv"), "--chunk-rows", "100",
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    inferred = (tmp_path / "personas.csv").read_text().splitlines()
+    saved = (out / "partners" / "shop-1" / "state" / "assignments.csv").read_text().splitlines()
+    assert [line.split(",")[:2] for line in inferred[1:]] == [line.split(",") for line in saved[1:]]
     weights = out / "model" / "weights.npz"
     blob = bytearray(weights.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
