@@ -209,6 +209,9 @@ def simulate(
     backend = {
         "client_resources": {"num_cpus": sim.cpus_per_partner, "num_gpus": sim.gpus_per_partner},
         "init_args": {
+            # Ray's session files go to fedpersona's cache, not /tmp (a short path: Ray's
+            # sockets live there and Unix socket paths are limited to about 100 bytes).
+            "_temp_dir": str(ray_cache_dir()),
             "num_cpus": os.cpu_count() or 1,
             "include_dashboard": False,
             "logging_level": logging.ERROR,
@@ -246,6 +249,14 @@ class _DeprecationNoticeFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "run_simulation" not in record.getMessage()
+
+
+def ray_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fedpersona/ray`` (default ``~/.cache/fedpersona/ray``)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "fedpersona" / "ray"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _clean(run_dir: Path) -> None:
