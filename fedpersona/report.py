@@ -67,6 +67,8 @@ def _cell(value: Any) -> str:
 def _plot(rows: list[dict[str, Any]], key: str, title: str) -> str | None:
     series: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
+        if "phase" in row:
+            continue
         value = row.get(key)
         if isinstance(value, int | float) and not math.isnan(float(value)):
             series.setdefault(row["partner"], []).append((row["round"], float(value)))
@@ -92,7 +94,8 @@ def write_report(run_dir: str | Path) -> Path:
     """Write report.html and report.md for a run folder; returns the HTML path."""
     run_dir = Path(run_dir)
     rows, privacy = load_run(run_dir)
-    final = summary_rows(rows)
+    spent = {name: p.get("epsilon") for name, p in privacy.get("partners", {}).items()}
+    final = [{**r, "epsilon": spent.get(r["partner"], r.get("epsilon"))} for r in summary_rows(rows)]
     any_public = any(p.get("private") is False for p in privacy.get("partners", {}).values())
     banner = (
         "<p class='warn'>NOT PRIVATE: at least one partner ran without differential privacy "
@@ -128,7 +131,7 @@ def write_report(run_dir: str | Path) -> Path:
         )
         head_p = "".join(f"<th>P{i}</th>" for i in range(int(personas.get("k", 0))))
         local = "".join(
-            f"<tr><td>{html.escape(r['partner'])}</td><td>{_cell(r.get('personas_found', math.nan))}</td>"
+            f"<tr><td>{html.escape(r['partner'])}</td><td>{int(r.get('personas_found', 0))}</td>"
             f"<td>{_cell(r.get('surrogate_fidelity', math.nan))}</td>"
             f"<td>{_cell(r.get('persona_ari', math.nan))}</td></tr>"
             for r in persona_rows(rows)
