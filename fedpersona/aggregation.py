@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedprox")
 GLOBAL_WEIGHTINGS = ("examples", "kind_balanced")
+ROBUST_AGGREGATORS = ("mean", "median", "trimmed_mean", "krum")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class ScopedAggregator:
     optimizer: str = "fedavg"
     lr: float = 1.0
     global_weighting: str = "kind_balanced"
+    robust: str = "mean"
+    trim_fraction: float = 0.2
+    krum_byzantine: int = 1
+    max_update_norm: float | None = None
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
@@ -87,6 +92,53 @@ class ScopedAggregator:
             )
         if not self.lr > 0:
             raise ConfigError(f"federation.server_lr must be > 0, got {self.lr!r}")
+        if self.robust not in ROBUST_AGGREGATORS:
+            raise ConfigError(
+                f"federation.robust_aggregation must be one of {', '.join(ROBUST_AGGREGATORS)}, got {self.robust!r}"
+            )
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ConfigError(f"federation.max_update_norm must be > 0, got {self.max_update_norm!r}")
+
+    def screen(self, upd: PartnerUpdate) -> list[str]:
+        """Why a reply must not be aggregated: unknown or local keys, wrong shapes or dtypes,
+        non-finite values, or an update (reply minus current global) above ``max_update_norm``.
+        An empty list means the reply is fine."""
+        problems: list[str] = []
+        reference = self.arrays_for(upd.slot)
+        squared = 0.0
+        for name, value in upd.arrays.items():
+            try:
+                scope = parameter_scope(name)
+            except KeyError:
+                problems.append(f"unknown key '{name}'")
+                continue
+            if scope == "local":
+                problems.append(f"local parameter '{name}'")
+                continue
+            if scope == "kind" and upd.slot is None:
+                problems.append(f"adapter '{name}' although its adapter is local")
+                continue
+            array = np.asarray(value)
+            if array.dtype.kind != "f":
+                problems.append(f"'{name}' has dtype {array.dtype}, expected floating point")
+                continue
+            if not np.all(np.isfinite(array)):
+                problems.append(f"'{name}' holds {int(np.sum(~np.isfinite(array)))} non-finite value(s)")
+                continue
+            ref = reference.get(name)
+            if ref is not None:
+                if ref.shape != array.shape:
+                    problems.append(f"'{name}' has shape {array.shape}, the global model {ref.shape}")
+                    continue
+                squared += float(np.sum((array.astype(np.float64) - ref) ** 2))
+        missing = sorted(k for k in self.trunk if k not in upd.arrays)
+        if missing:
+            problems.append(f"missing trunk keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        if self.max_update_norm is not None and not problems and squared**0.5 > self.max_update_norm:
+            problems.append(f"update norm {squared**0.5:.4g} above federation.max_update_norm {self.max_update_norm:g}")
+        return problems
 
     def arrays_for(self, slot: str | None) -> dict[str, np.ndarray]:
         """What a partner of ``slot`` receives: the trunk, plus its slot's adapter if any."""
@@ -117,11 +169,31 @@ class ScopedAggregator:
                 if set(member) != names:
                     raise ValueError(f"replies for scope {scope} {slot or ''} carry different keys")
             weights = [w for _, w in members]
-            mean = {n: weighted_mean([a[n] for a, _ in members], weights) for n in sorted(names)}
+            if scope == "global" and self.robust != "mean" and len(members) >= 3:
+                mean = self._robust_global(members, sorted(names))
+            else:
+                mean = {n: weighted_mean([a[n] for a, _ in members], weights) for n in sorted(names)}
             target = self.trunk if scope == "global" else self.adapters.setdefault(str(slot), {})
             for name, value in mean.items():
                 key = name if scope == "global" else f"{slot}/{name}"
                 target[name] = self._step(key, target.get(name), value)
+
+    def _robust_global(
+        self, members: list[tuple[dict[str, np.ndarray], float]], names: list[str]
+    ) -> dict[str, np.ndarray]:
+        """The trunk from Flower's robust aggregation functions (median, trimmed mean, Krum),
+        which ignore the weights: each of them bounds what a few hostile partners can do."""
+        from flwr.server.strategy.aggregate import aggregate_krum, aggregate_median, aggregate_trimmed_avg
+
+        results = [([np.asarray(a[n], dtype=np.float64) for n in names], 1) for a, _ in members]
+        if self.robust == "median":
+            out = aggregate_median(results)
+        elif self.robust == "trimmed_mean":
+            out = aggregate_trimmed_avg(results, proportiontocut=self.trim_fraction)
+        else:
+            out = aggregate_krum(results, num_malicious=self.krum_byzantine, to_keep=0)
+        dtype = members[0][0][names[0]].dtype
+        return {n: np.asarray(v).astype(dtype) for n, v in zip(names, out, strict=True)}
 
     def global_weights(self, updates: list[PartnerUpdate]) -> dict[str, float]:
         """Weights of the global (trunk) average: example counts, or example counts

@@ -53,6 +53,9 @@ class FederationSettings:
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     global_weighting: str = "kind_balanced"
+    robust_aggregation: str = "mean"
+    trim_fraction: float = 0.2
+    max_update_norm: float | None = None
     personas: int = 8
     kmeans_rounds: int = 6
     kmeans_noise: float = 10.0

@@ -166,7 +166,12 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         )  # fmt: skip
     _assign_slots(partners)
     aggregator = ScopedAggregator(
-        optimizer=fed.server_optimizer, lr=fed.server_lr, global_weighting=fed.global_weighting
+        optimizer=fed.server_optimizer,
+        lr=fed.server_lr,
+        global_weighting=fed.global_weighting,
+        robust=fed.robust_aggregation,
+        trim_fraction=fed.trim_fraction,
+        max_update_norm=fed.max_update_norm,
     )
     aggregator.trunk = _initial_trunk(settings.model, fed.seed)
     metrics_path = run_dir / "metrics.jsonl"
@@ -261,14 +266,21 @@ def _train_plain(
             _failed(p, reply, rnd)
             continue
         _trained(p, reply)
-        updates.append(
-            PartnerUpdate(
-                partner=p.info["name"],
-                slot=p.slot,
-                arrays=arrays_of(reply),
-                num_examples=int(p.info["train_rows"]),
-            )
+        update = PartnerUpdate(
+            partner=p.info["name"],
+            slot=p.slot,
+            arrays=arrays_of(reply),
+            num_examples=int(p.info["train_rows"]),
+            kind=str(p.info["kind"]),
         )
+        problems = aggregator.screen(update)
+        if problems:
+            # A broken or hostile reply never reaches the global model; its sender is dropped.
+            p.active = False
+            p.dropped_reason = "reply rejected: " + "; ".join(problems)
+            logger.warning("round %d: rejected the reply of %s: %s", rnd, p.info["name"], "; ".join(problems))
+            continue
+        updates.append(update)
     return updates
 
 

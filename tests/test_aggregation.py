@@ -75,3 +75,40 @@ def test_kind_balanced_global_weights_give_each_kind_equal_weight() -> None:
     np.testing.assert_allclose(balanced.adapters["shop:1"]["adapter.e"], 17.5, rtol=1e-6)
     with pytest.raises(ConfigError, match="global_weighting"):
         ScopedAggregator(global_weighting="votes")
+
+
+def test_screen_rejects_broken_and_hostile_replies() -> None:
+    agg = ScopedAggregator(max_update_norm=10.0)
+    agg.trunk = {"trunk.w": np.zeros((2, 3), dtype=np.float32)}
+    good = _update("a", "shop:1", 1.0, 10)
+    assert agg.screen(good) == []
+    nan = PartnerUpdate("n", "shop:1", {"trunk.w": np.full((2, 3), np.nan, dtype=np.float32)}, 10)
+    assert "non-finite" in agg.screen(nan)[0]
+    shape = PartnerUpdate("s", "shop:1", {"trunk.w": np.zeros((3, 2), dtype=np.float32)}, 10)
+    assert "shape" in agg.screen(shape)[0]
+    ints = PartnerUpdate("i", "shop:1", {"trunk.w": np.zeros((2, 3), dtype=np.int64)}, 10)
+    assert "dtype" in agg.screen(ints)[0]
+    unknown = PartnerUpdate("u", "shop:1", {"trunk.w": np.zeros((2, 3), np.float32), "evil.x": np.zeros(1)}, 10)
+    assert any("unknown key 'evil.x'" in p for p in agg.screen(unknown))
+    local = PartnerUpdate(
+        "l", "shop:1", {"trunk.w": np.zeros((2, 3), np.float32), "label_head.weight": np.zeros(1)}, 10
+    )
+    assert any("local parameter" in p for p in agg.screen(local))
+    huge = PartnerUpdate("h", "shop:1", {"trunk.w": np.full((2, 3), 5.0, dtype=np.float32)}, 10)
+    assert "above federation.max_update_norm" in agg.screen(huge)[0]  # norm sqrt(6 * 25) = 12.2 > 10
+    missing = PartnerUpdate("m", None, {}, 10)
+    assert "missing trunk keys" in agg.screen(missing)[0]
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed_mean", "krum"])
+def test_robust_trunk_aggregation_resists_one_hostile_partner(robust: str) -> None:
+    honest = [_update(f"p{i}", None, 1.0 + 0.01 * i, 100, adapter=False) for i in range(4)]
+    hostile = _update("evil", None, 1e6, 100, adapter=False)
+    agg = ScopedAggregator(robust=robust, global_weighting="examples", trim_fraction=0.2)
+    agg.aggregate([*honest, hostile])
+    assert np.all(np.abs(agg.trunk["trunk.w"] - 1.015) < 0.05)
+    plain = ScopedAggregator(global_weighting="examples")
+    plain.aggregate([*honest, hostile])
+    assert np.all(plain.trunk["trunk.w"] > 1e5)  # the plain mean is dragged away
+    with pytest.raises(ConfigError, match="robust_aggregation"):
+        ScopedAggregator(robust="mode")
