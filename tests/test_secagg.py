@@ -344,7 +344,7 @@ def _partners(tmp_path: Path, specs: list[tuple[str, str, int]]) -> dict[int, Co
 
 
 def _settings(run_dir: Path, **federation: Any) -> ServerSettings:
-    fed = FederationSettings(rounds=1, secagg_clipping_range=8.0, **federation)
+    fed = FederationSettings(rounds=1, secagg_clipping_range=8.0, personas=0, **federation)
     return ServerSettings(federation=fed, model=MODEL, training=TRAINING, run_dir=str(run_dir), wait_timeout=1.0)
 
 
@@ -452,7 +452,7 @@ def test_secure_replies_are_declared_in_the_manifest(tmp_path: Path) -> None:
 def test_simulation_with_secure_aggregation(tmp_path: Path) -> None:
     scenario = tmp_path / "secure.toml"
     scenario.write_text(
-        "[federation]\nrounds = 2\nmin_partners = 2\nsecure_aggregation = true\n"
+        "[federation]\nrounds = 2\nmin_partners = 2\nsecure_aggregation = true\npersonas = 0\n"
         "[model]\ntoken_dim = 16\nembed_dim = 16\nhidden = 32\nblocks = 1\n"
         "[training]\nbatch_size = 32\nlocal_epochs = 1\n"
         "[privacy]\ntarget_epsilon = 2.0\ndelta = 1e-5\n"
