@@ -412,12 +412,13 @@ def partner_check(
     ca: Path | None = typer.Option(None, help="Federation CA (default: credentials/ca.pem beside client.toml)."),
     key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
     rounds: int | None = typer.Option(None, min=1, help="Rounds the federation plans (for the privacy plan)."),
+    kmeans_rounds: int | None = typer.Option(None, min=0, help="Persona-clustering rounds (default: federation's)."),
 ) -> None:
     """Validate data, schema, privacy plan and credentials; nothing connects."""
     from fedpersona.deploy import check_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
-    result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds)
+    result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
     cfg = result.config
     console.print(
         f"partner {cfg.name} ({cfg.kind}): data OK, {result.rows} users ({result.train_rows} for training), "
@@ -432,7 +433,8 @@ def partner_check(
         sigma = _num(result.noise_multiplier, 4)
         console.print(
             f"privacy plan ({result.plan_source}): {result.planned_rounds} rounds, noise multiplier {sigma}, "
-            f"target epsilon {cfg.privacy.target_epsilon:g}" + (f", cumulative epsilon {eps}" if eps else "")
+            f"target epsilon {cfg.privacy.target_epsilon:g}"
+            + (f", cumulative epsilon {eps} (the last after persona clustering, if any)" if eps else "")
         )
 
 

@@ -87,6 +87,37 @@ class FederationResult:
     aborted: str = ""  # why a securely aggregated round aborted, if one did
 
 
+def _exchange(
+    grid: Grid,
+    kind: str,
+    contents: dict[int, RecordDict],
+    group: str,
+    timeout: float,
+    partners: dict[int, _Partner],
+) -> list[tuple[_Partner, Message]]:
+    """Send one message per partner and pair each reply with the partner it answers.
+
+    A reply that the SuperLink itself generated (the partner went offline, the message
+    expired) carries the SuperLink's node id, not the partner's: it is matched through the
+    id of the message it replies to, and a reply nobody can be matched to is logged and
+    skipped rather than crashing the run.
+    """
+    messages = _messages(grid, kind, contents, group)
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    out = []
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        if node not in partners:
+            node = sent.get(reply.metadata.reply_to_message_id, -1)
+        if node not in partners:
+            reason = reply.error.reason if reply.has_error() else "no error"
+            logger.warning("a %s reply from node %s matches no partner (%s); ignored", kind, node, reason)
+            continue
+        out.append((partners[node], reply))
+    return out
+
+
 def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -260,8 +291,7 @@ def _train_plain(
         for n, p in active.items()
     }
     updates: list[PartnerUpdate] = []
-    for reply in grid.send_and_receive(_messages(grid, "train", contents, str(rnd)), timeout=fed.round_timeout):
-        p = partners[reply.metadata.src_node_id]
+    for p, reply in _exchange(grid, "train", contents, str(rnd), fed.round_timeout, partners):
         if reply.has_error():
             _failed(p, reply, rnd)
             continue
@@ -328,8 +358,7 @@ def _train_secure(
 
     def exchange(kind: str, contents: dict[int, RecordDict], accept: Callable[[int, RecordDict], None]) -> None:
         """Send one stage; hand each good reply to ``accept``, which may reject that partner."""
-        for reply in grid.send_and_receive(_messages(grid, kind, contents, str(rnd)), timeout=fed.round_timeout):
-            p = partners[reply.metadata.src_node_id]
+        for p, reply in _exchange(grid, kind, contents, str(rnd), fed.round_timeout, partners):
             if reply.has_error():
                 _failed(p, reply, rnd)
                 continue
@@ -414,8 +443,7 @@ def _evaluate(
         for n, p in active.items()
     }
     rows = []
-    for reply in grid.send_and_receive(_messages(grid, "evaluate", contents, str(rnd)), timeout=3600):
-        p = partners[reply.metadata.src_node_id]
+    for p, reply in _exchange(grid, "evaluate", contents, str(rnd), 3600, partners):
         row: dict[str, Any] = {
             "round": rnd,
             "partner": p.info["name"],
@@ -498,10 +526,7 @@ def _cluster_personas(
             for n, p in active.items()
         }
         stats = {}
-        for reply in grid.send_and_receive(
-            _messages(grid, "query.kmeans", contents, str(rnd)), timeout=fed.round_timeout
-        ):
-            p = partners[reply.metadata.src_node_id]
+        for p, reply in _exchange(grid, "query.kmeans", contents, str(rnd), fed.round_timeout, partners):
             if reply.has_error():
                 _failed(p, reply, rnd)
                 continue
@@ -571,8 +596,7 @@ def _persona_metrics(
         for n, p in active.items()
     }
     rows = []
-    for reply in grid.send_and_receive(_messages(grid, "query.personas", contents, str(rnd)), timeout=3600):
-        p = partners[reply.metadata.src_node_id]
+    for p, reply in _exchange(grid, "query.personas", contents, str(rnd), 3600, partners):
         if reply.has_error():
             logger.warning("persona cards at %s failed: %s", p.info["name"], reply.error.reason)
             continue
