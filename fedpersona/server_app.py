@@ -87,6 +87,30 @@ class FederationResult:
     aborted: str = ""  # why a securely aggregated round aborted, if one did
 
 
+def _model_messages(
+    aggregator: ScopedAggregator,
+    active: dict[int, _Partner],
+    config: Callable[..., ConfigRecord],
+    rnd: int,
+    *,
+    prototypes: np.ndarray | None = None,
+) -> dict[int, RecordDict]:
+    """Each active partner's view of the global model (trunk + its slot's adapter), the
+    round's config and, for the persona phases, the current prototypes."""
+    contents = {}
+    for n, p in active.items():
+        record = RecordDict(
+            {
+                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
+                "config": config(round=rnd, adapter_shared=p.slot is not None),
+            }
+        )
+        if prototypes is not None:
+            record["prototypes"] = encode_arrays({"centres": prototypes.astype(np.float32)})
+        contents[n] = record
+    return contents
+
+
 def _exchange(
     grid: Grid,
     kind: str,
@@ -281,15 +305,7 @@ def _train_plain(
     config: Callable[..., ConfigRecord],
     fed: FederationSettings,
 ) -> list[PartnerUpdate]:
-    contents = {
-        n: RecordDict(
-            {
-                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
-                "config": config(round=rnd, adapter_shared=p.slot is not None),
-            }
-        )
-        for n, p in active.items()
-    }
+    contents = _model_messages(aggregator, active, config, rnd)
     updates: list[PartnerUpdate] = []
     for p, reply in _exchange(grid, "train", contents, str(rnd), fed.round_timeout, partners):
         if reply.has_error():
@@ -433,15 +449,7 @@ def _evaluate(
     config: Callable[..., ConfigRecord],
 ) -> list[dict[str, Any]]:
     active = {n: p for n, p in partners.items() if p.active}
-    contents = {
-        n: RecordDict(
-            {
-                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
-                "config": config(round=rnd, adapter_shared=p.slot is not None),
-            }
-        )
-        for n, p in active.items()
-    }
+    contents = _model_messages(aggregator, active, config, rnd)
     rows = []
     for p, reply in _exchange(grid, "evaluate", contents, str(rnd), 3600, partners):
         row: dict[str, Any] = {
@@ -515,16 +523,7 @@ def _cluster_personas(
     for r in range(fed.kmeans_rounds):
         rnd = fed.rounds + 1 + r
         active = {n: p for n, p in partners.items() if p.active}
-        contents = {
-            n: RecordDict(
-                {
-                    "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
-                    "prototypes": encode_arrays({"centres": prototypes.astype(np.float32)}),
-                    "config": config(round=rnd, adapter_shared=p.slot is not None),
-                }
-            )
-            for n, p in active.items()
-        }
+        contents = _model_messages(aggregator, active, config, rnd, prototypes=prototypes)
         stats = {}
         for p, reply in _exchange(grid, "query.kmeans", contents, str(rnd), fed.round_timeout, partners):
             if reply.has_error():
@@ -585,16 +584,7 @@ def _persona_metrics(
     """Ask each partner to assign its users and write its persona cards locally."""
     prototypes = np.asarray(personas["prototypes"], dtype=np.float32)
     active = {n: p for n, p in partners.items() if p.active}
-    contents = {
-        n: RecordDict(
-            {
-                "arrays": encode_arrays(aggregator.arrays_for(p.slot)),
-                "prototypes": encode_arrays({"centres": prototypes}),
-                "config": config(round=rnd, adapter_shared=p.slot is not None),
-            }
-        )
-        for n, p in active.items()
-    }
+    contents = _model_messages(aggregator, active, config, rnd, prototypes=prototypes)
     rows = []
     for p, reply in _exchange(grid, "query.personas", contents, str(rnd), 3600, partners):
         if reply.has_error():
