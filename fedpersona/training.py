@@ -51,7 +51,7 @@ class TrainingSettings:
         if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
             raise ConfigError(f"training.local_epochs must be an integer >= 1, got {self.local_epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 16:
-            # Poisson batches of expected size >= 16 are empty with probability < 1e-7.
+            # Very small expected batches make DP-SGD noise dominate every step.
             raise ConfigError(f"training.batch_size must be an integer >= 16, got {self.batch_size!r}")
         if not isinstance(self.lr, int | float) or not self.lr > 0:
             raise ConfigError(f"training.lr must be > 0, got {self.lr!r}")
@@ -166,10 +166,17 @@ def train_locally(
     for _ in range(steps):
         draw = torch.rand(rows, generator=generator, device=generator.device)
         index = torch.nonzero(draw < q).squeeze(1).to(data.tensors["scalar"].device)
-        if len(index) == 0:
-            # Probability < (1 - q)^rows, below 1e-7 for the allowed batch sizes; the step
-            # is still charged in the ledger, so skipping it only releases less.
-            logger.warning("round %d: an empty Poisson batch; step skipped", round)
+        if len(index) == 0 and (engine is None or settings.grad_sample_mode == "ghost"):
+            # An empty Poisson batch (probability (1 - q)^rows). Non-private: nothing to learn.
+            # Private: the step is still taken, as pure noise on a zero gradient, because that
+            # is what the accounted mechanism releases (skipping it would reveal the empty
+            # batch). Hooks mode handles a zero-length batch by itself; ghost clipping cannot.
+            if engine is not None:
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.grad = torch.zeros_like(param)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             continue
         batch = data.batch(index)
         keep = random_keep(token_presence(data.layout, batch), model.config.mask_rate, generator)

@@ -138,3 +138,42 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
         )
     assert len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries) == 3
     assert math.isfinite(reported[2])
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_an_empty_poisson_batch_still_takes_its_noisy_step(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipping an empty batch would release something other than the accounted mechanism."""
+    import fedpersona.training as training
+
+    real_rand = torch.rand
+    draws = {"n": 0}
+
+    def rand(*args: object, **kwargs: object) -> torch.Tensor:
+        out = real_rand(*args, **kwargs)  # type: ignore[arg-type]
+        if out.ndim == 1:  # the Poisson draw of one step
+            draws["n"] += 1
+            if draws["n"] == 2:
+                return torch.ones_like(out)  # nobody sampled in the second step
+        return out
+
+    cfg = partner_config(tmp_path, "health", rows=300, epsilon=2.0)
+    data = load_partner_data(cfg)
+    training_settings = TrainingSettings(batch_size=32, local_epochs=1, grad_sample_mode=mode)
+    plan = load_plan(cfg, data, training_settings, rounds=2)
+    model = build_model(
+        data, EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu")
+    )
+    ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
+    monkeypatch.setattr(training.torch, "rand", rand)
+    result = train_locally(
+        model=model, data=data.train, settings=training_settings, privacy=cfg.privacy,
+        noise_multiplier=plan.noise_multiplier, ledger=ledger, round=1, generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert draws["n"] == plan.steps_per_round
+    expected = compute_epsilon(
+        [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)], delta=1e-5, accountant="prv"
+    )
+    assert result.epsilon == pytest.approx(expected, rel=1e-9)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
