@@ -121,21 +121,27 @@ class ScopedAggregator:
                 problems.append(f"adapter '{name}' although its adapter is local")
                 continue
             array = np.asarray(value)
-            if array.dtype.kind != "f":
-                problems.append(f"'{name}' has dtype {array.dtype}, expected floating point")
+            ref = reference.get(name)
+            if ref is None and (self.trunk if scope == "global" else upd.slot in self.adapters):
+                problems.append(f"unknown key '{name}' (not in the global model)")
+                continue
+            if array.dtype.kind != "f" or (ref is not None and array.dtype != ref.dtype):
+                expected = ref.dtype if ref is not None else "floating point"
+                problems.append(f"'{name}' has dtype {array.dtype}, expected {expected}")
                 continue
             if not np.all(np.isfinite(array)):
                 problems.append(f"'{name}' holds {int(np.sum(~np.isfinite(array)))} non-finite value(s)")
                 continue
-            ref = reference.get(name)
             if ref is not None:
                 if ref.shape != array.shape:
                     problems.append(f"'{name}' has shape {array.shape}, the global model {ref.shape}")
                     continue
-                squared += float(np.sum((array.astype(np.float64) - ref) ** 2))
-        missing = sorted(k for k in self.trunk if k not in upd.arrays)
-        if missing:
-            problems.append(f"missing trunk keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
+                with np.errstate(over="ignore"):  # a huge update has an infinite norm: rejected below
+                    squared += float(np.sum((array.astype(np.float64) - ref) ** 2))
+        for part, keys in (("trunk", self.trunk), ("adapter", reference.keys() - self.trunk.keys())):
+            missing = sorted(k for k in keys if k not in upd.arrays)
+            if missing:
+                problems.append(f"missing {part} keys {missing[:3]}{'...' if len(missing) > 3 else ''}")
         if self.max_update_norm is not None and not problems and squared**0.5 > self.max_update_norm:
             problems.append(f"update norm {squared**0.5:.4g} above federation.max_update_norm {self.max_update_norm:g}")
         return problems
