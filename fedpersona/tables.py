@@ -14,8 +14,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import lzma
 import math
 import re
+import tarfile
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -118,23 +121,32 @@ def _read_raw(path: Path, *, delimiter: str, header: bool, names: tuple[str, ...
             frame = pd.read_parquet(path)
             frame = pd.DataFrame({col: _as_str(frame[col]) for col in frame.columns})
         else:
+            # The header is read as a data row: pandas would otherwise rename a repeated
+            # column name ("AGE", "AGE.1") and turn the first field of rows that are one
+            # field longer than the header into an index, shifting every value silently.
             frame = pd.read_csv(
                 path,
                 sep=delimiter,
-                header=0 if header else None,
+                header=None,
                 dtype=str,
                 keep_default_na=False,
                 na_filter=False,
                 compression="infer",
                 encoding="utf-8-sig",
             )
+            if header:
+                columns = ["" if pd.isna(c) else str(c) for c in frame.iloc[0]]
+                frame = frame.iloc[1:].reset_index(drop=True)
+                frame.columns = columns
     except pd.errors.EmptyDataError:
         raise DataError(f"cannot read data file {path}: the file is empty") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"cannot read data file {path}: it is not UTF-8 text ({exc})") from None
-    except (OSError, ValueError, EOFError, zlib.error) as exc:
+    except (OSError, ValueError, EOFError, zlib.error, lzma.LZMAError, zipfile.BadZipFile, tarfile.TarError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DataError(f"cannot read data file {path}: {reason}") from None
+    except ImportError as exc:  # e.g. a .zst file without the zstandard package
+        raise DataError(f"cannot read data file {path}: {exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
     if not header and names is not None:
         if frame.shape[1] != len(names):
@@ -143,8 +155,8 @@ def _read_raw(path: Path, *, delimiter: str, header: bool, names: tuple[str, ...
                 [f"the file has {frame.shape[1]} columns but table.columns names {len(names)}"],
             )
         frame.columns = list(names)
-    for col in frame.columns:
-        frame[col] = frame[col].str.strip()
+    for i in range(frame.shape[1]):  # by position: a repeated name is reported by validate_frame
+        frame.isetitem(i, frame.iloc[:, i].str.strip())
     return frame
 
 
@@ -176,7 +188,15 @@ def validate_frame(schema: Schema, frame: pd.DataFrame, *, source: str) -> Table
     wanted = list(dict.fromkeys(([id_column] if id_column else []) + list(schema.input_columns)))
     absent = [c for c in wanted if c not in by_name and c not in repeated]
     if absent:
-        problems.append(f"missing column(s) {_quoted(absent)} (columns found: {_quoted(names)})")
+        hint = next(
+            (
+                f"; the header looks delimited by {d!r}, not by table.delimiter {schema.delimiter!r}"
+                for d in (",", ";", "\t", "|")
+                if d != schema.delimiter and len(names) == 1 and d in names[0]
+            ),
+            "",
+        )
+        problems.append(f"missing column(s) {_quoted(absent)} (columns found: {_quoted(names)}){hint}")
     extra = [c for c in by_name if c not in wanted]
     if extra:
         logger.info("%s: ignoring %d undeclared column(s): %s", source, len(extra), _quoted(extra))
