@@ -213,6 +213,45 @@ class ScopedAggregator:
             per_group[u.group] = per_group.get(u.group, 0.0) + u.num_examples
         return {u.partner: u.num_examples / per_group[u.group] for u in updates}
 
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The global model and the server optimizer's state, flat by name (for checkpoints).
+
+        Keys: ``trunk/<name>``, ``adapter/<slot>/<name>``, ``moment1/<key>`` and
+        ``moment2/<key>`` (FedAdam's first and second moments). :meth:`set_state` inverts it.
+        """
+        state: dict[str, np.ndarray] = {f"trunk/{k}": v for k, v in self.trunk.items()}
+        for slot, adapter in self.adapters.items():
+            state.update({f"adapter/{slot}/{k}": v for k, v in adapter.items()})
+        for key, (m, v) in self.moments.items():
+            state[f"moment1/{key}"] = m
+            state[f"moment2/{key}"] = v
+        return {k: np.array(v, copy=True) for k, v in state.items()}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the global model and optimizer state with one :meth:`get_state` returned."""
+        trunk: dict[str, np.ndarray] = {}
+        adapters: dict[str, dict[str, np.ndarray]] = {}
+        first: dict[str, np.ndarray] = {}
+        second: dict[str, np.ndarray] = {}
+        for name, value in state.items():
+            part, _, rest = name.partition("/")
+            array = np.array(value, copy=True)
+            if part == "trunk" and rest:
+                trunk[rest] = array
+            elif part == "adapter" and "/" in rest:
+                slot, _, key = rest.rpartition("/")
+                adapters.setdefault(slot, {})[key] = array
+            elif part == "moment1" and rest:
+                first[rest] = array
+            elif part == "moment2" and rest:
+                second[rest] = array
+            else:
+                raise ValueError(f"unknown aggregator state entry '{name}'")
+        if set(first) != set(second):
+            raise ValueError("the optimizer state has first moments without second moments or the reverse")
+        self.trunk, self.adapters = trunk, adapters
+        self.moments = {k: (first[k], second[k]) for k in first}
+
     def _step(self, key: str, current: np.ndarray | None, mean: np.ndarray) -> np.ndarray:
         if current is None:
             return mean

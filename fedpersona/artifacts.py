@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedpersona.errors import FedPersonaError
 
-__all__ = ["ArtifactError", "generate_signing_key", "save_model", "verify_model"]
+__all__ = ["ArtifactError", "artifact_files", "generate_signing_key", "install_model", "save_model", "verify_model"]
+
+FILES = ("weights.npz", "card.json", "signature.json")
 
 
 class ArtifactError(FedPersonaError):
@@ -125,3 +128,58 @@ def verify_model(
     with np.load(io.BytesIO(weights)) as npz:
         arrays = {name: npz[name] for name in npz.files}
     return arrays, json.loads(card_bytes)
+
+
+def artifact_files(folder: str | Path) -> dict[str, bytes]:
+    """The three files of an artifact folder, by name (what the server sends each partner)."""
+    folder = Path(folder)
+    try:
+        return {name: (folder / name).read_bytes() for name in FILES}
+    except OSError as exc:
+        raise ArtifactError(f"{folder}: not a complete signed model artifact ({exc})") from None
+
+
+def install_model(folder: str | Path, *, files: dict[str, bytes], public_key: bytes) -> dict[str, Any]:
+    """Verify a received artifact against the federation's key, then make it ``folder``.
+
+    The files are written to a temporary sibling folder and verified there; only a model
+    signed by ``public_key`` replaces ``folder`` (by renames, so a reader sees the old model
+    or the new one). Returns the card. Raises :class:`ArtifactError` and leaves ``folder``
+    untouched otherwise.
+    """
+    folder = Path(folder)
+    missing = [name for name in FILES if not isinstance(files.get(name), bytes)]
+    if missing:
+        raise ArtifactError(f"the received model lacks {', '.join(missing)}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(folder.name + ".incoming")
+    old = folder.with_name(folder.name + ".previous")
+    for stale in (staging, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    staging.mkdir()
+    for name in FILES:
+        with open(staging / name, "wb") as handle:
+            handle.write(files[name])
+            handle.flush()
+            os.fsync(handle.fileno())
+    try:
+        _, card = verify_model(staging, public_key=public_key)
+    except ArtifactError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(
+            "the received model does not verify against the federation's model-signing key; it was not installed"
+        ) from None
+    if (folder / "card.json").exists():
+        try:
+            installed = json.loads((folder / "card.json").read_text())
+        except (OSError, ValueError):
+            installed = {}
+        if float(installed.get("created", 0)) > float(card.get("created", 0)):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise ArtifactError(f"the received model is older than the one in {folder}; it was not installed")
+    if folder.exists():
+        folder.rename(old)
+    staging.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return card

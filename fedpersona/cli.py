@@ -447,14 +447,22 @@ def partner_start(
     runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback)."),
     max_wait_time: float = typer.Option(600.0, help="Seconds flower-supernode keeps reconnecting before a restart."),
     max_restarts: int = typer.Option(10, min=0, help="Restarts of flower-supernode (backoff 5s..300s)."),
+    model_key: Path | None = typer.Option(
+        None,
+        help="The federation's model-signing.pub, to verify the final model (default: credentials/ beside "
+        "client.toml when there).",
+    ),
 ) -> None:
     """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
     from fedpersona.deploy import start_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
+    if model_key is None:
+        default = config.resolve().parent / "credentials" / "model-signing.pub"
+        model_key = default if default.exists() else None
     code = start_partner(
         config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
-        max_wait_time=max_wait_time, max_restarts=max_restarts, report=_report,
+        max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, report=_report,
     )  # fmt: skip
     if code:
         sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM

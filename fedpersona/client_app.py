@@ -9,6 +9,11 @@ A user-fixable problem (e.g. an exhausted privacy budget, a bad data file) is se
 an error reply whose reason is the one-paragraph message, so the server can log it and go
 on without this partner.
 
+At the end of a deployed run the server sends the signed final model (``query.final_model``);
+the partner verifies it against the federation's model-signing key named in its node config
+(``model-public-key``, set by ``fedpersona partner start --model-key``), installs it in
+``state_dir/model`` and replies with nothing.
+
 With secure aggregation the ``query.secagg_*`` and ``train.secagg`` handlers run the partner's
 side of :mod:`fedpersona.secagg`; its secrets live in ``Context.state["secagg"]`` (kept by the
 SuperNode between messages, never sent).
@@ -340,6 +345,26 @@ def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(public)})
 
 
+def _final_model(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Verify the signed final model against the federation's key and install it locally."""
+    from fedpersona.artifacts import FILES, install_model
+    from fedpersona.certs import load_signing_public_key
+
+    key_path = context.node_config.get("model-public-key")
+    if not key_path:
+        raise ConfigError(
+            f"{cfg.name}: no federation model-signing key is configured, so the final model cannot be "
+            "verified and was not installed; put model-signing.pub in credentials/ beside client.toml "
+            "(or pass --model-key) and restart `fedpersona partner start`"
+        )
+    record = msg.content.config_records["artifact"]
+    files = {name: record[name] for name in FILES if name in record}
+    folder = Path(cfg.state_dir) / "model"
+    card = install_model(folder, files=files, public_key=load_signing_public_key(str(key_path)))  # type: ignore[arg-type]
+    logger.info("installed the federation's final model (%s rounds) in %s", card.get("rounds"), folder)
+    return RecordDict()
+
+
 def build_client_app(run_dir: str | None = None) -> ClientApp:
     """A ClientApp; ``run_dir`` lets a simulation point partitions at its partner configs."""
     client = ClientApp()
@@ -352,6 +377,7 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
     client.query("secagg_unmask")(_guarded(_secagg_unmask, run_dir))
     client.query("kmeans")(_guarded(_kmeans, run_dir))
     client.query("personas")(_guarded(_personas, run_dir))
+    client.query("final_model")(_guarded(_final_model, run_dir))
     return client
 
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +52,9 @@ from fedpersona.processes import (
     ProcessSupervisor,
     Stopped,
     StopSignals,
+    alive,
     child_env,
+    descendants,
     flower_tool,
     wait_port,
 )
@@ -186,8 +189,9 @@ def load_federation_config(path: str | Path) -> FederationConfig:
     )
 
 
-def server_settings(cfg: FederationConfig, *, run_dir: str | None = None) -> Any:
-    """The :class:`fedpersona.server_app.ServerSettings` a federation config describes."""
+def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume: bool = False) -> Any:
+    """The :class:`fedpersona.server_app.ServerSettings` a federation config describes
+    (a deployment sends the final model to every partner)."""
     from fedpersona.server_app import ServerSettings
 
     return ServerSettings(
@@ -197,7 +201,26 @@ def server_settings(cfg: FederationConfig, *, run_dir: str | None = None) -> Any
         run_dir=run_dir or str(cfg.run_dir),
         expected_partners=cfg.server.expected_partners,
         wait_timeout=cfg.server.wait_timeout,
+        resume=resume,
+        deliver_model=True,
     )
+
+
+def check_resume(cfg: FederationConfig) -> str:
+    """What ``--resume`` will continue from, checked before anything starts: the checkpoint
+    must be readable and belong to these settings (else :class:`ConfigError`)."""
+    from fedpersona.checkpoint import load_checkpoint, settings_fingerprint
+
+    fingerprint = settings_fingerprint(cfg.federation, cfg.model, cfg.training)
+    checkpoint = load_checkpoint(cfg.run_dir, fingerprint=fingerprint)
+    if checkpoint is None:
+        return "no checkpoint (no round was aggregated): the run starts at round 1"
+    if checkpoint.stage == "done":
+        return f"the checkpoint says the run finished ({checkpoint.round} rounds): the model is sent to partners again"
+    if checkpoint.stage == "train":
+        done, total = checkpoint.round, cfg.federation.rounds
+        return f"{done} of {total} rounds aggregated: continuing at round {done + 1}"
+    return f"training done; persona clustering continues ({checkpoint.stage}, {checkpoint.kmeans_done} k-means rounds)"
 
 
 def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
@@ -329,6 +352,7 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
         )
     if resume and not db.exists():
         raise ConfigError(f"--resume: {run_dir} holds no federation to resume ({db.name} is missing)")
+    where = check_resume(cfg) if resume else ""
     run_dir.mkdir(parents=True, exist_ok=True)
     _install_signing_key(cfg.credentials, run_dir)
     home = run_dir / "flwr-home"
@@ -345,7 +369,10 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
             report(f"flower-superlink pid {superlink.pid} on {cfg.server.host}:{cfg.server.port}; log {logs}")
             wait_port(host, cfg.server.port, timeout=cfg.server.ready_timeout, proc=superlink, signals=signals)
             _register_partners(cfg, home=home, report=report, signals=signals, superlink=superlink)
-            run_id = _start_run(cfg, home=home, config=Path(cfg.source), report=report)
+            if resume:
+                _stop_previous_run(cfg.run_dir, home=home, report=report)
+                report(f"resuming {run_dir}: {where}")
+            run_id = _start_run(cfg, home=home, config=Path(cfg.source), report=report, resume=resume)
             return _watch_run(run_id, home=home, superlink=superlink, signals=signals, report=report, run_dir=run_dir)
         except Stopped as stop:
             report(f"received {stop}; stopping the SuperLink and its children")
@@ -399,11 +426,23 @@ def stage_app(app: Path, dest: Path) -> Path:
     return dest
 
 
-def _start_run(cfg: FederationConfig, *, home: Path, config: Path, report: Report) -> str:
+def _stop_previous_run(run_dir: Path, *, home: Path, report: Report) -> None:
+    """Stop the run a crash left behind in the SuperLink's database, so that partners do not
+    take up its last messages (and spend budget on them) next to the resumed run."""
+    try:
+        previous = str(json.loads((run_dir / "run.json").read_text())["run-id"])
+    except (OSError, ValueError, KeyError):
+        return
+    out = _flwr_json(["stop", previous, CONNECTION], flwr_home=home)
+    if out.get("success"):
+        report(f"stopped the interrupted run {previous}")
+
+
+def _start_run(cfg: FederationConfig, *, home: Path, config: Path, report: Report, resume: bool = False) -> str:
     for path in (config, cfg.run_dir):
         if '"' in str(path) or "\\" in str(path):
             raise ConfigError(f"paths given to `flwr run` must not contain quotes or backslashes: {path}")
-    run_config = f'federation-config="{config}" run-dir="{cfg.run_dir}"'
+    run_config = f'federation-config="{config}" run-dir="{cfg.run_dir}"' + (" resume=true" if resume else "")
     staged = stage_app(Path(cfg.server.app), cfg.run_dir / "app")
     out = _flwr_json(["run", str(staged), CONNECTION, "--run-config", run_config], flwr_home=home, timeout=300)
     if not out.get("success"):
@@ -432,16 +471,30 @@ def _watch_run(
     run_dir: Path,
     poll: float = 5.0,
 ) -> int:
+    family: list[int] = []
     while True:
         if superlink.poll() is not None:
+            # What the SuperLink had started (flower-superexec, the ServerApp) is orphaned now:
+            # stop it, so that no ServerApp of this run writes to the run folder after a resume.
+            _kill_all(family)
             report(f"flower-superlink exited with code {superlink.returncode}; restart with --resume")
             return 1
+        family = descendants(superlink.pid)
         status = _run_status(run_id, home)
         if status.startswith("finished"):
             ok = status == "finished:completed" and (run_dir / "model" / "signature.json").exists()
             report(f"run {run_id} {status}; model: {run_dir / 'model'}" if ok else f"run {run_id} {status}")
             return 0 if ok else 1
         signals.sleep(poll)
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 # --------------------------------------------------------------------------- partner
@@ -541,11 +594,17 @@ def supernode_command(
     key: str | Path,
     runtime_port: int = 9094,
     max_wait_time: float = 600.0,
+    model_key: str | Path | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command line of a partner."""
-    client_config = str(Path(config).resolve())
-    if '"' in client_config or "\\" in client_config:
-        raise ConfigError(f"the client.toml path must not contain quotes or backslashes: {client_config}")
+    """The ``flower-supernode`` command line of a partner (``model_key``: the federation's
+    model-signing public key, which verifies the final model the server sends)."""
+    paths = {"client-config": str(Path(config).resolve())}
+    if model_key is not None:
+        paths["model-public-key"] = str(Path(model_key).resolve())
+    for path in paths.values():
+        if '"' in path or "\\" in path:
+            raise ConfigError(f"the paths in the node config must not contain quotes or backslashes: {path}")
+    node_config = " ".join(f'{key}="{path}"' for key, path in paths.items())
     return [
         flower_tool("flower-supernode"),
         "--superlink", superlink,
@@ -553,7 +612,7 @@ def supernode_command(
         "--auth-supernode-private-key", str(Path(key).resolve()),
         "--max-wait-time", f"{max_wait_time:g}",
         "--port", str(runtime_port),
-        "--node-config", f'client-config="{client_config}"',
+        "--node-config", node_config,
     ]  # fmt: skip
 
 
@@ -566,15 +625,30 @@ def start_partner(
     runtime_port: int = 9094,
     max_wait_time: float = 600.0,
     max_restarts: int = 10,
+    model_key: str | Path | None = None,
     report: Report = logger.info,
 ) -> int:
-    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up."""
+    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up.
+
+    ``model_key`` (the federation's ``model-signing.pub``) lets the partner verify and install
+    the final model the server sends at the end of the run; without it the partner refuses it.
+    """
     check = check_partner(config, ca=ca, key=key)
     cfg = check.config
+    if model_key is not None:
+        from fedpersona.certs import load_signing_public_key
+
+        load_signing_public_key(model_key)  # a ConfigError now rather than a refused model later
+    else:
+        report(
+            f"partner {cfg.name}: no model-signing.pub given; the final model the server sends will not be "
+            "installed (fetch it from the registry instead)"
+        )
     log = Path(cfg.state_dir) / "logs" / "supernode.log"
     cmd = supernode_command(
-        config=config, superlink=superlink, ca=ca, key=key, runtime_port=runtime_port, max_wait_time=max_wait_time
-    )
+        config=config, superlink=superlink, ca=ca, key=key, runtime_port=runtime_port,
+        max_wait_time=max_wait_time, model_key=model_key,
+    )  # fmt: skip
     supervisor = ProcessSupervisor()
     with StopSignals() as signals:
         try:

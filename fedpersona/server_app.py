@@ -12,6 +12,34 @@ and dropped; the run goes on while ``min_partners`` remain.
 With ``secure_aggregation = true`` each round's ``train`` exchange becomes the four exchanges
 of :mod:`fedpersona.secagg` and the server sees only per-scope sums. A round that loses too
 many partners to unmask aborts: the server logs why, stops, and publishes no model of it.
+
+**Checkpoint and resume.** After every aggregation (each training round, each DP k-means
+round) and at each later stage the server writes ``RUN_DIR/state/checkpoint.npz``
+(:mod:`fedpersona.checkpoint`). With ``resume`` a new run loads it, asks the connected
+partners who they are (``query``, which costs no privacy budget), matches them by name to the
+partners of the checkpoint and continues at the *next* round: a round whose aggregate is in
+the checkpoint is never sent again, so no partner trains it twice. A round that was sent but
+not aggregated before the crash is sent again on resume; the partner trains it again and its
+ledger charges it again (a new release with fresh noise is a new mechanism run; the first
+one stays charged although the server never used it).
+
+**Partners that drop out and come back.** A partner whose reply is an error the SuperLink made
+(its node stopped sending heartbeats, the message expired) or an unexpected failure is left out
+and, once its node is online again, asked ``query`` at the start of a later round and admitted
+again with its slot, receiving the current global model. A partner that refused for its budget
+or whose reply was rejected stays out for the rest of the run. A partner that trained but whose
+reply never arrived within ``round_timeout`` simply is not in that round's aggregate: its ledger
+counts the round anyway (it was charged before the first gradient step), and the epsilon the
+server reports for it comes from the partner's ledger at its next reply, so it includes that
+round; ``steps`` in privacy.json counts only the steps of updates the server received. Each
+evaluation row in metrics.jsonl says whether the partner's update is in that round's aggregate
+(``aggregated``).
+
+**The final model reaches every partner.** In a deployment (``deliver_model``) the signed
+artifact (``weights.npz``, ``card.json``, ``signature.json``) is sent to every connected
+partner in a ``query.final_model`` message; the partner verifies it against the federation's
+model-signing key it was given and installs it in ``state_dir/model`` (see
+:func:`fedpersona.artifacts.install_model`). The reply is empty.
 """
 
 from __future__ import annotations
@@ -31,8 +59,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.artifacts import generate_signing_key, save_model
-from fedpersona.client_app import ERROR_BUDGET
+from fedpersona.artifacts import artifact_files, generate_signing_key, save_model
+from fedpersona.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint, settings_fingerprint
+from fedpersona.client_app import ERROR_BUDGET, ERROR_USER
 from fedpersona.clustering import ClusterStats, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
@@ -67,6 +96,8 @@ class ServerSettings:
     run_dir: str
     expected_partners: int | None = None
     wait_timeout: float = 120.0
+    resume: bool = False  # continue from RUN_DIR/state/checkpoint.npz
+    deliver_model: bool = False  # send the signed final model to every partner (deployments)
 
 
 @dataclass
@@ -78,6 +109,32 @@ class _Partner:
     epsilon: float | None = None
     steps: int = 0
     dropped_reason: str = ""
+    rejoinable: bool = False  # dropped as unreachable: admitted again when its node is back
+    history: list[list[float]] = field(default_factory=list)  # [round, cumulative epsilon]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id, "info": self.info, "slot": self.slot, "active": self.active,
+            "epsilon": self.epsilon, "steps": self.steps, "dropped_reason": self.dropped_reason,
+            "rejoinable": self.rejoinable, "history": self.history,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _Partner:
+        return cls(
+            node_id=int(data["node_id"]), info=dict(data["info"]), slot=data["slot"], active=bool(data["active"]),
+            epsilon=data["epsilon"], steps=int(data["steps"]), dropped_reason=str(data["dropped_reason"]),
+            rejoinable=bool(data["rejoinable"]), history=[list(h) for h in data["history"]],
+        )  # fmt: skip
+
+    def record_epsilon(self, rnd: int, epsilon: float | None) -> None:
+        self.epsilon = epsilon
+        if epsilon is None:
+            return
+        if self.history and self.history[-1][0] == rnd:
+            self.history[-1] = [rnd, epsilon]
+        else:
+            self.history.append([rnd, epsilon])
 
 
 @dataclass
@@ -85,6 +142,9 @@ class FederationResult:
     rounds_completed: int
     partners: dict[str, dict[str, Any]] = field(default_factory=dict)
     aborted: str = ""  # why a securely aggregated round aborted, if one did
+    resumed_after: int | None = None  # the last round of the checkpoint a resumed run started from
+    rounds_run: list[int] = field(default_factory=list)  # training rounds this run aggregated
+    delivered: list[str] = field(default_factory=list)  # partners that installed the final model
 
 
 def _model_messages(
@@ -180,11 +240,134 @@ def _initial_trunk(model: EncoderConfig, seed: int) -> dict[str, Any]:
     return {f"trunk.{k}": v.detach().cpu().numpy() for k, v in trunk.state_dict().items()}
 
 
+def _resume_point(run_dir: Path, settings: ServerSettings, fingerprint: str) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from (validated), or None to start at round 1."""
+    path = run_dir / CHECKPOINT
+    if not settings.resume:
+        if path.exists():
+            raise ConfigError(
+                f"{run_dir} holds the checkpoint of an earlier run ({path}); resume it "
+                "(fedpersona server start --resume) or choose another run folder"
+            )
+        return None
+    checkpoint = load_checkpoint(run_dir, fingerprint=fingerprint)
+    if checkpoint is None:
+        logger.warning("resume: %s has no checkpoint (no round was aggregated); starting at round 1", run_dir)
+    return checkpoint
+
+
+def _admit(
+    grid: Grid,
+    nodes: list[int],
+    partners: dict[int, _Partner],
+    roster: dict[str, _Partner],
+    refused: set[int],
+    config: Callable[..., ConfigRecord],
+    timeout: float,
+    group: str,
+) -> list[_Partner]:
+    """Ask ``nodes`` who they are (``query``) and admit those that answer; returns the admitted.
+
+    A name the roster knows (a partner of the checkpoint, or one that dropped out) keeps its
+    slot, epsilon and history, provided its kind and schema are unchanged; a partner that
+    refused for its budget or whose reply was rejected stays out. A node whose query fails is
+    not asked again in this run.
+    """
+    admitted: list[_Partner] = []
+    contents = {n: RecordDict({"config": config()}) for n in nodes}
+    probe = {n: _Partner(n, {"name": f"node {n}"}) for n in nodes}
+    for stub, reply in _exchange(grid, "query", contents, group, timeout, probe):
+        node = stub.node_id
+        if reply.has_error():
+            logger.error("node %s cannot join: %s", node, reply.error.reason)
+            if reply.error.code in (ERROR_BUDGET, ERROR_USER):  # the partner's own refusal
+                refused.add(node)
+            continue
+        info = dict(reply.content.config_records["info"])
+        name = str(info["name"])
+        known = roster.get(name)
+        if known is not None:
+            if (known.info["kind"], known.info["fingerprint"]) != (info["kind"], info["fingerprint"]):
+                logger.error(
+                    "partner %s is back with kind %s and schema %s, not %s and %s as before: it stays out "
+                    "(its adapter slot and its share of the model belong to the old schema)",
+                    name, info["kind"], info["fingerprint"], known.info["kind"], known.info["fingerprint"],
+                )  # fmt: skip
+                refused.add(node)
+                continue
+            other = partners.get(known.node_id)
+            if known.active and other is known and known.node_id != node:
+                logger.error("node %s claims the name %s of the active node %s; refused", node, name, known.node_id)
+                refused.add(node)
+                continue
+            if not known.active and not known.rejoinable and known.dropped_reason:
+                logger.warning("partner %s stays out of this run: %s", name, known.dropped_reason)
+                refused.add(node)
+                continue
+            partners.pop(known.node_id, None)
+            known.node_id, known.info = node, info
+            known.active, known.rejoinable, known.dropped_reason = True, False, ""
+            partner = known
+            logger.info("partner %s (node %s) is back in the federation, slot %s", name, node, partner.slot)
+        else:
+            partner = _Partner(node, info)
+            roster[name] = partner
+            logger.info(
+                "partner %s: kind %s, %d rows, schema %s, noise %.4g, q %.4g, %d steps/round",
+                name, info["kind"], info["rows"], info["fingerprint"],
+                info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
+            )  # fmt: skip
+        partners[node] = partner
+        admitted.append(partner)
+    return admitted
+
+
+def _newcomer_slot(partner: _Partner, roster: dict[str, _Partner]) -> None:
+    """A partner that joins after the slots were formed: it shares its kind's adapter when its
+    schema is the kind's shared one (or it is the first of its kind), else keeps it local."""
+    kind, fp = partner.info["kind"], partner.info["fingerprint"]
+    slots = {p.slot for p in roster.values() if p is not partner and p.info.get("kind") == kind and p.slot}
+    mine = f"{kind}:{fp}"
+    if not slots or mine in slots:
+        partner.slot = mine
+    else:
+        logger.warning(
+            "partner %s (%s) has schema fingerprint %s, not its kind's shared %s: its feature adapter stays local",
+            partner.info["name"], kind, fp, sorted(slots)[0],
+        )  # fmt: skip
+
+
+def _rejoin(
+    grid: Grid,
+    partners: dict[int, _Partner],
+    roster: dict[str, _Partner],
+    refused: set[int],
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+    rnd: int,
+) -> None:
+    """Admit partners whose node came (back) online since the last round."""
+    online = sorted(grid.get_node_ids())
+    waiting = [
+        n for n in online
+        if n not in refused and (n not in partners or (not partners[n].active and partners[n].rejoinable))
+    ]  # fmt: skip
+    if not waiting:
+        return
+    known = set(roster)
+    for partner in _admit(grid, waiting, partners, roster, refused, config, fed.round_timeout, str(rnd)):
+        if partner.info["name"] not in known:
+            _newcomer_slot(partner, roster)
+
+
 def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None) -> FederationResult:
-    """Run the whole federation; writes metrics.jsonl, privacy.json and model/ in run_dir."""
+    """Run (or, with ``settings.resume``, continue) the federation; writes metrics.jsonl,
+    privacy.json, model/ and state/checkpoint.npz in run_dir."""
     fed = settings.federation
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = settings_fingerprint(fed, settings.model, settings.training)
+    checkpoint = _resume_point(run_dir, settings, fingerprint)
     want = settings.expected_partners or fed.min_partners
     nodes = _wait_for_nodes(grid, want, settings.wait_timeout)
     if len(nodes) < fed.min_partners:
@@ -202,24 +385,6 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             kmeans_rounds=kmeans_rounds, kmeans_noise=float(fed.kmeans_noise), **extra,
         )  # fmt: skip
 
-    partners: dict[int, _Partner] = {}
-    replies = grid.send_and_receive(
-        _messages(grid, "query", {n: RecordDict({"config": config()}) for n in nodes}, "0"),
-        timeout=fed.round_timeout,
-    )
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            logger.error("node %s cannot join: %s", node, reply.error.reason)
-            continue
-        info = dict(reply.content.config_records["info"])
-        partners[node] = _Partner(node, info)
-        logger.info(
-            "partner %s: kind %s, %d rows, schema %s, noise %.4g, q %.4g, %d steps/round",
-            info["name"], info["kind"], info["rows"], info["fingerprint"],
-            info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
-        )  # fmt: skip
-    _assign_slots(partners)
     aggregator = ScopedAggregator(
         optimizer=fed.server_optimizer,
         lr=fed.server_lr,
@@ -228,11 +393,65 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         trim_fraction=fed.trim_fraction,
         max_update_norm=fed.max_update_norm,
     )
-    aggregator.trunk = _initial_trunk(settings.model, fed.seed)
+    roster: dict[str, _Partner] = {}  # every partner of the federation, by name
+    resumed_after: int | None = None
+    if checkpoint is None:
+        checkpoint = Checkpoint(fingerprint=fingerprint)
+        aggregator.trunk = _initial_trunk(settings.model, fed.seed)
+    else:
+        try:
+            aggregator.set_state(checkpoint.arrays)
+            roster = {name: _Partner.from_dict(data) for name, data in checkpoint.partners.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"{run_dir / CHECKPOINT} is damaged and cannot be resumed ({exc}); move it away to start at round 1"
+            ) from None
+        for p in roster.values():
+            p.active = False  # until it answers this run's query
+        resumed_after = checkpoint.round
+        logger.info(
+            "resuming %s from its checkpoint: stage %s, %d round(s) aggregated, %d partner(s)",
+            run_dir, checkpoint.stage, checkpoint.round, len(roster),
+        )  # fmt: skip
+    partners: dict[int, _Partner] = {}  # the partners connected to this run, by node id
+    refused: set[int] = set()
+    fresh = not roster
+    known = set(roster)
+    admitted = _admit(grid, nodes, partners, roster, refused, config, fed.round_timeout, "0")
+    if fresh:
+        _assign_slots(partners)
+    else:
+        for p in admitted:
+            if p.info["name"] not in known:
+                _newcomer_slot(p, roster)
+
+    def save(**changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(checkpoint, key, value)
+        checkpoint.arrays = aggregator.get_state()
+        checkpoint.partners = {name: p.to_dict() for name, p in roster.items()}
+        save_checkpoint(run_dir, checkpoint)
+
     metrics_path = run_dir / "metrics.jsonl"
-    completed = 0
+
+    def evaluate(rnd: int, used: set[str]) -> None:
+        rows = _evaluate(grid, aggregator, partners, rnd, config, used)
+        with metrics_path.open("a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+        save(evaluated=True)
+        if on_round is not None:
+            on_round(rnd, rows)
+
+    completed = checkpoint.round
+    rounds_run: list[int] = []
     aborted = ""
-    for rnd in range(1, fed.rounds + 1):
+    if checkpoint.stage == "train" and completed and not checkpoint.evaluated:
+        evaluate(completed, set(checkpoint.extra.get("aggregated", [])))  # the crash came before it
+    first = completed + 1 if checkpoint.stage == "train" else fed.rounds + 1
+    for rnd in range(first, fed.rounds + 1):
+        if rnd > first:
+            _rejoin(grid, partners, roster, refused, config, fed, rnd)
         active = {n: p for n, p in partners.items() if p.active}
         if len(active) < fed.min_partners:
             logger.error(
@@ -253,16 +472,19 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             logger.error("round %d: no partner replied; stopping", rnd)
             break
         aggregator.aggregate(updates)
+        used = {u.partner for u in updates} if not fed.secure_aggregation else set(_names(active))
         completed = rnd
-        rows = _evaluate(grid, aggregator, partners, rnd, config)
-        with metrics_path.open("a", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-        if on_round is not None:
-            on_round(rnd, rows)
-    personas: dict[str, Any] | None = None
-    if clustering and completed:
-        personas = _cluster_personas(grid, aggregator, partners, fed, config, settings.model.embed_dim)
+        rounds_run.append(rnd)
+        save(stage="train", round=rnd, evaluated=False, extra={**checkpoint.extra, "aggregated": sorted(used)})
+        evaluate(rnd, used)
+    personas: dict[str, Any] | None = checkpoint.personas
+    if clustering and completed and checkpoint.stage in ("train", "kmeans"):
+        personas = _cluster_personas(
+            grid, aggregator, partners, fed, config, settings.model.embed_dim, checkpoint=checkpoint, save=save
+        )
+        if personas is not None:
+            save(stage="clustered", personas=personas)
+    if checkpoint.stage != "done":
         if personas is not None:
             rows = _persona_metrics(grid, aggregator, partners, personas, completed, config)
             with metrics_path.open("a", encoding="utf-8") as handle:
@@ -271,29 +493,67 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             tmp = run_dir / "personas.json.tmp"
             tmp.write_text(json.dumps({k: v for k, v in personas.items() if k != "centres"}, indent=2))
             tmp.replace(run_dir / "personas.json")
-    _write_privacy(run_dir, partners)
-    if aborted and not completed:
-        logger.error("no round completed; no model is published")
-    else:
-        _publish(run_dir, aggregator, partners, settings, completed, personas)
+        _write_privacy(run_dir, roster)
+        if aborted and not completed:
+            logger.error("no round completed; no model is published")
+        else:
+            _publish(run_dir, aggregator, roster, settings, completed, personas)
+            save(stage="done")
+    delivered: list[str] = []
+    if settings.deliver_model and (run_dir / "model" / "signature.json").exists():
+        _rejoin(grid, partners, roster, refused, config, fed, completed)
+        delivered = _deliver_model(grid, partners, run_dir / "model", fed.round_timeout, completed)
     return FederationResult(
         rounds_completed=completed,
-        partners={p.info["name"]: p.info for p in partners.values()},
+        partners={name: p.info for name, p in roster.items()},
         aborted=aborted,
+        resumed_after=resumed_after,
+        rounds_run=rounds_run,
+        delivered=delivered,
     )
+
+
+def _names(active: dict[int, _Partner]) -> list[str]:
+    return [str(p.info["name"]) for p in active.values()]
+
+
+def _deliver_model(grid: Grid, partners: dict[int, _Partner], folder: Path, timeout: float, rnd: int) -> list[str]:
+    """Send the signed final model to every connected partner (whose replies were never
+    rejected); each verifies it against the federation's key and installs it locally."""
+    files = ConfigRecord(artifact_files(folder))  # type: ignore[arg-type]
+    online = set(grid.get_node_ids())
+    targets = {
+        n: RecordDict({"artifact": files, "config": ConfigRecord({"round": rnd})})
+        for n, p in partners.items()
+        if n in online and not p.dropped_reason.startswith("reply rejected")
+    }
+    delivered = []
+    for p, reply in _exchange(grid, "query.final_model", targets, "final", timeout, partners):
+        if reply.has_error():
+            logger.warning("partner %s did not install the final model: %s", p.info["name"], reply.error.reason)
+        else:
+            delivered.append(str(p.info["name"]))
+    logger.info("final model installed at %d of %d partner(s): %s", len(delivered), len(targets), sorted(delivered))
+    return sorted(delivered)
 
 
 def _failed(p: _Partner, reply: Message, rnd: int) -> None:
     p.active = False
     p.dropped_reason = reply.error.reason or "error"
+    # The partner's own refusals (budget, bad data, a rolled-back ledger) hold for the run; an
+    # error the SuperLink made (node gone, message expired) or a crash may pass: it can rejoin.
+    p.rejoinable = reply.error.code not in (ERROR_BUDGET, ERROR_USER)
     what = "refused (privacy budget)" if reply.error.code == ERROR_BUDGET else "failed"
-    logger.warning("round %d: partner %s %s: %s", rnd, p.info["name"], what, p.dropped_reason)
+    logger.warning(
+        "round %d: partner %s %s: %s%s", rnd, p.info["name"], what, p.dropped_reason,
+        " (it is admitted again when its node is back)" if p.rejoinable else "",
+    )  # fmt: skip
 
 
-def _trained(p: _Partner, reply: Message) -> None:
+def _trained(p: _Partner, reply: Message, rnd: int) -> None:
     metrics = metrics_of(reply)
     p.steps += int(metrics.get("steps", 0))
-    p.epsilon = float(metrics["epsilon"]) if "epsilon" in metrics else None
+    p.record_epsilon(rnd, float(metrics["epsilon"]) if "epsilon" in metrics else None)
 
 
 def _train_plain(
@@ -311,7 +571,7 @@ def _train_plain(
         if reply.has_error():
             _failed(p, reply, rnd)
             continue
-        _trained(p, reply)
+        _trained(p, reply, rnd)
         update = PartnerUpdate(
             partner=p.info["name"],
             slot=p.slot,
@@ -379,7 +639,7 @@ def _train_secure(
                 _failed(p, reply, rnd)
                 continue
             if kind == "train.secagg":
-                _trained(p, reply)
+                _trained(p, reply, rnd)
             try:
                 accept(p.node_id, reply.content)
             except (SecureAggregationError, KeyError, TypeError, ValueError) as exc:
@@ -447,6 +707,7 @@ def _evaluate(
     partners: dict[int, _Partner],
     rnd: int,
     config: Callable[..., ConfigRecord],
+    used: set[str],
 ) -> list[dict[str, Any]]:
     active = {n: p for n, p in partners.items() if p.active}
     contents = _model_messages(aggregator, active, config, rnd)
@@ -459,13 +720,14 @@ def _evaluate(
             "rows": p.info["rows"],
             "epsilon": p.epsilon,
             "private": bool(p.info["private"]),
+            "aggregated": p.info["name"] in used,
         }
         if reply.has_error():
             logger.warning("round %d: evaluation at %s failed: %s", rnd, p.info["name"], reply.error.reason)
         else:
             metrics = metrics_of(reply)
             if "epsilon" in metrics:
-                p.epsilon = float(metrics.pop("epsilon"))
+                p.record_epsilon(rnd, float(metrics.pop("epsilon")))
                 row["epsilon"] = p.epsilon
             row.update({k: float(v) for k, v in metrics.items()})
         rows.append(row)
@@ -473,9 +735,12 @@ def _evaluate(
     return rows
 
 
-def _write_privacy(run_dir: Path, partners: dict[int, _Partner]) -> None:
+def _write_privacy(run_dir: Path, roster: dict[str, _Partner]) -> None:
+    """privacy.json: each partner's epsilon as its ledger last reported it (rounds whose reply
+    never arrived included), its plan, the steps of the updates the server received, and the
+    epsilon after each round it reported (``epsilon_history``)."""
     out: dict[str, Any] = {}
-    for p in sorted(partners.values(), key=lambda p: p.info["name"]):
+    for p in sorted(roster.values(), key=lambda p: p.info["name"]):
         info = p.info
         private = bool(info["private"])
         entry: dict[str, Any] = {
@@ -494,6 +759,8 @@ def _write_privacy(run_dir: Path, partners: dict[int, _Partner]) -> None:
             entry["target_epsilon"] = None
         if p.dropped_reason:
             entry["dropped"] = p.dropped_reason
+        if private:
+            entry["epsilon_history"] = p.history
         out[info["name"]] = entry
     tmp = run_dir / "privacy.json.tmp"
     tmp.write_text(json.dumps({"partners": out}, indent=2))
@@ -507,6 +774,9 @@ def _cluster_personas(
     fed: FederationSettings,
     config: Callable[..., ConfigRecord],
     dim: int,
+    *,
+    checkpoint: Checkpoint | None = None,
+    save: Callable[..., None] | None = None,
 ) -> dict[str, Any] | None:
     """Federated DP k-means on the partners' embeddings (see :mod:`fedpersona.clustering`).
 
@@ -514,13 +784,22 @@ def _cluster_personas(
     its ledger first); the server only ever combines noisy releases. Schedule: half the rounds
     with ``3 x K`` prototypes, a server-side reduction to ``K``, then the rest with ``K``.
     The persona shares per kind come from the last round's noisy counts (post-processing).
+
+    After each round but the last, ``save`` checkpoints the prototypes and the generator; a
+    resumed run continues with the round after ``checkpoint.kmeans_done``.
     """
     rng = np.random.default_rng([fed.seed, 7])
     k = fed.personas
     summary = fed.kmeans_rounds // 2
     prototypes = init_prototypes(3 * k if summary else k, dim, generator=rng)
+    start = 0
+    if checkpoint is not None and checkpoint.stage == "kmeans" and checkpoint.prototypes is not None:
+        prototypes, start = np.asarray(checkpoint.prototypes, dtype=np.float64), checkpoint.kmeans_done
+        if checkpoint.kmeans_rng is not None:
+            rng.bit_generator.state = checkpoint.kmeans_rng
+        logger.info("persona clustering resumes after round %d of %d", start, fed.kmeans_rounds)
     stats: dict[int, ClusterStats] = {}
-    for r in range(fed.kmeans_rounds):
+    for r in range(start, fed.kmeans_rounds):
         rnd = fed.rounds + 1 + r
         active = {n: p for n, p in partners.items() if p.active}
         contents = _model_messages(aggregator, active, config, rnd, prototypes=prototypes)
@@ -532,7 +811,7 @@ def _cluster_personas(
             released = reply.content.array_records["stats"]
             metrics = metrics_of(reply)
             if "epsilon" in metrics:
-                p.epsilon = float(metrics["epsilon"])
+                p.record_epsilon(rnd, float(metrics["epsilon"]))
             stats[p.node_id] = ClusterStats(
                 sums=released["sums"].numpy().astype(np.float64),
                 counts=released["counts"].numpy().astype(np.float64),
@@ -553,6 +832,8 @@ def _cluster_personas(
                 prototypes = updated[np.argsort(-counts, kind="stable")[:k]]
         else:
             prototypes = update_prototypes(prototypes, list(stats.values()), reseed=rng)
+        if save is not None and r + 1 < fed.kmeans_rounds:
+            save(stage="kmeans", kmeans_done=r + 1, prototypes=prototypes, kmeans_rng=rng.bit_generator.state)
     shares: dict[str, list[float]] = {}
     for node, st in stats.items():
         kind = str(partners[node].info["kind"])
@@ -608,7 +889,7 @@ def _persona_metrics(
 def _publish(
     run_dir: Path,
     aggregator: ScopedAggregator,
-    partners: dict[int, _Partner],
+    roster: dict[str, _Partner],
     settings: ServerSettings,
     rounds: int,
     personas: dict[str, Any] | None = None,
@@ -639,7 +920,7 @@ def _publish(
                 "epsilon": p.epsilon,
                 "private": bool(p.info["private"]),
             }
-            for p in partners.values()
+            for p in roster.values()
         },
     }
     save_model(run_dir / "model", arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
@@ -656,7 +937,11 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
             from fedpersona.deploy import load_federation_config, server_settings
 
             federation = load_federation_config(str(context.run_config["federation-config"]))
-            settings = server_settings(federation, run_dir=str(context.run_config["run-dir"]))
+            settings = server_settings(
+                federation,
+                run_dir=str(context.run_config["run-dir"]),
+                resume=bool(context.run_config.get("resume", False)),
+            )
         if settings is None:
             scenario = load_scenario(str(context.run_config["scenario"]))
             settings = ServerSettings(

@@ -1,0 +1,176 @@
+"""The coordinator's checkpoint: where a federation stands, so that a restarted server continues it.
+
+One file, ``RUN_DIR/state/checkpoint.npz``, rewritten after every aggregation (each training
+round, each DP k-means round) and at each later stage. It holds the global arrays and the
+server optimizer's moments (:meth:`fedpersona.aggregation.ScopedAggregator.get_state`), the
+current persona prototypes and the k-means generator, and a JSON document (the ``__meta__``
+entry) with the stage, the last completed round, the per-partner facts the server keeps
+(slot, epsilon, steps, why a partner was dropped) and a fingerprint of the settings.
+
+Writes are atomic: a temporary file in the same folder, fsync'd, ``os.replace``'d over the
+old one, then the folder fsync'd; a crash leaves the old checkpoint or the new one, never a
+mix. :func:`load_checkpoint` refuses a checkpoint of other settings (the fingerprint) and a
+damaged file with a :class:`CheckpointError` that says what to do, never a traceback.
+
+Stages, in order: ``train`` (``round`` training rounds aggregated; ``evaluated`` says whether
+the last one's evaluation rows are in metrics.jsonl), ``kmeans`` (``kmeans_done`` DP k-means
+rounds aggregated), ``clustered`` (the personas are final), ``done`` (model published and
+delivered).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpersona.errors import ConfigError
+
+__all__ = [
+    "CHECKPOINT",
+    "STAGES",
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "save_checkpoint",
+    "settings_fingerprint",
+]
+
+CHECKPOINT = Path("state") / "checkpoint.npz"  # relative to the run folder
+STAGES = ("train", "kmeans", "clustered", "done")
+VERSION = 1
+_META = "__meta__"
+_PROTOTYPES = "__prototypes__"
+# Operational settings that may change between a crash and its resume without changing the run.
+_OPERATIONAL = {"federation": ("round_timeout",), "training": ("device",)}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed: damaged, of another version, or of other settings."""
+
+
+def settings_fingerprint(federation: Any, model: Any, training: Any) -> str:
+    """SHA-256 over the settings that define the run (timeouts and the device excluded)."""
+    doc: dict[str, Any] = {}
+    for name, obj in (("federation", federation), ("model", model), ("training", training)):
+        values = asdict(obj)
+        for key in _OPERATIONAL.get(name, ()):
+            values.pop(key, None)
+        doc[name] = values
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    """Where the federation stands (see the module docstring for the stages)."""
+
+    fingerprint: str
+    stage: str = "train"
+    round: int = 0
+    evaluated: bool = True
+    kmeans_done: int = 0
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # ScopedAggregator.get_state()
+    prototypes: np.ndarray | None = None
+    kmeans_rng: dict[str, Any] | None = None  # numpy bit generator state
+    personas: dict[str, Any] | None = None  # the final personas, from stage "clustered" on
+    partners: dict[str, dict[str, Any]] = field(default_factory=dict)  # by partner name
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise CheckpointError(f"checkpoint stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+
+
+def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``RUN_DIR/state/checkpoint.npz`` atomically and durably; returns its path."""
+    path = Path(run_dir) / CHECKPOINT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = sorted(checkpoint.arrays)
+    meta: dict[str, Any] = {
+        "version": VERSION,
+        "fingerprint": checkpoint.fingerprint,
+        "stage": checkpoint.stage,
+        "round": checkpoint.round,
+        "evaluated": checkpoint.evaluated,
+        "kmeans_done": checkpoint.kmeans_done,
+        "kmeans_rng": checkpoint.kmeans_rng,
+        "personas": checkpoint.personas,
+        "partners": checkpoint.partners,
+        "extra": checkpoint.extra,
+        "arrays": names,
+    }
+    entries: dict[str, np.ndarray] = {f"a{i}": checkpoint.arrays[k] for i, k in enumerate(names)}
+    entries[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    if checkpoint.prototypes is not None:
+        entries[_PROTOTYPES] = np.asarray(checkpoint.prototypes, dtype=np.float64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **entries)  # type: ignore[arg-type]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path, *, fingerprint: str | None = None) -> Checkpoint | None:
+    """The run folder's checkpoint, or None when it has none.
+
+    Raises :class:`CheckpointError` when the file is damaged or was written for settings
+    whose fingerprint differs from ``fingerprint``.
+    """
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    damaged = (
+        f"{path} is damaged and cannot be resumed ({{}}); move it away to start the federation "
+        "from round 1 (partners' ledgers keep what they already spent), or restore a backup"
+    )
+    try:
+        with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
+            meta = json.loads(bytes(npz[_META]).decode())
+            names = list(meta["arrays"])
+            arrays = {name: npz[f"a{i}"] for i, name in enumerate(names)}
+            prototypes = npz[_PROTOTYPES] if _PROTOTYPES in npz.files else None
+        checkpoint = Checkpoint(
+            fingerprint=str(meta["fingerprint"]),
+            stage=str(meta["stage"]),
+            round=int(meta["round"]),
+            evaluated=bool(meta["evaluated"]),
+            kmeans_done=int(meta["kmeans_done"]),
+            arrays=arrays,
+            prototypes=prototypes,
+            kmeans_rng=meta.get("kmeans_rng"),
+            personas=meta.get("personas"),
+            partners=dict(meta.get("partners") or {}),
+            extra=dict(meta.get("extra") or {}),
+        )
+        version = meta.get("version")
+    except CheckpointError as exc:
+        raise CheckpointError(damaged.format(exc)) from None
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
+    if version != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this fedpersona reads version {VERSION}")
+    if fingerprint is not None and checkpoint.fingerprint != fingerprint:
+        raise CheckpointError(
+            f"{path} was written by a federation with other settings (fingerprint {checkpoint.fingerprint}, "
+            f"the configuration now gives {fingerprint}): [federation], [model] and [training] must be "
+            "unchanged to resume (only federation.round_timeout and training.device may differ); "
+            "restore the configuration of the run or start a new run folder"
+        )
+    return checkpoint

@@ -1,0 +1,187 @@
+"""The final model reaches every partner: verified against the federation's key, installed in
+``state_dir/model``, usable by ``fedpersona infer`` without the registry; anything else is
+refused with an error reply and leaves the installed model alone."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import serialization
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app.message.message import make_message
+from typer.testing import CliRunner
+
+from fedpersona.artifacts import artifact_files, generate_signing_key, save_model, verify_model
+from fedpersona.cli import app as cli
+from fedpersona.client_app import ERROR_USER, build_client_app
+from fedpersona.clustering import init_prototypes
+from fedpersona.config import dump_toml
+from fedpersona.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.features import layout_of
+from fedpersona.synthetic import generate_frame, synthetic_schema
+
+MODEL = {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
+
+
+def _publish(folder: Path, key_path: Path, *, created: float | None = None) -> Path:
+    """A signed global model as the server publishes it, for the synthetic e-commerce schema."""
+    schema = synthetic_schema("ecommerce")
+    torch.manual_seed(0)
+    model = PersonaEncoder(layout_of(schema), EncoderConfig(**MODEL))
+    slot = f"{schema.kind}:{schema.fingerprint()}"
+    arrays = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("trunk."):
+            arrays[name] = value.numpy().copy()
+        elif name.startswith("adapter."):
+            arrays[f"{slot}/{name}"] = value.numpy().copy()
+    key = (
+        serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if key_path.exists()
+        else generate_signing_key(key_path)
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    key_path.with_suffix(".pub").write_bytes(public)
+    card = {
+        "version": 1, "created": created or time.time(), "rounds": 2, "model": dict(MODEL), "slots": [slot],
+        "prototypes": init_prototypes(4, MODEL["embed_dim"], generator=np.random.default_rng(1)).tolist(),
+    }  # fmt: skip
+    save_model(folder, arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
+    return folder
+
+
+def _client(tmp_path: Path) -> Path:
+    path = tmp_path / "partner" / "client.toml"
+    path.parent.mkdir()
+    dump_toml(
+        path,
+        {
+            "partner": {"name": "shop-9", "kind": "ecommerce", "state_dir": "state"},
+            "data": {"synthetic_rows": 100, "synthetic_seed": 2},
+            "privacy": {"target_epsilon": 3.0, "delta": 1e-3, "accountant": "rdp"},
+        },
+    )
+    return path
+
+
+def _delivery(folder: Path) -> Message:
+    content = RecordDict({"artifact": ConfigRecord(artifact_files(folder)), "config": ConfigRecord({"round": 2})})  # type: ignore[arg-type]
+    metadata = Metadata(
+        run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=7, reply_to_message_id="",
+        group_id="final", created_at=time.time(), ttl=3600.0, message_type="query.final_model",
+    )  # fmt: skip
+    return make_message(metadata, content)
+
+
+def _context(client: Path, key: Path | None) -> Context:
+    node = {"client-config": str(client)}
+    if key is not None:
+        node["model-public-key"] = str(key)
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={})  # type: ignore[arg-type]
+
+
+def test_the_partner_installs_the_signed_final_model_and_infers_with_it(tmp_path: Path) -> None:
+    federation_key = tmp_path / "server" / "model-signing.key"
+    published = _publish(tmp_path / "server" / "model", federation_key)
+    client = _client(tmp_path)
+    reply = build_client_app()(_delivery(published), _context(client, federation_key.with_suffix(".pub")))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert len(reply.content) == 0  # nothing leaves the partner for it
+    installed = client.parent / "state" / "model"
+    public = serialization.load_pem_public_key(federation_key.with_suffix(".pub").read_bytes())
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    arrays, card = verify_model(installed, public_key=raw)
+    assert card["rounds"] == 2 and arrays.keys() == verify_model(published)[0].keys()
+
+    users = tmp_path / "users.csv"
+    generate_frame("ecommerce", 50, rng=np.random.default_rng(0))[0].to_csv(users, index=False)
+    out = tmp_path / "personas.csv"
+    done = CliRunner().invoke(
+        cli,
+        ["infer", "--model", str(installed), "--config", str(client), "--data", str(users), "--out", str(out),
+         "--public-key", str(federation_key.with_suffix(".pub"))],
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert len(out.read_text().splitlines()) == 51
+
+
+def test_a_model_signed_by_another_key_or_modified_is_refused_and_the_old_one_kept(tmp_path: Path) -> None:
+    federation_key = tmp_path / "server" / "model-signing.key"
+    client = _client(tmp_path)
+    context = _context(client, federation_key.with_suffix(".pub"))
+    app = build_client_app()
+    good = _publish(tmp_path / "server" / "model", federation_key, created=1000.0)
+    assert not app(_delivery(good), context).has_error()
+    installed = client.parent / "state" / "model"
+    before = {name: (installed / name).read_bytes() for name in ("weights.npz", "card.json", "signature.json")}
+
+    forged = _publish(tmp_path / "elsewhere" / "model", tmp_path / "elsewhere" / "other.key", created=2000.0)
+    reply = app(_delivery(forged), context)
+    assert reply.has_error() and reply.error.code == ERROR_USER
+    assert "does not verify against the federation's model-signing key" in (reply.error.reason or "")
+
+    modified = _publish(tmp_path / "server" / "model2", federation_key, created=3000.0)
+    weights = bytearray((modified / "weights.npz").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    (modified / "weights.npz").write_bytes(bytes(weights))
+    assert app(_delivery(modified), context).has_error()
+
+    older = _publish(tmp_path / "server" / "model3", federation_key, created=500.0)
+    reply = app(_delivery(older), context)
+    assert reply.has_error() and "older than the one in" in (reply.error.reason or "")
+
+    assert {name: (installed / name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in installed.parent.iterdir() if p.name.startswith("model")) == ["model"]
+
+
+def test_without_the_federation_key_the_partner_says_how_to_give_it(tmp_path: Path) -> None:
+    published = _publish(tmp_path / "server" / "model", tmp_path / "server" / "model-signing.key")
+    client = _client(tmp_path)
+    reply = build_client_app()(_delivery(published), _context(client, None))
+    assert reply.has_error() and reply.error.code == ERROR_USER
+    assert "model-signing.pub" in (reply.error.reason or "") and "--model-key" in (reply.error.reason or "")
+    assert not (client.parent / "state" / "model").exists()
+
+
+def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(tmp_path: Path) -> None:
+    """Partner side of a resume: a round that was sent but never aggregated before the server
+    crashed is sent again; the partner trains it again and its ledger charges it again (a new
+    release with fresh noise). Rounds the checkpoint holds are never sent again."""
+    from fedpersona.encoder import PersonaTrunk
+    from fedpersona.messages import encode_arrays, encode_settings
+    from fedpersona.privacy import PrivacyLedger, PrivacySettings
+    from fedpersona.training import TrainingSettings
+
+    model_cfg = EncoderConfig(**MODEL)
+    client = _client(tmp_path)
+    torch.manual_seed(0)
+    trunk = {f"trunk.{k}": v.numpy() for k, v in PersonaTrunk(model_cfg).state_dict().items()}
+    app = build_client_app()
+    context = _context(client, None)
+
+    def train(rnd: int) -> Message:
+        content = RecordDict(
+            {
+                "config": encode_settings(
+                    model_cfg, TrainingSettings(batch_size=32, local_epochs=1), num_rounds=2, seed=0,
+                    round=rnd, adapter_shared=True,
+                ),
+                "arrays": encode_arrays(trunk),
+            }
+        )  # fmt: skip
+        metadata = Metadata(
+            run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=7, reply_to_message_id="",
+            group_id=str(rnd), created_at=time.time(), ttl=3600.0, message_type="train",
+        )  # fmt: skip
+        return app(make_message(metadata, content), context)
+
+    first = train(1)
+    again = train(1)
+    assert not first.has_error() and not again.has_error()
+    ledger = PrivacyLedger(client.parent / "state", settings=PrivacySettings())
+    assert [e.round for e in ledger.entries] == [1, 1]
+    assert again.content["metrics"]["epsilon"] > first.content["metrics"]["epsilon"]
