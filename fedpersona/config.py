@@ -81,7 +81,7 @@ class FederationSettings:
             math.isfinite(self.kmeans_noise) and self.kmeans_noise > 0
         ):
             raise ConfigError(f"federation.kmeans_noise must be a finite number > 0, got {self.kmeans_noise!r}")
-        problems = []
+        problems = _aggregation_problems(self)
         if not isinstance(self.secure_aggregation, bool):
             problems.append(f"federation.secure_aggregation must be true or false, got {self.secure_aggregation!r}")
         if isinstance(self.secagg_threshold, bool) or not isinstance(self.secagg_threshold, int):
@@ -101,6 +101,37 @@ class FederationSettings:
             problems.append(f"federation.secagg_quantization_range must be an integer in [2, 2**32], got {levels!r}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def _is_number(value: Any) -> bool:
+    """A real, finite TOML number (not a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _aggregation_problems(fed: FederationSettings) -> list[str]:
+    """The server's aggregation settings, checked when the file is read rather than when the
+    server builds its aggregator (where a wrong type would be a crash, not a message)."""
+    from fedpersona.aggregation import GLOBAL_WEIGHTINGS, ROBUST_AGGREGATORS, SERVER_OPTIMIZERS
+
+    problems = []
+    for key, valid in (
+        ("server_optimizer", SERVER_OPTIMIZERS),
+        ("global_weighting", GLOBAL_WEIGHTINGS),
+        ("robust_aggregation", ROBUST_AGGREGATORS),
+    ):
+        value = getattr(fed, key)
+        if not isinstance(value, str) or value not in valid:
+            problems.append(f"federation.{key} must be one of {', '.join(valid)}, got {value!r}")
+    if not _is_number(fed.server_lr) or not fed.server_lr > 0:
+        problems.append(f"federation.server_lr must be a finite number > 0, got {fed.server_lr!r}")
+    if not _is_number(fed.trim_fraction) or not 0 <= fed.trim_fraction < 0.5:
+        problems.append(f"federation.trim_fraction must be in [0, 0.5), got {fed.trim_fraction!r}")
+    norm = fed.max_update_norm
+    if norm is not None and (not _is_number(norm) or not norm > 0):
+        problems.append(f"federation.max_update_norm must be a finite number > 0, got {norm!r}")
+    if not _is_number(fed.round_timeout) or not fed.round_timeout > 0:
+        problems.append(f"federation.round_timeout must be a number of seconds > 0, got {fed.round_timeout!r}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -137,9 +168,17 @@ class SiloGroup:
     privacy: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ConfigError(f"silos.kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if not isinstance(self.partners, int) or self.partners < 1:
+        for key in ("name", "source", "schema"):
+            value = getattr(self, key)
+            if not isinstance(value, str) and not (key == "schema" and value is None):
+                raise ConfigError(f"silos.{key} must be a string, got {value!r}")
+        for key in ("seed", "rows"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or (not isinstance(value, int) and not (key == "rows" and value is None)):
+                raise ConfigError(f"silo '{self.name}': {key} must be an integer, got {value!r}")
+        if isinstance(self.partners, bool) or not isinstance(self.partners, int) or self.partners < 1:
             raise ConfigError(f"silos.partners must be an integer >= 1, got {self.partners!r}")
         if self.source == "synthetic":
             if not isinstance(self.rows, int) or self.rows < 10 * self.partners:
@@ -217,7 +256,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError(f"{path}: the configuration file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc})") from None
@@ -373,7 +412,23 @@ def load_partner_config(path: str | Path) -> PartnerConfig:
     test_fraction = data.get("test_fraction", 0.2)
     if not isinstance(test_fraction, int | float) or not 0 < test_fraction < 1:
         raise ConfigError(f"{source}: data.test_fraction must be in (0, 1), got {test_fraction!r}")
+    if synthetic_rows is not None and (
+        isinstance(synthetic_rows, bool) or not isinstance(synthetic_rows, int) or synthetic_rows < 1
+    ):
+        raise ConfigError(f"{source}: data.synthetic_rows must be an integer >= 1, got {synthetic_rows!r}")
+    for key in ("synthetic_seed", "split_seed"):
+        value = data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{source}: data.{key} must be an integer >= 0, got {value!r}")
     mix = data.get("synthetic_mix")
+    if mix is not None and (
+        not isinstance(mix, list) or not mix or not all(_is_number(x) and x >= 0 for x in mix) or not sum(mix) > 0
+    ):
+        raise ConfigError(f"{source}: data.synthetic_mix must be numbers >= 0 with a positive sum, got {mix!r}")
+    for key in ("share_eval_metrics", "audit_log"):
+        # A string such as "false" must not switch a release on: only true or false is accepted.
+        if not isinstance(release.get(key, False), bool):
+            raise ConfigError(f"{source}: release.{key} must be true or false, got {release[key]!r}")
     return PartnerConfig(
         name=name,
         kind=str(kind),

@@ -359,7 +359,7 @@ def parse_schema(doc: dict[str, Any], *, source: str = "<schema>") -> Schema:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         problems.append(f"table.version must be an integer >= 1, got {version!r}")
     delimiter = table.get("delimiter", ",")
-    if delimiter not in DELIMITERS:
+    if not isinstance(delimiter, str) or delimiter not in DELIMITERS:
         problems.append(f"table.delimiter must be one of {', '.join(repr(d) for d in DELIMITERS)}, got {delimiter!r}")
     header = table.get("header", True)
     if not isinstance(header, bool):
@@ -473,6 +473,9 @@ def _bounds(where: str, spec: dict[str, Any], problems: list[str]) -> tuple[floa
     if not lo < hi:
         problems.append(f"{where}.bounds must have lo < hi, got [{lo}, {hi}]")
         return None
+    if not math.isfinite(hi - lo):  # inf, or a span too wide to scale: every value would map to 0
+        problems.append(f"{where}.bounds must be finite numbers with a finite span, got [{lo}, {hi}]")
+        return None
     return lo, hi
 
 
@@ -533,7 +536,7 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         problems.append(f"{where} must be a table")
         return None
     ftype = spec.get("type")
-    if ftype not in _FEATURE_KEYS:
+    if not isinstance(ftype, str) or ftype not in _FEATURE_KEYS:
         problems.append(f"{where}.type must be one of {', '.join(_FEATURE_KEYS)}, got {ftype!r}")
         return None
     unknown = sorted(set(spec) - _FEATURE_KEYS[ftype])
