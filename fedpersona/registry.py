@@ -25,6 +25,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import re
 import shutil
 import ssl
@@ -70,8 +71,12 @@ class _Entry:
         }
 
 
-def _entry(folder: Path) -> _Entry | None:
+def _entry(folder: Path, root: Path) -> _Entry | None:
     if not all((folder / name).is_file() for name in FILES):
+        return None
+    if not all((folder / name).resolve().is_relative_to(root) for name in FILES):
+        # A symbolic link (the folder or a file) pointing outside the artifacts folder: never served.
+        logger.warning("%s: links outside %s; not listed", folder, root)
         return None
     try:
         card = json.loads((folder / "card.json").read_bytes())
@@ -80,15 +85,16 @@ def _entry(folder: Path) -> _Entry | None:
     except (OSError, ValueError, KeyError, TypeError):
         logger.warning("%s: unreadable card.json; not listed", folder)
         return None
-    if not re.fullmatch(r"[0-9a-f]{64}", digest) or created < 0:
-        return None
+    if not re.fullmatch(r"[0-9a-f]{64}", digest) or not math.isfinite(created) or created < 0:
+        return None  # (JSON allows NaN and 1e999: a version name needs a finite time)
     rounds = card.get("rounds")
     return _Entry(f"{int(created)}-{digest[:12]}", created, rounds if isinstance(rounds, int) else None, digest, folder)
 
 
 def _index(root: Path) -> list[_Entry]:
+    root = root.resolve()
     candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
-    entries = {e.version: e for e in (_entry(c) for c in candidates) if e is not None}
+    entries = {e.version: e for e in (_entry(c, root) for c in candidates) if e is not None}
     return sorted(entries.values(), key=lambda e: (e.created, e.version))
 
 
@@ -158,7 +164,10 @@ def build_registry_app(artifacts: str | Path, *, token: str | None = None) -> An
         found = find(request)
         if isinstance(found, Response):
             return found
-        return Response((found.folder / "card.json").read_bytes(), media_type="application/json")
+        try:
+            return Response((found.folder / "card.json").read_bytes(), media_type="application/json")
+        except OSError:  # removed since it was listed
+            return JSONResponse({"error": f"model version {found.version} is no longer available"}, 404)
 
     async def archive(request: Request) -> Response:
         if not authorized(request):
@@ -166,8 +175,12 @@ def build_registry_app(artifacts: str | Path, *, token: str | None = None) -> An
         found = find(request)
         if isinstance(found, Response):
             return found
+        try:
+            payload = _archive(found.folder)
+        except OSError:  # removed since it was listed
+            return JSONResponse({"error": f"model version {found.version} is no longer available"}, 404)
         return Response(
-            _archive(found.folder),
+            payload,
             media_type="application/gzip",
             headers={"Content-Disposition": f'attachment; filename="fedpersona-model-{found.version}.tar.gz"'},
         )
