@@ -39,13 +39,13 @@ from fedpersona.schema import KINDS, load_schema, parse_schema
 from fedpersona.tables import load_table, read_frame, validate_frame
 
 FUZZ = settings(
-    max_examples=200,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-FAST = settings(FUZZ, max_examples=500)
+FAST = settings(FUZZ, max_examples=250)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -294,7 +294,6 @@ def _write_toml(folder: Path, doc: dict[str, Any], name: str) -> Path | None:
         return None  # not representable in TOML (e.g. a list mixing tables and values)
     path = folder / name
     path.write_text(text, encoding="utf-8")
-    assert tomllib.loads(text) == tomllib.loads(text)
     return path
 
 
@@ -484,7 +483,7 @@ SEGMENT = st.one_of(
 def _check_answer(response: Any) -> None:
     assert response.status_code < 500, (response.status_code, response.text[:200])
     assert SECRET.encode() not in response.content
-    if response.headers.get("content-type") == "application/gzip":
+    if response.headers.get("content-type") == "application/gzip" and response.content:  # (empty for HEAD)
         import tarfile
 
         with tarfile.open(fileobj=io.BytesIO(response.content), mode="r:gz") as tar:

@@ -224,7 +224,8 @@ def _partners(tmp_path: Path, names: list[str]) -> dict[int, Context]:
             {
                 "partner": {"name": name, "kind": "health", "state_dir": "state"},
                 "data": {"synthetic_rows": 100, "synthetic_seed": node},
-                "privacy": {"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
+                # Not private: DP is not what these rounds test, and noise planning is the slow part.
+                "privacy": {"target_epsilon": "inf"},
             },
         )
         contexts[node] = Context(
