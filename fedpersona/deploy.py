@@ -368,7 +368,7 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
             )
             report(f"flower-superlink pid {superlink.pid} on {cfg.server.host}:{cfg.server.port}; log {logs}")
             wait_port(host, cfg.server.port, timeout=cfg.server.ready_timeout, proc=superlink, signals=signals)
-            _register_partners(cfg, home=home, report=report, signals=signals, superlink=superlink)
+            _register_partners(cfg, home=home, report=report, signals=signals, superlink=superlink, resume=resume)
             if resume:
                 _stop_previous_run(cfg.run_dir, home=home, report=report)
                 report(f"resuming {run_dir}: {where}")
@@ -382,9 +382,30 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
 
 
 def _register_partners(
-    cfg: FederationConfig, *, home: Path, report: Report, signals: StopSignals, superlink: subprocess.Popen[bytes]
+    cfg: FederationConfig,
+    *,
+    home: Path,
+    report: Report,
+    signals: StopSignals,
+    superlink: subprocess.Popen[bytes],
+    resume: bool = False,
 ) -> None:
+    """Register every listed key with the SuperLink. Keys this run folder's database already
+    holds (``RUN_DIR/registered.json``, by the key's hash) are skipped on a resume."""
+    import hashlib
+
+    record = cfg.run_dir / "registered.json"
+    done: dict[str, str] = {}
+    if resume:  # a fresh database holds no registration, whatever an old record says
+        try:
+            done = dict(json.loads(record.read_text()))
+        except (OSError, ValueError):
+            done = {}
     for p in cfg.partners:
+        digest = hashlib.sha256(Path(p.public_key).read_bytes()).hexdigest()
+        if done.get(p.name) == digest:
+            report(f"partner {p.name} is already registered")
+            continue
         for attempt in range(5):  # the Control API may lag the open port by a moment
             signals.check()
             out = _flwr_json(["supernode", "register", p.public_key, CONNECTION, "--name", p.name], flwr_home=home)
@@ -398,6 +419,8 @@ def _register_partners(
             if superlink.poll() is not None or attempt == 4:
                 raise FedPersonaError(f"cannot register partner {p.name} ({p.public_key}): {message.strip()}")
             signals.sleep(2.0 * (attempt + 1))
+        done[p.name] = digest
+        record.write_text(json.dumps(done, indent=2))
 
 
 def stage_app(app: Path, dest: Path) -> Path:

@@ -15,9 +15,10 @@ many partners to unmask aborts: the server logs why, stops, and publishes no mod
 
 **Checkpoint and resume.** After every aggregation (each training round, each DP k-means
 round) and at each later stage the server writes ``RUN_DIR/state/checkpoint.npz``
-(:mod:`fedpersona.checkpoint`). With ``resume`` a new run loads it, asks the connected
-partners who they are (``query``, which costs no privacy budget), matches them by name to the
-partners of the checkpoint and continues at the *next* round: a round whose aggregate is in
+(:mod:`fedpersona.checkpoint`). With ``resume`` a new run loads it, readmits the partners of
+the checkpoint by node id (a node id stands for a registered key), asks any other node who it
+is (``query``, which costs no privacy budget; a known name keeps its slot and history) and
+continues at the *next* round: a round whose aggregate is in
 the checkpoint is never sent again, so no partner trains it twice. A round that was sent but
 not aggregated before the crash is sent again on resume; the partner trains it again and its
 ledger charges it again (a new release with fresh noise is a new mechanism run; the first
@@ -417,7 +418,17 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
     refused: set[int] = set()
     fresh = not roster
     known = set(roster)
-    admitted = _admit(grid, nodes, partners, roster, refused, config, fed.round_timeout, "0")
+    # Resuming: a node id is a registered key, so a node of the checkpoint is that partner; it
+    # is readmitted (or kept out) as the checkpoint says, without a query. Others are asked.
+    by_node = {p.node_id: p for p in roster.values()}
+    for node in [n for n in nodes if n in by_node]:
+        p = by_node[node]
+        p.active = p.rejoinable or not p.dropped_reason
+        if p.active:
+            p.rejoinable, p.dropped_reason = False, ""
+        partners[node] = p
+    unknown = [n for n in nodes if n not in by_node]
+    admitted = _admit(grid, unknown, partners, roster, refused, config, fed.round_timeout, "0") if unknown else []
     if fresh:
         _assign_slots(partners)
     else:
@@ -472,6 +483,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             logger.error("round %d: no partner replied; stopping", rnd)
             break
         aggregator.aggregate(updates)
+        # With secure aggregation the sums name no partner: those still in the round are in them.
         used = {u.partner for u in updates} if not fed.secure_aggregation else set(_names(active))
         completed = rnd
         rounds_run.append(rnd)
@@ -514,7 +526,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
 
 
 def _names(active: dict[int, _Partner]) -> list[str]:
-    return [str(p.info["name"]) for p in active.values()]
+    return [str(p.info["name"]) for p in active.values() if p.active]
 
 
 def _deliver_model(grid: Grid, partners: dict[int, _Partner], folder: Path, timeout: float, rnd: int) -> list[str]:

@@ -154,6 +154,7 @@ def test_resume_continues_at_the_next_round_and_aggregates_each_round_once(tmp_p
     )
     assert resumed.resumed_after == 2 and resumed.rounds_run == [3]
     assert resumed_grid.rounds_sent("train") == [3]  # completed rounds are never sent again
+    assert not resumed_grid.rounds_sent("query")  # the checkpoint's nodes are readmitted by node id
     assert resumed.rounds_completed == 3
 
     # The same global model as the federation that never crashed, bit for bit.
@@ -247,3 +248,20 @@ def test_server_start_resume_with_a_damaged_checkpoint_exits_2_without_a_traceba
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "is damaged and cannot be resumed" in done.stderr and "Traceback" not in done.stderr + done.stdout
+
+
+def test_a_partner_under_a_new_node_id_is_matched_by_name_and_keeps_its_slot(tmp_path: Path) -> None:
+    partners = _partners()
+    grid = FakeGrid(partners)
+    grid.crash_at("train", 2)
+    with pytest.raises(ServerCrash):
+        run_federation(grid, _settings(tmp_path))  # type: ignore[arg-type]
+    # The SuperLink's database was rebuilt: every partner comes back under another node id.
+    moved = FakeGrid({node + 100: p for node, p in partners.items()})
+    result = run_federation(moved, replace(_settings(tmp_path), resume=True))  # type: ignore[arg-type]
+    assert moved.rounds_sent("query") == [0] and result.rounds_run == [2, 3]
+    assert sorted(result.partners) == ["bank-1", "shop-1", "shop-2"]
+    card = json.loads((tmp_path / "model" / "card.json").read_text())
+    assert {name: p["slot"] for name, p in card["partners"].items()} == {
+        "shop-1": "ecommerce:f00d", "shop-2": "ecommerce:f00d", "bank-1": "finance:f00d",
+    }  # fmt: skip
