@@ -56,6 +56,11 @@ def simulate(
     rounds: int | None = typer.Option(None, min=1, help="Override federation.rounds."),
     epsilon: str | None = typer.Option(None, help="Override every partner's target epsilon ('inf' = NOT PRIVATE)."),
     out: Path | None = typer.Option(None, help="Run folder (default: runs/<timestamp>)."),
+    sweep_epsilon: str | None = typer.Option(
+        None,
+        help="Privacy-utility sweep: comma list of target epsilons (e.g. 0.5,1,2,4,8,inf); one run per "
+        "value in OUT/eps-<value>/, then OUT/sweep.json, sweep.csv and report.html.",
+    ),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
 ) -> None:
     """Run a whole federation locally and write the run folder."""
@@ -64,6 +69,11 @@ def simulate(
     eps = _parse_epsilon(epsilon)
     if not verbose:
         logging.getLogger("flwr").propagate = False
+    if sweep_epsilon is not None:
+        if eps is not None:
+            raise FedPersonaError("--epsilon and --sweep-epsilon exclude each other; give one of them")
+        _sweep(sweep_epsilon, scenario=scenario, rounds=rounds, out=out)
+        return
 
     def on_start(sc: Any, run_dir: Path, partners: list[str]) -> None:
         private = math.isfinite(sc.privacy.target_epsilon)
@@ -136,6 +146,31 @@ def simulate(
     console.print(f"done in {result.seconds:.0f}s; report: {result.run_dir / 'report.html'}")
 
 
+def _sweep(text: str, *, scenario: Path | None, rounds: int | None, out: Path | None) -> None:
+    """``simulate --sweep-epsilon``: the runs one after the other, then the sweep report."""
+    import time
+
+    from fedpersona.sweep import INF_LABEL, parse_epsilons, run_sweep
+
+    epsilons = parse_epsilons(text)
+    out = out or Path("runs") / f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def on_run(value: float, run_dir: Path) -> None:
+        shown = "inf (NOT PRIVATE)" if math.isinf(value) else f"{value:g}"
+        console.print(f"[bold]sweep[/bold]: epsilon {shown} -> {run_dir}")
+
+    result = run_sweep(epsilons=epsilons, out=out, scenario_path=scenario, rounds=rounds, on_run=on_run)
+    table = RichTable(title=f"privacy-utility sweep ({len(result.runs)} runs)")
+    columns = ("label_auc", "probe_auc", "persona_ari", "surrogate_fidelity", "rec_hit_rate", "max_epsilon_spent")
+    for label in ("epsilon", *columns):
+        table.add_column(label, justify="right")
+    for r in result.runs:
+        label = INF_LABEL if r["label"] == "inf" else r["label"]
+        table.add_row(label, *("-" if r[c] is None else f"{r[c]:.3f}" for c in columns))
+    console.print(table)
+    console.print(f"sweep: {result.out / 'sweep.json'}; report: {result.out / 'report.html'}")
+
+
 @app.command()
 def infer(
     model: str = typer.Option(..., help="A model folder, or the URL of a fedpersona registry."),
@@ -206,11 +241,18 @@ def infer(
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Rebuild report.html and report.md of a run folder."""
+    """Rebuild report.html and report.md of a run folder (or of a sweep folder and its runs)."""
     from fedpersona.report import write_report
+    from fedpersona.sweep import sweep_runs, write_sweep
 
+    if not (run_dir / "metrics.jsonl").exists() and run_dir.is_dir() and sweep_runs(run_dir):
+        for _, sub in sweep_runs(run_dir):
+            write_report(sub)
+        write_sweep(run_dir)
+        console.print(f"wrote {run_dir / 'report.html'} and {run_dir / 'sweep.json'} (a sweep)")
+        return
     if not (run_dir / "metrics.jsonl").exists():
-        raise FedPersonaError(f"{run_dir} is not a run folder (no metrics.jsonl)")
+        raise FedPersonaError(f"{run_dir} is not a run folder (no metrics.jsonl) nor a sweep folder (no eps-*/)")
     console.print(f"wrote {write_report(run_dir)}")
 
 

@@ -87,6 +87,12 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query.personas", "metrics", "personas_found", "opt-in", "count of personas among the users, NOT DP"),
     ReleaseItem("query.personas", "metrics", "persona_ari", "opt-in", "ARI vs synthetic ground truth, NOT DP"),
     ReleaseItem("query.personas", "metrics", "surrogate_fidelity", "opt-in", "surrogate tree fidelity, NOT DP"),
+    ReleaseItem(
+        "query.personas", "metrics", "rec_hit_rate", "opt-in", "e-commerce persona top-3 category hit rate, NOT DP"
+    ),
+    ReleaseItem(
+        "query.personas", "metrics", "rec_hit_rate_popularity", "opt-in", "popularity-baseline hit rate, NOT DP"
+    ),
     ReleaseItem("query.secagg_setup", "secagg", "mask_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "secagg", "share_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "shapes", "trunk.*", "public", _SHAPES),

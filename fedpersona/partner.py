@@ -397,11 +397,12 @@ def persona_round(
 ) -> dict[str, Any]:
     """Assign every user to a persona and write this partner's persona cards, locally.
 
-    Nothing here is sent: the cards (``state_dir/personas.json``) and each user's persona
+    Nothing here is sent: the cards and the persona-by-feature profile (the heatmap of the
+    run report; ``state_dir/personas.json``) and each user's persona
     (``state_dir/assignments.csv``) stay at the partner. The
     returned metrics are held-out evaluation metrics (opt-in, not DP) for the server.
     """
-    from fedpersona.personas import persona_cards
+    from fedpersona.personas import feature_profile, hit_rate_at_k, persona_cards
 
     data, model = _global_model(cfg, model_cfg, training, received, seed)
     all_rows = featurize(data.table).to(data.train.tensors["scalar"].device)
@@ -428,7 +429,13 @@ def persona_round(
     _atomic_write(
         path,
         json.dumps(
-            {"partner": cfg.name, "kind": cfg.kind, "k": k, "cards": [c.to_dict() for c in cards]},
+            {
+                "partner": cfg.name,
+                "kind": cfg.kind,
+                "k": k,
+                "cards": [c.to_dict() for c in cards],
+                "profile": feature_profile(data.table, assignments, k=k, min_users=min_users).to_dict(),
+            },
             indent=2,
             default=str,
         ).encode(),
@@ -441,6 +448,13 @@ def persona_round(
     fidelity = [c.fidelity for c in cards if c.fidelity is not None]
     if fidelity:
         metrics["surrogate_fidelity"] = float(fidelity[0])
+    if category is not None:  # a categorical sequence: its first present step is hidden
+        # Does a persona's top-3 beat the silo's most popular 3 at guessing each user's most
+        # recent category (hidden while the statistics are made)? Opt-in, NOT DP, like the ARI.
+        hits = hit_rate_at_k(data.table, assignments, k=k, category_feature=category, top_k=3, min_users=min_users)
+        if hits.users:
+            metrics["rec_hit_rate"] = hits.persona
+            metrics["rec_hit_rate_popularity"] = hits.popularity
     return metrics
 
 

@@ -51,10 +51,12 @@ __all__ = [
     "DEFAULT_MIN_USERS",
     "CategoryLift",
     "Effect",
+    "FeatureProfile",
     "HitRate",
     "LabelRate",
     "PersonaCard",
     "Rule",
+    "feature_profile",
     "hit_rate_at_k",
     "persona_cards",
 ]
@@ -227,6 +229,68 @@ def persona_cards(
             )
         )
     return cards
+
+
+@dataclass(frozen=True)
+class FeatureProfile:
+    """Persona-by-feature standardised differences: the data of a heatmap, local to a partner.
+
+    ``strength[p][f]`` is persona ``p``'s standardised difference from the silo on row ``f``
+    (Cohen's d for a number, ``(p_persona - p_silo) / sqrt(p_silo (1 - p_silo))`` for a yes/no
+    or a category, as on the cards); ``None`` where the cell is suppressed (fewer than
+    ``min_users`` users) or the persona is. Rows: every numeric and boolean feature, then the
+    category values strongest for some persona (at most ``max_rows`` rows in all).
+    Computed from the partner's own rows: like the cards, it never leaves the partner.
+    """
+
+    rows: tuple[str, ...]
+    strength: tuple[tuple[float | None, ...], ...]  # (k, rows)
+    min_users: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+
+def feature_profile(
+    table: Table,
+    assignments: np.ndarray,
+    *,
+    k: int,
+    min_users: int = DEFAULT_MIN_USERS,
+    max_rows: int = 24,
+    min_category_strength: float = 0.5,
+) -> FeatureProfile:
+    """The persona-by-feature heatmap of the partner's own users (see :class:`FeatureProfile`)."""
+    labels = _check_assignments(table, assignments, k)
+    _check_positive("min_users", min_users)
+    _check_positive("max_rows", max_rows)
+    sizes = np.bincount(labels, minlength=k)
+    columns = _columns(table, min_users)
+    found: dict[str, list[float | None]] = {}
+    order: list[tuple[bool, str]] = []  # (is a category, row name)
+    for p in range(k):
+        effects = _effects(columns, labels == p, min_users) if sizes[p] >= min_users else []
+        for effect in effects:
+            name = effect.feature if effect.kind != "category" else f"{effect.feature} = {effect.value}"
+            if name not in found:
+                found[name] = [None] * k
+                order.append((effect.kind == "category", name))
+            found[name][p] = None if effect.suppressed else effect.strength
+
+    def peak(name: str) -> float:
+        return max((abs(v) for v in found[name] if v is not None), default=0.0)
+
+    plain = [name for is_cat, name in order if not is_cat]
+    categories = sorted(
+        (name for is_cat, name in order if is_cat and peak(name) >= min_category_strength),
+        key=lambda name: (-peak(name), name),
+    )
+    rows = (plain + categories)[:max_rows]
+    return FeatureProfile(
+        rows=tuple(rows),
+        strength=tuple(tuple(found[name][p] for name in rows) for p in range(k)),
+        min_users=min_users,
+    )
 
 
 def hit_rate_at_k(

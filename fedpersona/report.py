@@ -1,7 +1,10 @@
 """The run report: ``DIR/report.html`` (self-contained, plots inline) and ``DIR/report.md``.
 
-Built only from files in the run folder (metrics.jsonl, privacy.json, config.toml), so
-``fedpersona report DIR`` can rebuild it at any time.
+Built only from files in the run folder (metrics.jsonl, privacy.json, personas.json), so
+``fedpersona report DIR`` can rebuild it at any time. Everything from the server's side is a
+DP release or an opt-in evaluation metric; the one exception is marked in the report itself:
+the persona-by-feature heatmaps, read from the partners' own folders that a simulation run
+holds (see :func:`local_profiles`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
-__all__ = ["SUMMARY_COLUMNS", "load_run", "summary_rows", "write_report"]
+__all__ = ["SUMMARY_COLUMNS", "heatmap_png", "load_run", "local_profiles", "plot_png", "summary_rows", "write_report"]
 
 SUMMARY_COLUMNS = (
     ("partner", "partner"),
@@ -84,10 +88,77 @@ def _plot(rows: list[dict[str, Any]], key: str, title: str) -> str | None:
     if len(series) <= 12:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
+    return plot_png(fig)
+
+
+def plot_png(fig: Any) -> str:
+    """A matplotlib figure as base64 PNG (for an inline ``<img>``); closes the figure."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def local_profiles(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The persona-by-feature profiles in the partners' own folders of a simulation run.
+
+    In a simulation the driver plays every partner, so their local files
+    (``partners/<name>/state/personas.json``) sit in the run folder; in a deployment each
+    partner has only its own and the server has none (they are never sent).
+    """
+    out = []
+    for path in sorted(Path(run_dir).glob("partners/*/state/personas.json")):
+        doc = json.loads(path.read_text())
+        if isinstance(doc.get("profile"), dict) and doc["profile"].get("rows"):
+            out.append(doc)
+    return out
+
+
+def heatmap_png(doc: dict[str, Any]) -> str:
+    """One partner's persona-by-feature standardised differences as a heatmap (base64 PNG)."""
+    profile = doc["profile"]
+    rows = list(profile["rows"])
+    values = np.array(
+        [[np.nan if v is None else float(v) for v in persona] for persona in profile["strength"]], dtype=float
+    ).T  # (rows, k)
+    k = values.shape[1]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * k, 1.0 + 0.26 * len(rows)), dpi=100)
+    cmap = matplotlib.colormaps["RdBu_r"].copy()
+    cmap.set_bad("#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-1.5, vmax=1.5, aspect="auto")
+    ax.set_xticks(range(k), [f"P{p}" for p in range(k)], fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for (r, c), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(c, r, f"{v:+.1f}", ha="center", va="center", fontsize=6, color="white" if abs(v) > 1 else "black")
+    ax.set_title(f"{doc.get('partner', '?')} ({doc.get('kind', '?')})", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
+    fig.tight_layout()
+    return plot_png(fig)
+
+
+def _profiles_html(run_dir: Path) -> str:
+    docs = local_profiles(run_dir)
+    if not docs:
+        return ""
+    figures = "".join(
+        f"<figure><img alt='persona profile of {html.escape(str(d.get('partner')))}' "
+        f"src='data:image/png;base64,{heatmap_png(d)}'/></figure>"
+        for d in docs
+    )
+    return (
+        "<h2>Persona profiles at each partner (local, not sent)</h2>"
+        "<p>Each heatmap shows, for one partner's own users, how each persona differs from the "
+        "partner's whole silo on each feature: the standardised difference (Cohen's d for a "
+        "number; (rate in persona − rate in silo) / √(rate in silo × (1 − rate in silo)) for a "
+        "yes/no or a category value), red above the silo and blue below, grey where a cell has "
+        "fewer than the cards' minimum of users. These numbers are NOT differentially private: "
+        "they come from each partner's local persona cards "
+        "(<code>partners/&lt;name&gt;/state/personas.json</code>), which the partner computes "
+        "from its own rows and never sends. They appear here only because in a simulation the "
+        "driver plays every partner; in a deployment each partner sees its own heatmap and the "
+        "server's report has only the DP shares above.</p>" + figures
+    )
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -175,6 +246,7 @@ figure {{ display: inline-block; margin: 0.5em; }}
 <table><tr><th>partner</th><th>kind</th><th>epsilon</th><th>target</th><th>delta</th>
 <th>noise</th><th>sample rate</th><th>steps</th><th>accountant</th></tr>{priv_rows}</table>
 {persona_html}
+{_profiles_html(run_dir)}
 <h2>Training curves</h2>
 {"".join(plots)}
 </body></html>
