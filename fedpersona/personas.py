@@ -197,7 +197,9 @@ def persona_cards(
     columns = _columns(table, min_users)
     sizes = np.bincount(labels, minlength=k)
     shown = sizes >= min_users
-    rules, fidelity = _surrogate(columns, labels, k, max_depth=max_depth, min_users=min_users, rng=rng)
+    rules, fidelity = _surrogate(
+        columns + _step_columns(table, min_users), labels, k, max_depth=max_depth, min_users=min_users, rng=rng
+    )
     effects = [_effects(columns, labels == p, min_users) if shown[p] else [] for p in range(k)]
     rates = [_label_rates(table, labels == p, min_users) if shown[p] else () for p in range(k)]
     lifts: list[tuple[CategoryLift, ...]] = [()] * k
@@ -388,6 +390,21 @@ def _columns(table: Table, min_users: int) -> list[_Column]:
         elif isinstance(feat, SequenceFeature):
             values = np.stack([table.columns[c] for c in feat.columns], axis=1)
             out.extend(_indicators(feat.name, values, min_users, sequence=True))
+    return out
+
+
+def _step_columns(table: Table, min_users: int) -> list[_Column]:
+    """Each step of a sequence on its own ("PAY_AMT1 ≤ 2,000", "PAY_0 = 2"): extra candidate
+    splits for the surrogate tree only (the cards describe a sequence as a whole)."""
+    out: list[_Column] = []
+    for feat in table.schema.features:
+        if not isinstance(feat, SequenceFeature):
+            continue
+        for column in feat.columns:
+            if feat.element == "numeric":
+                out.append(_numeric(column, table.columns[column].astype(np.float64)))
+            else:
+                out.extend(_indicators(column, table.columns[column][:, None], min_users, sequence=False))
     return out
 
 

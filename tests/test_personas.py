@@ -143,7 +143,7 @@ def test_surrogate_tree_is_faithful_at_depth_three(silo: SyntheticSilo) -> None:
     fidelity = cards[0].fidelity
     # Measured with this seed: ecommerce 0.901, finance 0.914, health 0.893 (at 2,000 rows
     # over seeds 0-7 the lowest were 0.852, 0.907, 0.873).
-    assert fidelity >= 0.85
+    assert fidelity >= 0.85, fidelity
     assert all(card.fidelity == fidelity for card in cards)
     rules = [rule for card in cards for rule in card.rules]
     assert rules and len(rules) <= 8  # depth 3: at most 8 leaves
@@ -224,3 +224,86 @@ def test_bad_arguments_are_clear_value_errors() -> None:
     card = persona_cards(table, personas, k=2, rng=rng, min_users=2)[0]
     with pytest.raises(ValueError, match="without a category_feature"):
         card.recommend(3)
+
+
+def test_feature_profile_is_the_heatmap_of_hand_computed_differences() -> None:
+    from fedpersona.personas import feature_profile
+
+    table, personas = tiny_table()
+    profile = feature_profile(table, personas, k=3, min_users=2, min_category_strength=0.0)
+    rows = list(profile.rows)
+    assert rows[:2] == ["spend", "promo"]  # numbers and yes/no first, then category values
+    sd = math.sqrt(19 * 20 / 12)
+    assert profile.strength[0][0] == pytest.approx((5.5 - 10) / sd)
+    assert profile.strength[1][0] == pytest.approx((15 - 10) / sd)
+    # promo: 7/10 vs 10/20 in the silo -> (0.7 - 0.5) / sqrt(0.25); persona 1: 3/10
+    assert profile.strength[0][1] == pytest.approx(0.4)
+    assert profile.strength[1][1] == pytest.approx(-0.4)
+    mobile = rows.index("device = mobile")  # 8/10 vs 10/20
+    assert profile.strength[0][mobile] == pytest.approx(0.6)
+    tablet = rows.index("device = tablet")  # persona 0 has no tablet users: a suppressed cell
+    assert profile.strength[0][tablet] is None and profile.strength[1][tablet] == pytest.approx(
+        (0.3 - 0.15) / math.sqrt(0.15 * 0.85)
+    )
+    assert profile.strength[2] == (None,) * len(rows)  # persona 2 has no users
+    assert json.loads(json.dumps(profile.to_dict()))["rows"] == rows
+    strong = feature_profile(table, personas, k=2, min_users=2, max_rows=3)
+    assert len(strong.rows) == 3 and strong.rows[:2] == ("spend", "promo")
+
+
+# --- surrogate fidelity on the primary real datasets -----------------------------------------
+
+_REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+_DATA = _REPO.parent / "shared" / "data"
+PRIMARY = [
+    ("ecommerce/schema.toml", "ecommerce/online_shoppers_intention.csv"),
+    ("finance/schema.toml", "finance/credit_card_default_taiwan.csv"),
+    ("health/schema.toml", "health/cdc_diabetes_5050.csv.gz"),
+]
+# Measured below the 0.85 goal (k = 4, depth 3, 3000 rows; see the issue #4 notes): the test
+# records the shortfall instead of hiding it and FAILS once a kind reaches the goal, so that
+# this list is kept honest. Every kind must still beat the majority-persona baseline widely.
+KNOWN_SHORT = {"ecommerce": 0.622, "health": 0.846}  # measured fidelities (finance: 0.866)
+
+
+@pytest.mark.parametrize(("schema_file", "data_file"), PRIMARY)
+def test_surrogate_fidelity_on_primary_real_data(schema_file: str, data_file: str) -> None:
+    """k-means personas on the embeddings of a short non-private training (the honest, cheap
+    stand-in for a federated run): the depth-3 surrogate tree should explain them."""
+    import torch
+    from sklearn.cluster import KMeans
+
+    from fedpersona.encoder import EncoderConfig, PersonaEncoder
+    from fedpersona.evaluation import embed_all
+    from fedpersona.features import featurize
+    from fedpersona.privacy import PrivacySettings
+    from fedpersona.schema import load_schema
+    from fedpersona.tables import load_table
+    from fedpersona.training import TrainingSettings, train_locally
+
+    path = _DATA / data_file
+    if not path.exists():
+        pytest.skip(f"real dataset {data_file} is not available")
+    schema = load_schema(_REPO / "clients" / schema_file)
+    table = load_table(schema, path)
+    table = table.take(np.sort(np.random.default_rng(0).permutation(len(table))[:3000]))
+    feats = featurize(table)
+    torch.manual_seed(0)
+    model = PersonaEncoder(feats.layout, EncoderConfig(token_dim=16, embed_dim=16, hidden=32, blocks=1))
+    settings = TrainingSettings(local_epochs=1, batch_size=128, lr=0.01, device="cpu")
+    public = PrivacySettings(target_epsilon=math.inf)
+    for rnd in (1, 2):
+        generator = torch.Generator().manual_seed(rnd)
+        train_locally(model=model, data=feats, settings=settings, privacy=public,
+                      noise_multiplier=None, ledger=None, round=rnd, generator=generator)  # fmt: skip
+    k = 4
+    assignments = KMeans(n_clusters=k, n_init=4, random_state=0).fit_predict(embed_all(model, feats))
+    cards = persona_cards(table, assignments.astype(np.int64), k=k, rng=np.random.default_rng(1), max_depth=3)
+    fidelity = cards[0].fidelity
+    majority = np.bincount(assignments, minlength=k).max() / len(assignments)
+    assert fidelity >= majority + 0.2, (fidelity, majority)  # the tree explains far more than the mode
+    kind = schema.kind
+    if kind in KNOWN_SHORT:
+        assert fidelity < 0.85, f"{kind} now reaches {fidelity:.3f}: remove it from KNOWN_SHORT"
+        pytest.xfail(f"{kind}: surrogate fidelity {fidelity:.3f} < 0.85 at depth 3 (known shortfall)")
+    assert fidelity >= 0.85, fidelity
