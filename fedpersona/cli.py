@@ -159,7 +159,13 @@ def _sweep(text: str, *, scenario: Path | None, rounds: int | None, out: Path | 
         shown = "inf (NOT PRIVATE)" if math.isinf(value) else f"{value:g}"
         console.print(f"[bold]sweep[/bold]: epsilon {shown} -> {run_dir}")
 
-    result = run_sweep(epsilons=epsilons, out=out, scenario_path=scenario, rounds=rounds, on_run=on_run)
+    def on_round(rnd: int, rows: list[dict[str, Any]]) -> None:
+        eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
+        console.print(f"  round {rnd}: {len(rows)} partners, max epsilon {f'{max(eps):.3f}' if eps else 'NOT PRIVATE'}")
+
+    result = run_sweep(
+        epsilons=epsilons, out=out, scenario_path=scenario, rounds=rounds, on_run=on_run, on_round=on_round
+    )
     table = RichTable(title=f"privacy-utility sweep ({len(result.runs)} runs)")
     columns = ("label_auc", "probe_auc", "persona_ari", "surrogate_fidelity", "rec_hit_rate", "max_epsilon_spent")
     for label in ("epsilon", *columns):

@@ -199,7 +199,7 @@ def sweep_figure(runs: list[dict[str, Any]]) -> Any:
     finite = [r["target_epsilon"] for r in runs if r["target_epsilon"] is not None]
     inf_x = (max(finite) if finite else 1.0) * 2.83
     xs = [r["target_epsilon"] if r["target_epsilon"] is not None else inf_x for r in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=100)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), dpi=100)
     panels = (
         ("label AUC (held-out)", (("label_auc", "label AUC"),)),
         ("linear-probe AUC on embeddings", (("probe_auc", "probe AUC"),)),
