@@ -204,7 +204,9 @@ def write_report(run_dir: str | Path) -> Path:
         local = "".join(
             f"<tr><td>{html.escape(r['partner'])}</td><td>{int(r.get('personas_found', 0))}</td>"
             f"<td>{_cell(r.get('surrogate_fidelity', math.nan))}</td>"
-            f"<td>{_cell(r.get('persona_ari', math.nan))}</td></tr>"
+            f"<td>{_cell(r.get('persona_ari', math.nan))}</td>"
+            f"<td>{_cell(r.get('rec_hit_rate', math.nan))}</td>"
+            f"<td>{_cell(r.get('rec_hit_rate_popularity', math.nan))}</td></tr>"
             for r in persona_rows(rows)
         )
         persona_html = (
@@ -214,7 +216,11 @@ def write_report(run_dir: str | Path) -> Path:
             "(<code>partners/&lt;name&gt;/state/personas.json</code> in a simulation).</p>"
             f"<table><tr><th>kind</th>{head_p}</tr>{share_rows}</table>"
             "<table><tr><th>partner</th><th>personas among its users</th><th>surrogate fidelity</th>"
-            f"<th>ARI vs ground truth</th></tr>{local}</table>"
+            "<th>ARI vs ground truth</th><th>persona top-3 hit rate</th><th>popularity top-3 hit rate</th>"
+            f"</tr>{local}</table>"
+            "<p>Hit rates (e-commerce): how often a user's most recent purchase category, hidden "
+            "while the statistics are made, is among the 3 categories recommended to the user's "
+            "persona, against the silo's 3 most popular categories.</p>"
         )
     plots = []
     for key, title in (
