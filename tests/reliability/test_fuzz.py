@@ -38,13 +38,16 @@ from fedpersona.features import featurize, layout_of
 from fedpersona.schema import KINDS, load_schema, parse_schema
 from fedpersona.tables import load_table, read_frame, validate_frame
 
-FUZZ = settings(
+settings.register_profile(
+    "fedpersona-reliability",
     max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
+# Applied per test rather than loaded globally, so other test modules keep their own settings.
+FUZZ = settings.get_profile("fedpersona-reliability")
 FAST = settings(FUZZ, max_examples=250)
 
 REPO = Path(__file__).resolve().parents[2]
