@@ -5,12 +5,13 @@ round, each DP k-means round) and at each later stage. It holds the global array
 server optimizer's moments (:meth:`fedpersona.aggregation.ScopedAggregator.get_state`), the
 current persona prototypes and the k-means generator, and a JSON document (the ``__meta__``
 entry) with the stage, the last completed round, the per-partner facts the server keeps
-(slot, epsilon, steps, why a partner was dropped) and a fingerprint of the settings.
+(slot, epsilon, steps, why a partner was dropped) and the settings that define the run.
 
 Writes are atomic: a temporary file in the same folder, fsync'd, ``os.replace``'d over the
 old one, then the folder fsync'd; a crash leaves the old checkpoint or the new one, never a
-mix. :func:`load_checkpoint` refuses a checkpoint of other settings (the fingerprint) and a
-damaged file with a :class:`CheckpointError` that says what to do, never a traceback.
+mix. :func:`load_checkpoint` refuses a checkpoint of other settings (naming each setting that
+differs; a setting a newer fedpersona added is accepted at its default) and a damaged file
+with a :class:`CheckpointError` that says what to do, never a traceback.
 
 Stages, in order: ``train`` (``round`` training rounds aggregated; ``evaluated`` says whether
 the last one's evaluation rows are in metrics.jsonl), ``kmeans`` (``kmeans_done`` DP k-means
@@ -25,7 +26,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,9 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "load_checkpoint",
+    "run_settings",
     "save_checkpoint",
+    "settings_differences",
     "settings_fingerprint",
 ]
 
@@ -56,16 +59,45 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed: damaged, of another version, or of other settings."""
 
 
-def settings_fingerprint(federation: Any, model: Any, training: Any) -> str:
-    """SHA-256 over the settings that define the run (timeouts and the device excluded)."""
-    doc: dict[str, Any] = {}
+def run_settings(federation: Any, model: Any, training: Any) -> dict[str, Any]:
+    """The settings that define the run, flat (``federation.rounds``, ...), as JSON values;
+    timeouts and the device are left out (they may change between a crash and its resume)."""
+    out: dict[str, Any] = {}
     for name, obj in (("federation", federation), ("model", model), ("training", training)):
-        values = asdict(obj)
-        for key in _OPERATIONAL.get(name, ()):
-            values.pop(key, None)
-        doc[name] = values
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+        for key, value in asdict(obj).items():
+            if key not in _OPERATIONAL.get(name, ()):
+                out[f"{name}.{key}"] = value
+    return dict(json.loads(json.dumps(out, default=str)))
+
+
+def _defaults(federation: Any, model: Any, training: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, obj in (("federation", federation), ("model", model), ("training", training)):
+        for f in fields(obj):
+            if f.default is not MISSING:
+                out[f"{name}.{f.name}"] = json.loads(json.dumps(f.default, default=str))
+    return out
+
+
+def settings_fingerprint(federation: Any, model: Any, training: Any) -> str:
+    """A short hash of :func:`run_settings`, for logs."""
+    blob = json.dumps(run_settings(federation, model, training), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def settings_differences(saved: dict[str, Any], federation: Any, model: Any, training: Any) -> list[str]:
+    """Each run-defining setting whose value now differs from the checkpoint's. A setting the
+    checkpoint does not know (added by a newer fedpersona) must be at its default."""
+    now = run_settings(federation, model, training)
+    defaults = _defaults(federation, model, training)
+    out = []
+    for key, value in sorted(now.items()):
+        if key in saved:
+            if saved[key] != value:
+                out.append(f"{key} was {saved[key]!r}, now {value!r}")
+        elif key in defaults and value != defaults[key]:
+            out.append(f"{key} is {value!r}, but the run used a version without it (default {defaults[key]!r})")
+    return out
 
 
 @dataclass
@@ -73,6 +105,7 @@ class Checkpoint:
     """Where the federation stands (see the module docstring for the stages)."""
 
     fingerprint: str
+    settings: dict[str, Any] = field(default_factory=dict)  # run_settings() of the run
     stage: str = "train"
     round: int = 0
     evaluated: bool = True
@@ -97,6 +130,7 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     meta: dict[str, Any] = {
         "version": VERSION,
         "fingerprint": checkpoint.fingerprint,
+        "settings": checkpoint.settings,
         "stage": checkpoint.stage,
         "round": checkpoint.round,
         "evaluated": checkpoint.evaluated,
@@ -127,11 +161,11 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     return path
 
 
-def load_checkpoint(run_dir: str | Path, *, fingerprint: str | None = None) -> Checkpoint | None:
+def load_checkpoint(run_dir: str | Path, *, settings: tuple[Any, Any, Any] | None = None) -> Checkpoint | None:
     """The run folder's checkpoint, or None when it has none.
 
-    Raises :class:`CheckpointError` when the file is damaged or was written for settings
-    whose fingerprint differs from ``fingerprint``.
+    Raises :class:`CheckpointError` when the file is damaged or was written for other
+    ``settings`` (``(federation, model, training)``; see :func:`settings_differences`).
     """
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
@@ -148,6 +182,7 @@ def load_checkpoint(run_dir: str | Path, *, fingerprint: str | None = None) -> C
             prototypes = npz[_PROTOTYPES] if _PROTOTYPES in npz.files else None
         checkpoint = Checkpoint(
             fingerprint=str(meta["fingerprint"]),
+            settings=dict(meta["settings"]),
             stage=str(meta["stage"]),
             round=int(meta["round"]),
             evaluated=bool(meta["evaluated"]),
@@ -166,11 +201,13 @@ def load_checkpoint(run_dir: str | Path, *, fingerprint: str | None = None) -> C
         raise CheckpointError(damaged.format(f"{type(exc).__name__}: {exc}")) from None
     if version != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {version!r}; this fedpersona reads version {VERSION}")
-    if fingerprint is not None and checkpoint.fingerprint != fingerprint:
-        raise CheckpointError(
-            f"{path} was written by a federation with other settings (fingerprint {checkpoint.fingerprint}, "
-            f"the configuration now gives {fingerprint}): [federation], [model] and [training] must be "
-            "unchanged to resume (only federation.round_timeout and training.device may differ); "
-            "restore the configuration of the run or start a new run folder"
-        )
+    if settings is not None:
+        differences = settings_differences(checkpoint.settings, *settings)
+        if differences:
+            raise CheckpointError(
+                f"{path} was written by a federation with other settings: {'; '.join(differences)}. The "
+                "federation, model and training settings must be unchanged to resume (only "
+                "federation.round_timeout and training.device may differ); restore the configuration "
+                "of the run or start a new run folder"
+            )
     return checkpoint

@@ -209,10 +209,9 @@ def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume
 def check_resume(cfg: FederationConfig) -> str:
     """What ``--resume`` will continue from, checked before anything starts: the checkpoint
     must be readable and belong to these settings (else :class:`ConfigError`)."""
-    from fedpersona.checkpoint import load_checkpoint, settings_fingerprint
+    from fedpersona.checkpoint import load_checkpoint
 
-    fingerprint = settings_fingerprint(cfg.federation, cfg.model, cfg.training)
-    checkpoint = load_checkpoint(cfg.run_dir, fingerprint=fingerprint)
+    checkpoint = load_checkpoint(cfg.run_dir, settings=(cfg.federation, cfg.model, cfg.training))
     if checkpoint is None:
         return "no checkpoint (no round was aggregated): the run starts at round 1"
     if checkpoint.stage == "done":

@@ -61,7 +61,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.artifacts import artifact_files, generate_signing_key, save_model
-from fedpersona.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint, settings_fingerprint
+from fedpersona.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    load_checkpoint,
+    run_settings,
+    save_checkpoint,
+    settings_fingerprint,
+)
 from fedpersona.client_app import ERROR_BUDGET, ERROR_USER
 from fedpersona.clustering import ClusterStats, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.config import FederationSettings, load_scenario
@@ -241,7 +248,7 @@ def _initial_trunk(model: EncoderConfig, seed: int) -> dict[str, Any]:
     return {f"trunk.{k}": v.detach().cpu().numpy() for k, v in trunk.state_dict().items()}
 
 
-def _resume_point(run_dir: Path, settings: ServerSettings, fingerprint: str) -> Checkpoint | None:
+def _resume_point(run_dir: Path, settings: ServerSettings) -> Checkpoint | None:
     """The checkpoint a resumed run continues from (validated), or None to start at round 1."""
     path = run_dir / CHECKPOINT
     if not settings.resume:
@@ -251,7 +258,7 @@ def _resume_point(run_dir: Path, settings: ServerSettings, fingerprint: str) -> 
                 "(fedpersona server start --resume) or choose another run folder"
             )
         return None
-    checkpoint = load_checkpoint(run_dir, fingerprint=fingerprint)
+    checkpoint = load_checkpoint(run_dir, settings=(settings.federation, settings.model, settings.training))
     if checkpoint is None:
         logger.warning("resume: %s has no checkpoint (no round was aggregated); starting at round 1", run_dir)
     return checkpoint
@@ -367,8 +374,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
     fed = settings.federation
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = settings_fingerprint(fed, settings.model, settings.training)
-    checkpoint = _resume_point(run_dir, settings, fingerprint)
+    checkpoint = _resume_point(run_dir, settings)
     want = settings.expected_partners or fed.min_partners
     nodes = _wait_for_nodes(grid, want, settings.wait_timeout)
     if len(nodes) < fed.min_partners:
@@ -397,7 +403,10 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
     roster: dict[str, _Partner] = {}  # every partner of the federation, by name
     resumed_after: int | None = None
     if checkpoint is None:
-        checkpoint = Checkpoint(fingerprint=fingerprint)
+        checkpoint = Checkpoint(
+            fingerprint=settings_fingerprint(fed, settings.model, settings.training),
+            settings=run_settings(fed, settings.model, settings.training),
+        )
         aggregator.trunk = _initial_trunk(settings.model, fed.seed)
     else:
         try:

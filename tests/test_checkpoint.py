@@ -23,6 +23,7 @@ from fedpersona.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    run_settings,
     save_checkpoint,
     settings_fingerprint,
 )
@@ -76,7 +77,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
     )  # fmt: skip
     save_checkpoint(tmp_path, saved)
     assert not list((tmp_path / "state").glob("*.tmp"))
-    loaded = load_checkpoint(tmp_path, fingerprint="abc")
+    loaded = load_checkpoint(tmp_path)
     assert loaded is not None
     assert (loaded.stage, loaded.round, loaded.kmeans_done, loaded.partners, loaded.extra) == (
         "kmeans", 4, 2, saved.partners, saved.extra,
@@ -114,20 +115,31 @@ def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path, damage: object) -
     save_checkpoint(tmp_path, Checkpoint(fingerprint="abc", arrays={"trunk/x": np.ones(3, np.float32)}))
     damage(tmp_path / CHECKPOINT)  # type: ignore[operator]
     with pytest.raises(CheckpointError, match=r"is damaged and cannot be resumed.*move it away"):
-        load_checkpoint(tmp_path, fingerprint="abc")
+        load_checkpoint(tmp_path)
 
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
     first = _settings(tmp_path)
-    fp = settings_fingerprint(first.federation, first.model, first.training)
-    save_checkpoint(tmp_path, Checkpoint(fingerprint=fp))
+    saved = run_settings(first.federation, first.model, first.training)
+    save_checkpoint(tmp_path, Checkpoint(fingerprint=settings_fingerprint(*_three(first)), settings=saved))
     # Operational settings may change ...
-    later = replace(first.federation, round_timeout=30.0)
-    assert load_checkpoint(tmp_path, fingerprint=settings_fingerprint(later, first.model, first.training))
-    # ... settings that define the run may not.
-    other = replace(first.federation, rounds=4)
-    with pytest.raises(CheckpointError, match=r"other settings.*must be\s+unchanged"):
-        load_checkpoint(tmp_path, fingerprint=settings_fingerprint(other, first.model, first.training))
+    later = replace(first, federation=replace(first.federation, round_timeout=30.0))
+    assert load_checkpoint(tmp_path, settings=_three(later))
+    # ... settings that define the run may not; the error names each of them.
+    other = replace(first, federation=replace(first.federation, rounds=4, seed=9))
+    with pytest.raises(CheckpointError, match=r"federation.rounds was 3, now 4; federation.seed was 5, now 9"):
+        load_checkpoint(tmp_path, settings=_three(other))
+    # A setting that a newer fedpersona added is accepted at its default, refused otherwise.
+    del saved["training.fedprox_mu"]
+    save_checkpoint(tmp_path, Checkpoint(fingerprint="old", settings=saved))
+    assert load_checkpoint(tmp_path, settings=_three(first))
+    newer = replace(first, training=replace(first.training, fedprox_mu=0.1))
+    with pytest.raises(CheckpointError, match=r"training\.fedprox_mu is 0\.1, but the run used a version without it"):
+        load_checkpoint(tmp_path, settings=_three(newer))
+
+
+def _three(settings: ServerSettings) -> tuple[object, object, object]:
+    return settings.federation, settings.model, settings.training
 
 
 def test_resume_continues_at_the_next_round_and_aggregates_each_round_once(tmp_path: Path) -> None:
