@@ -16,8 +16,10 @@ persona (from :mod:`fedpersona.inference`); nothing on it is sent anywhere. It h
   top ones are kept, at most one per feature;
 - a **decision-tree surrogate** (scikit-learn, depth <= 3) that predicts the persona from the
   raw features (numbers in their own units, missing ones imputed with the silo median;
-  categories and sequence values as yes/no indicators), with its leaves as rules in plain
-  text and its **fidelity**: accuracy against the assignments on held-out rows;
+  categories and sequence values as yes/no indicators; also each single step of a sequence,
+  and groups of a category's values, "region is one of 1, 3, 7", chosen on the training rows
+  only), with its leaves as rules in plain text and its **fidelity**: accuracy against the
+  assignments on held-out rows;
 - **label rates** per persona for every label of the schema;
 - with ``category_feature`` (e.g. an e-commerce purchase-category sequence): the **top
   categories by lift** and **recommendations** (the persona's most frequent categories, then
@@ -356,6 +358,7 @@ class _Column:
     values: np.ndarray  # (n,) float64, NaN = missing (an indicator is 0/1, NaN without a value)
     value: str | None = None  # the category of an indicator
     sequence: bool = False  # an indicator of "any step has the value"
+    group: bool = False  # an indicator of "the value is one of" (``value`` lists them)
     integral: bool = False  # all observed values are whole numbers
     true_text: str = "yes"
     false_text: str = "no"
@@ -486,6 +489,8 @@ def _effects(columns: list[_Column], member: np.ndarray, min_users: int) -> list
 
 
 def _describe(col: _Column) -> str:
+    if col.group:
+        return f"{col.feature} is one of {col.value}"
     if col.kind == "category":
         return f"{col.feature} including {col.value}" if col.sequence else f"{col.feature} = {col.value}"
     if col.kind == "boolean":
@@ -573,14 +578,15 @@ def _surrogate(
     n = len(labels)
     if not columns:
         return [], float(np.mean(labels == np.bincount(labels, minlength=k).argmax()))
+    order = rng.permutation(n)
+    n_test = min(max(1, round(_HOLDOUT * n)), _MAX_TREE_ROWS)
+    test, train = order[:n_test], order[n_test : n_test + _MAX_TREE_ROWS]
+    columns = columns + _value_groups(columns, labels, train, k, min_users)
     imputed = [c.imputed() for c in columns]
 
     def design(rows: np.ndarray) -> np.ndarray:  # (len(rows), n_columns)
         return np.stack([values[rows] for values in imputed], axis=1)
 
-    order = rng.permutation(n)
-    n_test = min(max(1, round(_HOLDOUT * n)), _MAX_TREE_ROWS)
-    test, train = order[:n_test], order[n_test : n_test + _MAX_TREE_ROWS]
     x_train = design(train)
     # A greedy depth-3 tree can spend a split badly; among a few candidates (both criteria,
     # and trees restricted to random halves of the columns at each split) keep the one with
@@ -620,6 +626,42 @@ def _surrogate(
     return rules, fidelity
 
 
+def _value_groups(
+    columns: list[_Column], labels: np.ndarray, train: np.ndarray, k: int, min_users: int
+) -> list[_Column]:
+    """Extra yes/no candidates for the surrogate: "<feature> is one of <values>".
+
+    A split on one category value at a time cannot say "region is 1, 3 or 7" within depth 3.
+    For each categorical feature with 3 or more analysed values and each persona, the group is
+    the values whose users (at least ``min_users`` of the TRAINING rows) belong to that persona
+    more often than all users do; the held-out rows that measure fidelity play no part.
+    """
+    by_feature: dict[str, list[_Column]] = {}
+    for col in columns:
+        if col.kind == "category" and not col.sequence and not col.group:
+            by_feature.setdefault(col.feature, []).append(col)
+    train_labels = labels[train]
+    base = np.bincount(train_labels, minlength=k) / max(1, len(train))
+    out: list[_Column] = []
+    for feature, cols in by_feature.items():
+        if len(cols) < 3:
+            continue
+        has = [col.values[train] == 1 for col in cols]
+        seen: set[tuple[int, ...]] = set()
+        for p in range(k):
+            chosen = tuple(
+                j for j, h in enumerate(has) if h.sum() >= min_users and np.mean(train_labels[h] == p) > base[p]
+            )
+            if not 1 < len(chosen) < len(cols) or chosen in seen:
+                continue
+            seen.add(chosen)
+            member = np.any([cols[j].values == 1 for j in chosen], axis=0)
+            values = np.where(np.isnan(cols[0].values), np.nan, member.astype(np.float64))
+            names = ", ".join(str(cols[j].value) for j in chosen)
+            out.append(_Column(feature, "category", values, value=names, group=True))
+    return out
+
+
 def _paths(tree: DecisionTreeClassifier, columns: list[_Column]) -> list[tuple[int, tuple[str, ...]]]:
     """Every leaf with the simplified conditions on its path."""
     t = tree.tree_
@@ -650,7 +692,9 @@ def _conditions(path: list[tuple[int, bool, float]], columns: list[_Column]) -> 
                 lo_hi[0] = max(lo_hi[0], threshold)
         else:
             flags[index] = not left  # an indicator or boolean: right = yes
-    equal_to = {columns[i].feature for i, yes in flags.items() if yes and not columns[i].sequence}
+    equal_to = {
+        columns[i].feature for i, yes in flags.items() if yes and not columns[i].sequence and not columns[i].group
+    }
     out: list[str] = []
     for index in sorted(set(bounds) | set(flags)):
         col = columns[index]
@@ -662,6 +706,8 @@ def _conditions(path: list[tuple[int, bool, float]], columns: list[_Column]) -> 
             out.append(_describe(col))
         elif not col.sequence and col.feature in equal_to:
             continue  # "device = mobile" already excludes "device = desktop"
+        elif col.group:
+            out.append(f"{col.feature} is none of {col.value}")
         else:
             out.append(f"{col.feature} without {col.value}" if col.sequence else f"{col.feature} ≠ {col.value}")
     return tuple(out)
