@@ -11,6 +11,8 @@ only (so ``fedpersona report DIR`` can rebuild everything) and writes:
   ``surrogate_fidelity``, and for e-commerce the mean ``rec_hit_rate`` and its popularity
   baseline), the same per silo kind under ``per_kind``, and ``max_epsilon_spent``: the largest
   epsilon a partner actually spent (from ``privacy.json``; ``null`` for a non-private run);
+  a budget too small for the run (e.g. below the persona-clustering reserve: every partner
+  refuses to join) gives ``null`` metrics and a ``note``;
 - ``DIR/sweep.csv``: the same, one row per budget (per-kind values as ``<kind>.<metric>``);
 - ``DIR/report.html`` and ``DIR/report.md``: the table and a plot of label AUC, probe AUC and
   persona quality against epsilon on a log axis, the non-private run drawn as its own point on
@@ -150,6 +152,8 @@ def _summarise(run_dir: Path, epsilon: float) -> dict[str, Any]:
         }
         for kind in kinds
     }
+    if not which["final"]:
+        entry["note"] = "no round completed: no partner could train within this budget (see the run's log)"
     spent = [p.get("epsilon") for p in privacy.get("partners", {}).values()]
     finite = [float(e) for e in spent if isinstance(e, int | float)]
     entry["max_epsilon_spent"] = max(finite) if finite else None
@@ -161,7 +165,8 @@ def sweep_runs(out: str | Path) -> list[tuple[float, Path]]:
     found = []
     for child in Path(out).iterdir():
         match = _FOLDER.match(child.name)
-        if child.is_dir() and match and (child / "metrics.jsonl").exists():
+        finished = (child / "metrics.jsonl").exists() or (child / "privacy.json").exists()
+        if child.is_dir() and match and finished:
             value = _epsilon(match.group(1))
             if value is not None:
                 found.append((value, child))
@@ -173,7 +178,7 @@ def write_sweep(out: str | Path) -> list[dict[str, Any]]:
     out = Path(out)
     runs = [_summarise(run_dir, epsilon) for epsilon, run_dir in sweep_runs(out)]
     if not runs:
-        raise ConfigError(f"{out} holds no finished sweep run (no eps-<value>/metrics.jsonl)")
+        raise ConfigError(f"{out} holds no finished sweep run (no eps-<value>/privacy.json)")
     (out / "sweep.json").write_text(json.dumps({"runs": runs}, indent=2), encoding="utf-8")
     kinds = sorted({kind for r in runs for kind in r["per_kind"]})
     names = [name for name, _, _ in METRICS]
@@ -266,7 +271,9 @@ def _write_report(out: Path, runs: list[dict[str, Any]]) -> None:
             f"<td>{html.escape(INF_LABEL if key == 'label' and r['label'] == 'inf' else _cell(r[key]))}</td>"
             for key, _ in _COLUMNS
         )
-        + f"<td><a href='{html.escape(r['run'])}/report.html'>{html.escape(r['run'])}</a></td></tr>"
+        + f"<td><a href='{html.escape(r['run'])}/report.html'>{html.escape(r['run'])}</a>"
+        + (f"<br>{html.escape(r['note'])}" if r.get("note") else "")
+        + "</td></tr>"
         for r in runs
     )
     kinds = sorted({kind for r in runs for kind in r["per_kind"]})

@@ -120,7 +120,11 @@ def test_sweep_summary_report_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
     for eps in ("4", "inf", "0.5"):
         _run_folder(tmp_path / f"eps-{eps}", _rows(label[eps], ari[eps], 0.5), spent[eps])
     (tmp_path / "eps-bogus").mkdir()  # not a sweep run: ignored
-    runs = write_sweep(tmp_path)
+    (tmp_path / "eps-0.1").mkdir()  # every partner refused this budget: no round ran
+    (tmp_path / "eps-0.1" / "privacy.json").write_text(json.dumps({"partners": {}}))
+    refused, *runs = write_sweep(tmp_path)
+    assert refused["label"] == "0.1" and refused["label_auc"] is None and refused["max_epsilon_spent"] is None
+    assert "no round completed" in refused["note"]
     assert [r["label"] for r in runs] == ["0.5", "4", "inf"]
     for r in runs:
         eps = r["label"]
@@ -132,14 +136,15 @@ def test_sweep_summary_report_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
         assert r["per_kind"]["health"]["rec_hit_rate"] is None and r["rec_hit_rate"] == pytest.approx(0.5)
     assert [r["max_epsilon_spent"] for r in runs] == [0.5, 3.95, None]
     assert [r["target_epsilon"] for r in runs] == [0.5, 4.0, None] and runs[2]["private"] is False
-    assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == runs
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == [refused, *runs]
     table = list(csv.DictReader((tmp_path / "sweep.csv").read_text().splitlines()))
-    assert [t["epsilon"] for t in table] == ["0.5", "4", "inf"]
-    assert float(table[1]["health.label_auc"]) == pytest.approx(0.7)
+    assert [t["epsilon"] for t in table] == ["0.1", "0.5", "4", "inf"]
+    assert float(table[2]["health.label_auc"]) == pytest.approx(0.7)
     page = (tmp_path / "report.html").read_text()
     assert INF_LABEL in page and "data:image/png;base64," in page and "eps-4/report.html" in page
     assert INF_LABEL in (tmp_path / "report.md").read_text()
 
+    assert "no round completed" in page
     fig = sweep_figure(runs)
     for ax in fig.axes[:3]:
         assert ax.get_xscale() == "log"
@@ -157,7 +162,7 @@ def test_sweep_summary_report_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(sys, "argv", ["fedpersona", "report", str(tmp_path)])
     cli.main()  # returns normally on success
-    assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == runs
+    assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == [refused, *runs]
 
 
 @pytest.mark.slow
