@@ -9,8 +9,9 @@ only (so ``fedpersona report DIR`` can rebuild everything) and writes:
   last) with the mean final-round ``label_auc`` and ``probe_auc`` over partners, the persona
   quality (mean ``persona_ari`` against the synthetic ground truth, mean
   ``surrogate_fidelity``, and for e-commerce the mean ``rec_hit_rate`` and its popularity
-  baseline), the same per silo kind under ``per_kind``, and ``max_epsilon_spent``: the largest
-  epsilon a partner actually spent (from ``privacy.json``; ``null`` for a non-private run);
+  baseline), the same per silo kind under ``per_kind``, ``epsilon_spent`` per partner and
+  ``max_epsilon_spent``: the largest epsilon a partner actually spent (from ``privacy.json``;
+  ``null`` for a non-private run);
   a budget too small for the run (e.g. below the persona-clustering reserve: every partner
   refuses to join) gives ``null`` metrics and a ``note``;
 - ``DIR/sweep.csv``: the same, one row per budget (per-kind values as ``<kind>.<metric>``);
@@ -157,6 +158,7 @@ def _summarise(run_dir: Path, epsilon: float) -> dict[str, Any]:
     spent = [p.get("epsilon") for p in privacy.get("partners", {}).values()]
     finite = [float(e) for e in spent if isinstance(e, int | float)]
     entry["max_epsilon_spent"] = max(finite) if finite else None
+    entry["epsilon_spent"] = {name: p.get("epsilon") for name, p in sorted(privacy.get("partners", {}).items())}
     return entry
 
 

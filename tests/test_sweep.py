@@ -135,6 +135,7 @@ def test_sweep_summary_report_and_rebuild(tmp_path: Path, monkeypatch: pytest.Mo
         assert r["per_kind"]["ecommerce"]["persona_ari"] == pytest.approx(np.mean(ari[eps][:2]))
         assert r["per_kind"]["health"]["rec_hit_rate"] is None and r["rec_hit_rate"] == pytest.approx(0.5)
     assert [r["max_epsilon_spent"] for r in runs] == [0.5, 3.95, None]
+    assert [r["epsilon_spent"] for r in runs] == [spent[e] for e in ("0.5", "4", "inf")]
     assert [r["target_epsilon"] for r in runs] == [0.5, 4.0, None] and runs[2]["private"] is False
     assert json.loads((tmp_path / "sweep.json").read_text())["runs"] == [refused, *runs]
     table = list(csv.DictReader((tmp_path / "sweep.csv").read_text().splitlines()))
@@ -177,6 +178,7 @@ def test_real_sweep_runs_the_budget_and_reports(tmp_path: Path) -> None:
     assert [r["label"] for r in sweep] == ["1"]
     private = json.loads((out / "eps-1" / "privacy.json").read_text())["partners"]
     assert sweep[0]["max_epsilon_spent"] == pytest.approx(max(p["epsilon"] for p in private.values()))
+    assert sweep[0]["epsilon_spent"] == {name: p["epsilon"] for name, p in private.items()}
     assert 0 < sweep[0]["max_epsilon_spent"] <= 1.0
     rows = [json.loads(x) for x in (out / "eps-1" / "metrics.jsonl").read_text().splitlines()]
     personas = {r["partner"]: r for r in rows if r.get("phase") == "personas"}
