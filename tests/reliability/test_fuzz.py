@@ -240,11 +240,13 @@ TOML_SCALAR = st.one_of(
     st.sampled_from(["inf", "-inf", "nan", "", "0", "true", "false", "rdp", "prv", "gdp", "median", "krum"]),
     st.dates(),
 )
-TOML_VALUE = st.recursive(
-    TOML_SCALAR,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=6,
-)
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+
+
+TOML_VALUE = st.recursive(TOML_SCALAR, _nested, max_leaves=6)
 
 
 def _leaf_paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
