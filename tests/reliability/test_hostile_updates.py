@@ -416,3 +416,31 @@ def test_robust_rules_fall_back_to_the_weighted_mean_below_three_replies() -> No
     for k in base:
         expected = np.average([r[k].astype(np.float64) for r in replies], axis=0, weights=[50, 100])
         np.testing.assert_allclose(agg.trunk[k], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=KeyError,
+    reason="known bug in server_app._train_plain (not owned here): a train reply without an 'arrays' "
+    "(or 'metrics') record raises KeyError in arrays_of()/metrics_of() and stops the whole federation",
+)
+@pytest.mark.parametrize("kept", ["metrics", "arrays"])
+def test_a_reply_missing_a_record_drops_its_sender_not_the_federation(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kept: str
+) -> None:
+    contexts = _partners(tmp_path, ["clinic-1", "clinic-2", "broken"])
+    grid = TamperingGrid(contexts, {})
+    deliver = grid.app
+
+    def app(msg: Message, context: Context) -> Message:
+        reply = deliver(msg, context)
+        if msg.metadata.message_type == "train" and context.node_id == 13:
+            return Message(RecordDict({kept: reply.content[kept]}), reply_to=msg)
+        return reply
+
+    grid.app = app  # type: ignore[assignment]
+    caplog.set_level(logging.WARNING, logger="fedpersona.server_app")
+    result = run_federation(grid, _settings(tmp_path / "run"))
+    assert result.rounds_completed == 1
+    assert any("broken" in r.getMessage() for r in caplog.records)
