@@ -5,6 +5,11 @@ the signed model served by `fedpersona serve` (HTTPS, bearer token) and fetched 
 Also: a node whose key is not registered and a node that trusts another CA never join, a
 modified artifact is rejected, Ctrl-C stops every process, and a SuperNode reconnects to a
 restarted SuperLink. Every process started here is stopped in a finally block.
+
+The SuperLink killed mid-run and the run resumed from the server's checkpoint
+(``server start --resume``) is tested with ten SuperNodes, together with a partner killed
+mid-round, in ``tests/reliability/test_deploy_faults.py`` (one federation for both, to keep
+the suite short).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ BIN = Path(sys.executable).parent
 TOOLS = ("flower-superlink", "flower-supernode", "flwr", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
 MISSING = [t for t in TOOLS if shutil.which(t, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}") is None]
 KINDS = {"shop-1": "ecommerce", "bank-1": "finance", "clinic-1": "health"}
-DEADLINE = 290.0  # the whole test, processes included, stays under five minutes
+DEADLINE = 330.0  # the whole test, processes included, stays under six minutes
 
 pytestmark = [
     pytest.mark.slow,
@@ -139,6 +144,7 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
                     *cli, "partner", "start", "--config", str(configs[name]), "--superlink", f"127.0.0.1:{port}",
                     "--ca", str(creds.ca_cert), "--key", str(keys[name].private_key),
                     "--runtime-port", str(_free_port()), "--max-wait-time", "60", "--max-restarts", "3",
+                    "--model-key", str(creds.signing_public_key),
                 ],
             )  # fmt: skip
         launch(
@@ -180,9 +186,13 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
         assert "No SuperNode found with the given public key" in superlink_log  # the unlisted key, refused
         assert "Failed to activate SuperNode" in (logs / "rogue-unlisted.log").read_text()
 
-        # The model is signed with the federation's key, served over HTTPS with a token, fetched and verified.
+        # The model is signed with the federation's key; every partner received it and installed it.
         public = load_signing_public_key(creds.signing_public_key)
-        verify_model(run_dir / "model", public_key=public)
+        served_arrays, _ = verify_model(run_dir / "model", public_key=public)
+        for name in KINDS:
+            arrays, card = verify_model(configs[name].parent / "state" / "model", public_key=public)
+            assert card["rounds"] == 2 and arrays.keys() == served_arrays.keys()
+        # It is also served over HTTPS with a token, fetched and verified.
         token = tmp_path / "token"
         token.write_text("s3cret-registry-token-0123456789\n")
         token.chmod(0o600)

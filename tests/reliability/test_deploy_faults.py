@@ -1,0 +1,317 @@
+"""Deployment faults: partners that die mid-round, come back with the same key, or never answer;
+and a federation of ten SuperNodes.
+
+Two levels:
+
+- **Aggregation and bookkeeping** (fast): :func:`fedpersona.server_app.run_federation` driven by
+  :class:`tests.fake_grid.FakeGrid` with scripted partners whose replies are recorded, so the
+  aggregate of a round with a dead partner is checked against ``np.average`` over exactly the
+  survivors' replies (the end-to-end test cannot see the replies, which never leave the server).
+  A dead node answers as the SuperLink does for a node without heartbeats (an error reply from
+  the SuperLink's node id); a killed partner that was already charged sends no reply at all.
+- **Real processes** (slow): flower-superlink with TLS and node authentication, ten
+  flower-supernodes on loopback; one partner's SuperNode and everything below it is killed with
+  SIGKILL while it trains round 1 (after its ledger charged the round), and restarted with the
+  same key by ``fedpersona partner start``. Round 1 completes with the nine survivors once
+  ``round_timeout`` passes, round 2 includes the restarted partner with the current global
+  model, and its ledger holds exactly the rounds it started: round 1 (paid, never aggregated)
+  and round 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpersona.artifacts import verify_model
+from fedpersona.config import FederationSettings
+from fedpersona.server_app import ServerSettings, run_federation
+from tests.fake_grid import MODEL, TRAINING, FakeGrid, ScriptedPartner
+
+
+def _settings(run_dir: Path, **federation: object) -> ServerSettings:
+    fed = FederationSettings(
+        **{"rounds": 1, "min_partners": 2, "personas": 0, "server_optimizer": "fedavg", "server_lr": 1.0,
+           "global_weighting": "examples", "seed": 1, **federation}  # type: ignore[arg-type]
+    )  # fmt: skip
+    return ServerSettings(federation=fed, model=MODEL, training=TRAINING, run_dir=str(run_dir), wait_timeout=1.0)
+
+
+def _partners() -> dict[int, ScriptedPartner]:
+    return {
+        21: ScriptedPartner("shop-1", "ecommerce", 150),
+        22: ScriptedPartner("shop-2", "ecommerce", 50),
+        23: ScriptedPartner("shop-3", "ecommerce", 90),
+        24: ScriptedPartner("shop-4", "ecommerce", 70),
+    }
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_round_with_a_dead_partner_aggregates_exactly_the_survivors(tmp_path: Path) -> None:
+    partners = _partners()
+    grid = FakeGrid(partners)
+    lost = partners[24]
+
+    def die(kind: str, group: str) -> None:
+        if (kind, group) == ("train", "1"):
+            grid.offline.add(23)  # shop-3's node stops: the SuperLink answers for it
+
+    grid.before_send = die
+    original = lost.__call__
+
+    def killed_after_charging(msg):  # type: ignore[no-untyped-def]
+        reply = original(msg)
+        return None if msg.metadata.message_type == "train" else reply  # charged, then killed
+
+    grid.nodes[24] = killed_after_charging
+    result = run_federation(grid, _settings(tmp_path))  # type: ignore[arg-type]
+    assert result.rounds_completed == 1
+
+    survivors = [partners[21], partners[22]]
+    model, _ = verify_model(tmp_path / "model")
+    slot = "ecommerce:f00d"
+    for name in partners[21].received[1]:  # the trunk
+        replies = [p.update(p.received[1], 1)[name] for p in survivors]
+        expected = np.average(np.stack(replies).astype(np.float64), axis=0, weights=[p.train_rows for p in survivors])
+        # float32 storage: equal to the float64 oracle up to float32 rounding
+        np.testing.assert_allclose(model[name], expected, rtol=1e-6, atol=1e-7)
+    adapter = "adapter.ecommerce.weight"
+    replies = [p.update(p.received[1], 1)[adapter] for p in survivors]
+    expected = np.average(np.stack(replies).astype(np.float64), axis=0, weights=[p.train_rows for p in survivors])
+    np.testing.assert_allclose(model[f"{slot}/{adapter}"], expected, rtol=1e-6, atol=1e-7)
+
+    rows = {r["partner"]: r for r in _rows(tmp_path)}
+    assert rows["shop-1"]["aggregated"] and rows["shop-2"]["aggregated"]
+    assert not rows["shop-4"]["aggregated"] and "shop-3" not in rows  # shop-3 is gone; shop-4 lost its reply
+    privacy = json.loads((tmp_path / "privacy.json").read_text())["partners"]
+    assert "Node Unavailable" in privacy["shop-3"]["dropped"]
+    # shop-4 paid for round 1 although the server never used its update: its epsilon says so.
+    assert lost.charged == [1] and privacy["shop-4"]["epsilon"] == pytest.approx(lost.epsilon)
+
+
+def test_a_partner_that_comes_back_rejoins_with_the_current_model(tmp_path: Path) -> None:
+    partners = _partners()
+    grid = FakeGrid(partners)
+    back = partners[23]
+
+    def weather(kind: str, group: str) -> None:
+        if (kind, group) == ("train", "1"):
+            grid.offline.add(23)  # crashes before round 1 reaches it
+        if (kind, group) == ("evaluate", "1"):
+            grid.offline.discard(23)  # restarted with the same key (same node id) meanwhile
+
+    grid.before_send = weather
+    result = run_federation(grid, _settings(tmp_path, rounds=3))  # type: ignore[arg-type]
+    assert result.rounds_run == [1, 2, 3]
+    assert ("query", "2", 23) in grid.sent  # asked who it is again, then admitted
+    assert back.charged == [2, 3]  # round 1 never reached it
+    for name, value in partners[21].received[2].items():  # the same current global model as everyone
+        np.testing.assert_array_equal(back.received[2][name], value)
+    aggregated = {(r["round"], r["partner"]) for r in _rows(tmp_path) if r["aggregated"]}
+    assert (1, "shop-3") not in aggregated and {(2, "shop-3"), (3, "shop-3")} <= aggregated
+    privacy = json.loads((tmp_path / "privacy.json").read_text())["partners"]["shop-3"]
+    assert "dropped" not in privacy and privacy["epsilon"] == pytest.approx(back.epsilon)
+    assert [h[0] for h in privacy["epsilon_history"]] == [2, 3]
+
+
+def test_a_partner_that_refused_for_its_budget_stays_out(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    from fedpersona.client_app import ERROR_BUDGET
+
+    partners = _partners()
+    grid = FakeGrid(partners)
+    spent = partners[22]
+    answer = spent.__call__
+
+    def refuse(msg):  # type: ignore[no-untyped-def]
+        if msg.metadata.message_type == "train" and msg.metadata.group_id == "1":
+            return Error(code=ERROR_BUDGET, reason="round 1: would exceed the target")
+        return answer(msg)
+
+    grid.nodes[22] = refuse
+    run_federation(grid, _settings(tmp_path, rounds=2))  # type: ignore[arg-type]
+    assert ("query", "2", 22) not in grid.sent and ("train", "2", 22) not in grid.sent
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PARTNERS = 10
+VICTIM = "shop-3"  # a health partner (kinds rotate)
+# About four minutes on an idle two-core machine; the bounds leave room for a loaded one.
+LIMIT = 1200.0
+
+
+def _tools_missing() -> list[str]:
+    import shutil
+
+    tools = ("flower-superlink", "flower-supernode", "flwr", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return [t for t in tools if shutil.which(t, path=path) is None]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_tools_missing()), reason="Flower executables not installed")
+def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path: Path) -> None:
+    """Ten SuperNodes, two rounds. One partner's SuperNode (and everything below it) is killed
+    with SIGKILL while it trains round 1, after its ledger charged the round; round 1 completes
+    with the nine survivors once the SuperLink reports the node unavailable. Then the SuperLink
+    itself is killed with SIGKILL after round 1's checkpoint; the partner is restarted with the
+    same key, ``server start --resume`` continues at round 2 with all ten, and every partner
+    ends with the signed final model. Every wait is bounded; every process is stopped."""
+    from fedpersona.certs import init_federation, load_signing_public_key, partner_keys
+    from fedpersona.checkpoint import load_checkpoint
+    from fedpersona.config import dump_toml
+    from fedpersona.deploy import supernode_command
+    from fedpersona.privacy import PrivacyLedger, PrivacySettings
+    from fedpersona.processes import descendants
+    from tests.test_deployment import _free_port, _stop
+
+    start = time.monotonic()
+    creds = init_federation(out=tmp_path / "server" / "credentials", hosts=["localhost"])
+    kinds = ["ecommerce", "finance", "health"]
+    names = [f"shop-{i}" for i in range(1, PARTNERS + 1)]
+    keys = {name: partner_keys(name, out=tmp_path / "keys") for name in names}
+    configs, ports = {}, {}
+    privacy = {"target_epsilon": 5.0, "delta": 1e-3, "accountant": "rdp"}
+    for i, name in enumerate(names):
+        path = tmp_path / "clients" / name / "client.toml"
+        path.parent.mkdir(parents=True)
+        # The victim trains longer (more rows), so that the kill lands inside its round.
+        data = {"synthetic_rows": 1500 if name == VICTIM else 120, "synthetic_seed": i}
+        partner = {"name": name, "kind": kinds[i % 3], "state_dir": "state"}
+        dump_toml(path, {"partner": partner, "data": data, "privacy": privacy})
+        configs[name], ports[name] = path, _free_port()
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    federation = tmp_path / "server" / "federation.toml"
+    dump_toml(
+        federation,
+        {
+            "server": {"host": "127.0.0.1", "port": port, "run_dir": str(run_dir), "credentials": "credentials",
+                       "app": str(REPO), "expected_partners": PARTNERS, "wait_timeout": 150.0},
+            # The SuperLink reports a dead node within 60 s (two missed heartbeats); round_timeout is the backstop.
+            "federation": {"rounds": 2, "min_partners": 8, "round_timeout": 300.0, "seed": 2, "personas": 0},
+            "model": {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1},
+            "training": {"local_epochs": 1, "batch_size": 32},
+            "partners": [{"name": n, "public_key": str(keys[n].public_key)} for n in names],
+        },
+    )  # fmt: skip
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def launch(label: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        with (logs / f"{label}.log").open("ab") as out:
+            procs[label] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        return procs[label]
+
+    def supernode(name: str) -> list[str]:
+        return supernode_command(
+            config=configs[name], superlink=f"127.0.0.1:{port}", ca=creds.ca_cert, key=keys[name].private_key,
+            runtime_port=ports[name], max_wait_time=180, model_key=creds.signing_public_key,
+        )  # fmt: skip
+
+    def wait(predicate: object, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():  # type: ignore[operator]
+            if time.monotonic() > deadline:
+                tails = {p.name: p.read_text()[-1500:] for p in logs.glob("server*.log")}
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; {tails}")
+            time.sleep(0.05)
+
+    settings = PrivacySettings(**privacy)  # type: ignore[arg-type]
+
+    def ledger(name: str) -> list[int]:
+        try:
+            return [e.round for e in PrivacyLedger(configs[name].parent / "state", settings=settings).entries]
+        except Exception:  # caught in the middle of a write: read again
+            return []
+
+    def checkpoint_round() -> int:
+        try:
+            checkpoint = load_checkpoint(run_dir)
+        except Exception:
+            return 0
+        return checkpoint.round if checkpoint is not None else 0
+
+    def kill_family(pid: int) -> None:
+        for member in [pid, *descendants(pid)]:
+            try:
+                os.kill(member, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    cli = [sys.executable, "-m", "fedpersona.cli"]
+    marks: dict[str, float] = {}
+    try:
+        server = launch("server", [*cli, "server", "start", "--config", str(federation)])
+        # A bare SuperNode whose key is not registered yet gives up: start them once all are.
+        wait(lambda: "started run" in (logs / "server.log").read_text() or server.poll() is not None, 120, "the run")
+        for name in names:
+            launch(name, supernode(name))
+        wait(lambda: ledger(VICTIM) == [1], 600, f"{VICTIM} to start round 1")
+        kill_family(procs[VICTIM].pid)  # mid-round, as a power cut would
+        marks["partner killed"] = time.monotonic() - start
+        wait(lambda: checkpoint_round() >= 1, 300, "round 1 to be aggregated")
+        superlink = [pid for pid in descendants(server.pid) if "flower-superlink" in _cmdline(pid)]
+        assert len(superlink) == 1, "no flower-superlink below `server start`"
+        os.kill(superlink[0], signal.SIGKILL)
+        marks["SuperLink killed"] = time.monotonic() - start
+        assert server.wait(timeout=120) == 1
+        assert "restart with --resume" in (logs / "server.log").read_text()
+
+        launch(VICTIM + "-restarted", supernode(VICTIM))  # the same key: the same node
+        resumed = launch("server-resumed", [*cli, "server", "start", "--config", str(federation), "--resume"])
+        wait(lambda: resumed.poll() is not None, LIMIT - (time.monotonic() - start), "the resumed run to finish")
+        marks["run finished"] = time.monotonic() - start
+        resumed_log = (logs / "server-resumed.log").read_text()
+        assert resumed.returncode == 0, resumed_log
+        assert "continuing at round 2" in resumed_log
+
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        keys_seen = [(r["round"], r["partner"]) for r in rows]
+        assert len(keys_seen) == len(set(keys_seen)), "a round was evaluated twice"
+        used = {(r["round"], r["partner"]) for r in rows if r["aggregated"]}
+        # Round 1: the nine survivors; round 2 (after the resume): all ten, the restarted partner included.
+        assert {p for rnd, p in used if rnd == 1} == set(names) - {VICTIM}
+        assert {p for rnd, p in used if rnd == 2} == set(names)
+        # The victim's ledger: round 1 once (paid, never aggregated), then round 2; it continued.
+        assert ledger(VICTIM) == [1, 2]
+        for name in set(names) - {VICTIM}:  # round 1 was never sent again after the resume
+            assert ledger(name).count(1) == 1 and 1 <= ledger(name).count(2) <= 2, (name, ledger(name))
+        entries = PrivacyLedger(configs[VICTIM].parent / "state", settings=settings).entries
+        reported = json.loads((run_dir / "privacy.json").read_text())["partners"][VICTIM]
+        assert reported["epsilon"] == pytest.approx(entries[-1].epsilon_after)
+        assert entries[-1].epsilon_after > entries[0].epsilon_after
+        # Every partner, the restarted one included, holds the signed final model of round 2.
+        public = load_signing_public_key(creds.signing_public_key)
+        for name in names:
+            _, card = verify_model(configs[name].parent / "state" / "model", public_key=public)
+            assert card["rounds"] == 2
+        print({k: round(v) for k, v in marks.items()})
+    finally:
+        for proc in reversed(list(procs.values())):
+            _stop(proc)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
