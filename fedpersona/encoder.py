@@ -9,11 +9,25 @@ obeys them:
 
 - ``adapter`` (scope ``kind``): averaged only among partners of one kind and one schema.
 - ``trunk`` (scope ``global``): averaged over every partner.
-- ``recon_head`` and ``label_head`` (scope ``local``): never leave the partner.
+- ``recon_head``, ``scalar_stats`` and ``label_head`` (scope ``local``): never leave the partner.
+
+**Why the reconstruction is standardised by learned statistics.** Scalars arrive scaled to
+[0, 1] by their public bounds, so a feature whose users spread over a tenth of its declared
+range contributes a hundredth of the squared error of a boolean; left like that, the
+embedding learns the booleans and categories and ignores most numbers, and the personas
+follow the few loud columns. Each scalar's error is therefore divided by its variance over
+the partner's users. That variance is a data-dependent statistic, so it is not computed from
+the table: it is a pair of local parameters per feature (``scalar_stats``: mean and log
+variance) fitted by the same DP-SGD steps as the rest of the model, to the Gaussian
+likelihood of the observed values. Everything they learn passes through per-sample clipping
+and noise and is covered by the DP-SGD ledger entries, they never leave the partner, and the
+weights they give the reconstruction are detached (they scale the loss, they are not trained
+by it). An auditor sees no extra release and no statistic outside the accountant.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +43,7 @@ __all__ = [
     "FeatureAdapter",
     "PersonaEncoder",
     "PersonaTrunk",
+    "ScalarStats",
     "parameter_scope",
     "random_keep",
     "token_presence",
@@ -40,6 +55,7 @@ SCOPES: dict[str, Scope] = {
     "adapter": "kind",
     "trunk": "global",
     "recon_head": "local",
+    "scalar_stats": "local",
     "label_head": "local",
 }
 
@@ -61,6 +77,7 @@ class EncoderConfig:
     hidden: int = 64
     blocks: int = 2
     mask_rate: float = 0.3
+    label_weight: float = 1.0
 
     def __post_init__(self) -> None:
         for key in ("token_dim", "embed_dim", "hidden"):
@@ -71,6 +88,8 @@ class EncoderConfig:
             raise ValueError(f"model.blocks must be an integer >= 0, got {self.blocks!r}")
         if not 0.0 <= self.mask_rate < 1.0:
             raise ValueError(f"model.mask_rate must be in [0, 1), got {self.mask_rate!r}")
+        if not isinstance(self.label_weight, int | float) or not 0.0 <= self.label_weight <= 10.0:
+            raise ValueError(f"model.label_weight must be a number in [0, 10], got {self.label_weight!r}")
 
 
 class FeatureAdapter(nn.Module):
@@ -158,6 +177,36 @@ class PersonaTrunk(nn.Module):
         return F.normalize(z, dim=1)
 
 
+_LOG_VAR_RANGE = (-9.0, 1.0)  # variances of [0, 1] values: from (0.011 sd)^2 to well above 1/4
+
+
+class ScalarStats(nn.Module):
+    """Learned mean and log variance of each [0, 1]-scaled scalar feature (scope: local).
+
+    Two ``nn.Embedding(1, S)`` tables looked up at index 0 for every row, so Opacus has
+    per-sample gradients for them. Initialised to the uniform distribution on [0, 1].
+    """
+
+    def __init__(self, n_scalar: int) -> None:
+        super().__init__()
+        self.mean = nn.Embedding(1, n_scalar)
+        self.log_var = nn.Embedding(1, n_scalar)
+        with torch.no_grad():
+            self.mean.weight.fill_(0.5)
+            self.log_var.weight.fill_(math.log(1.0 / 12.0))
+
+    def forward(self, values: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample Gaussian negative log likelihood of the present values ``(B,)`` (mean
+        over present features) and the per-feature inverse variances ``(B, S)``, detached."""
+        zero = torch.zeros(values.shape[0], dtype=torch.long, device=values.device)
+        mean = self.mean(zero)
+        log_var = self.log_var(zero).clamp(*_LOG_VAR_RANGE)
+        mask = present.to(values.dtype)
+        nll = 0.5 * ((values - mean) ** 2 * torch.exp(-log_var) + log_var)
+        per_sample = (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return per_sample, torch.exp(-log_var).detach()
+
+
 class PersonaEncoder(nn.Module):
     """Adapter + trunk + local heads; owns its self-supervised and label losses."""
 
@@ -178,6 +227,7 @@ class PersonaEncoder(nn.Module):
             if n_scalar + n_cat
             else None
         )
+        self.scalar_stats = ScalarStats(n_scalar) if n_scalar else None
         n_labels = len(layout.label_names)
         self.label_head = nn.Linear(config.embed_dim, n_labels) if n_labels else None
 
@@ -197,30 +247,35 @@ class PersonaEncoder(nn.Module):
         keep = _at_least_one(keep & present)
         z = self.trunk(tokens, keep)
         target = present & ~keep
-        recon, recon_weight = self._reconstruction(z, batch, target)
-        loss = recon / recon_weight.clamp(min=1.0)
+        recon, recon_weight, stats_nll = self._reconstruction(z, batch, target, fit_stats=True)
+        loss = recon / recon_weight.clamp(min=1.0) + stats_nll
         labels = batch["labels"]  # (B, n_labels), NaN = unknown
         if self.label_head is not None:
             known = ~torch.isnan(labels)
             logits = self.label_head(z)
             bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels), reduction="none")
-            loss = loss + (bce * known).sum(1) / known.sum(1).clamp(min=1)
+            loss = loss + self.config.label_weight * (bce * known).sum(1) / known.sum(1).clamp(min=1)
         return loss
 
     def _reconstruction(
-        self, z: torch.Tensor, batch: dict[str, torch.Tensor], target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed per-sample reconstruction loss of hidden scalar and categorical tokens."""
+        self, z: torch.Tensor, batch: dict[str, torch.Tensor], target: torch.Tensor, *, fit_stats: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Summed per-sample reconstruction loss of hidden scalar and categorical tokens, the
+        number of hidden tokens, and (with ``fit_stats``) the scalar statistics' own loss."""
         total = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
         count = torch.zeros_like(total)
+        stats_nll = torch.zeros_like(total)
         if self.recon_head is None:
-            return total, count
+            return total, count, stats_nll
         out = self.recon_head(z)  # (B, S + sum(cards))
         n_scalar = len(self.layout.scalar_names)
-        if n_scalar:
+        if n_scalar and self.scalar_stats is not None:
+            nll, inverse_var = self.scalar_stats(batch["scalar"], batch["scalar_present"])
+            if fit_stats:
+                stats_nll = nll
             pred = torch.sigmoid(out[:, :n_scalar])
             mask = target[:, :n_scalar].to(z.dtype)
-            total = total + (((pred - batch["scalar"]) ** 2) * mask).sum(1)
+            total = total + (((pred - batch["scalar"]) ** 2) * inverse_var * mask).sum(1)
             count = count + mask.sum(1)
         start = n_scalar
         offsets = self.layout.cat_offsets
@@ -228,18 +283,20 @@ class PersonaEncoder(nn.Module):
             logits = out[:, start : start + card]
             code = batch["cat"][:, j] - offsets[j]
             mask = target[:, n_scalar + j].to(z.dtype)
-            ce = F.cross_entropy(logits, code, reduction="none") / max(1.0, float(card)) ** 0.5
+            # Divided by the entropy of a uniform guess, so predicting the marginal costs about
+            # 1, like a standardised scalar.
+            ce = F.cross_entropy(logits, code, reduction="none") / max(1.0, math.log(card))
             total = total + ce * mask
             count = count + mask
             start += card
-        return total, count
+        return total, count, stats_nll
 
     def reconstruction_error(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
         """Per-sample mean reconstruction loss of the hidden features (for evaluation)."""
         tokens, present = self.adapter(batch)
         keep = _at_least_one(keep & present)
         z = self.trunk(tokens, keep)
-        total, count = self._reconstruction(z, batch, present & ~keep)
+        total, count, _ = self._reconstruction(z, batch, present & ~keep)
         return total / count.clamp(min=1.0)
 
     def label_logits(self, z: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from fedpersona.encoder import SCOPES, EncoderConfig, parameter_scope, random_keep, token_presence
+from fedpersona.encoder import (
+    SCOPES,
+    EncoderConfig,
+    ScalarStats,
+    _at_least_one,
+    parameter_scope,
+    random_keep,
+    token_presence,
+)
 from fedpersona.partner import PartnerData, build_model
 
 
@@ -62,3 +72,52 @@ def test_embedding_is_unit_norm_and_handles_missing_tokens(small_data: PartnerDa
 def test_config_validates_its_range() -> None:
     with pytest.raises(ValueError, match="mask_rate must be in"):
         EncoderConfig(mask_rate=1.5)
+    with pytest.raises(ValueError, match="label_weight"):
+        EncoderConfig(label_weight=-1.0)
+
+
+def test_scalar_stats_learn_each_feature_mean_and_variance() -> None:
+    """Fitted by gradient steps alone, the local statistics match numpy's mean and variance
+    of the present values (the missing ones are ignored), feature by feature."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    spread = torch.tensor([0.02, 0.1, 0.3])
+    values = (torch.tensor([0.2, 0.5, 0.6]) + spread * torch.randn(n, 3, generator=gen)).clamp(0, 1)
+    present = torch.rand(n, 3, generator=gen) > 0.2
+    stats = ScalarStats(3)
+    opt = torch.optim.Adam(stats.parameters(), lr=0.05)
+    for _ in range(400):
+        nll, _ = stats(values, present)
+        opt.zero_grad()
+        nll.mean().backward()
+        opt.step()
+    _, inverse_var = stats(values[:1], present[:1])
+    for f in range(3):
+        seen = values[present[:, f], f].double().numpy()
+        assert stats.mean.weight[0, f].item() == pytest.approx(seen.mean(), abs=0.01)
+        assert 1.0 / inverse_var[0, f].item() == pytest.approx(seen.var(), rel=0.15)
+    assert not inverse_var.requires_grad  # the weights scale the loss; the loss does not train them
+
+
+def test_reconstruction_error_is_standardised_by_the_learned_variance(
+    small_data: PartnerData, model_cfg: EncoderConfig
+) -> None:
+    """Halving a feature's learned variance doubles its share of the reconstruction loss."""
+    model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
+    batch = small_data.test.batch(torch.arange(20))
+    present = token_presence(small_data.test.layout, batch)
+    keep = torch.zeros_like(present)
+    keep[:, -1] = True  # hide the scalars (the last token stays visible where present)
+    keep = _at_least_one(keep & present)
+    target = present & ~keep
+    z = model.embed(batch)
+    total, count, _ = model._reconstruction(z, batch, target)
+    assert model.scalar_stats is not None
+    with torch.no_grad():
+        model.scalar_stats.log_var.weight[0, 0] -= math.log(2.0)
+    total2, count2, _ = model._reconstruction(z, batch, target)
+    torch.testing.assert_close(count2, count)
+    out = model.recon_head(z)
+    first = (torch.sigmoid(out[:, 0]) - batch["scalar"][:, 0]) ** 2 * target[:, 0] * 12.0
+    assert first.sum() > 0
+    torch.testing.assert_close(total2 - total, first, rtol=1e-3, atol=1e-5)
