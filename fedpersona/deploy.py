@@ -99,7 +99,11 @@ class ServerNetwork:
     ready_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+        for key in ("host", "run_dir", "credentials", "app"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"server.{key} must be a non-empty string, got {value!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise ConfigError(f"server.port must be an integer in 1..65535, got {self.port!r}")
         if self.expected_partners is not None and (
             not isinstance(self.expected_partners, int) or self.expected_partners < 1
@@ -118,6 +122,14 @@ class PartnerEntry:
     name: str
     public_key: str
     kind: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("name", "public_key"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"partners.{key} must be a non-empty string, got {value!r}")
+        if self.kind is not None and not isinstance(self.kind, str):
+            raise ConfigError(f"partners.kind must be a string, got {self.kind!r}")
 
 
 @dataclass(frozen=True)

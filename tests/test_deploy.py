@@ -68,6 +68,9 @@ def test_federation_paths_are_relative_to_the_file(tmp_path: Path) -> None:
         ({"server": {"port": 70000}}, "server.port must be"),
         ({"server": {"expected_partners": 2}}, "only 1 \\[\\[partners\\]\\]"),
         ({"partners": [{"name": "a", "public_key": "a.pub", "colour": "red"}]}, r"partners #1\.colour"),
+        ({"server": {"run_dir": 7}}, "server.run_dir must be a non-empty string, got 7"),
+        ({"server": {"credentials": ["a"]}}, "server.credentials must be a non-empty string"),
+        ({"partners": [{"name": "a", "public_key": 3}]}, "partners.public_key must be a non-empty string, got 3"),
     ],
 )
 def test_bad_federation_files_are_config_errors(tmp_path: Path, edit: dict, message: str) -> None:

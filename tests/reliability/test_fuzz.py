@@ -380,12 +380,6 @@ FEDERATION_EXTRA = [("server", "expected_partners"), ("federation", "robust_aggr
                     ("federation", "max_update_norm"), ("partners", 0, "typo"), ("partners",)]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="known bug in deploy.load_federation_config (not owned here): a non-string server.run_dir, "
-    "server.credentials, server.app or partners.public_key raises TypeError instead of ConfigError",
-)
 @settings(FAST, report_multiple_bugs=False)
 @given(doc=mutated(FEDERATION, FEDERATION_EXTRA))
 def test_federation_config_loader_on_generated_documents(doc: dict[str, Any]) -> None:
