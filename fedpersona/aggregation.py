@@ -15,7 +15,9 @@ FedAvg (``lr = 1`` replaces them), FedAdam (Reddi et al., 2021, on the pseudo-gr
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -101,12 +103,58 @@ class ScopedAggregator:
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ConfigError(f"federation.max_update_norm must be > 0, got {self.max_update_norm!r}")
 
-    def screen(self, upd: PartnerUpdate) -> list[str]:
+    def screen_round(self, updates: list[PartnerUpdate]) -> list[list[str]]:
+        """:meth:`screen` for one round's replies together, in order.
+
+        A slot that has no global adapter yet (its first round) has no reference for the
+        adapter's shapes and norm, so its replies are checked against each other: the
+        shapes and dtypes that a strict majority of the slot's replies agree on are the
+        reference (without such a majority every reply of the slot is refused), and the
+        coordinate-wise median of those replies stands in for the global adapter. Partners
+        of a slot start from the same public initialisation (``partner.build_model``), so an
+        honest reply lies within ``max_update_norm`` of it and, as long as honest replies are
+        the majority, every coordinate of the median lies between honest values; the adapter
+        part of the distance to the median is therefore counted at half weight (the triangle
+        inequality's factor of two). A slot with a single partner has only itself to compare
+        with: its shapes and values are still checked for dtype and finiteness.
+        """
+        provisional: dict[str, dict[str, np.ndarray] | None] = {}
+        by_slot: dict[str, list[PartnerUpdate]] = {}
+        for upd in updates:
+            if upd.slot is not None and upd.slot not in self.adapters:
+                by_slot.setdefault(upd.slot, []).append(upd)
+        for slot, group in by_slot.items():
+            signatures = [_adapter_signature(u) for u in group]
+            best, count = Counter(signatures).most_common(1)[0]
+            members = [
+                u
+                for u, sig in zip(group, signatures, strict=True)
+                if sig == best and all(np.all(np.isfinite(np.asarray(u.arrays[n]))) for n, _, _ in sig)
+            ]
+            if 2 * count <= len(group) or not members:
+                provisional[slot] = None
+                continue
+            provisional[slot] = {
+                name: np.median(np.stack([np.asarray(u.arrays[name]) for u in members]), axis=0).astype(dtype)
+                for name, _, dtype in best
+            }
+        results = []
+        for upd in updates:
+            if upd.slot in provisional and provisional[upd.slot] is None:
+                results.append([f"no majority of slot {upd.slot}'s first replies agrees on the adapter's shapes"])
+            else:
+                results.append(self.screen(upd, provisional=provisional.get(upd.slot) if upd.slot else None))
+        return results
+
+    def screen(self, upd: PartnerUpdate, *, provisional: dict[str, np.ndarray] | None = None) -> list[str]:
         """Why a reply must not be aggregated: unknown or local keys, wrong shapes or dtypes,
         non-finite values, or an update (reply minus current global) above ``max_update_norm``.
-        An empty list means the reply is fine."""
+        An empty list means the reply is fine. ``provisional`` stands in for a slot's adapter
+        that does not exist yet (see :meth:`screen_round`)."""
         problems: list[str] = []
         reference = self.arrays_for(upd.slot)
+        if provisional is not None and upd.slot not in self.adapters:
+            reference.update(provisional)
         squared = 0.0
         for name, value in upd.arrays.items():
             try:
@@ -122,7 +170,7 @@ class ScopedAggregator:
                 continue
             array = np.asarray(value)
             ref = reference.get(name)
-            if ref is None and (self.trunk if scope == "global" else upd.slot in self.adapters):
+            if ref is None and (self.trunk if scope == "global" else upd.slot in self.adapters or provisional):
                 problems.append(f"unknown key '{name}' (not in the global model)")
                 continue
             if array.dtype.kind != "f" or (ref is not None and array.dtype != ref.dtype):
@@ -137,7 +185,8 @@ class ScopedAggregator:
                     problems.append(f"'{name}' has shape {array.shape}, the global model {ref.shape}")
                     continue
                 with np.errstate(over="ignore"):  # a huge update has an infinite norm: rejected below
-                    squared += float(np.sum((array.astype(np.float64) - ref) ** 2))
+                    distance = float(np.sum((array.astype(np.float64) - ref) ** 2))
+                squared += distance / 4.0 if provisional is not None and scope == "kind" else distance
         for part, keys in (("trunk", self.trunk), ("adapter", reference.keys() - self.trunk.keys())):
             missing = sorted(k for k in keys if k not in upd.arrays)
             if missing:
@@ -263,3 +312,17 @@ class ScopedAggregator:
         v = self.beta2 * v + (1 - self.beta2) * delta**2
         self.moments[key] = (m, v)
         return (current + self.lr * m / (np.sqrt(v) + self.tau)).astype(current.dtype)
+
+
+def _adapter_signature(upd: PartnerUpdate) -> tuple[tuple[str, tuple[int, ...], np.dtype[Any]], ...]:
+    """The names, shapes and dtypes of a reply's adapter (scope ``kind``) arrays."""
+    out = []
+    for name, value in upd.arrays.items():
+        try:
+            scope = parameter_scope(name)
+        except KeyError:
+            continue
+        if scope == "kind":
+            array = np.asarray(value)
+            out.append((name, tuple(array.shape), array.dtype))
+    return tuple(sorted(out, key=lambda item: item[0]))

@@ -587,20 +587,38 @@ def _train_plain(
     fed: FederationSettings,
 ) -> list[PartnerUpdate]:
     contents = _model_messages(aggregator, active, config, rnd)
-    updates: list[PartnerUpdate] = []
+    received: list[tuple[_Partner, PartnerUpdate]] = []
     for p, reply in _exchange(grid, "train", contents, str(rnd), fed.round_timeout, partners):
         if reply.has_error():
             _failed(p, reply, rnd)
             continue
+        missing = [
+            name
+            for name, records in (("arrays", reply.content.array_records), ("metrics", reply.content.metric_records))
+            if name not in list(records.keys())
+        ]
+        if missing:
+            # A malformed reply drops its sender, never the federation.
+            p.active = False
+            p.dropped_reason = f"reply rejected: no '{', '.join(missing)}' record"
+            logger.warning("round %d: rejected the reply of %s: %s", rnd, p.info["name"], p.dropped_reason)
+            continue
         _trained(p, reply, rnd)
-        update = PartnerUpdate(
-            partner=p.info["name"],
-            slot=p.slot,
-            arrays=arrays_of(reply),
-            num_examples=int(p.info["train_rows"]),
-            kind=str(p.info["kind"]),
+        received.append(
+            (
+                p,
+                PartnerUpdate(
+                    partner=p.info["name"],
+                    slot=p.slot,
+                    arrays=arrays_of(reply),
+                    num_examples=int(p.info["train_rows"]),
+                    kind=str(p.info["kind"]),
+                ),
+            )
         )
-        problems = aggregator.screen(update)
+    # Screened together: a slot's first replies are checked against each other.
+    updates: list[PartnerUpdate] = []
+    for (p, update), problems in zip(received, aggregator.screen_round([u for _, u in received]), strict=True):
         if problems:
             # A broken or hostile reply never reaches the global model; its sender is dropped.
             p.active = False
