@@ -29,7 +29,7 @@ import pytest
 from fedpersona.artifacts import ArtifactError, verify_model
 from fedpersona.certs import init_federation, load_signing_public_key, partner_keys
 from fedpersona.config import dump_toml
-from fedpersona.deploy import load_federation_config, supernode_command
+from fedpersona.deploy import supernode_command
 from fedpersona.processes import alive, descendants
 from fedpersona.registry import RegistryError, fetch_model
 
@@ -291,89 +291,3 @@ def test_server_start_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert again.returncode == 2 and "--resume" in again.stderr
     finally:
         _stop(proc)
-
-
-def test_a_supernode_rides_through_a_superlink_restart(tmp_path: Path) -> None:
-    """SuperLink state (registrations) lives in its database; a partner reconnects by itself."""
-    from fedpersona.deploy import CONNECTION, _flwr_json, _write_flwr_home, superlink_command
-    from fedpersona.processes import ProcessSupervisor
-
-    creds = init_federation(out=tmp_path / "credentials", hosts=["localhost"])
-    key = partner_keys("shop-1", out=tmp_path / "keys")
-    port = _free_port()
-    dump_toml(
-        tmp_path / "federation.toml",
-        {
-            "server": {"host": "127.0.0.1", "port": port, "run_dir": "run", "app": str(REPO), "expected_partners": 1},
-            "partners": [{"name": "shop-1", "public_key": str(key.public_key)}],
-        },
-    )
-    cfg = load_federation_config(tmp_path / "federation.toml")
-    cfg.run_dir.mkdir()
-    home = cfg.run_dir / "flwr-home"
-    _write_flwr_home(home, address=f"127.0.0.1:{port}", ca=creds.ca_cert)
-    client = _client_toml(tmp_path / "clients", "shop-1", "ecommerce")
-    supernode_log = client.parent / "state" / "logs" / "supernode.log"
-    link_log = cfg.run_dir / "logs" / "superlink.log"
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    supervisor = ProcessSupervisor()
-    partner: subprocess.Popen[bytes] | None = None
-
-    def wait_for(predicate: object, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():  # type: ignore[operator]
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(1.0)
-
-    def port_open() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            return False
-
-    try:
-        link = supervisor.start(superlink_command(cfg), log=link_log)
-        wait_for(port_open, 60, "the SuperLink")
-        registered: dict = {}
-        wait_for(
-            lambda: registered.update(
-                _flwr_json(["supernode", "register", str(key.public_key), CONNECTION], flwr_home=home)
-            ) or registered.get("success"),
-            60,
-            "the registration",
-        )  # fmt: skip
-        node_id = registered["node-id"]
-        with (tmp_path / "partner.log").open("wb") as out:
-            partner = subprocess.Popen(
-                [
-                    sys.executable, "-m", "fedpersona.cli", "partner", "start", "--config", str(client),
-                    "--superlink", f"127.0.0.1:{port}", "--ca", str(creds.ca_cert), "--key", str(key.private_key),
-                    "--runtime-port", str(_free_port()), "--max-wait-time", "120", "--max-restarts", "0",
-                ],
-                stdout=out, stderr=subprocess.STDOUT, env=env,
-            )  # fmt: skip
-        wait_for(lambda: f"Activated node_id={node_id}" in link_log.read_text(), 90, "the SuperNode to join")
-
-        reconnects = supernode_log.read_text().count("Connection successful after")
-        supervisor.stop(link)  # the SuperLink goes away ...
-        assert not port_open()
-        supervisor.start(superlink_command(cfg), log=link_log)  # ... and comes back on the same database
-        wait_for(
-            lambda: supernode_log.read_text().count("Connection successful after") > reconnects, 90, "the reconnection"
-        )
-        assert partner.poll() is None  # flower-supernode rode through; fedpersona did not restart it
-
-        partner.send_signal(signal.SIGTERM)
-        assert partner.wait(timeout=30) == 130
-
-        def restarted() -> str:  # the log of the second SuperLink only
-            return link_log.read_text().rsplit("flower-superlink --ssl-ca-certfile", 1)[1]
-
-        # The restarted SuperLink still knew the node: it deactivated it without a new registration.
-        wait_for(lambda: f"Deactivated node_id={node_id}" in restarted(), 30, "the node to sign off")
-        assert "register-node" not in restarted()
-    finally:
-        if partner is not None:
-            _stop(partner)
-        supervisor.stop_all()

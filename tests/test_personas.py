@@ -260,10 +260,10 @@ PRIMARY = [
     ("finance/schema.toml", "finance/credit_card_default_taiwan.csv"),
     ("health/schema.toml", "health/cdc_diabetes_5050.csv.gz"),
 ]
-# Measured below the 0.85 goal (k = 4, depth 3, 3000 rows; see the issue #4 notes): the test
-# records the shortfall instead of hiding it and FAILS once a kind reaches the goal, so that
-# this list is kept honest. Every kind must still beat the majority-persona baseline widely.
-KNOWN_SHORT = {"ecommerce": 0.652, "health": 0.846}  # measured fidelities (finance: 0.866)
+# Measured below the 0.85 goal (k = 4, depth 3, 3000 rows): the test records the shortfall
+# instead of hiding it and FAILS once a kind reaches the goal, so that this list is kept
+# honest. Every kind must still beat the majority-persona baseline widely.
+KNOWN_SHORT = {"ecommerce": 0.839, "health": 0.738}  # measured fidelities (finance: 0.929)
 
 
 @pytest.mark.parametrize(("schema_file", "data_file"), PRIMARY)
@@ -301,7 +301,9 @@ def test_surrogate_fidelity_on_primary_real_data(schema_file: str, data_file: st
     cards = persona_cards(table, assignments.astype(np.int64), k=k, rng=np.random.default_rng(1), max_depth=3)
     fidelity = cards[0].fidelity
     majority = np.bincount(assignments, minlength=k).max() / len(assignments)
-    assert fidelity >= majority + 0.2, (fidelity, majority)  # the tree explains far more than the mode
+    # The tree explains far more than the mode: it makes at most half the mode's errors.
+    assert 1.0 - fidelity <= 0.5 * (1.0 - majority), (fidelity, majority)
+    print(f"{schema.kind}: fidelity {fidelity:.3f}, majority persona {majority:.3f}")
     kind = schema.kind
     if kind in KNOWN_SHORT:
         assert fidelity < 0.85, f"{kind} now reaches {fidelity:.3f}: remove it from KNOWN_SHORT"

@@ -304,6 +304,10 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         for name in names:
             _, card = verify_model(configs[name].parent / "state" / "model", public_key=public)
             assert card["rounds"] == 2
+        # The nine other SuperNodes rode through the SuperLink's death by themselves: nobody
+        # restarted them, and the resumed run found them again.
+        for name in set(names) - {VICTIM}:
+            assert procs[name].poll() is None, f"{name}'s flower-supernode exited"
         print({k: round(v) for k, v in marks.items()})
     finally:
         for proc in reversed(list(procs.values())):
