@@ -52,7 +52,7 @@ VERSION = 1
 _META = "__meta__"
 _PROTOTYPES = "__prototypes__"
 # Operational settings that may change between a crash and its resume without changing the run.
-_OPERATIONAL = {"federation": ("round_timeout",), "training": ("device",)}
+_OPERATIONAL = {"federation": ("round_timeout", "evaluate_every"), "training": ("device",)}
 
 
 class CheckpointError(ConfigError):
@@ -207,7 +207,7 @@ def load_checkpoint(run_dir: str | Path, *, settings: tuple[Any, Any, Any] | Non
             raise CheckpointError(
                 f"{path} was written by a federation with other settings: {'; '.join(differences)}. The "
                 "federation, model and training settings must be unchanged to resume (only "
-                "federation.round_timeout and training.device may differ); restore the configuration "
-                "of the run or start a new run folder"
+                "federation.round_timeout, federation.evaluate_every and training.device may differ); "
+                "restore the configuration of the run or start a new run folder"
             )
     return checkpoint

@@ -61,6 +61,7 @@ class FederationSettings:
     kmeans_noise: float = 10.0
     seed: int = 0
     round_timeout: float = 600.0
+    evaluate_every: int = 1
     secure_aggregation: bool = False
     secagg_threshold: int = 2
     secagg_clipping_range: float = 8.0
@@ -73,6 +74,11 @@ class FederationSettings:
             raise ConfigError(f"federation.min_partners must be an integer >= 1, got {self.min_partners!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"federation.seed must be an integer, got {self.seed!r}")
+        if isinstance(self.evaluate_every, bool) or not isinstance(self.evaluate_every, int) or self.evaluate_every < 1:
+            raise ConfigError(
+                f"federation.evaluate_every must be an integer >= 1 (the last round is always evaluated), "
+                f"got {self.evaluate_every!r}"
+            )
         if isinstance(self.personas, bool) or not isinstance(self.personas, int) or self.personas < 0:
             raise ConfigError(f"federation.personas must be an integer >= 0 (0 = no clustering), got {self.personas!r}")
         if isinstance(self.kmeans_rounds, bool) or not isinstance(self.kmeans_rounds, int) or self.kmeans_rounds < 1:

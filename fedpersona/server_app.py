@@ -463,10 +463,14 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         if on_round is not None:
             on_round(rnd, rows)
 
+    def due(rnd: int) -> bool:
+        """Evaluation costs every partner a message: every ``evaluate_every``-th round and the last."""
+        return rnd == fed.rounds or rnd % fed.evaluate_every == 0
+
     completed = checkpoint.round
     rounds_run: list[int] = []
     aborted = ""
-    if checkpoint.stage == "train" and completed and not checkpoint.evaluated:
+    if checkpoint.stage == "train" and completed and not checkpoint.evaluated and due(completed):
         evaluate(completed, set(checkpoint.extra.get("aggregated", [])))  # the crash came before it
     first = completed + 1 if checkpoint.stage == "train" else fed.rounds + 1
     for rnd in range(first, fed.rounds + 1):
@@ -497,7 +501,8 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         completed = rnd
         rounds_run.append(rnd)
         save(stage="train", round=rnd, evaluated=False, extra={**checkpoint.extra, "aggregated": sorted(used)})
-        evaluate(rnd, used)
+        if due(rnd):
+            evaluate(rnd, used)
     personas: dict[str, Any] | None = checkpoint.personas
     if clustering and completed and checkpoint.stage in ("train", "kmeans"):
         personas = _cluster_personas(

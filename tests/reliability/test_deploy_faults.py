@@ -125,6 +125,14 @@ def test_a_partner_that_comes_back_rejoins_with_the_current_model(tmp_path: Path
     assert [h[0] for h in privacy["epsilon_history"]] == [2, 3]
 
 
+def test_evaluate_every_asks_for_evaluations_only_on_its_rounds_and_the_last(tmp_path: Path) -> None:
+    grid = FakeGrid(_partners())
+    result = run_federation(grid, _settings(tmp_path, rounds=5, evaluate_every=2))  # type: ignore[arg-type]
+    assert result.rounds_run == [1, 2, 3, 4, 5]
+    assert sorted({group for kind, group, _ in grid.sent if kind == "evaluate"}) == ["2", "4", "5"]
+    assert sorted({r["round"] for r in _rows(tmp_path)}) == [2, 4, 5]
+
+
 def test_a_partner_that_refused_for_its_budget_stays_out(tmp_path: Path) -> None:
     from flwr.app import Error
 
@@ -205,7 +213,9 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
             "server": {"host": "127.0.0.1", "port": port, "run_dir": str(run_dir), "credentials": "credentials",
                        "app": str(REPO), "expected_partners": PARTNERS, "wait_timeout": 150.0},
             # The SuperLink reports a dead node within 60 s (two missed heartbeats); round_timeout is the backstop.
-            "federation": {"rounds": 2, "min_partners": 8, "round_timeout": 300.0, "seed": 2, "personas": 0},
+            # Evaluated after round 2 only: round 1's aggregated partners are read from the checkpoint.
+            "federation": {"rounds": 2, "min_partners": 8, "round_timeout": 300.0, "seed": 2, "personas": 0,
+                           "evaluate_every": 2},
             "model": {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1},
             "training": {"local_epochs": 1, "batch_size": 32},
             "partners": [{"name": n, "public_key": str(keys[n].public_key)} for n in names],
@@ -269,6 +279,9 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         kill_family(procs[VICTIM].pid)  # mid-round, as a power cut would
         marks["partner killed"] = time.monotonic() - start
         wait(lambda: checkpoint_round() >= 1, 300, "round 1 to be aggregated")
+        first_round = load_checkpoint(run_dir)
+        assert first_round is not None and first_round.round == 1
+        round_one = set(first_round.extra["aggregated"])
         superlink = [pid for pid in descendants(server.pid) if "flower-superlink" in _cmdline(pid)]
         assert len(superlink) == 1, "no flower-superlink below `server start`"
         os.kill(superlink[0], signal.SIGKILL)
@@ -289,7 +302,8 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         assert len(keys_seen) == len(set(keys_seen)), "a round was evaluated twice"
         used = {(r["round"], r["partner"]) for r in rows if r["aggregated"]}
         # Round 1: the nine survivors; round 2 (after the resume): all ten, the restarted partner included.
-        assert {p for rnd, p in used if rnd == 1} == set(names) - {VICTIM}
+        assert round_one == set(names) - {VICTIM}
+        assert {rnd for rnd, _ in keys_seen} == {2}  # evaluate_every = 2: only the last round
         assert {p for rnd, p in used if rnd == 2} == set(names)
         # The victim's ledger: round 1 once (paid, never aggregated), then round 2; it continued.
         assert ledger(VICTIM) == [1, 2]
