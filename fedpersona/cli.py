@@ -185,6 +185,11 @@ def infer(
     out: Path = typer.Option(..., help="Output .csv or .parquet (user id, persona, probabilities)."),
     public_key: Path | None = typer.Option(None, help="The federation's model-signing public key (PEM)."),
     token_file: Path | None = typer.Option(None, help="Bearer token for the registry."),
+    ca: Path | None = typer.Option(
+        None,
+        help="CA that certifies an https registry (default: credentials/ca.pem next to client.toml, "
+        "when present; otherwise the system's CAs).",
+    ),
     chunk_rows: int = typer.Option(100_000, min=1, help="Rows read and written per chunk."),
     embedding: bool = typer.Option(False, help="Also write each user's embedding."),
 ) -> None:
@@ -214,7 +219,13 @@ def infer(
         if public_key is None:
             raise FedPersonaError("--public-key is required to verify a model downloaded from a registry")
         token = token_file.read_text().strip() if token_file else None
-        folder = fetch_model(model, public_key=public_key, cache_dir=Path(cfg.state_dir) / "models", token=token).path
+        if ca is None and (config.parent / "credentials" / "ca.pem").is_file():
+            ca = config.parent / "credentials" / "ca.pem"  # the federation's CA signs its registry too
+        if ca is not None and not ca.is_file():
+            raise FedPersonaError(f"--ca {ca}: no such file (the federation's CA certificate, PEM)")
+        folder = fetch_model(
+            model, public_key=public_key, cache_dir=Path(cfg.state_dir) / "models", token=token, ca=ca
+        ).path
     else:
         folder = Path(model)
     arrays, card = verify_model(folder, public_key=key_bytes)
