@@ -226,6 +226,31 @@ def test_deployment_on_loopback(tmp_path: Path) -> None:
         served, _ = verify_model(run_dir / "model", public_key=public)
         assert arrays.keys() == served.keys()
 
+        # The partner's own command: `fedpersona infer --model https://...`, trusting the federation's CA.
+        import numpy as np
+
+        from fedpersona.synthetic import generate_frame
+
+        users = tmp_path / "users.csv"
+        generate_frame("health", 50, rng=np.random.default_rng(5))[0].to_csv(users, index=False)
+        clinic = next(name for name, kind in KINDS.items() if kind == "health")
+        out = tmp_path / "personas-from-registry.csv"
+        done = subprocess.run(
+            [
+                *cli, "infer", "--model", url, "--config", str(configs[clinic]), "--data", str(users),
+                "--out", str(out), "--public-key", str(creds.signing_public_key), "--token-file", str(token),
+                "--ca", str(creds.ca_cert),
+            ],
+            capture_output=True, text=True, env=env, timeout=180, check=False,
+        )  # fmt: skip
+        # It downloaded the model over TLS, verified it and cached it; this run clustered no
+        # personas (personas = 0 keeps the test short), which infer then says in one line.
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "the model carries no persona prototypes" in done.stderr
+        cached = [p for p in (configs[clinic].parent / "state" / "models").iterdir() if p.is_dir()]
+        assert len(cached) == 1 and verify_model(cached[0], public_key=public)[1]["rounds"] == 2
+        assert not out.exists()  # nothing half-written
+
         # A modified artifact on the server is refused by a partner that has not cached it yet.
         weights = run_dir / "model" / "weights.npz"
         data = bytearray(weights.read_bytes())
