@@ -9,13 +9,18 @@ Two levels:
   survivors' replies (the end-to-end test cannot see the replies, which never leave the server).
   A dead node answers as the SuperLink does for a node without heartbeats (an error reply from
   the SuperLink's node id); a killed partner that was already charged sends no reply at all.
-- **Real processes** (slow): flower-superlink with TLS and node authentication, ten
-  flower-supernodes on loopback; one partner's SuperNode and everything below it is killed with
-  SIGKILL while it trains round 1 (after its ledger charged the round), and restarted with the
-  same key by ``fedpersona partner start``. Round 1 completes with the nine survivors once
-  ``round_timeout`` passes, round 2 includes the restarted partner with the current global
-  model, and its ledger holds exactly the rounds it started: round 1 (paid, never aggregated)
-  and round 2.
+- **Real processes** (slow): the deployment of ``server/README.md`` and ``clients/README.md``
+  on loopback: flower-superlink with TLS and node authentication, ten partners (three started
+  with ``fedpersona partner start``, seven as bare flower-supernodes) plus two rogue nodes (a
+  registered key that trusts another CA, and a key nobody registered) that never join. One
+  partner's SuperNode and everything below it is killed with SIGKILL while it trains round 1
+  (after its ledger charged the round); round 1 completes with the nine survivors. The
+  SuperLink is then killed, the partner restarted with the same key and the run resumed from
+  the server's checkpoint; round 2 includes all ten, and the victim's ledger holds exactly the
+  rounds it started: round 1 (paid, never aggregated) and round 2. Afterwards the signed model
+  is served by ``fedpersona serve`` (HTTPS, bearer token), fetched by ``fedpersona infer
+  --model https://...`` trusting the federation's CA, a modified artifact is refused, and
+  SIGTERM to ``partner start`` stops its SuperNode and every process below it.
 """
 
 from __future__ import annotations
@@ -160,6 +165,8 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PARTNERS = 10
 VICTIM = "shop-3"  # a health partner (kinds rotate)
+PARTNER_START = ("shop-1", "shop-2", "shop-6")  # one per kind, started as the runbook says
+ROGUES = {"rogue-wrong-ca": "finance", "rogue-unlisted": "health"}
 # About four minutes on an idle two-core machine; the bounds leave room for a loaded one.
 LIMIT = 1200.0
 
@@ -174,19 +181,26 @@ def _tools_missing() -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_tools_missing()), reason="Flower executables not installed")
-def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path: Path) -> None:
+def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_superlink(tmp_path: Path) -> None:
     """Ten SuperNodes, two rounds. One partner's SuperNode (and everything below it) is killed
     with SIGKILL while it trains round 1, after its ledger charged the round; round 1 completes
     with the nine survivors once the SuperLink reports the node unavailable. Then the SuperLink
     itself is killed with SIGKILL after round 1's checkpoint; the partner is restarted with the
     same key, ``server start --resume`` continues at round 2 with all ten, and every partner
-    ends with the signed final model. Every wait is bounded; every process is stopped."""
+    ends with the signed final model. Two rogue nodes never join. The model is then served,
+    fetched by the partner's ``fedpersona infer`` over TLS, and a tampered copy refused.
+    Every wait is bounded; every process is stopped."""
+    import socket
+
+    from fedpersona.artifacts import ArtifactError
     from fedpersona.certs import init_federation, load_signing_public_key, partner_keys
     from fedpersona.checkpoint import load_checkpoint
     from fedpersona.config import dump_toml
     from fedpersona.deploy import supernode_command
     from fedpersona.privacy import PrivacyLedger, PrivacySettings
-    from fedpersona.processes import descendants
+    from fedpersona.processes import alive, descendants
+    from fedpersona.registry import RegistryError, fetch_model
+    from fedpersona.synthetic import generate_frame
     from tests.test_deployment import _free_port, _stop
 
     start = time.monotonic()
@@ -202,7 +216,17 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         # The victim trains longer (more rows), so that the kill lands inside its round.
         data = {"synthetic_rows": 1500 if name == VICTIM else 120, "synthetic_seed": i}
         partner = {"name": name, "kind": kinds[i % 3], "state_dir": "state"}
-        dump_toml(path, {"partner": partner, "data": data, "privacy": privacy})
+        dump_toml(path, {"partner": partner, "data": data, "privacy": privacy, "release": {"audit_log": True}})
+        configs[name], ports[name] = path, _free_port()
+    # rogue-wrong-ca is registered (its key is listed) but trusts another CA; rogue-unlisted
+    # presents a key the SuperLink has never seen. Neither may ever receive work.
+    other_ca = init_federation(out=tmp_path / "elsewhere", hosts=["localhost"])
+    for name, kind in ROGUES.items():
+        keys[name] = partner_keys(name, out=tmp_path / "keys")
+        path = tmp_path / "clients" / name / "client.toml"
+        path.parent.mkdir(parents=True)
+        dump_toml(path, {"partner": {"name": name, "kind": kind, "state_dir": "state"},
+                         "data": {"synthetic_rows": 120, "synthetic_seed": 99}, "privacy": privacy})  # fmt: skip
         configs[name], ports[name] = path, _free_port()
     port = _free_port()
     run_dir = tmp_path / "run"
@@ -218,10 +242,11 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
                            "evaluate_every": 2},
             "model": {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1},
             "training": {"local_epochs": 1, "batch_size": 32},
-            "partners": [{"name": n, "public_key": str(keys[n].public_key)} for n in names],
+            "partners": [{"name": n, "public_key": str(keys[n].public_key)} for n in [*names, "rogue-wrong-ca"]],
         },
     )  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cli = [sys.executable, "-m", "fedpersona.cli"]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -236,6 +261,16 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
             config=configs[name], superlink=f"127.0.0.1:{port}", ca=creds.ca_cert, key=keys[name].private_key,
             runtime_port=ports[name], max_wait_time=180, model_key=creds.signing_public_key,
         )  # fmt: skip
+
+    def partner_start(name: str) -> list[str]:  # the partner's runbook command
+        return [
+            *cli, "partner", "start", "--config", str(configs[name]), "--superlink", f"127.0.0.1:{port}",
+            "--ca", str(creds.ca_cert), "--key", str(keys[name].private_key), "--runtime-port", str(ports[name]),
+            "--max-wait-time", "180", "--max-restarts", "3", "--model-key", str(creds.signing_public_key),
+        ]  # fmt: skip
+
+    def supernode_pids(name: str) -> list[int]:
+        return [pid for pid in [procs[name].pid, *descendants(procs[name].pid)] if "flower-supernode" in _cmdline(pid)]
 
     def wait(predicate: object, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -267,14 +302,17 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
             except ProcessLookupError:
                 pass
 
-    cli = [sys.executable, "-m", "fedpersona.cli"]
     marks: dict[str, float] = {}
     try:
         server = launch("server", [*cli, "server", "start", "--config", str(federation)])
         # A bare SuperNode whose key is not registered yet gives up: start them once all are.
         wait(lambda: "started run" in (logs / "server.log").read_text() or server.poll() is not None, 120, "the run")
         for name in names:
-            launch(name, supernode(name))
+            launch(name, partner_start(name) if name in PARTNER_START else supernode(name))
+        for rogue, ca in (("rogue-wrong-ca", other_ca.ca_cert), ("rogue-unlisted", creds.ca_cert)):
+            launch(rogue, supernode_command(
+                config=configs[rogue], superlink=f"127.0.0.1:{port}", ca=ca, key=keys[rogue].private_key,
+                runtime_port=ports[rogue], max_wait_time=60))  # fmt: skip
         wait(lambda: ledger(VICTIM) == [1], 600, f"{VICTIM} to start round 1")
         kill_family(procs[VICTIM].pid)  # mid-round, as a power cut would
         marks["partner killed"] = time.monotonic() - start
@@ -284,6 +322,8 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         round_one = set(first_round.extra["aggregated"])
         superlink = [pid for pid in descendants(server.pid) if "flower-superlink" in _cmdline(pid)]
         assert len(superlink) == 1, "no flower-superlink below `server start`"
+        started_supernodes = {name: supernode_pids(name) for name in PARTNER_START}
+        assert all(len(pids) == 1 for pids in started_supernodes.values()), started_supernodes
         os.kill(superlink[0], signal.SIGKILL)
         marks["SuperLink killed"] = time.monotonic() - start
         assert server.wait(timeout=120) == 1
@@ -310,7 +350,11 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         for name in set(names) - {VICTIM}:  # round 1 was never sent again after the resume
             assert ledger(name).count(1) == 1 and 1 <= ledger(name).count(2) <= 2, (name, ledger(name))
         entries = PrivacyLedger(configs[VICTIM].parent / "state", settings=settings).entries
-        reported = json.loads((run_dir / "privacy.json").read_text())["partners"][VICTIM]
+        spent = json.loads((run_dir / "privacy.json").read_text())["partners"]
+        assert set(spent) == set(names) and all(0 < p["epsilon"] <= 5.0 for p in spent.values())
+        reported = spent[VICTIM]
+        for name in names:  # each partner's ledger and audit log are on its own disk
+            assert (configs[name].parent / "state" / "audit.jsonl").exists()
         assert reported["epsilon"] == pytest.approx(entries[-1].epsilon_after)
         assert entries[-1].epsilon_after > entries[0].epsilon_after
         # Every partner, the restarted one included, holds the signed final model of round 2.
@@ -322,6 +366,79 @@ def test_ten_supernodes_survive_a_killed_partner_and_a_killed_superlink(tmp_path
         # restarted them, and the resumed run found them again.
         for name in set(names) - {VICTIM}:
             assert procs[name].poll() is None, f"{name}'s flower-supernode exited"
+        for name, pids in started_supernodes.items():  # `partner start` did not need to restart them
+            assert supernode_pids(name) == pids, f"{name}: its flower-supernode was restarted"
+
+        # The rogues never received work; each was refused for its own reason.
+        for rogue in ROGUES:
+            assert not (configs[rogue].parent / "state" / "ledger.jsonl").exists()
+        assert "CERTIFICATE_VERIFY_FAILED" in (logs / "rogue-wrong-ca.log").read_text()
+        assert "No SuperNode found with the given public key" in (run_dir / "logs" / "superlink.log").read_text()
+        assert "Failed to activate SuperNode" in (logs / "rogue-unlisted.log").read_text()
+        # The bundles Flower installs stay in the run folder and the partners' state folders.
+        assert list((run_dir / "flwr-home" / "apps").iterdir())
+        assert all(list((configs[n].parent / "state" / "flwr-home" / "apps").iterdir()) for n in PARTNER_START)
+
+        # The model is served over HTTPS with a token (server runbook step 7) ...
+        token = tmp_path / "token"
+        token.write_text("s3cret-registry-token-0123456789\n")
+        token.chmod(0o600)
+        reg_port = _free_port()
+        launch("registry", [
+            *cli, "serve", "--artifacts", str(run_dir / "model"), "--port", str(reg_port),
+            "--tls-cert", str(creds.server_cert), "--tls-key", str(creds.server_key), "--token-file", str(token),
+        ])  # fmt: skip
+        url = f"https://127.0.0.1:{reg_port}"
+
+        def registry_up() -> bool:
+            try:
+                with socket.create_connection(("127.0.0.1", reg_port), timeout=1):
+                    return True
+            except OSError:
+                return procs["registry"].poll() is not None
+
+        wait(registry_up, 30, "the registry")
+        assert procs["registry"].poll() is None, (logs / "registry.log").read_text()
+        with pytest.raises(RegistryError, match="bearer token"):
+            fetch_model(url, public_key=creds.signing_public_key, cache_dir=tmp_path / "c0", ca=creds.ca_cert)
+        # ... and fetched by the partner's own command, trusting the federation's CA.
+        clinic = next(n for n in PARTNER_START if kinds[names.index(n) % 3] == "health")
+        users = tmp_path / "users.csv"
+        generate_frame("health", 50, rng=np.random.default_rng(5))[0].to_csv(users, index=False)
+        out = tmp_path / "personas-from-registry.csv"
+        done = subprocess.run(
+            [
+                *cli, "infer", "--model", url, "--config", str(configs[clinic]), "--data", str(users),
+                "--out", str(out), "--public-key", str(creds.signing_public_key), "--token-file", str(token),
+                "--ca", str(creds.ca_cert),
+            ],
+            capture_output=True, text=True, env=env, timeout=180, check=False,
+        )  # fmt: skip
+        # It downloaded the model over TLS, verified it and cached it; this run clustered no
+        # personas (personas = 0 keeps the test short), which infer then says in one line.
+        assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "the model carries no persona prototypes" in done.stderr
+        cached = [p for p in (configs[clinic].parent / "state" / "models").iterdir() if p.is_dir()]
+        assert len(cached) == 1 and verify_model(cached[0], public_key=public)[1]["rounds"] == 2
+        assert not out.exists()  # nothing half-written
+        # A modified artifact on the server is refused by a partner that has not cached it yet.
+        weights = run_dir / "model" / "weights.npz"
+        blob = bytearray(weights.read_bytes())
+        blob[len(blob) // 2] ^= 0xFF
+        weights.write_bytes(bytes(blob))
+        with pytest.raises(ArtifactError, match="does not match its signed hash"):
+            fetch_model(
+                url, public_key=creds.signing_public_key, cache_dir=tmp_path / "fresh",
+                token=token.read_text().strip(), ca=creds.ca_cert,
+            )  # fmt: skip
+
+        # SIGTERM to `partner start` stops its SuperNode and everything below it, and exits 130.
+        for name in PARTNER_START:
+            family = descendants(procs[name].pid)
+            assert family, f"{name}: no flower-supernode running"
+            procs[name].send_signal(signal.SIGTERM)
+            assert procs[name].wait(timeout=30) == 130
+            assert not [pid for pid in family if alive(pid)], f"{name}: processes left behind"
         print({k: round(v) for k, v in marks.items()})
     finally:
         for proc in reversed(list(procs.values())):
