@@ -57,6 +57,7 @@ class FederationSettings:
     trim_fraction: float = 0.2
     max_update_norm: float | None = None
     personas: int = 8
+    persona_candidates: tuple[int, ...] = ()
     kmeans_rounds: int = 6
     kmeans_noise: float = 10.0
     seed: int = 0
@@ -83,6 +84,19 @@ class FederationSettings:
             raise ConfigError(f"federation.personas must be an integer >= 0 (0 = no clustering), got {self.personas!r}")
         if isinstance(self.kmeans_rounds, bool) or not isinstance(self.kmeans_rounds, int) or self.kmeans_rounds < 1:
             raise ConfigError(f"federation.kmeans_rounds must be an integer >= 1, got {self.kmeans_rounds!r}")
+        candidates = self.persona_candidates
+        if not isinstance(candidates, list | tuple) or any(
+            isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in candidates
+        ):
+            raise ConfigError(
+                "federation.persona_candidates must be a list of integers >= 2 (the numbers of personas "
+                f"to choose from, e.g. [4, 6, 8]; [] = use federation.personas), got {candidates!r}"
+            )
+        if candidates and (len(set(candidates)) != len(candidates) or len(candidates) < 2):
+            raise ConfigError(
+                f"federation.persona_candidates needs at least two different numbers, got {list(candidates)!r}"
+            )
+        object.__setattr__(self, "persona_candidates", tuple(sorted(candidates)))
         if not isinstance(self.kmeans_noise, int | float) or not (
             math.isfinite(self.kmeans_noise) and self.kmeans_noise > 0
         ):
@@ -107,6 +121,15 @@ class FederationSettings:
             problems.append(f"federation.secagg_quantization_range must be an integer in [2, 2**32], got {levels!r}")
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def kmeans_releases(self) -> int:
+        """Noisy k-means releases each partner makes (and plans for): the Lloyd rounds plus,
+        when K is chosen among ``persona_candidates``, one round per candidate; 0 when
+        ``personas = 0`` turns clustering off."""
+        if self.personas == 0:
+            return 0
+        return self.kmeans_rounds + len(self.persona_candidates)
 
 
 def _is_number(value: Any) -> bool:

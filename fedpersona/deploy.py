@@ -605,7 +605,7 @@ def check_partner(
             fed = FederationSettings()  # the coordinator's defaults unless told otherwise
             sigma, _, _, eps = plan_rows(
                 rows=len(data.train), privacy=cfg.privacy, training=training, rounds=planned,
-                kmeans_rounds=fed.kmeans_rounds if kmeans_rounds is None else kmeans_rounds,
+                kmeans_rounds=fed.kmeans_releases if kmeans_rounds is None else kmeans_rounds,
                 kmeans_noise=fed.kmeans_noise,
             )  # fmt: skip
     return PartnerCheck(

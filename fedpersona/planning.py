@@ -145,7 +145,7 @@ def plan_table(
                     scenario.privacy,
                     scenario.training,
                     scenario.federation.rounds,
-                    scenario.federation.kmeans_rounds if scenario.federation.personas else 0,
+                    scenario.federation.kmeans_releases,
                     scenario.federation.kmeans_noise,
                 )
             )

@@ -70,7 +70,7 @@ from fedpersona.checkpoint import (
     settings_fingerprint,
 )
 from fedpersona.client_app import ERROR_BUDGET, ERROR_USER
-from fedpersona.clustering import ClusterStats, init_prototypes, reduce_prototypes, update_prototypes
+from fedpersona.clustering import ClusterStats, choose_k, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
 from fedpersona.errors import ConfigError
@@ -384,7 +384,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         )
 
     clustering = fed.personas > 0
-    kmeans_rounds = fed.kmeans_rounds if clustering else 0
+    kmeans_rounds = fed.kmeans_releases  # what each partner plans its reserve for
 
     def config(**extra: Any) -> ConfigRecord:
         return encode_settings(
@@ -811,6 +811,19 @@ def _write_privacy(run_dir: Path, roster: dict[str, _Partner]) -> None:
     tmp.replace(run_dir / "privacy.json")
 
 
+def _summarise(prototypes: np.ndarray, stats: list[ClusterStats], k: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``3 x K`` oversampled prototypes summarised into ``k`` (post-processing)."""
+    try:
+        return reduce_prototypes(stats, k=k, generator=rng)
+    except ValueError as exc:
+        # Too few prototypes rose above the noise floor to summarise them: keep the k with
+        # the largest noisy counts (post-processing of the same releases).
+        logger.warning("persona clustering: %s; keeping the %d largest prototypes", exc, k)
+        updated = update_prototypes(prototypes, stats, reseed=rng)
+        counts = np.sum([s.counts for s in stats], axis=0)
+        return updated[np.argsort(-counts, kind="stable")[:k]]
+
+
 def _cluster_personas(
     grid: Grid,
     aggregator: ScopedAggregator,
@@ -833,18 +846,31 @@ def _cluster_personas(
     resumed run continues with the round after ``checkpoint.kmeans_done``.
     """
     rng = np.random.default_rng([fed.seed, 7])
-    k = fed.personas
+    candidates = list(fed.persona_candidates)
+    k = max(candidates) if candidates else fed.personas
     summary = fed.kmeans_rounds // 2
+    # One step per release: Lloyd rounds, and after the summary one round per candidate K.
+    schedule = ["lloyd"] * summary + ["select"] * len(candidates) + ["lloyd"] * (fed.kmeans_rounds - summary)
     prototypes = init_prototypes(3 * k if summary else k, dim, generator=rng)
+    choice: dict[str, Any] | None = None
+    options: list[np.ndarray] = []
+    if candidates and not summary:
+        options = [init_prototypes(c, dim, generator=rng) for c in candidates]
+    selected: dict[int, list[ClusterStats]] = {}
     start = 0
     if checkpoint is not None and checkpoint.stage == "kmeans" and checkpoint.prototypes is not None:
         prototypes, start = np.asarray(checkpoint.prototypes, dtype=np.float64), checkpoint.kmeans_done
         if checkpoint.kmeans_rng is not None:
             rng.bit_generator.state = checkpoint.kmeans_rng
-        logger.info("persona clustering resumes after round %d of %d", start, fed.kmeans_rounds)
+        choice = checkpoint.extra.get("k_choice")
+        logger.info("persona clustering resumes after round %d of %d", start, len(schedule))
     stats: dict[int, ClusterStats] = {}
-    for r in range(start, fed.kmeans_rounds):
+    for r in range(start, len(schedule)):
         rnd = fed.rounds + 1 + r
+        step = schedule[r]
+        selecting = step == "select"
+        if selecting:
+            prototypes = options[r - summary]
         active = {n: p for n, p in partners.items() if p.active}
         contents = _model_messages(aggregator, active, config, rnd, prototypes=prototypes)
         stats = {}
@@ -864,20 +890,40 @@ def _cluster_personas(
         if len(stats) < fed.min_partners:
             logger.error("persona clustering stopped: %d partner(s) replied in round %d", len(stats), rnd)
             return None
-        if r == summary - 1:
-            try:
-                prototypes = reduce_prototypes(list(stats.values()), k=k, generator=rng)
-            except ValueError as exc:
-                # Too few prototypes rose above the noise floor to summarise them: keep the k
-                # with the largest noisy counts (post-processing of the same releases).
-                logger.warning("persona clustering: %s; keeping the %d largest prototypes", exc, k)
-                updated = update_prototypes(prototypes, list(stats.values()), reseed=rng)
-                counts = np.sum([s.counts for s in stats.values()], axis=0)
-                prototypes = updated[np.argsort(-counts, kind="stable")[:k]]
+        if selecting:
+            selected[len(prototypes)] = list(stats.values())
+            if len(selected) == len(candidates):
+                picked = choose_k(selected)
+                best = candidates.index(picked.k)
+                # The winner's own round is one more Lloyd step for it (post-processing).
+                prototypes = update_prototypes(options[best], selected[picked.k], reseed=rng)
+                choice = {
+                    "k": picked.k,
+                    "scores": {str(c): picked.scores[c] for c in candidates},
+                    "criterion": "cosine Calinski-Harabasz on the noisy statistics (fedpersona.clustering.choose_k)",
+                }
+                logger.info("personas: K = %d chosen among %s", picked.k, candidates)
+        elif r == summary - 1:
+            sizes = candidates or [k]
+            options = [_summarise(prototypes, list(stats.values()), c, rng) for c in sizes]
+            prototypes = options[-1]
         else:
             prototypes = update_prototypes(prototypes, list(stats.values()), reseed=rng)
-        if save is not None and r + 1 < fed.kmeans_rounds:
-            save(stage="kmeans", kmeans_done=r + 1, prototypes=prototypes, kmeans_rng=rng.bit_generator.state)
+        # Saved after each Lloyd round but the last; not between the candidate rounds (a
+        # resume from before them sends them again, and the partners' ledgers charge them again).
+        if (
+            save is not None
+            and r + 1 < len(schedule)
+            and not (candidates and summary - 1 <= r < summary + len(candidates) - 1)
+        ):
+            extra = {**checkpoint.extra, "k_choice": choice} if checkpoint is not None else {"k_choice": choice}
+            save(
+                stage="kmeans",
+                kmeans_done=r + 1,
+                prototypes=prototypes,
+                kmeans_rng=rng.bit_generator.state,
+                extra=extra,
+            )
     shares: dict[str, list[float]] = {}
     for node, st in stats.items():
         kind = str(partners[node].info["kind"])
@@ -886,10 +932,11 @@ def _cluster_personas(
         shares[kind] = list(acc + counts)
     by_kind = {kind: [c / max(1e-9, sum(v)) for c in v] for kind, v in shares.items()}
     present = {kind: [i for i, s in enumerate(v) if s >= 0.02] for kind, v in by_kind.items()}
-    logger.info("personas: %d prototypes after %d DP k-means rounds", len(prototypes), fed.kmeans_rounds)
+    logger.info("personas: %d prototypes after %d DP k-means rounds", len(prototypes), len(schedule))
     return {
         "k": len(prototypes),
-        "rounds": fed.kmeans_rounds,
+        "k_choice": choice,
+        "rounds": len(schedule),
         "noise_multiplier": fed.kmeans_noise,
         "prototypes": prototypes.astype(float).tolist(),
         "shares_by_kind": by_kind,

@@ -54,3 +54,56 @@ def test_run_writes_json_and_markdown(tmp_path) -> None:
     assert results["environment"]["cores"] >= 1
     md = (tmp_path / "docs" / "benchmarks.md").read_text()
     assert "## Communication" in md and "--only communication" in md
+
+
+def test_merge_keeps_sections_of_earlier_runs_with_their_own_command(tmp_path) -> None:
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    earlier = {**RESULTS, "quick": True, "benchmarks": {"dp_speed": RESULTS["benchmarks"]["speed"]}}
+    (results / "latest.json").write_text(json.dumps(earlier))
+    assert main(["--only", "communication", "--merge", "--out", str(tmp_path)]) == 0
+    merged = json.loads((results / "latest.json").read_text())
+    assert list(merged["benchmarks"]) == ["dp_speed", "communication"]  # in BENCHMARKS order
+    assert merged["merged"] == ["dp_speed"]
+    kept = merged["benchmarks"]["dp_speed"]["run"]
+    assert kept["command"] == "python -m benchmarks.run --quick" and kept["date"] == RESULTS["date"]
+    assert "--only communication --merge" in merged["benchmarks"]["communication"]["run"]["command"]
+    md = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "Measured by `python -m benchmarks.run --quick` on 2026-01-01T00:00:00+00:00" in md
+    assert "Measured by `python -m benchmarks.run --only communication --merge --out" in md
+    assert md.index("## DP training speed") < md.index("## Communication") < md.index("## GPU")
+    assert "has not been run on a GPU" in md
+
+    # Without --merge a run replaces the file: only what it measured is left.
+    assert main(["--only", "communication", "--out", str(tmp_path)]) == 0
+    assert list(json.loads((results / "latest.json").read_text())["benchmarks"]) == ["communication"]
+
+
+def test_scale_scenarios_are_valid_and_split_partners_over_the_kinds(tmp_path) -> None:
+    import tomli_w
+
+    from benchmarks import scale
+    from fedpersona.simulation import load_scenario
+
+    assert scale._per_kind(100) == [34, 33, 33] and scale._per_kind(30) == [10, 10, 10]
+    assert [s.partners for s in scale.SIZES] == [3, 9, 30, 100]
+    for size in scale.SIZES:
+        path = tmp_path / f"scale-{size.partners}.toml"
+        path.write_text(tomli_w.dumps(scale._scenario(size)))
+        scenario = load_scenario(path)
+        assert sum(group.partners for group in scenario.silos) == size.partners
+        assert scenario.federation.evaluate_every == 1  # every round ends with an on_round stamp
+        assert scenario.privacy.private == (size.partners < 100)
+
+
+def test_merge_does_not_replace_a_measured_section_by_a_skipped_one() -> None:
+    from benchmarks.run import merge
+
+    measured = {"title": "Simulation scale", "tables": [{"name": "t", "columns": ["a"], "rows": [[1]]}]}
+    skipped = {"title": "Simulation scale", "skipped": True, "tables": [], "notes": ["Skipped in --quick"]}
+    previous = {**RESULTS, "benchmarks": {"scale": measured, "communication": {"title": "old"}}}
+    current = {**RESULTS, "benchmarks": {"communication": {"title": "new"}, "scale": skipped}}
+    merged = merge(previous, current)["benchmarks"]
+    assert list(merged) == ["communication", "scale"]
+    assert merged["scale"]["tables"] == measured["tables"] and merged["communication"]["title"] == "new"
+    assert merge({**previous, "benchmarks": {"scale": skipped}}, current)["benchmarks"]["scale"] is skipped
