@@ -194,6 +194,7 @@ def write_report(run_dir: str | Path) -> Path:
     )
     personas_path = run_dir / "personas.json"
     persona_html = ""
+    personas: dict[str, Any] = {}
     if personas_path.exists():
         personas = json.loads(personas_path.read_text())
         share_rows = "".join(
@@ -211,8 +212,8 @@ def write_report(run_dir: str | Path) -> Path:
         )
         persona_html = (
             f"<h2>Personas</h2><p>{int(personas.get('k', 0))} global personas from "
-            f"{int(personas.get('rounds', 0))} rounds of federated DP k-means. Shares per kind come from "
-            "DP-noised counts only. Each partner's persona cards stay at the partner "
+            f"{int(personas.get('rounds', 0))} rounds of federated DP k-means.{_k_choice_text(personas)} "
+            "Shares per kind come from DP-noised counts only. Each partner's persona cards stay at the partner "
             "(<code>partners/&lt;name&gt;/state/personas.json</code> in a simulation).</p>"
             f"<table><tr><th>kind</th>{head_p}</tr>{share_rows}</table>"
             "<table><tr><th>partner</th><th>personas among its users</th><th>surrogate fidelity</th>"
@@ -270,5 +271,23 @@ figure {{ display: inline-block; margin: 0.5em; }}
             + " | ".join(_cell(r.get(k) if k == "epsilon" else r.get(k, math.nan)) for k, _ in SUMMARY_COLUMNS)
             + " |"
         )
+    if personas:
+        md += [
+            "",
+            f"{int(personas.get('k', 0))} global personas from {int(personas.get('rounds', 0))} rounds of "
+            f"federated DP k-means.{_k_choice_text(personas)}",
+        ]
     (run_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
     return out
+
+
+def _k_choice_text(personas: dict[str, Any]) -> str:
+    """The sentence saying how K was chosen, when the federation chose it among candidates."""
+    choice = personas.get("k_choice")
+    if not isinstance(choice, dict) or not isinstance(choice.get("scores"), dict):
+        return ""
+    scores = ", ".join(f"{html.escape(str(k))}: {float(v):.3g}" for k, v in choice["scores"].items())
+    return (
+        f" K = {int(choice.get('k', 0))} was chosen among the candidates by the cosine Calinski-Harabasz "
+        f"ratio of the noisy statistics (higher is better; {scores})."
+    )

@@ -147,3 +147,14 @@ def test_the_releases_a_partner_plans_for() -> None:
     assert FederationSettings(kmeans_rounds=6).kmeans_releases == 6
     assert FederationSettings(kmeans_rounds=6, persona_candidates=(4, 6, 8)).kmeans_releases == 9
     assert FederationSettings(personas=0, persona_candidates=(4, 6)).kmeans_releases == 0
+
+
+def test_the_report_says_how_k_was_chosen(tmp_path: Path) -> None:
+    from fedpersona.report import write_report
+
+    run_federation(FakeGrid(_partners()), _settings(tmp_path))  # type: ignore[arg-type]
+    write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "4 global personas from 7 rounds of federated DP k-means. K = 4 was chosen among the candidates" in md
+    assert "(higher is better; 3: " in md and ", 6: " in md
+    assert "K = 4 was chosen" in (tmp_path / "report.html").read_text()
