@@ -52,10 +52,10 @@ from fedpersona.processes import (
     ProcessSupervisor,
     Stopped,
     StopSignals,
-    alive,
     child_env,
     descendants,
     flower_tool,
+    signal_all,
     wait_port,
 )
 from fedpersona.training import TrainingSettings
@@ -510,7 +510,7 @@ def _watch_run(
         if superlink.poll() is not None:
             # What the SuperLink had started (flower-superexec, the ServerApp) is orphaned now:
             # stop it, so that no ServerApp of this run writes to the run folder after a resume.
-            _kill_all(family)
+            signal_all(family, signal.SIGKILL)
             report(f"flower-superlink exited with code {superlink.returncode}; restart with --resume")
             return 1
         family = descendants(superlink.pid)
@@ -520,15 +520,6 @@ def _watch_run(
             report(f"run {run_id} {status}; model: {run_dir / 'model'}" if ok else f"run {run_id} {status}")
             return 0 if ok else 1
         signals.sleep(poll)
-
-
-def _kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # --------------------------------------------------------------------------- partner

@@ -31,6 +31,7 @@ __all__ = [
     "child_env",
     "descendants",
     "flower_tool",
+    "signal_all",
     "wait_port",
 ]
 
@@ -88,6 +89,16 @@ def alive(pid: int) -> bool:
         return True
 
 
+def signal_all(pids: list[int], sig: int) -> None:
+    """Send ``sig`` to each process of ``pids`` still alive (one may exit in between: fine)."""
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 @dataclass
 class ProcessSupervisor:
     """Starts child processes with logs in files; stops all of them (and their children)."""
@@ -118,21 +129,11 @@ class ProcessSupervisor:
                 proc.kill()
                 proc.wait(timeout=self.grace)
         family += [p for p in descendants(proc.pid) if p not in family]
-        for pid in family:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        signal_all(family, signal.SIGTERM)
         deadline = time.monotonic() + self.grace
         while time.monotonic() < deadline and any(alive(p) for p in family):
             time.sleep(0.2)
-        for pid in family:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        signal_all(family, signal.SIGKILL)
         deadline = time.monotonic() + 5.0  # SIGKILL is not instant; orphans are reaped by init
         while time.monotonic() < deadline and any(alive(p) for p in family):
             time.sleep(0.05)
