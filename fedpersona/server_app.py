@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -1017,6 +1018,26 @@ def _publish(
     save_model(run_dir / "model", arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
 
 
+def forward_logs_to_flower() -> None:
+    """Write fedpersona's log records (INFO and above) to stderr in a deployed ServerApp.
+
+    flwr-serverapp mirrors what its process writes to stdout/stderr to the SuperLink (shown by
+    ``flwr log RUN_ID``; the SuperExec's output also lands in the run folder's
+    ``logs/superlink.log``). Without a handler, Python's fallback prints only WARNING and above,
+    so the rounds, the chosen K and who installed the final model were never seen. Idempotent;
+    the records do not also propagate to the root logger (no duplicates).
+    """
+    log = logging.getLogger("fedpersona")
+    if any(getattr(h, "fedpersona_forward", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.fedpersona_forward = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundCallback | None = None) -> ServerApp:
     """A ServerApp; without ``settings`` it reads ``scenario`` and ``run-dir`` from run config."""
     server = ServerApp()
@@ -1027,6 +1048,7 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
         if settings is None and context.run_config.get("federation-config"):  # fedpersona server start
             from fedpersona.deploy import load_federation_config, server_settings
 
+            forward_logs_to_flower()
             federation = load_federation_config(str(context.run_config["federation-config"]))
             settings = server_settings(
                 federation,

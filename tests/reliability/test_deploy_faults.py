@@ -336,6 +336,9 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         resumed_log = (logs / "server-resumed.log").read_text()
         assert resumed.returncode == 0, resumed_log
         assert "continuing at round 2" in resumed_log
+        # fedpersona's INFO lines from the ServerApp reach the SuperLink's log (and `flwr log`).
+        superlink_log = (run_dir / "logs" / "superlink.log").read_text()
+        assert "INFO fedpersona.server_app: final model installed at 10 of 10 partner(s)" in superlink_log
 
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         keys_seen = [(r["round"], r["partner"]) for r in rows]
@@ -373,7 +376,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         for rogue in ROGUES:
             assert not (configs[rogue].parent / "state" / "ledger.jsonl").exists()
         assert "CERTIFICATE_VERIFY_FAILED" in (logs / "rogue-wrong-ca.log").read_text()
-        assert "No SuperNode found with the given public key" in (run_dir / "logs" / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in superlink_log
         assert "Failed to activate SuperNode" in (logs / "rogue-unlisted.log").read_text()
         # The bundles Flower installs stay in the run folder and the partners' state folders.
         assert list((run_dir / "flwr-home" / "apps").iterdir())
