@@ -495,6 +495,29 @@ def _run_status(run_id: str, home: Path) -> str:
     return ""
 
 
+def _save_serverapp_log(run_id: str, *, home: Path, run_dir: Path, timeout: float = 60.0) -> Path | None:
+    """Append the ServerApp's own log (what ``flwr log RUN_ID --show`` prints) to
+    ``RUN_DIR/logs/serverapp.log``; None when it could not be read.
+
+    flwr-serverapp sends its output to the SuperLink, not to ``superlink.log``; once ``server
+    start`` stops the SuperLink nobody can read it any more, so it is kept while it still can be.
+    """
+    try:
+        done = subprocess.run(
+            [flower_tool("flwr"), "log", run_id, CONNECTION, "--show"],
+            capture_output=True, text=True, timeout=timeout, env=child_env({"FLWR_HOME": str(home)}), check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0 or not done.stdout.strip():
+        return None
+    path = run_dir / "logs" / "serverapp.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(f"# run {run_id}\n{done.stdout.rstrip()}\n")
+    return path
+
+
 def _watch_run(
     run_id: str,
     *,
@@ -516,6 +539,9 @@ def _watch_run(
         family = descendants(superlink.pid)
         status = _run_status(run_id, home)
         if status.startswith("finished"):
+            saved = _save_serverapp_log(run_id, home=home, run_dir=run_dir)
+            if saved is not None:
+                report(f"ServerApp log: {saved}")
             ok = status == "finished:completed" and (run_dir / "model" / "signature.json").exists()
             report(f"run {run_id} {status}; model: {run_dir / 'model'}" if ok else f"run {run_id} {status}")
             return 0 if ok else 1

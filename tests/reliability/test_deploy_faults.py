@@ -336,9 +336,11 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         resumed_log = (logs / "server-resumed.log").read_text()
         assert resumed.returncode == 0, resumed_log
         assert "continuing at round 2" in resumed_log
-        # fedpersona's INFO lines from the ServerApp reach the SuperLink's log (and `flwr log`).
+        # fedpersona's INFO lines from the ServerApp (shown by `flwr log`) are kept in the run folder.
+        serverapp_log = (run_dir / "logs" / "serverapp.log").read_text()
+        assert "INFO fedpersona.server_app: final model installed at 10 of 10 partner(s)" in serverapp_log
+        assert "ServerApp log: " in resumed_log
         superlink_log = (run_dir / "logs" / "superlink.log").read_text()
-        assert "INFO fedpersona.server_app: final model installed at 10 of 10 partner(s)" in superlink_log
 
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         keys_seen = [(r["round"], r["partner"]) for r in rows]
