@@ -22,7 +22,8 @@ def run(*, quick: bool) -> dict[str, Any]:
     warm = synthetic_features("ecommerce", 1_000, seed=1)
     for mode in MODES:  # warm-up: lazy initialisation and Opacus' first-use costs stay out of the timings
         time_epoch(warm, mode=mode, batch_size=256)
-    rows, raw = [], []
+    rows: list[list[Any]] = []
+    raw: list[dict[str, Any]] = []
     for batch_size in BATCH_SIZES:
         seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
         steps = {}

@@ -107,3 +107,28 @@ def test_merge_does_not_replace_a_measured_section_by_a_skipped_one() -> None:
     assert list(merged) == ["communication", "scale"]
     assert merged["scale"]["tables"] == measured["tables"] and merged["communication"]["title"] == "new"
     assert merge({**previous, "benchmarks": {"scale": skipped}}, current)["benchmarks"]["scale"] is skipped
+
+
+def test_utility_notes_judge_the_targets_on_the_probe() -> None:
+    from benchmarks.utility import _notes
+
+    def dataset(fed3: float, inf: float, small_alone: float, small_fed: float) -> dict:
+        scores = {"1": 0.5, "3": fed3, "8": 0.5, "inf": inf}
+        return {
+            "parameters": 1000,
+            "partner_rows": [100, 200, 300, 400],
+            "hgb": 0.8,
+            "federated": {"probe": scores, "head": {**scores, "3": fed3 - 0.1}},
+            "small": {
+                "probe": {"alone_eps3": small_alone, "federated_eps3": small_fed},
+                "head": {"alone_eps3": 0.5, "federated_eps3": 0.7},
+            },
+        }
+
+    data = {"met": dataset(0.78, 0.80, 0.70, 0.74), "noisy": dataset(0.70, 0.79, 0.70, 0.71)}
+    notes = "\n".join(_notes(data, rounds=5, train_cap=None, quick=False))
+    assert "eps=3 >= 97% of HGB AUC (probe): missed on noisy (met 97.5%, noisy 87.5%;" in notes
+    assert "label head met 85.0%, noisy 75.0%" in notes
+    assert "on noisy the encoder reaches the target without noise, so the shortfall at eps=3 is the DP noise" in notes
+    assert "probe missed on noisy (gains met +0.040, noisy +0.010); label head gains met +0.200" in notes
+    assert "trains on all of the 80% train rows" in notes
