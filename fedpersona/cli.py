@@ -143,7 +143,28 @@ def simulate(
             f"(mean surrogate fidelity {avg('surrogate_fidelity')}, mean ARI vs ground truth "
             f"{avg('persona_ari')}); cards stay at each partner, shares per kind in personas.json"
         )
+    chosen = k_choice_line(result.run_dir)
+    if chosen:
+        console.print(chosen)
     console.print(f"done in {result.seconds:.0f}s; report: {result.run_dir / 'report.html'}")
+
+
+def k_choice_line(run_dir: Path) -> str | None:
+    """ "personas: K = 6 chosen among 4, 6, 8 ..." when the run chose K among candidates."""
+    import json
+
+    path = run_dir / "personas.json"
+    try:
+        choice = json.loads(path.read_text()).get("k_choice") if path.exists() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(choice, dict) or not isinstance(choice.get("scores"), dict):
+        return None
+    among = ", ".join(str(k) for k in sorted(choice["scores"], key=int))
+    return (
+        f"personas: K = {choice.get('k')} chosen among {among} from the noisy k-means statistics "
+        "(scores in personas.json)"
+    )
 
 
 def _sweep(text: str, *, scenario: Path | None, rounds: int | None, out: Path | None) -> None:

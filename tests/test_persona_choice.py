@@ -158,3 +158,18 @@ def test_the_report_says_how_k_was_chosen(tmp_path: Path) -> None:
     assert "4 global personas from 7 rounds of federated DP k-means. K = 4 was chosen among the candidates" in md
     assert "(higher is better; 3: " in md and ", 6: " in md
     assert "K = 4 was chosen" in (tmp_path / "report.html").read_text()
+
+
+def test_simulate_prints_the_chosen_k(tmp_path: Path) -> None:
+    from fedpersona.cli import k_choice_line
+
+    run_federation(FakeGrid(_partners()), _settings(tmp_path / "chosen"))  # type: ignore[arg-type]
+    assert k_choice_line(tmp_path / "chosen") == (
+        "personas: K = 4 chosen among 3, 4, 6 from the noisy k-means statistics (scores in personas.json)"
+    )
+    run_federation(FakeGrid(_partners()), _settings(tmp_path / "fixed", persona_candidates=[]))  # type: ignore[arg-type]
+    assert k_choice_line(tmp_path / "fixed") is None
+    assert k_choice_line(tmp_path / "missing") is None
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "personas.json").write_text("{not json")
+    assert k_choice_line(tmp_path / "broken") is None
