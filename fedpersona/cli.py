@@ -150,7 +150,7 @@ def simulate(
 
 
 def k_choice_line(run_dir: Path) -> str | None:
-    """ "personas: K = 6 chosen among 4, 6, 8 ..." when the run chose K among candidates."""
+    """The console line saying which K the run chose among its candidates, or None."""
     import json
 
     path = run_dir / "personas.json"

@@ -1022,10 +1022,11 @@ def forward_logs_to_flower() -> None:
     """Write fedpersona's log records (INFO and above) to stderr in a deployed ServerApp.
 
     flwr-serverapp mirrors what its process writes to stdout/stderr to the SuperLink (shown by
-    ``flwr log RUN_ID``; the SuperExec's output also lands in the run folder's
-    ``logs/superlink.log``). Without a handler, Python's fallback prints only WARNING and above,
-    so the rounds, the chosen K and who installed the final model were never seen. Idempotent;
-    the records do not also propagate to the root logger (no duplicates).
+    ``flwr log RUN_ID``; ``server start`` copies it to ``RUN_DIR/logs/serverapp.log`` when the
+    run finishes; the SuperExec itself starts the ServerApp with its output suppressed, so
+    nothing reaches ``superlink.log``). Without a handler, Python's fallback prints only WARNING
+    and above, so the rounds, the chosen K and who installed the final model were never seen.
+    Idempotent; the records do not also propagate to the root logger (no duplicates).
     """
     log = logging.getLogger("fedpersona")
     if any(getattr(h, "fedpersona_forward", False) for h in log.handlers):
