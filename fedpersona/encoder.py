@@ -11,6 +11,15 @@ obeys them:
 - ``trunk`` (scope ``global``): averaged over every partner.
 - ``recon_head``, ``scalar_stats`` and ``label_head`` (scope ``local``): never leave the partner.
 
+**Numbers enter centred and scaled by their public typical range.** A schema may declare,
+per number, ``typical = [low, high]``: about the middle 90% of users, public domain knowledge
+like the bounds. The adapter feeds ``(value - centre) / spread`` (fixed buffers made from the
+schema, see :func:`fedpersona.features.layout_of`) instead of the bounds-scaled value, so a
+number whose users fill a twentieth of its bounds varies as much as a yes/no flag. Under
+DP-SGD this matters: with a typical range on every number of the synthetic silos, the
+default scenario's persona recovery at epsilon 3 rose from an ARI of about 0.33 to 0.57 in a
+plain-loop federation (``docs/results.md``). Nothing is computed from the partner's rows.
+
 **Why the reconstruction is standardised by learned statistics.** Scalars arrive scaled to
 [0, 1] by their public bounds, so a feature whose users spread over a tenth of its declared
 range contributes a hundredth of the squared error of a boolean; left like that, the
@@ -95,6 +104,11 @@ class EncoderConfig:
 class FeatureAdapter(nn.Module):
     """Turns one user's row into a set of d-dimensional tokens (scope: kind)."""
 
+    scalar_centre: torch.Tensor
+    scalar_spread: torch.Tensor
+    seq_num_centre: torch.Tensor
+    seq_num_spread: torch.Tensor
+
     def __init__(self, layout: FeatureLayout, d: int) -> None:
         super().__init__()
         self.layout = layout
@@ -105,6 +119,14 @@ class FeatureAdapter(nn.Module):
         self.scalar_scale = nn.Embedding(n_scalar, d) if n_scalar else None
         self.scalar_shift = nn.Embedding(n_scalar, d) if n_scalar else None
         self.register_buffer("scalar_index", torch.arange(n_scalar), persistent=False)
+        # Public centring and scaling of numbers from the schema's typical ranges (fixed
+        # buffers, not trained, not in the state dict: the schema recreates them).
+        centre, spread = _standard_buffers(layout.scalar_standard, n_scalar)
+        self.register_buffer("scalar_centre", centre, persistent=False)
+        self.register_buffer("scalar_spread", spread, persistent=False)
+        centre, spread = _standard_buffers(layout.seq_num_standard, len(layout.seq_num_lengths))
+        self.register_buffer("seq_num_centre", centre, persistent=False)
+        self.register_buffer("seq_num_spread", spread, persistent=False)
         self.cat = nn.Embedding(sum(layout.cat_cardinalities), d) if layout.cat_names else None
         self.texts = nn.ModuleList(nn.Embedding(b + 1, d) for b in layout.text_buckets)
         self.seq_num = nn.ModuleList(nn.Linear(2 * n, d) for n in layout.seq_num_lengths)
@@ -119,7 +141,8 @@ class FeatureAdapter(nn.Module):
         scalar = batch["scalar"]  # (B, S)
         if self.scalar_scale is not None and self.scalar_shift is not None:
             index = self.scalar_index.expand(scalar.shape[0], -1).contiguous()  # type: ignore[operator]
-            tokens.append(scalar.unsqueeze(-1) * self.scalar_scale(index) + self.scalar_shift(index))
+            value = _standardise(scalar, self.scalar_centre, self.scalar_spread)
+            tokens.append(value.unsqueeze(-1) * self.scalar_scale(index) + self.scalar_shift(index))
         if self.cat is not None:
             tokens.append(self.cat(batch["cat"]))  # (B, C, d)
         for i, emb in enumerate(self.texts):
@@ -128,7 +151,7 @@ class FeatureAdapter(nn.Module):
             summed = (emb(ids) * mask).sum(1)
             tokens.append((summed / mask.sum(1).clamp(min=1.0)).unsqueeze(1))
         for i, lin in enumerate(self.seq_num):
-            values = batch[f"seqnum{i}"]
+            values = _standardise(batch[f"seqnum{i}"], self.seq_num_centre[i], self.seq_num_spread[i])
             mask = batch[f"seqnum{i}_present"].to(values.dtype)
             tokens.append(lin(torch.cat([values * mask, mask], 1)).unsqueeze(1))
         for i, emb in enumerate(self.seq_cat):
@@ -137,6 +160,21 @@ class FeatureAdapter(nn.Module):
             summed = (emb(codes) * mask).sum(1)
             tokens.append((summed / mask.sum(1).clamp(min=1.0)).unsqueeze(1))
         return torch.cat(tokens, 1), token_presence(self.layout, batch)
+
+
+_STANDARD_CLAMP = 6.0  # inputs beyond 6 spreads from the typical centre are held there
+
+
+def _standard_buffers(standard: tuple[tuple[float, float], ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not standard:
+        return torch.zeros(n), torch.ones(n)
+    return torch.tensor([c for c, _ in standard]), torch.tensor([s for _, s in standard])
+
+
+def _standardise(values: torch.Tensor, centre: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """``(values - centre) / spread``, held within +-6 so that a rare extreme value (legal
+    within the bounds) cannot swamp a token. Identity for centre 0, spread 1 on [0, 1]."""
+    return ((values - centre) / spread).clamp(-_STANDARD_CLAMP, _STANDARD_CLAMP)
 
 
 class _Block(nn.Module):

@@ -1,7 +1,8 @@
 """Featurization: a validated :class:`~fedpersona.tables.Table` becomes tensors.
 
 Every constant used here comes from the schema, which is public by declaration: numeric
-bounds scale values into [0, 1], vocabularies and bucket counts fix the codes, and hashing uses
+bounds scale values into [0, 1] (and a declared ``typical`` range sets where the encoder
+centres and scales them, see :func:`_standard`), vocabularies and bucket counts fix the codes, and hashing uses
 a fixed keyed BLAKE2b. Nothing is fitted on the private rows (no means, no standard
 deviations, no vocabulary discovery), so featurizing one more or one fewer user changes no
 constant. *Could an auditor call this a leak?* No: the mapping row -> tensor is a fixed,
@@ -52,6 +53,11 @@ class FeatureLayout:
     seq_cat_lengths: tuple[int, ...]
     seq_cat_cardinalities: tuple[int, ...]
     label_names: tuple[str, ...]
+    # Per scalar and per numeric sequence: (centre, spread) in [0, 1]-scaled units, from the
+    # schema's public ``typical`` range; the adapter feeds (value - centre) / spread. (0, 1)
+    # leaves the value as it is. Empty = (0, 1) for every one.
+    scalar_standard: tuple[tuple[float, float], ...] = ()
+    seq_num_standard: tuple[tuple[float, float], ...] = ()
 
     @property
     def n_tokens(self) -> int:
@@ -113,7 +119,34 @@ def layout_of(schema: Schema) -> FeatureLayout:
         seq_cat_lengths=tuple(len(f.columns) for f in seq_cat),
         seq_cat_cardinalities=tuple(f.cardinality for f in seq_cat),
         label_names=tuple(label.name for label in schema.labels),
+        scalar_standard=tuple(_standard(f) for f in schema.features if isinstance(f, NumericFeature | BooleanFeature)),
+        seq_num_standard=tuple(_standard(f) for f in seq_num),
     )
+
+
+_TYPICAL_SDS = 2.0 * 1.6449  # a normal's middle 90% spans 3.29 standard deviations
+
+
+def _standard(feature: NumericFeature | BooleanFeature | SequenceFeature) -> tuple[float, float]:
+    """``(centre, spread)`` of a feature's encoder input, in its [0, 1]-scaled units.
+
+    A declared ``typical = [low, high]`` (public, about the middle 90% of users) gives the
+    centre of that range and a spread of one standard deviation of a normal covering it, so
+    typical users reach the encoder as values of about -1.6 .. 1.6 whatever the bounds. Without
+    it the scaled value passes unchanged: ``(0, 1)``.
+
+    *Why:* bounds must hold every legal value, so most users sit in a narrow slice of
+    [0, 1] (an income spread over a twentieth of its bounds). DP-SGD, which moves each weight
+    by small noisy steps, then barely learns such a feature before the budget is spent. The
+    typical range is declared, public domain knowledge like the bounds; nothing is computed
+    from the partner's rows. *Could an auditor call this a leak?* No: it is a fixed, public
+    affine map of each value.
+    """
+    typical = getattr(feature, "typical", None)
+    if typical is None or isinstance(feature, BooleanFeature):
+        return (0.0, 1.0)
+    lo, hi = _scale(np.array(typical, dtype=np.float64), feature.lo, feature.hi, feature.log)
+    return (float(lo + hi) / 2.0, max(float(hi - lo) / _TYPICAL_SDS, 1e-6))
 
 
 def hash_bucket(feature: str, value: str, buckets: int) -> int:

@@ -23,6 +23,7 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     type = "numeric"
     bounds = [0, 30]
     log = true
+    typical = [0, 8]              # optional: about the middle 90% of users (public knowledge)
 
     [features.Month]
     type = "categorical"
@@ -40,7 +41,7 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     [features.bill]
     type = "sequence"
     columns = ["BILL_AMT1", "BILL_AMT2"]
-    element = "numeric"           # numeric (bounds, log) | categorical (vocabulary or buckets)
+    element = "numeric"           # numeric (bounds, log, typical) | categorical (vocabulary or buckets)
     bounds = [-200000, 1000000]
 
     [labels.Revenue]
@@ -116,7 +117,12 @@ MissingPolicy = Literal["drop", "reject"]
 
 @dataclass(frozen=True)
 class NumericFeature:
-    """A number with public bounds; values are clipped (or rejected) outside ``[lo, hi]``."""
+    """A number with public bounds; values are clipped (or rejected) outside ``[lo, hi]``.
+
+    ``typical`` (optional, public) is the range that holds about the middle 90% of users,
+    from domain knowledge such as published statistics; the encoder centres and scales its
+    input by it (see :func:`fedpersona.features.layout_of`).
+    """
 
     name: str
     column: str
@@ -125,6 +131,7 @@ class NumericFeature:
     log: bool = False
     missing: MissingPolicy = "drop"
     type: Literal["numeric"] = "numeric"
+    typical: tuple[float, float] | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -204,6 +211,7 @@ class SequenceFeature:
     unseen: Literal["other", "reject"] = "other"
     missing: MissingPolicy = "drop"
     type: Literal["sequence"] = "sequence"
+    typical: tuple[float, float] | None = None  # numeric steps only, as for NumericFeature
 
     @property
     def cardinality(self) -> int:
@@ -302,6 +310,9 @@ def _feature_spec(feat: Feature) -> dict[str, Any]:
             out[key] = list(value) if isinstance(value, tuple) else value
     if isinstance(feat, SequenceFeature):
         out["steps"] = len(feat.columns)
+    typical = getattr(feat, "typical", None)
+    if typical is not None:  # only when declared, so older fingerprints stay valid
+        out["typical"] = list(typical)
     return out
 
 
@@ -311,12 +322,12 @@ _TABLE_KEYS = {
 }  # fmt: skip
 _TOP_KEYS = {"table", "features", "labels", "events"}
 _FEATURE_KEYS: dict[str, set[str]] = {
-    "numeric": {"type", "column", "bounds", "log", "missing"},
+    "numeric": {"type", "column", "bounds", "log", "typical", "missing"},
     "categorical": {"type", "column", "vocabulary", "buckets", "unseen", "missing"},
     "boolean": {"type", "column", "true_values", "false_values", "missing"},
     "text": {"type", "column", "buckets", "ngrams", "max_tokens", "missing"},
     "sequence": {
-        "type", "columns", "element", "bounds", "log", "vocabulary", "buckets", "unseen",
+        "type", "columns", "element", "bounds", "log", "typical", "vocabulary", "buckets", "unseen",
         "missing",
     },
 }  # fmt: skip
@@ -479,6 +490,28 @@ def _bounds(where: str, spec: dict[str, Any], problems: list[str]) -> tuple[floa
     return lo, hi
 
 
+def _typical(
+    where: str, spec: dict[str, Any], bounds: tuple[float, float], problems: list[str]
+) -> tuple[float, float] | None:
+    """The optional ``typical = [low, high]`` of a number: inside the bounds, low < high."""
+    if "typical" not in spec:
+        return None
+    value = spec["typical"]
+    lo, hi = bounds
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        and lo <= value[0] < value[1] <= hi
+    ):
+        return float(value[0]), float(value[1])
+    problems.append(
+        f"{where}.typical must be [low, high] with {lo:g} <= low < high <= {hi:g} (the public range that "
+        f"holds about the middle 90% of users), got {value!r}"
+    )
+    return None
+
+
 def _vocab_or_buckets(
     where: str, spec: dict[str, Any], problems: list[str]
 ) -> tuple[tuple[str, ...] | None, int | None]:
@@ -565,7 +598,8 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         bounds = _bounds(where, spec, problems)
         if bounds is None:
             return None
-        return NumericFeature(name, column, bounds[0], bounds[1], log, missing)
+        typical = _typical(where, spec, bounds, problems)
+        return NumericFeature(name, column, bounds[0], bounds[1], log, missing, typical=typical)
     if ftype == "categorical":
         vocab, buckets = _vocab_or_buckets(where, spec, problems)
         if vocab is None and buckets is None:
@@ -609,8 +643,13 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         bounds = _bounds(where, spec, problems)
         if bounds is None:
             return None
-        return SequenceFeature(name, tuple(columns), "numeric", bounds[0], bounds[1], log, missing=missing)
+        typical = _typical(where, spec, bounds, problems)
+        return SequenceFeature(
+            name, tuple(columns), "numeric", bounds[0], bounds[1], log, missing=missing, typical=typical
+        )
     if element == "categorical":
+        if "typical" in spec:
+            problems.append(f"{where}.typical is for numbers; a categorical sequence has no typical range")
         vocab, buckets = _vocab_or_buckets(where, spec, problems)
         if vocab is None and buckets is None:
             return None

@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 from fedpersona.encoder import (
     SCOPES,
     EncoderConfig,
+    PersonaEncoder,
     ScalarStats,
     _at_least_one,
     parameter_scope,
@@ -121,3 +122,47 @@ def test_reconstruction_error_is_standardised_by_the_learned_variance(
     first = (torch.sigmoid(out[:, 0]) - batch["scalar"][:, 0]) ** 2 * target[:, 0] * 12.0
     assert first.sum() > 0
     torch.testing.assert_close(total2 - total, first, rtol=1e-3, atol=1e-5)
+
+
+def test_adapter_feeds_numbers_centred_and_scaled_by_their_typical_range() -> None:
+    """A scalar's token is ((x - centre) / spread) * scale + shift, held within 6 spreads; a
+    numeric sequence's steps are standardised the same way before its linear layer."""
+    import numpy as np
+    import pandas as pd
+
+    from fedpersona.features import featurize
+    from fedpersona.schema import parse_schema
+    from fedpersona.tables import validate_frame
+
+    schema = parse_schema(
+        {
+            "table": {"kind": "finance", "min_rows": 1},
+            "features": {
+                "AGE": {"type": "numeric", "bounds": [0, 100], "typical": [30, 50]},
+                "KIDS": {"type": "numeric", "bounds": [0, 10]},
+                "BILL": {"type": "sequence", "columns": ["B1", "B2"], "bounds": [0, 1000], "typical": [100, 300]},
+            },
+        },
+        source="t",
+    )
+    frame = pd.DataFrame(
+        {"AGE": ["40", "50", "100"], "KIDS": ["2", "0", "5"], "B1": ["200", "0", "300"], "B2": ["100", "1000", "200"]}
+    )
+    data = featurize(validate_frame(schema, frame, source="t.csv"))
+    torch.manual_seed(0)
+    model = PersonaEncoder(data.layout, EncoderConfig(token_dim=4, embed_dim=4, hidden=4, blocks=0))
+    adapter = model.adapter
+    batch = data.batch(torch.arange(3))
+    tokens, _ = adapter(batch)
+    age = torch.tensor([0.0, 1.6448536, 6.0])  # 40 = centre; 50 = top of the range; 100 (9.9) held at 6
+    kids = torch.tensor([0.2, 0.0, 0.5])  # no typical range: the [0, 1]-scaled value itself
+    assert adapter.scalar_scale is not None and adapter.scalar_shift is not None
+    scale, shift = adapter.scalar_scale.weight.detach(), adapter.scalar_shift.weight.detach()
+    torch.testing.assert_close(tokens[:, 0], age[:, None] * scale[0] + shift[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tokens[:, 1], kids[:, None] * scale[1] + shift[1])
+    bill_spread = 0.2 / (2 * 1.6448536269514722)
+    steps = (torch.tensor([[0.2, 0.1], [0.0, 1.0], [0.3, 0.2]]) - 0.2) / bill_spread
+    lin = adapter.seq_num[0]
+    expected = lin(torch.cat([steps.clamp(-6, 6), torch.ones(3, 2)], 1)).detach()
+    torch.testing.assert_close(tokens[:, 2].detach(), expected, rtol=1e-4, atol=1e-4)
+    assert np.isfinite(tokens.detach().numpy()).all()

@@ -551,3 +551,69 @@ def test_gzip_is_sniffed_through(tmp_path: Path) -> None:
     doc = tomllib.loads(infer_schema(path, kind="health"))
     assert doc["table"]["delimiter"] == ";"
     assert doc["features"]["b"]["vocabulary"] == ["x", "y"]
+
+
+# --- typical ranges (public centring of the encoder's input) ----------------------------------
+
+
+def test_typical_range_is_parsed_and_enters_the_fingerprint() -> None:
+    plain = make_schema({"INCOME": {"type": "numeric", "bounds": [0, 1e6], "log": True}})
+    typical = make_schema({"INCOME": {"type": "numeric", "bounds": [0, 1e6], "log": True, "typical": [1e4, 1e5]}})
+    assert plain.features[0].typical is None  # type: ignore[union-attr]
+    assert typical.features[0].typical == (1e4, 1e5)  # type: ignore[union-attr]
+    # Partners of one kind average their adapters only when their inputs mean the same thing.
+    assert typical.fingerprint() != plain.fingerprint()
+    again = make_schema({"INCOME": {"type": "numeric", "bounds": [0, 1e6], "log": True}})
+    assert again.fingerprint() == plain.fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("typical", "shown"),
+    [
+        ([10, 120], "got [10, 120]"),  # above the bounds
+        ([60, 30], "got [60, 30]"),  # not low < high
+        ([30], "got [30]"),
+        ("20-60", "got '20-60'"),
+        ([True, 60], "got [True, 60]"),
+    ],
+)
+def test_bad_typical_range_names_the_key_and_the_bounds(typical: Any, shown: str) -> None:
+    with pytest.raises(SchemaError) as caught:
+        make_schema({"AGE": {"type": "numeric", "bounds": [18, 100], "typical": typical}})
+    assert caught.value.problems == [
+        "features.AGE.typical must be [low, high] with 18 <= low < high <= 100 (the public range that holds "
+        f"about the middle 90% of users), {shown}"
+    ]
+
+
+def test_typical_range_is_refused_on_a_categorical_sequence() -> None:
+    spec = {"type": "sequence", "columns": ["S1", "S2"], "element": "categorical", "vocabulary": ["a", "b"]}
+    with pytest.raises(SchemaError) as caught:
+        make_schema({"status": {**spec, "typical": [0, 1]}})
+    assert caught.value.problems == [
+        "features.status.typical is for numbers; a categorical sequence has no typical range"
+    ]
+
+
+def test_layout_centres_and_scales_by_the_typical_range() -> None:
+    """(centre, spread) in [0, 1]-scaled units: the middle of the typical range, and the
+    standard deviation of a normal whose middle 90% it is; identity without a typical range."""
+    from fedpersona.features import layout_of
+
+    schema = make_schema({
+        "AGE": {"type": "numeric", "bounds": [0, 100], "typical": [20, 60]},
+        "INCOME": {"type": "numeric", "bounds": [0, 1e6], "log": True, "typical": [1e4, 1e5]},
+        "KIDS": {"type": "numeric", "bounds": [0, 10]},
+        "OWNER": {"type": "boolean"},
+        "BILL": {"type": "sequence", "columns": ["B1", "B2"], "bounds": [0, 1000], "typical": [100, 300]},
+    })  # fmt: skip
+    layout = layout_of(schema)
+    assert layout.scalar_names == ("AGE", "INCOME", "KIDS", "OWNER")
+    z90 = 1.6448536269514722  # the normal's 95th percentile
+    (c_age, s_age), (c_inc, s_inc), kids, owner = layout.scalar_standard
+    assert c_age == pytest.approx(0.4) and s_age == pytest.approx(0.4 / (2 * z90), rel=1e-4)
+    lo, hi = np.log1p(1e4) / np.log1p(1e6), np.log1p(1e5) / np.log1p(1e6)
+    assert c_inc == pytest.approx((lo + hi) / 2) and s_inc == pytest.approx((hi - lo) / (2 * z90), rel=1e-4)
+    assert kids == (0.0, 1.0) and owner == (0.0, 1.0)
+    ((c_bill, s_bill),) = layout.seq_num_standard
+    assert c_bill == pytest.approx(0.2) and s_bill == pytest.approx(0.2 / (2 * z90), rel=1e-4)
