@@ -605,6 +605,9 @@ def infer_schema(
         "# not reveal any individual's value, e.g. age [18, 100], durations [0, 4000] seconds.",
         "# Vocabularies list the categories seen here in at least 5 rows: drop any that could",
         "# single out a person (they fall into the 'other' code), add the ones the domain allows.",
+        "# A number's `typical` range (this file's 5th to 95th percentile, rounded) centres the",
+        "# model's input: it tells the federation where most of your users lie. Replace it with",
+        "# published statistics, or delete the line to keep that private.",
         f"# Columns that look like ids: {_quoted(id_like) or 'none'}.",
         "",
         "[table]",
@@ -653,6 +656,9 @@ def _draft_feature(col: str, series: pd.Series, na_values: frozenset[str], max_c
         body = (
             f'type = "numeric"\nbounds = [{_number_text(lo)}, {_number_text(hi)}]\nlog = {"true" if log else "false"}'
         )
+        typical = _draft_typical(numbers, lo, hi) if len(counts) > 2 else None
+        if typical is not None:
+            body += f"\ntypical = [{_number_text(typical[0])}, {_number_text(typical[1])}]"
     elif len(counts) <= max_categories:
         common = [v for v in sorted(counts.index, key=_sort_key) if counts[v] >= _RARE]
         if len(common) < len(counts):
@@ -694,6 +700,23 @@ def _draft_label(col: str, series: pd.Series, na_values: frozenset[str]) -> str:
 def _is_unique(series: pd.Series, na_values: frozenset[str]) -> bool:
     text, missing = _text(series, na_values)
     return bool(len(text) > 0 and not missing.any() and not text.duplicated().any())
+
+
+def _draft_typical(numbers: np.ndarray, lo: float, hi: float) -> tuple[float, float] | None:
+    """This file's 5th and 95th percentiles rounded outward to two significant digits, inside
+    ``[lo, hi]``; ``None`` when they do not make a range. A draft: publishing it tells the
+    federation where most of the partner's users lie (not any one user's value)."""
+    p5, p95 = np.quantile(numbers, [0.05, 0.95])
+    low, high = max(lo, _round_sig(float(p5), math.floor)), min(hi, _round_sig(float(p95), math.ceil))
+    return (low, high) if low < high else None
+
+
+def _round_sig(x: float, rounding: Callable[[float], float]) -> float:
+    """``x`` rounded to two significant digits with ``rounding`` (math.floor or math.ceil)."""
+    if x == 0:
+        return 0.0
+    step = 10.0 ** (math.floor(math.log10(abs(x))) - 1)
+    return float(f"{rounding(x / step) * step:.12g}")  # without binary noise such as 0.12000000000000001
 
 
 def _nice_bounds(lo: float, hi: float) -> tuple[float, float]:

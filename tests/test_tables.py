@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -509,7 +510,14 @@ def test_infer_guesses_types_ids_and_round_bounds(tmp_path: Path) -> None:
     assert doc["table"]["id"] == "customer_id"
     assert doc["table"]["delimiter"] == "\\t"
     features = doc["features"]
-    assert features["age"] == {"type": "numeric", "bounds": [0, 100], "log": False}
+    p5, p95 = np.quantile(frame["age"], [0.05, 0.95])  # two-digit ages: two digits = integers
+    assert features["age"] == {
+        "type": "numeric", "bounds": [0, 100], "log": False, "typical": [math.floor(p5), math.ceil(p95)]
+    }  # fmt: skip
+    assert "typical" not in features["member"] and "typical" not in features["plan"]
+    low, high = features["spend"]["typical"]
+    assert 0 <= low < high <= features["spend"]["bounds"][1]
+    assert "where most of your users lie" in text
     assert features["spend"]["log"] is True
     assert features["balance"]["bounds"] == [-20000, 80000]
     assert features["member"] == {"type": "boolean"}
