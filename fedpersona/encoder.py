@@ -86,6 +86,9 @@ class EncoderConfig:
     hidden: int = 64
     blocks: int = 2
     mask_rate: float = 0.3
+    # How strongly the label loss shapes the embedding: the encoder receives the label
+    # gradient times label_weight. The label head always learns at full weight, so with 0
+    # the label still gets its own head, trained on an embedding it does not pull.
     label_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -290,9 +293,11 @@ class PersonaEncoder(nn.Module):
         labels = batch["labels"]  # (B, n_labels), NaN = unknown
         if self.label_head is not None:
             known = ~torch.isnan(labels)
-            logits = self.label_head(z)
+            # Same value as z; the gradient into the encoder is scaled by label_weight.
+            frozen = z.detach()
+            logits = self.label_head(frozen + self.config.label_weight * (z - frozen))
             bce = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels), reduction="none")
-            loss = loss + self.config.label_weight * (bce * known).sum(1) / known.sum(1).clamp(min=1)
+            loss = loss + (bce * known).sum(1) / known.sum(1).clamp(min=1)
         return loss
 
     def _reconstruction(

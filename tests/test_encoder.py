@@ -166,3 +166,37 @@ def test_adapter_feeds_numbers_centred_and_scaled_by_their_typical_range() -> No
     expected = lin(torch.cat([steps.clamp(-6, 6), torch.ones(3, 2)], 1)).detach()
     torch.testing.assert_close(tokens[:, 2].detach(), expected, rtol=1e-4, atol=1e-4)
     assert np.isfinite(tokens.detach().numpy()).all()
+
+
+def test_label_weight_scales_the_label_gradient_into_the_encoder_not_into_the_head(
+    small_data: PartnerData, model_cfg: EncoderConfig
+) -> None:
+    """The label term's gradient (loss with labels minus loss without) reaches the encoder
+    times label_weight (none at 0, half at 0.5) while the head's gradient stays the same."""
+    from dataclasses import replace
+
+    batch = small_data.train.batch(torch.arange(40))
+    unlabelled = {**batch, "labels": torch.full_like(batch["labels"], float("nan"))}
+    keep = random_keep(token_presence(small_data.train.layout, batch), 0.3, torch.Generator().manual_seed(1))
+
+    def label_gradients(weight: float) -> dict[str, torch.Tensor]:
+        model = build_model(small_data, replace(model_cfg, label_weight=weight), seed=0, device=torch.device("cpu"))
+        model = model.double()
+        grads = []
+        for data in (batch, unlabelled):
+            model.zero_grad()
+            data = {k: (v.double() if v.is_floating_point() else v) for k, v in data.items()}
+            model(data, keep).sum().backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        with_labels, without = grads
+        return {n: g - without.get(n, torch.zeros_like(g)) for n, g in with_labels.items()}
+
+    full, half, none = label_gradients(1.0), label_gradients(0.5), label_gradients(0.0)
+    encoder = [n for n in full if n.startswith(("adapter.", "trunk."))]
+    assert encoder and max(full[n].abs().max().item() for n in encoder) > 1e-6
+    for name in encoder:
+        torch.testing.assert_close(half[name], 0.5 * full[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(none[name], torch.zeros_like(full[name]), rtol=0, atol=1e-12)
+    for name in ("label_head.weight", "label_head.bias"):
+        assert full[name].abs().max().item() > 1e-6
+        torch.testing.assert_close(none[name], full[name], rtol=1e-9, atol=1e-12)
