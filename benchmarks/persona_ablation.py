@@ -25,24 +25,20 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import tempfile
-import warnings
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from benchmarks.workload import federate
+from fedpersona.encoder import EncoderConfig
 from fedpersona.evaluation import embed_all
 from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
 from fedpersona.schema import KINDS
 from fedpersona.synthetic import generate_silo, partner_mixes
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.training import TrainingSettings
 
 ROWS, PARTNERS_PER_KIND, ROUNDS = 2000, 3, 5
 TRAINING = TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")
@@ -72,47 +68,15 @@ def _bounds_only(part: FeatureTensors) -> FeatureTensors:
     return FeatureTensors(replace(part.layout, scalar_standard=(), seq_num_standard=()), part.tensors)
 
 
-def _load(model: PersonaEncoder, arrays: dict[str, np.ndarray]) -> None:
-    if arrays:
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
-
-
 def _federate(
     parts: list[FeatureTensors], kinds: list[str], *, epsilon: float, label_weight: float, train: bool
 ) -> list[np.ndarray]:
-    """Train the federation; every partner's embeddings under the final global model."""
-    privacy = PrivacySettings(target_epsilon=epsilon, delta=1e-5, accountant="prv")
-    config = replace(MODEL, label_weight=label_weight)
-    models = []
-    for part in parts:
-        torch.manual_seed(0)
-        models.append(PersonaEncoder(part.layout, config))
-    sigma = None
-    if privacy.private:
-        steps = TRAINING.steps_per_round(ROWS) * ROUNDS
-        q = sample_rate_for(ROWS, TRAINING.batch_size)
-        sigma = plan_noise(target_epsilon=epsilon, delta=1e-5, sample_rate=q, steps=steps, accountant="prv")
-    aggregator = ScopedAggregator(optimizer="fedavg")
-    with tempfile.TemporaryDirectory() as state, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        ledgers = [
-            PrivacyLedger(Path(state) / str(i), settings=privacy) if privacy.private else None
-            for i in range(len(parts))
-        ]
-        for rnd in range(1, ROUNDS + 1 if train else 1):
-            updates = []
-            for i, (model, part) in enumerate(zip(models, parts, strict=True)):
-                _load(model, aggregator.arrays_for(kinds[i]))
-                train_locally(
-                    model=model, data=part, settings=TRAINING, privacy=privacy, noise_multiplier=sigma,
-                    ledger=ledgers[i], round=rnd, generator=torch.Generator().manual_seed(rnd * 100 + i),
-                )  # fmt: skip
-                weights = model.state_dict()
-                shared = {n: weights[n].detach().numpy().copy() for n in weights if parameter_scope(n) != "local"}
-                updates.append(PartnerUpdate(f"p{i}", kinds[i], shared, len(part), kind=kinds[i]))
-            aggregator.aggregate(updates)
-    for i, model in enumerate(models):
-        _load(model, aggregator.arrays_for(kinds[i]))
+    """Train the federation (one adapter per kind); every partner's embeddings under the
+    final global model."""
+    models = federate(
+        parts, slots=[f"{kind}:synthetic" for kind in kinds], model=replace(MODEL, label_weight=label_weight),
+        training=TRAINING, epsilon=epsilon, rounds=ROUNDS if train else 0,
+    )  # fmt: skip
     return [embed_all(model, part) for model, part in zip(models, parts, strict=True)]
 
 

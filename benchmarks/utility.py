@@ -19,11 +19,9 @@ notes written into the report say what was compared.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -41,15 +39,14 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from benchmarks.workload import federate
+from fedpersona.encoder import EncoderConfig, PersonaEncoder
 from fedpersona.evaluation import embed_all
 from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
 from fedpersona.schema import load_schema
 from fedpersona.simulation import _label_skew_split
 from fedpersona.tables import load_table
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.training import TrainingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -282,53 +279,12 @@ def _subset(features: FeatureTensors, index: np.ndarray) -> FeatureTensors:
 
 
 def _federate(parts: list[FeatureTensors], *, epsilon: float, rounds: int, seed: int = 0) -> list[PersonaEncoder]:
-    """FedAvg over ``parts`` (one partner: training alone); returns each partner's final model
-    (global trunk and adapter, its own heads)."""
-    privacy = PrivacySettings(target_epsilon=epsilon, delta=DELTA, accountant="prv")
-    slot = "benchmark:slot"
-    models = []
-    for _ in parts:
-        torch.manual_seed(seed)
-        models.append(PersonaEncoder(parts[0].layout, MODEL))
-    shared = [n for n in models[0].state_dict() if parameter_scope(n) != "local"]
-    sigmas = [
-        _sigma(epsilon, sample_rate_for(len(p), TRAINING.batch_size), TRAINING.steps_per_round(len(p)) * rounds)
-        if privacy.private else None
-        for p in parts
-    ]  # fmt: skip
-    aggregator = ScopedAggregator(optimizer="fedavg")
-    with tempfile.TemporaryDirectory() as state, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        ledgers = [
-            PrivacyLedger(Path(state) / str(i), settings=privacy) if privacy.private else None
-            for i in range(len(parts))
-        ]
-        for r in range(1, rounds + 1):
-            updates = []
-            for i, (model, part) in enumerate(zip(models, parts, strict=True)):
-                _load(model, aggregator.arrays_for(slot))
-                train_locally(
-                    model=model, data=part, settings=TRAINING, privacy=privacy, noise_multiplier=sigmas[i],
-                    ledger=ledgers[i], round=r, generator=torch.Generator().manual_seed(seed * 10_000 + r * 100 + i),
-                )  # fmt: skip
-                state_dict = model.state_dict()
-                arrays = {n: state_dict[n].detach().numpy().copy() for n in shared}
-                updates.append(PartnerUpdate(f"p{i}", slot, arrays, len(part), kind="benchmark"))
-            aggregator.aggregate(updates)
-    for model in models:
-        _load(model, aggregator.arrays_for(slot))
-    return models
-
-
-@functools.cache
-def _sigma(epsilon: float, sample_rate: float, steps: int) -> float:
-    """The planned noise multiplier (cached: a partner alone and federated plans the same)."""
-    return plan_noise(target_epsilon=epsilon, delta=DELTA, sample_rate=sample_rate, steps=steps, accountant="prv")
-
-
-def _load(model: PersonaEncoder, arrays: dict[str, np.ndarray]) -> None:
-    if arrays:
-        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
+    """FedAvg over ``parts`` (one partner: training alone), all in one adapter slot; returns
+    each partner's final model (global trunk and adapter, its own heads)."""
+    slots = ["benchmark:slot"] * len(parts)
+    return federate(
+        parts, slots=slots, model=MODEL, training=TRAINING, epsilon=epsilon, rounds=rounds, delta=DELTA, seed=seed
+    )
 
 
 def _scores(model: PersonaEncoder, train: FeatureTensors, test: FeatureTensors) -> dict[str, float]:

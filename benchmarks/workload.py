@@ -1,19 +1,23 @@
 """The workloads the benchmarks share: a synthetic silo featurized, a fresh default encoder,
-one timed local epoch with :func:`fedpersona.training.train_locally`."""
+one timed local epoch with :func:`fedpersona.training.train_locally`, and a plain-loop
+federation (:func:`federate`: FedAvg with the parameter scopes, no Flower)."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
 from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings
+from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
 from fedpersona.synthetic import generate_silo
 from fedpersona.training import TrainingSettings, train_locally
 
@@ -79,3 +83,65 @@ def time_epoch(data: FeatureTensors, *, mode: str, batch_size: int, device: str 
 
 def median(values: list[float]) -> float:
     return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def federate(
+    parts: list[FeatureTensors],
+    *,
+    slots: list[str],
+    model: EncoderConfig,
+    training: TrainingSettings,
+    epsilon: float,
+    rounds: int,
+    delta: float = 1e-5,
+    seed: int = 0,
+) -> list[PersonaEncoder]:
+    """FedAvg over ``parts`` for ``rounds`` rounds (0: the models as initialised), one
+    ``<kind>:<name>`` slot per partner (partners of one slot share their adapter, every
+    partner the trunk), DP-SGD planned per partner for ``epsilon`` over all the rounds.
+    Returns each partner's final model: the global trunk and its slot's adapter, its own heads.
+    """
+    privacy = PrivacySettings(target_epsilon=epsilon, delta=delta, accountant="prv")
+    models = []
+    for part in parts:
+        torch.manual_seed(seed)
+        models.append(PersonaEncoder(part.layout, model))
+    sigmas: list[float | None] = []
+    for part in parts:
+        q, steps = sample_rate_for(len(part), training.batch_size), training.steps_per_round(len(part)) * rounds
+        sigmas.append(planned_sigma(epsilon, delta, q, steps) if privacy.private and rounds else None)
+    aggregator = ScopedAggregator(optimizer="fedavg")
+    with tempfile.TemporaryDirectory() as state, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        ledgers = [
+            PrivacyLedger(Path(state) / str(i), settings=privacy) if privacy.private else None
+            for i in range(len(parts))
+        ]
+        for r in range(1, rounds + 1):
+            updates = []
+            for i, (encoder, part) in enumerate(zip(models, parts, strict=True)):
+                load_shared(encoder, aggregator.arrays_for(slots[i]))
+                train_locally(
+                    model=encoder, data=part, settings=training, privacy=privacy, noise_multiplier=sigmas[i],
+                    ledger=ledgers[i], round=r, generator=torch.Generator().manual_seed(seed * 10_000 + r * 100 + i),
+                )  # fmt: skip
+                weights = encoder.state_dict()
+                shared = {n: weights[n].detach().numpy().copy() for n in weights if parameter_scope(n) != "local"}
+                kind = slots[i].split(":")[0]
+                updates.append(PartnerUpdate(f"p{i}", slots[i], shared, len(part), kind=kind))
+            aggregator.aggregate(updates)
+    for encoder, slot in zip(models, slots, strict=True):
+        load_shared(encoder, aggregator.arrays_for(slot))
+    return models
+
+
+@functools.cache
+def planned_sigma(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The planned DP-SGD noise multiplier (cached: a partner alone and federated plan the same)."""
+    return plan_noise(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps, accountant="prv")
+
+
+def load_shared(model: PersonaEncoder, arrays: dict[str, np.ndarray]) -> None:
+    """Load the aggregator's arrays (trunk and adapter) into ``model``; its heads stay."""
+    if arrays:
+        model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
