@@ -16,9 +16,10 @@ per number, ``typical = [low, high]``: about the middle 90% of users, public dom
 like the bounds. The adapter feeds ``(value - centre) / spread`` (fixed buffers made from the
 schema, see :func:`fedpersona.features.layout_of`) instead of the bounds-scaled value, so a
 number whose users fill a twentieth of its bounds varies as much as a yes/no flag. Under
-DP-SGD this matters: with a typical range on every number of the synthetic silos, the
-default scenario's persona recovery at epsilon 3 rose from an ARI of about 0.33 to 0.57 in a
-plain-loop federation (``docs/results.md``). Nothing is computed from the partner's rows.
+DP-SGD this matters: with a typical range on every number of the synthetic silos, persona
+recovery at epsilon 3 in a plain-loop federation of the default scenario rose from an ARI of
+0.25 to 0.50 (two seeds, ``benchmarks/persona_ablation.py``, ``docs/results.md``). Nothing is
+computed from the partner's rows.
 
 **Why the reconstruction is standardised by learned statistics.** Scalars arrive scaled to
 [0, 1] by their public bounds, so a feature whose users spread over a tenth of its declared

@@ -2,8 +2,8 @@
 
 Every constant used here comes from the schema, which is public by declaration: numeric
 bounds scale values into [0, 1] (and a declared ``typical`` range sets where the encoder
-centres and scales them, see :func:`_standard`), vocabularies and bucket counts fix the codes, and hashing uses
-a fixed keyed BLAKE2b. Nothing is fitted on the private rows (no means, no standard
+centres and scales them, see :func:`_standard`), vocabularies and bucket counts fix the
+codes, and hashing uses a fixed keyed BLAKE2b. Nothing is fitted on the private rows (no means, no standard
 deviations, no vocabulary discovery), so featurizing one more or one fewer user changes no
 constant. *Could an auditor call this a leak?* No: the mapping row -> tensor is a fixed,
 public function of the row alone.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -101,13 +102,13 @@ class FeatureTensors:
 
 def layout_of(schema: Schema) -> FeatureLayout:
     """The token layout a schema implies."""
-    scalars = [f.name for f in schema.features if isinstance(f, NumericFeature | BooleanFeature)]
+    scalars = [f for f in schema.features if isinstance(f, NumericFeature | BooleanFeature)]
     cats = [f for f in schema.features if isinstance(f, CategoricalFeature)]
     texts = [f for f in schema.features if isinstance(f, TextFeature)]
     seq_num = [f for f in schema.features if isinstance(f, SequenceFeature) and f.element == "numeric"]
     seq_cat = [f for f in schema.features if isinstance(f, SequenceFeature) and f.element != "numeric"]
     return FeatureLayout(
-        scalar_names=tuple(scalars),
+        scalar_names=tuple(f.name for f in scalars),
         cat_names=tuple(f.name for f in cats),
         cat_cardinalities=tuple(f.cardinality for f in cats),
         text_names=tuple(f.name for f in texts),
@@ -119,12 +120,12 @@ def layout_of(schema: Schema) -> FeatureLayout:
         seq_cat_lengths=tuple(len(f.columns) for f in seq_cat),
         seq_cat_cardinalities=tuple(f.cardinality for f in seq_cat),
         label_names=tuple(label.name for label in schema.labels),
-        scalar_standard=tuple(_standard(f) for f in schema.features if isinstance(f, NumericFeature | BooleanFeature)),
+        scalar_standard=tuple(_standard(f) for f in scalars),
         seq_num_standard=tuple(_standard(f) for f in seq_num),
     )
 
 
-_TYPICAL_SDS = 2.0 * 1.6449  # a normal's middle 90% spans 3.29 standard deviations
+_TYPICAL_SDS = 2.0 * NormalDist().inv_cdf(0.95)  # a normal's middle 90% spans 3.29 standard deviations
 
 
 def _standard(feature: NumericFeature | BooleanFeature | SequenceFeature) -> tuple[float, float]:
