@@ -51,7 +51,7 @@ VARIANTS = {
 }
 
 
-def _partners(seed: int) -> tuple[list[FeatureTensors], list[np.ndarray], list[str]]:
+def scenario_partners(seed: int) -> tuple[list[FeatureTensors], list[np.ndarray], list[str]]:
     parts, truths, kinds = [], [], []
     for i, kind in enumerate(KINDS):
         mixes = partner_mixes(PARTNERS_PER_KIND, alpha=1.0, rng=np.random.default_rng([seed, i]))
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue  # no training, no privacy cost: one row
             results = []
             for seed in args.seeds:
-                parts, truths, kinds = _partners(seed)
+                parts, truths, kinds = scenario_partners(seed)
                 if not variant["typical"]:
                     parts = [_bounds_only(p) for p in parts]
                 embeddings = _federate(

@@ -132,3 +132,44 @@ def test_utility_notes_judge_the_targets_on_the_probe() -> None:
     assert "on noisy the encoder reaches the target without noise, so the shortfall at eps=3 is the DP noise" in notes
     assert "probe missed on noisy (gains met +0.040, noisy +0.010); label head gains met +0.200" in notes
     assert "trains on all of the 80% train rows" in notes
+
+
+def test_persona_geometry_centring_undoes_a_kind_offset() -> None:
+    """Two kinds hold the same two personas, shifted far apart. Pooled k-means (K = 2) splits
+    by kind, so within a partner everyone shares one cluster (ARI 0); centring each kind on
+    its own mean puts the personas on top of each other and k-means finds them (ARI 1)."""
+    import numpy as np
+    import pytest
+
+    from benchmarks.persona_geometry import kind_centred, pca_projected, pooled_ari
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat([0, 1], 100)
+    personas = np.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    offsets = {"a": np.array([0.0, 20.0, 0.0]), "b": np.array([0.0, -20.0, 0.0])}
+    kinds = ["a", "a", "b", "b"]
+    embeddings = [personas[truth] + offsets[kind] + rng.normal(0.0, 0.1, (200, 3)) for kind in kinds]
+    truths = [truth] * 4
+    assert pooled_ari(embeddings, truths, k=2) == pytest.approx(0.0, abs=1e-9)
+    centred = kind_centred(embeddings, kinds)
+    assert np.allclose(np.linalg.norm(np.vstack(centred), axis=1), 1.0)
+    assert pooled_ari(centred, truths, k=2) == pytest.approx(1.0)
+    assert pooled_ari(kind_centred(embeddings, kinds, standardise=True), truths, k=2) == pytest.approx(1.0)
+    # The first principal axis of the pooled rows is the kind offset (the y axis).
+    first = np.vstack(pca_projected(embeddings, 1))[:, 0]
+    y = np.vstack(embeddings)[:, 1]
+    assert abs(np.corrcoef(first, y)[0, 1]) > 0.999
+
+
+def test_persona_geometry_overrides_are_typed_and_checked() -> None:
+    import pytest
+
+    from benchmarks.persona_ablation import MODEL, TRAINING
+    from benchmarks.persona_geometry import _override
+
+    model, training = _override(MODEL, TRAINING, ["model.hidden=32", "training.lr=0.02"])
+    assert model.hidden == 32 and isinstance(model.hidden, int) and model.token_dim == MODEL.token_dim
+    assert training.lr == 0.02 and training.batch_size == TRAINING.batch_size
+    for bad in ("model.width=3", "hidden=3", "model.hidden"):
+        with pytest.raises(SystemExit, match=r"expected model\.KEY=VALUE or training\.KEY=VALUE"):
+            _override(MODEL, TRAINING, [bad])
