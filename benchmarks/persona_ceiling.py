@@ -30,8 +30,8 @@ from sklearn.cluster import KMeans
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_predict
-from sklearn.preprocessing import StandardScaler
 
+from benchmarks.workload import standardised_columns
 from fedpersona.encoder import EncoderConfig, PersonaEncoder
 from fedpersona.evaluation import embed_all
 from fedpersona.features import FeatureTensors, featurize
@@ -46,17 +46,6 @@ ROUNDS, TRAINING = 5, TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, d
 
 def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
     return float(adjusted_rand_score(truth, KMeans(K, n_init=4, random_state=0).fit_predict(x)))
-
-
-def _columns(features: FeatureTensors) -> np.ndarray:
-    t = {k: v.numpy() for k, v in features.tensors.items()}
-    cat = t["cat"]
-    onehot = np.zeros((len(cat), int(cat.max()) + 1))
-    onehot[np.arange(len(cat))[:, None], cat] = 1.0
-    blocks = [t["scalar"], t["scalar_present"].astype(float), onehot]
-    blocks += [v for k, v in t.items() if k.startswith("seq") and not k.endswith("_present") and "cat" not in k]
-    x = np.hstack(blocks)
-    return StandardScaler().fit_transform(x[:, x.std(axis=0) > 0])
 
 
 def _encoder_ari(features: FeatureTensors, truth: np.ndarray, *, epsilon: float, label_weight: float) -> float:
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             traits = np.array([a.traits for a in ARCHETYPES])[truth]
             traits = traits + np.random.default_rng(2).normal(0.0, TRAIT_NOISE, traits.shape)
             features = featurize(silo.table)
-            x = _columns(features)
+            x = standardised_columns(features)
             predicted = cross_val_predict(HistGradientBoostingClassifier(random_state=0), x, truth, cv=3)
             private = _encoder_ari(features, truth, epsilon=3.0, label_weight=1.0)
             means.setdefault(rows, []).append(private)

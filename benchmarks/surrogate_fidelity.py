@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
-from sklearn.preprocessing import StandardScaler
 
+from benchmarks.workload import standardised_columns
 from fedpersona.encoder import EncoderConfig, PersonaEncoder
 from fedpersona.evaluation import embed_all
 from fedpersona.features import FeatureTensors, featurize
@@ -74,16 +74,7 @@ def encoder_personas(features: FeatureTensors, *, seed: int = 0, label_weight: f
 
 def column_personas(features: FeatureTensors, *, seed: int = 0) -> np.ndarray:
     """k-means personas on the standardised featurized columns (no encoder)."""
-    t = {name: tensor.numpy() for name, tensor in features.tensors.items()}
-    blocks = [t["scalar"], t["scalar_present"].astype(np.float64)]
-    if t["cat"].size:
-        codes = t["cat"]
-        onehot = np.zeros((len(codes), int(codes.max()) + 1))
-        onehot[np.arange(len(codes))[:, None], codes] = 1.0
-        blocks.append(onehot)
-    blocks += [v for name, v in t.items() if name.startswith("seq") and "cat" not in name and "present" not in name]
-    x = np.hstack([b.reshape(len(b), -1) for b in blocks])
-    x = StandardScaler().fit_transform(x[:, x.std(axis=0) > 0])
+    x = standardised_columns(features)
     return KMeans(K, n_init=4, random_state=seed).fit_predict(x).astype(np.int64)
 
 

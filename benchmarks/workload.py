@@ -1,6 +1,7 @@
 """The workloads the benchmarks share: a synthetic silo featurized, a fresh default encoder,
-one timed local epoch with :func:`fedpersona.training.train_locally`, and a plain-loop
-federation (:func:`federate`: FedAvg with the parameter scopes, no Flower)."""
+one timed local epoch with :func:`fedpersona.training.train_locally`, a plain-loop
+federation (:func:`federate`: FedAvg with the parameter scopes, no Flower) and the featurized
+columns as one standardised matrix (:func:`standardised_columns`, the no-encoder baseline)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.preprocessing import StandardScaler
 
 from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
@@ -145,3 +147,19 @@ def load_shared(model: PersonaEncoder, arrays: dict[str, np.ndarray]) -> None:
     """Load the aggregator's arrays (trunk and adapter) into ``model``; its heads stay."""
     if arrays:
         model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
+
+
+def standardised_columns(features: FeatureTensors) -> np.ndarray:
+    """The featurized columns as one matrix for baselines without an encoder: scalars, their
+    presence flags, one-hot categorical codes and numeric sequence steps (categorical
+    sequences and text left out), constant columns dropped, each standardised."""
+    t = {name: tensor.numpy() for name, tensor in features.tensors.items()}
+    blocks = [t["scalar"], t["scalar_present"].astype(np.float64)]
+    if t["cat"].size:  # codes carry global offsets, so one one-hot block covers every feature
+        codes = t["cat"]
+        onehot = np.zeros((len(codes), int(codes.max()) + 1))
+        onehot[np.arange(len(codes))[:, None], codes] = 1.0
+        blocks.append(onehot)
+    blocks += [v for name, v in t.items() if name.startswith("seqnum") and not name.endswith("_present")]
+    x = np.hstack(blocks)
+    return StandardScaler().fit_transform(x[:, x.std(axis=0) > 0])
