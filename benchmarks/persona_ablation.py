@@ -80,22 +80,20 @@ def _federate(
     return [embed_all(model, part) for model, part in zip(models, parts, strict=True)]
 
 
-def _scores(embeddings: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
-    def kmeans(z: np.ndarray, k: int) -> np.ndarray:
-        return KMeans(k, n_init=4, random_state=0).fit_predict(z)
-
-    out: dict[str, float] = {}
+def pooled_ari(embeddings: list[np.ndarray], truths: list[np.ndarray], k: int = 8) -> float:
+    """Mean over partners of the ARI of k-means on the pooled rows (one clustering for all)."""
+    labels = KMeans(k, n_init=4, random_state=0).fit_predict(np.vstack(embeddings))
     edges = np.cumsum([0] + [len(z) for z in embeddings])
-    pooled = np.vstack(embeddings)
-    for k in (8, 12, 16):
-        labels = kmeans(pooled, k)
-        parts = [labels[edges[i] : edges[i + 1]] for i in range(len(embeddings))]
-        out[f"K={k}"] = float(np.mean([adjusted_rand_score(t, p) for t, p in zip(truths, parts, strict=True)]))
+    return float(np.mean([adjusted_rand_score(t, labels[edges[i] : edges[i + 1]]) for i, t in enumerate(truths)]))
+
+
+def _scores(embeddings: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
+    out = {f"K={k}": pooled_ari(embeddings, truths, k) for k in (8, 12, 16)}
     per_kind = []
     for start in range(0, len(embeddings), PARTNERS_PER_KIND):
         z = np.vstack(embeddings[start : start + PARTNERS_PER_KIND])
         truth = np.concatenate(truths[start : start + PARTNERS_PER_KIND])
-        per_kind.append(adjusted_rand_score(truth, kmeans(z, 6)))
+        per_kind.append(adjusted_rand_score(truth, KMeans(6, n_init=4, random_state=0).fit_predict(z)))
     out["per kind, K=6"] = float(np.mean(per_kind))
     return out
 

@@ -31,13 +31,12 @@ from dataclasses import fields, replace
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 from sklearn.model_selection import cross_val_score
 
-from benchmarks.persona_ablation import MODEL, PARTNERS_PER_KIND, ROUNDS, TRAINING, scenario_partners
+from benchmarks.persona_ablation import MODEL, PARTNERS_PER_KIND, ROUNDS, TRAINING, pooled_ari, scenario_partners
 from benchmarks.workload import federate
 from fedpersona.encoder import EncoderConfig
 from fedpersona.evaluation import embed_all
@@ -45,13 +44,6 @@ from fedpersona.synthetic import ARCHETYPES
 from fedpersona.training import TrainingSettings
 
 COLUMNS = ("K=8", "kind-centred", "kind-standardised", "PCA 8", "GMM per kind", "probe accuracy")
-
-
-def pooled_ari(embeddings: list[np.ndarray], truths: list[np.ndarray], k: int = 8) -> float:
-    """Mean over partners of the ARI of k-means on the pooled rows (one clustering for all)."""
-    labels = KMeans(k, n_init=4, random_state=0).fit_predict(np.vstack(embeddings))
-    edges = np.cumsum([0] + [len(z) for z in embeddings])
-    return float(np.mean([adjusted_rand_score(t, labels[edges[i] : edges[i + 1]]) for i, t in enumerate(truths)]))
 
 
 def kind_centred(embeddings: list[np.ndarray], kinds: list[str], *, standardise: bool = False) -> list[np.ndarray]:
