@@ -3,9 +3,9 @@
 Every constant used here comes from the schema, which is public by declaration: numeric
 bounds scale values into [0, 1] (and a declared ``typical`` range sets where the encoder
 centres and scales them, see :func:`_standard`), vocabularies and bucket counts fix the
-codes, and hashing uses a fixed keyed BLAKE2b. Nothing is fitted on the private rows (no means, no standard
-deviations, no vocabulary discovery), so featurizing one more or one fewer user changes no
-constant. *Could an auditor call this a leak?* No: the mapping row -> tensor is a fixed,
+codes, and hashing uses a fixed keyed BLAKE2b. Nothing is fitted on the private rows (no
+means, no standard deviations, no vocabulary discovery), so featurizing one more or one fewer
+user changes no constant. *Could an auditor call this a leak?* No: the mapping row -> tensor is a fixed,
 public function of the row alone.
 """
 
