@@ -33,6 +33,8 @@ FILES = ("weights.npz", "card.json", "signature.json")
 class ArtifactError(FedPersonaError):
     """A model artifact is missing, modified, or not signed by the expected key."""
 
+    category = "model"
+
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()

@@ -501,9 +501,16 @@ def partner_check(
     result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
     cfg = result.config
     console.print(
-        f"partner {cfg.name} ({cfg.kind}): data OK, {result.rows} users ({result.train_rows} for training), "
-        f"{result.features} features; credentials OK; state folder {cfg.state_dir}"
+        f"partner {cfg.name} ({cfg.kind}): data OK, {result.rows} users ({result.train_rows} for training; "
+        f"declared public_rows {result.public_rows}), {result.features} features; credentials OK; "
+        f"state folder {cfg.state_dir}"
     )
+    if not 0.5 <= result.train_rows / result.public_rows <= 2.0:
+        console.print(
+            f"[bold yellow]warning:[/bold yellow] data.public_rows = {result.public_rows} is far from the "
+            f"{result.train_rows} training rows here: the sample rate and your weight follow the declaration, "
+            "so training will see much more or much less of your data than planned"
+        )
     if not cfg.privacy.private:
         console.print("[bold red]NOT PRIVATE: privacy.target_epsilon = inf[/bold red]")
     elif result.planned_rounds is None:

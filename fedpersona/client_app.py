@@ -5,9 +5,12 @@ How a partner finds its own configuration (``Context.node_config``):
 - deployment: ``client-config = "/path/to/client.toml"`` (set by ``fedpersona partner start``);
 - simulation: ``partition-id`` picks an entry of ``<run-dir>/partners/index.json``.
 
-A user-fixable problem (e.g. an exhausted privacy budget, a bad data file) is sent back as
-an error reply whose reason is the one-paragraph message, so the server can log it and go
-on without this partner.
+A problem at the partner (an exhausted privacy budget, a bad data file, a refused policy, an
+unexpected failure) is sent back as an error reply carrying only a fixed code and category and
+the ledger's epsilon (:func:`fedpersona.manifest.error_reason`); the full message, which may
+quote a cell of the partner's table, goes to the partner's own log only. Every other reply
+carries the ledger's epsilon too (``epsilon`` in its info or metrics), so the coordinator's
+view of a partner's spending is never behind its last message.
 
 At the end of a deployed run the server sends the signed final model (``query.final_model``);
 the partner verifies it against the federation's model-signing key named in its node config
@@ -36,10 +39,11 @@ from fedpersona.config import PartnerConfig, load_partner_config
 from fedpersona.errors import (
     ConfigError,
     FedPersonaError,
+    PolicyRefusal,
     PrivacyBudgetExceeded,
     PrivacyLedgerError,
 )
-from fedpersona.manifest import audit_entry, check_outgoing, write_audit
+from fedpersona.manifest import ERROR_CODES, audit_entry, check_outgoing, error_reason, write_audit
 from fedpersona.messages import arrays_of, config_of, decode_settings, encode_arrays
 from fedpersona.partner import (
     RoundOutcome,
@@ -72,12 +76,9 @@ from fedpersona.secagg import (
 )
 from fedpersona.training import pick_device
 
-__all__ = ["ERROR_BUDGET", "ERROR_USER", "app", "build_client_app"]
+__all__ = ["app", "build_client_app"]
 
 logger = logging.getLogger(__name__)
-
-ERROR_USER = 4001
-ERROR_BUDGET = 4002
 
 
 def _partner_config(context: Context, run_dir: str | None) -> PartnerConfig:
@@ -98,10 +99,12 @@ def _guarded(
     handler: Callable[[Message, Context, PartnerConfig], RecordDict], run_dir: str | None
 ) -> Callable[[Message, Context], Message]:
     def wrapped(msg: Message, context: Context) -> Message:
+        cfg: PartnerConfig | None = None
         try:
             cfg = _partner_config(context, run_dir)
             content = handler(msg, context, cfg)
             message_type = msg.metadata.message_type
+            _add_epsilon(content, cfg)
             check_outgoing(message_type, content, share_eval_metrics=cfg.share_eval_metrics)
             if cfg.audit_log:
                 rnd = config_of(msg).get("round")
@@ -110,13 +113,42 @@ def _guarded(
             return Message(content, reply_to=msg)
         except PrivacyBudgetExceeded as exc:
             logger.warning("refusing work: %s", exc)
-            return Message(Error(code=ERROR_BUDGET, reason=str(exc)), reply_to=msg)
+            return _error_reply(msg, exc.category, cfg)
         except FedPersonaError as exc:
             logger.error("%s", exc)
-            return Message(Error(code=ERROR_USER, reason=str(exc)), reply_to=msg)
+            return _error_reply(msg, exc.category, cfg)
+        except Exception:
+            # Unexpected: the traceback may hold row values, so it stays in this log.
+            logger.exception("%s failed at this partner", msg.metadata.message_type)
+            return _error_reply(msg, "internal", cfg)
 
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+def _error_reply(msg: Message, category: str, cfg: PartnerConfig | None) -> Message:
+    """An error reply with a fixed code, its category and the ledger's epsilon, nothing else."""
+    category = category if category in ERROR_CODES else "error"
+    epsilon = None
+    if cfg is not None:
+        try:
+            epsilon = spent_epsilon(cfg)
+        except FedPersonaError:  # an unreadable ledger: the category says so already
+            epsilon = None
+    return Message(Error(code=ERROR_CODES[category], reason=error_reason(category, epsilon)), reply_to=msg)
+
+
+def _add_epsilon(content: RecordDict, cfg: PartnerConfig) -> None:
+    """Every reply of a private partner carries its cumulative epsilon (from its ledger)."""
+    epsilon = spent_epsilon(cfg)
+    if epsilon is None:
+        return
+    if "info" in content.config_records:
+        content.config_records["info"]["epsilon"] = float(epsilon)
+    elif "metrics" in content.metric_records:
+        content.metric_records["metrics"]["epsilon"] = float(epsilon)
+    else:
+        content["metrics"] = MetricRecord({"epsilon": float(epsilon)})
 
 
 def _last_ledger_seq(cfg: PartnerConfig) -> int | None:
@@ -127,7 +159,7 @@ def _last_ledger_seq(cfg: PartnerConfig) -> int | None:
 
 
 def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    """Describe this partner: kind, schema fingerprint, public row count and noise plan."""
+    """Describe this partner: kind, schema fingerprint, declared row count and noise plan."""
     _, training = decode_settings(config_of(msg))
     config = config_of(msg)
     rounds = int(config["num_rounds"])
@@ -143,8 +175,7 @@ def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         "kind": cfg.kind,
         "fingerprint": schema.fingerprint(),
         "schema_version": schema.version,
-        "rows": len(data.train) + len(data.test),
-        "train_rows": len(data.train),
+        "rows": plan.public_rows,
         "private": plan.private,
         "noise_multiplier": plan.noise_multiplier if plan.noise_multiplier is not None else 0.0,
         "sample_rate": plan.sample_rate,
@@ -155,8 +186,25 @@ def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         "accountant": plan.accountant,
         "max_grad_norm": plan.max_grad_norm,
         "share_eval_metrics": cfg.share_eval_metrics,
+        "noise_seeds_known": plan.noise_seeded,
+        "require_secure_aggregation": cfg.require_secure_aggregation,
     }
     return RecordDict({"info": ConfigRecord(info)})
+
+
+def _status(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Nothing but the ledger's epsilon (added to every reply): the coordinator asks at the end
+    of a run so that privacy.json and the model card carry each partner's final spending."""
+    return RecordDict()
+
+
+def _refuse_plain(cfg: PartnerConfig, what: str) -> None:
+    """A partner that requires secure aggregation never sends an individual release."""
+    if cfg.require_secure_aggregation:
+        raise PolicyRefusal(
+            f"{cfg.name}: release.require_secure_aggregation is true, and the coordinator asked for a plain "
+            f"{what} (the server would see this partner's own release); refused"
+        )
 
 
 def _check_ledger_not_rolled_back(context: Context, cfg: PartnerConfig) -> int:
@@ -205,6 +253,7 @@ def _run_training(msg: Message, context: Context, cfg: PartnerConfig) -> tuple[R
 
 
 def _train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    _refuse_plain(cfg, "training round")
     outcome, metrics = _run_training(msg, context, cfg)
     return RecordDict({"arrays": encode_arrays(outcome.arrays), "metrics": metrics})
 
@@ -294,14 +343,15 @@ def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         server_round=int(config["round"]),
         seed=int(config["seed"]),
     )
-    public = {"epsilon": metrics["epsilon"]} if metrics["epsilon"] is not None else {}
+    public: dict[str, Any] = {}
     if cfg.share_eval_metrics:
-        public.update({k: float(v) for k, v in metrics.items() if k not in ("epsilon", "rows") and v == v})
+        public.update({k: float(v) for k, v in metrics.items() if k != "epsilon" and v == v})
     return RecordDict({"metrics": MetricRecord(public)})
 
 
 def _kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """One DP k-means release: noisy per-prototype sums and counts (charged first)."""
+    _refuse_plain(cfg, "k-means release")
     config = config_of(msg)
     model_cfg, training = decode_settings(config)
     stats = cluster_round(
@@ -314,9 +364,6 @@ def _kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         seed=int(config["seed"]),
     )
     metrics: dict[str, Any] = {"noise_std": stats.noise_std}
-    epsilon = spent_epsilon(cfg)
-    if epsilon is not None:
-        metrics["epsilon"] = epsilon
     sums = stats.sums.astype(np.float32)
     counts = stats.counts.astype(np.float32)
     return RecordDict(
@@ -337,9 +384,6 @@ def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         seed=int(config["seed"]),
     )
     public: dict[str, Any] = {}
-    epsilon = spent_epsilon(cfg)
-    if epsilon is not None:
-        public["epsilon"] = epsilon
     if cfg.share_eval_metrics:
         public.update({k: float(v) for k, v in metrics.items()})
     return RecordDict({"metrics": MetricRecord(public)})
@@ -378,6 +422,7 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
     client.query("kmeans")(_guarded(_kmeans, run_dir))
     client.query("personas")(_guarded(_personas, run_dir))
     client.query("final_model")(_guarded(_final_model, run_dir))
+    client.query("status")(_guarded(_status, run_dir))
     return client
 
 

@@ -55,6 +55,7 @@ import numpy as np
 
 from fedpersona.errors import ConfigError
 from fedpersona.privacy import ACCOUNTANTS, LedgerEntry, PrivacyLedger, compute_epsilon
+from fedpersona.randomness import SecretRandomness
 
 __all__ = [
     "KMEANS_MECHANISM",
@@ -160,7 +161,7 @@ def local_cluster_stats(
     prototypes: np.ndarray,
     *,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    randomness: SecretRandomness,
 ) -> ClusterStats:
     """A partner's noisy per-prototype sums and counts of its users' embeddings.
 
@@ -169,14 +170,17 @@ def local_cluster_stats(
     to its nearest prototype by cosine; then ``N(0, (noise_multiplier * sqrt(2))**2)`` is
     added to every coordinate of the sums and of the counts (see the module docstring for
     why ``sqrt(2)``). ``noise_multiplier = 0`` releases exact statistics (only for an
-    explicitly non-private run). The caller must have charged the ledger first
+    explicitly non-private run). The noise comes from ``randomness``, the partner's secret
+    stream (:mod:`fedpersona.randomness`): noise the coordinator could regenerate would let it
+    subtract the noise and read the exact counts. The caller must have charged the ledger first
     (:func:`charge_kmeans_round`): this function only computes.
     """
     z = _check_embeddings(z)
     centres = _unit_prototypes(prototypes, z.shape[1])
     if not (isinstance(noise_multiplier, int | float) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    _check_generator(rng)
+    if not isinstance(randomness, SecretRandomness):
+        raise ValueError(f"expected a SecretRandomness, got {type(randomness).__name__}")
     norms = np.linalg.norm(z, axis=1, keepdims=True)
     clipped = z / np.maximum(norms, 1.0)  # (n, dim), every row in the unit ball
     k, dim = centres.shape
@@ -186,8 +190,8 @@ def local_cluster_stats(
     counts = np.bincount(assigned, minlength=k).astype(np.float64)
     std = float(noise_multiplier) * SENSITIVITY
     if std > 0:
-        sums = sums + rng.normal(0.0, std, size=sums.shape)
-        counts = counts + rng.normal(0.0, std, size=counts.shape)
+        sums = sums + randomness.normal(sums.shape, std)
+        counts = counts + randomness.normal(counts.shape, std)
     return ClusterStats(sums=sums, counts=counts, noise_std=std)
 
 
@@ -369,7 +373,12 @@ def federated_kmeans(
             for ledger in ledgers:
                 charge_kmeans_round(ledger, round=first_round + r, noise_multiplier=noise_multiplier)
         stats = [
-            local_cluster_stats(z, prototypes, noise_multiplier=noise_multiplier, rng=rng)
+            local_cluster_stats(
+                z,
+                prototypes,
+                noise_multiplier=noise_multiplier,
+                randomness=SecretRandomness.from_seed(int(rng.integers(0, 2**62))),
+            )
             for z, rng in zip(embeddings, partner_rngs, strict=True)
         ]
         if r == summary - 1:

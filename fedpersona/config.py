@@ -171,6 +171,9 @@ class SimulationSettings:
     gpus_per_partner: float = 0.0
     test_fraction: float = 0.2
     share_eval_metrics: bool = True
+    # Derive every partner's DP noise keys from the federation seed: reproducible runs, NOT
+    # private against the coordinator (labelled so in the console, privacy.json and report).
+    reproducible_noise: bool = False
 
     def __post_init__(self) -> None:
         if not self.cpus_per_partner > 0:
@@ -179,6 +182,8 @@ class SimulationSettings:
             raise ConfigError(f"simulation.gpus_per_partner must be in [0, 1], got {self.gpus_per_partner!r}")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"simulation.test_fraction must be in (0, 1), got {self.test_fraction!r}")
+        if not isinstance(self.reproducible_noise, bool):
+            raise ConfigError(f"simulation.reproducible_noise must be true or false, got {self.reproducible_noise!r}")
 
 
 @dataclass(frozen=True)
@@ -259,10 +264,21 @@ class PartnerConfig:
     synthetic_seed: int = 0
     synthetic_mix: tuple[float, ...] | None = None
     test_fraction: float = 0.2
-    split_seed: int = 0
+    public_rows: int | None = None
     share_eval_metrics: bool = False
     audit_log: bool = False
+    require_secure_aggregation: bool = False
     source: str = "<client.toml>"
+
+    def declared_rows(self) -> int | None:
+        """The partner's public row count: ``data.public_rows``, or for a synthetic table the
+        training share of its configured ``synthetic_rows`` (both are configuration, public);
+        ``None`` for a table file without a declaration."""
+        if self.public_rows is not None:
+            return self.public_rows
+        if self.data is None and self.synthetic_rows:
+            return max(2, round(self.synthetic_rows * (1.0 - self.test_fraction)))
+        return None
 
 
 def _as_dict(obj: Any) -> dict[str, Any]:
@@ -388,11 +404,10 @@ def load_scenario(
 _PARTNER_SECTIONS = {
     "partner": ("name", "kind", "state_dir"),
     "data": (
-        "path", "schema", "synthetic_rows", "synthetic_seed", "synthetic_mix",
-        "test_fraction", "split_seed",
+        "path", "schema", "public_rows", "synthetic_rows", "synthetic_seed", "synthetic_mix", "test_fraction",
     ),
     "privacy": tuple(f.name for f in fields(PrivacySettings)),
-    "release": ("share_eval_metrics", "audit_log"),
+    "release": ("share_eval_metrics", "audit_log", "require_secure_aggregation"),
 }  # fmt: skip
 
 
@@ -445,16 +460,23 @@ def load_partner_config(path: str | Path) -> PartnerConfig:
         isinstance(synthetic_rows, bool) or not isinstance(synthetic_rows, int) or synthetic_rows < 1
     ):
         raise ConfigError(f"{source}: data.synthetic_rows must be an integer >= 1, got {synthetic_rows!r}")
-    for key in ("synthetic_seed", "split_seed"):
-        value = data.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{source}: data.{key} must be an integer >= 0, got {value!r}")
+    value = data.get("synthetic_seed", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{source}: data.synthetic_seed must be an integer >= 0, got {value!r}")
+    public_rows = data.get("public_rows")
+    if public_rows is not None and (
+        isinstance(public_rows, bool) or not isinstance(public_rows, int) or public_rows < 2
+    ):
+        raise ConfigError(
+            f"{source}: data.public_rows must be an integer >= 2 (a round figure of your table's size, "
+            f"public: it sets your sample rate and aggregation weight), got {public_rows!r}"
+        )
     mix = data.get("synthetic_mix")
     if mix is not None and (
         not isinstance(mix, list) or not mix or not all(_is_number(x) and x >= 0 for x in mix) or not sum(mix) > 0
     ):
         raise ConfigError(f"{source}: data.synthetic_mix must be numbers >= 0 with a positive sum, got {mix!r}")
-    for key in ("share_eval_metrics", "audit_log"):
+    for key in ("share_eval_metrics", "audit_log", "require_secure_aggregation"):
         # A string such as "false" must not switch a release on: only true or false is accepted.
         if not isinstance(release.get(key, False), bool):
             raise ConfigError(f"{source}: release.{key} must be true or false, got {release[key]!r}")
@@ -469,8 +491,9 @@ def load_partner_config(path: str | Path) -> PartnerConfig:
         synthetic_seed=int(data.get("synthetic_seed", 0)),
         synthetic_mix=tuple(float(x) for x in mix) if mix is not None else None,
         test_fraction=float(test_fraction),
-        split_seed=int(data.get("split_seed", 0)),
+        public_rows=public_rows,
         share_eval_metrics=bool(release.get("share_eval_metrics", False)),
         audit_log=bool(release.get("audit_log", False)),
+        require_secure_aggregation=bool(release.get("require_secure_aggregation", False)),
         source=source,
     )

@@ -558,6 +558,7 @@ class PartnerCheck:
     config: PartnerConfig
     rows: int
     train_rows: int
+    public_rows: int
     features: int
     noise_multiplier: float | None
     planned_rounds: int | None
@@ -580,7 +581,7 @@ def check_partner(
     rounds, then ``kmeans_rounds`` persona-clustering rounds (default: the federation default;
     0 = none), whose reserve the noise is planned around; the last epsilon is after clustering.
     """
-    from fedpersona.partner import load_partner_data
+    from fedpersona.partner import load_partner_data, public_rows_of
     from fedpersona.planning import plan_rows
 
     cfg = load_partner_config(config)
@@ -607,6 +608,7 @@ def check_partner(
     if problems:
         raise ConfigError("; ".join(problems))
     data = load_partner_data(cfg)  # schema validation: raises SchemaError listing every problem
+    declared = public_rows_of(cfg, data)  # a private partner with a table must declare public_rows
     training = training or TrainingSettings()
     plan_path = state / "plan.json"
     if plan_path.exists():  # the plan is fixed at the first round and never re-made
@@ -621,7 +623,7 @@ def check_partner(
         if planned is not None:
             fed = FederationSettings()  # the coordinator's defaults unless told otherwise
             sigma, _, _, eps = plan_rows(
-                rows=len(data.train), privacy=cfg.privacy, training=training, rounds=planned,
+                rows=declared, privacy=cfg.privacy, training=training, rounds=planned,
                 kmeans_rounds=fed.kmeans_releases if kmeans_rounds is None else kmeans_rounds,
                 kmeans_noise=fed.kmeans_noise,
             )  # fmt: skip
@@ -629,6 +631,7 @@ def check_partner(
         config=cfg,
         rows=len(data.table),
         train_rows=len(data.train),
+        public_rows=declared,
         features=len(data.schema.features),
         noise_multiplier=sigma,
         planned_rounds=planned,

@@ -10,6 +10,19 @@ Each item is one key (or key pattern) of one record of one message type, with it
 - ``opt-in``: NOT differentially private, sent only when the partner sets
   ``share_eval_metrics = true`` (evaluation metrics on its held-out rows).
 
+The partner's actual row count is never sent. Its ``rows`` is ``data.public_rows``, a round
+figure the partner declares in its client.toml (public by declaration, like the schema's
+bounds); the sample rate, steps per round, noise plan, the expected batch size a noisy sum is
+divided by and the aggregation weight are functions of that declaration only, so adding or
+removing one user changes no parameter of any mechanism (see ``docs/privacy.md``,
+"Neighbouring relation"). ``epsilon`` in a reply is the partner's cumulative epsilon as its
+ledger records it: a function of the public plan parameters only.
+
+**Error replies** (:func:`error_reason`) carry one of the fixed codes of :data:`ERROR_CODES`
+and a reason that is the JSON object ``{"category": ..., "epsilon": ...}``: the category word
+and the ledger's epsilon, nothing else. The exception's own text (which may quote a cell of
+the partner's table) stays in the partner's log.
+
 Items name the full message type: with secure aggregation (:mod:`fedpersona.secagg`) the
 ``query.secagg_*`` replies carry public keys, parameter shapes, encrypted shares and revealed
 shares (cryptographic material drawn independently of the data), and ``train.secagg`` carries
@@ -33,13 +46,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpersona.errors import FedPersonaError
 
-__all__ = ["MANIFEST", "ReleaseError", "ReleaseItem", "audit_entry", "check_outgoing", "write_audit"]
+__all__ = [
+    "ERROR_CODES",
+    "MANIFEST",
+    "REFUSALS",
+    "ReleaseError",
+    "ReleaseItem",
+    "audit_entry",
+    "check_outgoing",
+    "error_reason",
+    "parse_error_reason",
+    "write_audit",
+]
 
 Status = Literal["dp", "public", "opt-in"]
 
 
 class ReleaseError(FedPersonaError):
     """An outgoing message holds something the release manifest does not allow."""
+
+    category = "release"
 
 
 @dataclass(frozen=True)
@@ -51,7 +77,9 @@ class ReleaseItem:
     why: str
 
 
-_PLAN = "the noise plan: a function of the partner's privacy config and its public row count"
+_PLAN = "the noise plan: a function of the partner's privacy config and its declared public_rows"
+_EPS = "cumulative epsilon from the ledger (a function of public plan parameters)"
+_ROWS = "data.public_rows, declared by the partner (not computed from its table)"
 _KEY = "fresh X25519 public key of this round (cryptographic material, independent of the data)"
 _SHAPES = "parameter shapes: a function of the public model config and schema"
 _SHARES = "Shamir shares of a random mask seed and a random key (independent of the data)"
@@ -60,8 +88,10 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query", "info", "kind", "public", "the silo kind from its client.toml"),
     ReleaseItem("query", "info", "fingerprint", "public", "hash of the schema (public by declaration)"),
     ReleaseItem("query", "info", "schema_version", "public", "from the schema"),
-    ReleaseItem("query", "info", "rows", "public", "example count, declared public"),
-    ReleaseItem("query", "info", "train_rows", "public", "example count, declared public"),
+    ReleaseItem("query", "info", "rows", "public", _ROWS),
+    ReleaseItem("query", "info", "epsilon", "public", _EPS),
+    ReleaseItem("query", "info", "noise_seeds_known", "public", "the partner's privacy config (noise_seed set)"),
+    ReleaseItem("query", "info", "require_secure_aggregation", "public", "the partner's release config"),
     ReleaseItem("query", "info", "private", "public", "whether the partner runs DP (its config)"),
     ReleaseItem("query", "info", "noise_multiplier", "public", _PLAN),
     ReleaseItem("query", "info", "sample_rate", "public", _PLAN),
@@ -74,16 +104,16 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query", "info", "share_eval_metrics", "public", "the partner's release config"),
     ReleaseItem("train", "arrays", "trunk.*", "dp", "DP-SGD update; ledger entry of this round"),
     ReleaseItem("train", "arrays", "adapter.*", "dp", "DP-SGD update; ledger entry of this round"),
-    ReleaseItem("train", "metrics", "num-examples", "public", "example count, declared public"),
+    ReleaseItem("train", "metrics", "num-examples", "public", _ROWS),
     ReleaseItem("train", "metrics", "steps", "public", _PLAN),
     ReleaseItem("train", "metrics", "sample_rate", "public", _PLAN),
-    ReleaseItem("train", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
-    ReleaseItem("evaluate", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("train", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem("evaluate", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.kmeans", "stats", "sums", "dp", "DP k-means: Gaussian noise, sensitivity sqrt(2); ledger entry"),
     ReleaseItem("query.kmeans", "stats", "counts", "dp", "DP k-means: released with the sums, same entry"),
     ReleaseItem("query.kmeans", "metrics", "noise_std", "public", "the planned noise (public plan)"),
-    ReleaseItem("query.kmeans", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
-    ReleaseItem("query.personas", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("query.kmeans", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem("query.personas", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.personas", "metrics", "personas_found", "opt-in", "count of personas among the users, NOT DP"),
     ReleaseItem("query.personas", "metrics", "persona_ari", "opt-in", "ARI vs synthetic ground truth, NOT DP"),
     ReleaseItem("query.personas", "metrics", "surrogate_fidelity", "opt-in", "surrogate tree fidelity, NOT DP"),
@@ -93,6 +123,11 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem(
         "query.personas", "metrics", "rec_hit_rate_popularity", "opt-in", "popularity-baseline hit rate, NOT DP"
     ),
+    ReleaseItem("query.secagg_setup", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem("query.secagg_share_keys", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem("query.secagg_unmask", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem("query.final_model", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem("query.status", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.secagg_setup", "secagg", "mask_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "secagg", "share_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "shapes", "trunk.*", "public", _SHAPES),
@@ -102,10 +137,10 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem(
         "train.secagg", "masked", "vector", "dp", "masked, quantized DP-SGD update; ledger entry of this round"
     ),
-    ReleaseItem("train.secagg", "metrics", "num-examples", "public", "example count, declared public"),
+    ReleaseItem("train.secagg", "metrics", "num-examples", "public", _ROWS),
     ReleaseItem("train.secagg", "metrics", "steps", "public", _PLAN),
     ReleaseItem("train.secagg", "metrics", "sample_rate", "public", _PLAN),
-    ReleaseItem("train.secagg", "metrics", "epsilon", "public", "computed from the ledger (public parameters)"),
+    ReleaseItem("train.secagg", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.secagg_unmask", "secagg", "owners", "public", "indices of the round's partners"),
     ReleaseItem(
         "query.secagg_unmask", "secagg", "shares", "public", _SHARES + " (seeds of survivors, keys of dropped)"
@@ -115,6 +150,50 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("evaluate", "metrics", "reconstruction_error", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "ari", "opt-in", "held-out metric on synthetic ground truth, NOT DP"),
 )
+
+
+ERROR_CODES: dict[str, int] = {
+    "error": 4001,  # any other user-fixable problem at the partner
+    "privacy-budget": 4002,  # the work would exceed the partner's epsilon target
+    "ledger": 4003,  # the privacy ledger is missing, rolled back, truncated or edited
+    "data": 4004,  # the partner's table does not match its schema or cannot be read
+    "config": 4005,  # the partner's configuration or plan is invalid or changed
+    "secure-aggregation": 4006,  # a secure-aggregation check failed at the partner
+    "model": 4007,  # a received model does not verify or cannot be installed
+    "release": 4008,  # the reply would hold something the manifest does not allow
+    "policy": 4009,  # the partner's policy refuses the request (e.g. plain aggregation)
+    "registry": 4010,  # a model registry problem
+    "internal": 4099,  # an unexpected failure at the partner (details in its log)
+}
+"""The codes of a partner's error replies, by category: the whole of what an error says."""
+
+REFUSALS = frozenset(
+    ERROR_CODES[c] for c in ("error", "privacy-budget", "ledger", "data", "config", "release", "policy", "model")
+)
+"""Codes by which a partner refuses for the rest of the run (its own decision, not a fault)."""
+
+
+def error_reason(category: str, epsilon: float | None) -> str:
+    """The reason string of an error reply: the category and the ledger's epsilon, as JSON."""
+    if category not in ERROR_CODES:
+        raise ValueError(f"unknown error category {category!r}")
+    body: dict[str, Any] = {"category": category}
+    if epsilon is not None:
+        body["epsilon"] = float(epsilon)
+    return json.dumps(body, sort_keys=True)
+
+
+def parse_error_reason(reason: str | None) -> tuple[str, float | None]:
+    """``(category, epsilon)`` of an error reply's reason; errors Flower itself made (a node
+    went away, a message expired) are not JSON and come back as ``("unreachable", None)``."""
+    try:
+        body = json.loads(reason or "")
+    except ValueError:
+        return "unreachable", None
+    if not isinstance(body, dict) or body.get("category") not in ERROR_CODES:
+        return "unreachable", None
+    epsilon = body.get("epsilon")
+    return str(body["category"]), float(epsilon) if isinstance(epsilon, int | float) else None
 
 
 def _lookup(message: str, record: str, key: str) -> ReleaseItem | None:

@@ -35,10 +35,11 @@ from fedpersona.clustering import (
 )
 from fedpersona.config import PartnerConfig
 from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
-from fedpersona.errors import ConfigError
+from fedpersona.errors import ConfigError, PrivacyLedgerError
 from fedpersona.evaluation import embed_all, evaluate
 from fedpersona.features import FeatureTensors, featurize
 from fedpersona.privacy import PrivacyLedger, plan_noise, sample_rate_for
+from fedpersona.randomness import SecretRandomness
 from fedpersona.schema import Schema, SequenceFeature, load_schema
 from fedpersona.tables import Table, load_table
 from fedpersona.training import LocalResult, TrainingSettings, pick_device, train_locally
@@ -70,7 +71,11 @@ class PartnerData:
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """The noise plan a partner fixed at its first round (public numbers only)."""
+    """The noise plan a partner fixed at its first round (public numbers only).
+
+    Every number is a function of the partner's configuration (its budget, its declared
+    ``public_rows``) and the federation's settings, none of the table's content or size.
+    """
 
     private: bool
     noise_multiplier: float | None
@@ -83,6 +88,8 @@ class PrivacyPlan:
     max_grad_norm: float
     kmeans_rounds: int = 0
     kmeans_noise: float | None = None
+    public_rows: int = 0
+    noise_seeded: bool = False
 
 
 def partner_schema(cfg: PartnerConfig) -> Schema:
@@ -95,7 +102,12 @@ def partner_schema(cfg: PartnerConfig) -> Schema:
 
 
 def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None) -> PartnerData:
-    """Load, validate and featurize the partner's table, then split it (seeded)."""
+    """Load, validate and featurize the partner's table, then split it row by row.
+
+    Each user goes to the test rows when a keyed hash of its id falls below
+    ``test_fraction`` (:func:`train_mask`): adding or removing one user changes only that
+    user's side, so neighbouring tables differ in at most one training row.
+    """
     schema = partner_schema(cfg)
     personas: np.ndarray | None = None
     if cfg.data is not None:
@@ -107,12 +119,10 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
         silo = generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix)
         table, personas = silo.table, silo.persona
     n = len(table)
-    rng = np.random.default_rng(cfg.split_seed)
-    order = rng.permutation(n)
-    n_test = max(1, round(n * cfg.test_fraction))
-    if n - n_test < 2:
+    in_train = train_mask(row_keys(table), split_key(cfg), cfg.test_fraction)
+    train_idx, test_idx = np.flatnonzero(in_train), np.flatnonzero(~in_train)
+    if len(train_idx) < 2:
         raise ConfigError(f"{cfg.source}: the table has {n} rows, too few to split for training")
-    test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
     features = featurize(table)
     if device is not None:
         features = features.to(device)
@@ -129,6 +139,62 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
     )
 
 
+SPLIT_KEY = "split.key"
+
+
+def split_key(cfg: PartnerConfig) -> bytes:
+    """The partner's secret key of the train/test split (32 bytes).
+
+    Kept in ``state_dir/split.key`` (mode 0600, made on first use from ``os.urandom``), or
+    derived from ``privacy.noise_seed`` in a reproducible run. It never leaves the partner.
+    """
+    if cfg.privacy.noise_seed is not None:
+        return hashlib.sha256(f"fedpersona-split/{cfg.privacy.noise_seed}".encode()).digest()
+    path = Path(cfg.state_dir) / SPLIT_KEY
+    try:
+        return _read_key(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of this partner made it meanwhile
+        return _read_key(path)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(os.urandom(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise ConfigError(f"{path} is not a 32-byte key; restore it from a backup or remove the whole state folder")
+    return key
+
+
+def row_keys(table: Table) -> list[str]:
+    """What identifies each row for the split: its user id, or without an id column the row's
+    own values (so the split of a row never depends on where it sits in the file)."""
+    if table.schema.id_column or table.schema.events:
+        return [str(i) for i in table.ids]
+    names = sorted(table.columns)
+    columns = [table.columns[c] for c in names] + [table.labels[k] for k in sorted(table.labels)]
+    return ["\x1f".join(str(col[i]) for col in columns) for i in range(len(table))]
+
+
+def train_mask(keys: list[str], key: bytes, test_fraction: float) -> np.ndarray:
+    """``True`` for training rows: BLAKE2b(row key, keyed) read as a number in [0, 1) is at
+    least ``test_fraction``. Row-local: one row's side depends on that row alone."""
+    threshold = int(test_fraction * 2**64)
+    out = np.empty(len(keys), dtype=bool)
+    for i, k in enumerate(keys):
+        digest = hashlib.blake2b(k.encode("utf-8"), digest_size=8, key=key).digest()
+        out[i] = int.from_bytes(digest, "little") >= threshold
+    return out
+
+
 def _seed_for(*parts: object) -> int:
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
@@ -143,6 +209,35 @@ def build_model(data: PartnerData, model_cfg: EncoderConfig, *, seed: int, devic
     torch.manual_seed(_seed_for(seed, data.schema.kind, data.schema.fingerprint()))
     model = PersonaEncoder(data.train.layout, model_cfg)
     return model.to(device)
+
+
+def public_rows_of(cfg: PartnerConfig, data: PartnerData) -> int:
+    """The row count every mechanism parameter is derived from: the partner's declaration.
+
+    A private partner with a table file must declare ``data.public_rows`` (a round figure of
+    its size, public like the schema): its exact count is never used, so adding or removing
+    one user changes no sample rate, step count, noise or weight. An explicitly non-private
+    partner (which releases its updates without noise anyway) falls back to its count.
+    """
+    declared = cfg.declared_rows()
+    if declared is not None:
+        return declared
+    if cfg.privacy.private:
+        raise ConfigError(
+            f"{cfg.source}: data.public_rows is not set. A private partner declares a round figure of its "
+            f"table's size (about {len(data.train)} training rows here; e.g. public_rows = "
+            f"{_round_figure(len(data.train))}): it is public, sets the sample rate and the aggregation "
+            "weight, and keeps the exact count of users private"
+        )
+    return len(data.train)
+
+
+def _round_figure(n: int) -> int:
+    """``n`` rounded to two significant figures (a suggestion for ``data.public_rows``)."""
+    if n < 100:
+        return max(2, n)
+    digits = len(str(n)) - 2
+    return int(round(n, -digits))
 
 
 def load_plan(
@@ -163,10 +258,17 @@ def load_plan(
     """
     path = Path(cfg.state_dir) / "plan.json"
     if path.exists():
-        return PrivacyPlan(**json.loads(path.read_text()))
+        plan = PrivacyPlan(**json.loads(path.read_text()))
+        if plan.private and not (Path(cfg.state_dir) / PrivacyLedger.FILE).exists():
+            raise PrivacyLedgerError(
+                f"{cfg.state_dir}/{PrivacyLedger.FILE} is missing but {path} holds this partner's plan from "
+                "earlier rounds: the ledger was deleted; refusing to start a fresh budget (restore the "
+                "ledger from a backup, or remove the whole state folder to start over as a new partner)"
+            )
+        return plan
     # A partner may commit to fewer rounds than the federation runs; it then refuses the rest.
     rounds = cfg.privacy.planned_rounds or rounds
-    rows = len(data.train)
+    rows = public_rows_of(cfg, data)
     q = sample_rate_for(rows, training.batch_size)
     steps = training.steps_per_round(rows)
     p = cfg.privacy
@@ -198,12 +300,22 @@ def load_plan(
         max_grad_norm=p.max_grad_norm,
         kmeans_rounds=kmeans_rounds,
         kmeans_noise=kmeans_noise,
+        public_rows=rows,
+        noise_seeded=p.noise_seed is not None,
     )
+    if plan.private:
+        # The ledger exists from the moment the plan does (empty until the first charge), so a
+        # ledger deleted later is told apart from one never written.
+        _atomic_write(Path(cfg.state_dir) / PrivacyLedger.FILE, b"", replace=False)
     _atomic_write(path, json.dumps(asdict(plan), indent=2).encode())
     return plan
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def _atomic_write(path: Path, payload: bytes, *, replace: bool = True) -> None:
+    """Write ``path`` through a fsync'd temporary file; with ``replace=False`` an existing
+    file is left as it is."""
+    if not replace and path.exists():
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
@@ -285,8 +397,9 @@ def train_round(
     _apply_received(model, received)
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy) if plan.private else None
     anchor = {k: torch.from_numpy(np.array(v)) for k, v in received.items()}
-    generator = torch.Generator(device=device)
-    generator.manual_seed(_seed_for(seed, cfg.name, server_round, "train"))
+    # Secret randomness for the batches, the noise and the masks (never from the message).
+    attempt = len(ledger.entries) if ledger is not None else 0
+    randomness = SecretRandomness.for_mechanism(cfg.privacy.noise_seed, cfg.name, "train", server_round, attempt)
     with warnings.catch_warnings():
         # PyTorch notes that a backward hook fires on a module whose inputs need no gradient
         # (the first Embedding); it is expected with integer inputs and harmless.
@@ -299,14 +412,15 @@ def train_round(
             noise_multiplier=plan.noise_multiplier,
             ledger=ledger,
             round=server_round,
-            generator=generator,
+            randomness=randomness,
+            public_rows=plan.public_rows,
             anchor=anchor,
         )
     names = shared_names(model, adapter_shared=adapter_shared)
     _save_local(model, cfg.state_dir, set(names))
     state = model.state_dict()
     arrays = {n: state[n].detach().cpu().numpy() for n in names}
-    return RoundOutcome(arrays=arrays, result=result, epsilon=result.epsilon, train_rows=len(data.train))
+    return RoundOutcome(arrays=arrays, result=result, epsilon=result.epsilon, train_rows=plan.public_rows)
 
 
 def evaluate_round(
@@ -328,7 +442,6 @@ def evaluate_round(
         model=model, train=data.train, test=data.test, personas=data.personas_test, seed=seed
     )
     metrics["epsilon"] = spent_epsilon(cfg)
-    metrics["rows"] = len(data.train) + len(data.test)
     record = {"round": server_round, "partner": cfg.name, "kind": cfg.kind, **metrics}
     path = Path(cfg.state_dir) / "eval.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -370,6 +483,7 @@ def cluster_round(
     data, model = _global_model(cfg, model_cfg, training, received, seed)
     plan = load_plan(cfg, data, training, 1)
     noise = 0.0
+    attempt = 0
     if plan.private:
         if not plan.kmeans_noise:
             raise ConfigError(
@@ -377,12 +491,13 @@ def cluster_round(
                 "(it was planned before the federation announced clustering); it refuses the release"
             )
         noise = float(plan.kmeans_noise)
-        charge_kmeans_round(
+        attempt = charge_kmeans_round(
             PrivacyLedger(cfg.state_dir, settings=cfg.privacy), round=server_round, noise_multiplier=noise
-        )
+        ).seq
     z = embed_all(model, data.train)
-    rng = np.random.default_rng(_seed_for(seed, cfg.name, server_round, "kmeans"))
-    return local_cluster_stats(z, prototypes, noise_multiplier=noise, rng=rng)
+    # The noise comes from the partner's secret stream, never from the message.
+    randomness = SecretRandomness.for_mechanism(cfg.privacy.noise_seed, cfg.name, "kmeans", server_round, attempt)
+    return local_cluster_stats(z, prototypes, noise_multiplier=noise, randomness=randomness)
 
 
 def persona_round(

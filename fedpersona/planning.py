@@ -153,9 +153,11 @@ def plan_table(
     if "partner" in doc:
         cfg = load_partner_config(path)
         if rows is None:
-            from fedpersona.partner import load_partner_data
+            rows = cfg.declared_rows()
+        if rows is None:
+            from fedpersona.partner import load_partner_data, public_rows_of
 
-            rows = len(load_partner_data(cfg).train)
+            rows = public_rows_of(cfg, load_partner_data(cfg))
         if rounds is None:
             raise ConfigError(f"{path}: give --rounds, the number of rounds the federation plans")
         out.append(

@@ -65,6 +65,10 @@ class PrivacySettings:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     planned_rounds: int | None = None
+    # Reproducible noise: every DP key is derived from this seed (see fedpersona.randomness).
+    # Whoever knows it can remove the noise, so a run with it is labelled NOT private against
+    # the coordinator. Unset (the default), every key comes from os.urandom.
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         eps = self.target_epsilon
@@ -80,6 +84,9 @@ class PrivacySettings:
             not isinstance(self.planned_rounds, int) or isinstance(self.planned_rounds, bool) or self.planned_rounds < 1
         ):
             raise ConfigError(f"privacy.planned_rounds must be an integer >= 1, got {self.planned_rounds!r}")
+        seed = self.noise_seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ConfigError(f"privacy.noise_seed must be an integer >= 0 (or absent), got {seed!r}")
         if self.accountant == "gdp":
             raise ConfigError(
                 "privacy.accountant 'gdp' is refused: Opacus' GDP accountant under-reports "
@@ -209,14 +216,52 @@ class PrivacyLedger:
     """
 
     FILE = "ledger.jsonl"
+    HEAD = "ledger.head"
 
     def __init__(self, directory: str | Path, *, settings: PrivacySettings) -> None:
         self.directory = Path(directory)
         self.path = self.directory / self.FILE
+        self.head_path = self.directory / self.HEAD
         self.settings = settings
         self.entries: list[LedgerEntry]
         self._valid_end: int  # bytes of the file up to the end of its last whole entry
         self.entries, self._valid_end = self._read()
+        self._check_head()
+
+    def _check_head(self) -> None:
+        """Refuse a ledger shorter than, or different from, the last entry this folder recorded.
+
+        After each append the ledger's last sequence number and hash go to ``ledger.head`` (a
+        separate file, replaced atomically). A ledger deleted, truncated or swapped for an older
+        copy while the head remains would otherwise start a fresh (or a smaller) budget.
+        """
+        if not self.head_path.exists():
+            return
+        try:
+            head = json.loads(self.head_path.read_text())
+            seq, digest = int(head["seq"]), str(head["hash"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise PrivacyLedgerError(f"{self.head_path} is unreadable; the ledger cannot be trusted") from None
+        if seq > len(self.entries):
+            what = "is gone" if not self.path.exists() else f"holds {len(self.entries)} entries"
+            raise PrivacyLedgerError(
+                f"{self.path} {what}, but this state folder recorded {seq} charged entries ({self.head_path}): "
+                "the ledger was deleted, truncated or replaced by an older copy; refusing to charge a fresh budget"
+            )
+        if seq and self.entries[seq - 1].hash != digest:
+            raise PrivacyLedgerError(
+                f"{self.path}: entry {seq} is not the one this state folder recorded ({self.head_path}); "
+                "the ledger was replaced; refusing to charge"
+            )
+
+    def _write_head(self) -> None:
+        last = self.entries[-1]
+        tmp = self.head_path.with_name(self.HEAD + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump({"seq": last.seq, "hash": last.hash}, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.head_path)
 
     def _read(self) -> tuple[list[LedgerEntry], int]:
         """The entries on disk and the byte offset just past the last one (and its newline)."""
@@ -254,7 +299,18 @@ class PrivacyLedger:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.entries]
 
     def epsilon(self) -> float:
-        """Epsilon spent so far, from the whole ledger."""
+        """Epsilon spent so far, from the whole ledger.
+
+        Each entry stores the epsilon of the composition up to and including itself, computed
+        by :meth:`charge` before the entry was written; when the last entry was accounted with
+        this ledger's delta and accountant, that stored figure is the answer (epsilon is
+        computed once per charge, not once per question). Otherwise it is recomputed.
+        """
+        if not self.entries:
+            return 0.0
+        last = self.entries[-1]
+        if last.delta == self.settings.delta and last.accountant == self.settings.accountant:
+            return float(last.epsilon_after)
         return compute_epsilon(self.history, delta=self.settings.delta, accountant=self.settings.accountant)
 
     def would_reach(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
@@ -316,6 +372,7 @@ class PrivacyLedger:
         _fsync_directory(self.directory)
         self.entries.append(entry)
         self._valid_end += len(line)
+        self._write_head()
         return entry
 
     def _reread(self) -> None:

@@ -50,6 +50,8 @@ MAX_ARCHIVE_BYTES = 2 * 1024**3
 class RegistryError(FedPersonaError):
     """A registry cannot be reached, refuses the request, or offers an unacceptable version."""
 
+    category = "registry"
+
 
 # --------------------------------------------------------------------------- server
 

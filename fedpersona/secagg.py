@@ -101,6 +101,8 @@ Shapes = dict[str, tuple[int, ...]]
 class SecureAggregationError(FedPersonaError):
     """A secure-aggregation step cannot go on (a partner refuses, or the server aborts)."""
 
+    category = "secure-aggregation"
+
 
 # --------------------------------------------------------------------------- parameters
 

@@ -70,12 +70,13 @@ from fedpersona.checkpoint import (
     save_checkpoint,
     settings_fingerprint,
 )
-from fedpersona.client_app import ERROR_BUDGET, ERROR_USER
 from fedpersona.clustering import ClusterStats, choose_k, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
 from fedpersona.errors import ConfigError
+from fedpersona.manifest import REFUSALS, parse_error_reason
 from fedpersona.messages import arrays_of, encode_arrays, encode_settings, metrics_of
+from fedpersona.randomness import KNOWN_SEEDS_LABEL
 from fedpersona.secagg import (
     SecAggParams,
     SecureAggregationError,
@@ -120,12 +121,15 @@ class _Partner:
     dropped_reason: str = ""
     rejoinable: bool = False  # dropped as unreachable: admitted again when its node is back
     history: list[list[float]] = field(default_factory=list)  # [round, cumulative epsilon]
+    # True once the partner answered the end-of-run status query: its epsilon is then its
+    # ledger's final figure; otherwise it is the last one reported, a lower bound.
+    epsilon_final: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "node_id": self.node_id, "info": self.info, "slot": self.slot, "active": self.active,
             "epsilon": self.epsilon, "steps": self.steps, "dropped_reason": self.dropped_reason,
-            "rejoinable": self.rejoinable, "history": self.history,
+            "rejoinable": self.rejoinable, "history": self.history, "epsilon_final": self.epsilon_final,
         }  # fmt: skip
 
     @classmethod
@@ -134,11 +138,19 @@ class _Partner:
             node_id=int(data["node_id"]), info=dict(data["info"]), slot=data["slot"], active=bool(data["active"]),
             epsilon=data["epsilon"], steps=int(data["steps"]), dropped_reason=str(data["dropped_reason"]),
             rejoinable=bool(data["rejoinable"]), history=[list(h) for h in data["history"]],
+            epsilon_final=bool(data.get("epsilon_final", False)),
         )  # fmt: skip
 
     def record_epsilon(self, rnd: int, epsilon: float | None) -> None:
-        self.epsilon = epsilon
+        """The partner's cumulative epsilon as its latest reply reported it (never lowered:
+        a ledger only grows, so a smaller figure is an older one)."""
         if epsilon is None:
+            return
+        if self.epsilon is not None and epsilon < self.epsilon:
+            return
+        self.epsilon = epsilon
+        self.epsilon_final = False
+        if rnd < 1:  # admission before round 1: nothing spent in this run yet
             return
         if self.history and self.history[-1][0] == rnd:
             self.history[-1] = [rnd, epsilon]
@@ -288,11 +300,13 @@ def _admit(
     for stub, reply in _exchange(grid, "query", contents, group, timeout, probe):
         node = stub.node_id
         if reply.has_error():
-            logger.error("node %s cannot join: %s", node, reply.error.reason)
-            if reply.error.code in (ERROR_BUDGET, ERROR_USER):  # the partner's own refusal
+            category, _ = parse_error_reason(reply.error.reason)
+            logger.error("node %s cannot join: the partner refused (%s)", node, category)
+            if reply.error.code in REFUSALS:  # the partner's own refusal
                 refused.add(node)
             continue
         info = dict(reply.content.config_records["info"])
+        epsilon = info.pop("epsilon", None)
         name = str(info["name"])
         known = roster.get(name)
         if known is not None:
@@ -326,6 +340,9 @@ def _admit(
                 name, info["kind"], info["rows"], info["fingerprint"],
                 info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
             )  # fmt: skip
+        partner.record_epsilon(int(group) if group.isdigit() else 0, epsilon)
+        if info.get("noise_seeds_known"):
+            logger.warning("partner %s: %s", name, KNOWN_SEEDS_LABEL)
         partners[node] = partner
         admitted.append(partner)
     return admitted
@@ -437,6 +454,8 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         if p.active:
             p.rejoinable, p.dropped_reason = False, ""
         partners[node] = p
+    if partners:  # their epsilon as their ledgers hold it now, not as the checkpoint says
+        _status(grid, partners, list(partners), fed.round_timeout, checkpoint.round)
     unknown = [n for n in nodes if n not in by_node]
     admitted = _admit(grid, unknown, partners, roster, refused, config, fed.round_timeout, "0") if unknown else []
     if fresh:
@@ -520,6 +539,12 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             tmp = run_dir / "personas.json.tmp"
             tmp.write_text(json.dumps({k: v for k, v in personas.items() if k != "centres"}, indent=2))
             tmp.replace(run_dir / "personas.json")
+        online = set(grid.get_node_ids())
+        reachable = [
+            n for n, p in partners.items() if n in online and not p.dropped_reason.startswith("reply rejected")
+        ]
+        if reachable:
+            _status(grid, partners, reachable, fed.round_timeout, completed)
         _write_privacy(run_dir, roster)
         if aborted and not completed:
             logger.error("no round completed; no model is published")
@@ -557,22 +582,48 @@ def _deliver_model(grid: Grid, partners: dict[int, _Partner], folder: Path, time
     delivered = []
     for p, reply in _exchange(grid, "query.final_model", targets, "final", timeout, partners):
         if reply.has_error():
-            logger.warning("partner %s did not install the final model: %s", p.info["name"], reply.error.reason)
+            category, epsilon = parse_error_reason(reply.error.reason)
+            p.record_epsilon(rnd, epsilon)
+            logger.warning("partner %s did not install the final model (%s)", p.info["name"], category)
         else:
             delivered.append(str(p.info["name"]))
     logger.info("final model installed at %d of %d partner(s): %s", len(delivered), len(targets), sorted(delivered))
     return sorted(delivered)
 
 
+def _status(grid: Grid, partners: dict[int, _Partner], nodes: list[int], timeout: float, rnd: int) -> None:
+    """Ask ``nodes`` for their ledger's epsilon (``query.status``, no release, no cost).
+
+    Sent at resume and once more before privacy.json and the model card are written, so both
+    carry each reachable partner's final spending (``epsilon_final``); a partner that does not
+    answer keeps the last figure it reported, which privacy.json labels a lower bound.
+    """
+    contents = {n: RecordDict({"config": ConfigRecord({"round": rnd})}) for n in nodes}
+    for p, reply in _exchange(grid, "query.status", contents, "status", timeout, partners):
+        if reply.has_error():
+            category, epsilon = parse_error_reason(reply.error.reason)
+            p.record_epsilon(rnd, epsilon)
+            logger.warning("partner %s did not report its final epsilon (%s)", p.info["name"], category)
+            continue
+        epsilon = metrics_of(reply).get("epsilon") if "metrics" in reply.content.metric_records else None
+        if epsilon is not None:
+            p.record_epsilon(rnd, float(epsilon))
+            p.epsilon_final = True
+        elif not p.info.get("private", True):
+            p.epsilon_final = True
+
+
 def _failed(p: _Partner, reply: Message, rnd: int) -> None:
+    category, epsilon = parse_error_reason(reply.error.reason)
+    p.record_epsilon(rnd, epsilon)
     p.active = False
-    p.dropped_reason = reply.error.reason or "error"
+    p.dropped_reason = f"{category} (round {rnd})"
     # The partner's own refusals (budget, bad data, a rolled-back ledger) hold for the run; an
     # error the SuperLink made (node gone, message expired) or a crash may pass: it can rejoin.
-    p.rejoinable = reply.error.code not in (ERROR_BUDGET, ERROR_USER)
-    what = "refused (privacy budget)" if reply.error.code == ERROR_BUDGET else "failed"
+    p.rejoinable = reply.error.code not in REFUSALS
+    what = "refused" if reply.error.code in REFUSALS else "failed"
     logger.warning(
-        "round %d: partner %s %s: %s%s", rnd, p.info["name"], what, p.dropped_reason,
+        "round %d: partner %s %s: %s%s", rnd, p.info["name"], what, category,
         " (it is admitted again when its node is back)" if p.rejoinable else "",
     )  # fmt: skip
 
@@ -617,7 +668,7 @@ def _train_plain(
                     partner=p.info["name"],
                     slot=p.slot,
                     arrays=arrays_of(reply),
-                    num_examples=int(p.info["train_rows"]),
+                    num_examples=int(p.info["rows"]),
                     kind=str(p.info["kind"]),
                 ),
             )
@@ -643,11 +694,10 @@ def _integer_trunk_weights(aggregator: ScopedAggregator, active: dict[int, _Part
     Both come from public counts and kinds only.
     """
     updates = [
-        PartnerUpdate(str(n), p.slot, {}, int(p.info["train_rows"]), kind=str(p.info["kind"]))
-        for n, p in active.items()
+        PartnerUpdate(str(n), p.slot, {}, int(p.info["rows"]), kind=str(p.info["kind"])) for n, p in active.items()
     ]
     if aggregator.global_weighting == "examples":
-        return {n: int(p.info["train_rows"]) for n, p in active.items()}
+        return {n: int(p.info["rows"]) for n, p in active.items()}
     weights = aggregator.global_weights(updates)
     return {n: max(1, round(weights[str(n)] * 10_000)) for n in active}
 
@@ -662,7 +712,7 @@ def _train_secure(
     fed: FederationSettings,
 ) -> list[PartnerUpdate]:
     """One round of :mod:`fedpersona.secagg`; raises SecureAggregationError to abort it."""
-    total_rows = sum(int(p.info["train_rows"]) for p in active.values())
+    total_rows = sum(int(p.info["rows"]) for p in active.values())
     trunk_weight = _integer_trunk_weights(aggregator, active)
     params = SecAggParams(
         threshold=fed.secagg_threshold,
@@ -768,7 +818,10 @@ def _evaluate(
             "aggregated": p.info["name"] in used,
         }
         if reply.has_error():
-            logger.warning("round %d: evaluation at %s failed: %s", rnd, p.info["name"], reply.error.reason)
+            category, epsilon = parse_error_reason(reply.error.reason)
+            p.record_epsilon(rnd, epsilon)
+            row["epsilon"] = p.epsilon
+            logger.warning("round %d: evaluation at %s failed (%s)", rnd, p.info["name"], category)
         else:
             metrics = metrics_of(reply)
             if "epsilon" in metrics:
@@ -804,6 +857,13 @@ def _write_privacy(run_dir: Path, roster: dict[str, _Partner]) -> None:
             entry["target_epsilon"] = None
         if p.dropped_reason:
             entry["dropped"] = p.dropped_reason
+        if private and not p.epsilon_final:
+            # The partner did not answer the end-of-run status query: its ledger may hold more
+            # than the last figure it reported.
+            entry["epsilon_is_lower_bound"] = True
+        if info.get("noise_seeds_known"):
+            entry["noise_seeds_known"] = True
+            entry["warning"] = KNOWN_SEEDS_LABEL
         if private:
             entry["epsilon_history"] = p.history
         out[info["name"]] = entry
@@ -961,9 +1021,13 @@ def _persona_metrics(
     rows = []
     for p, reply in _exchange(grid, "query.personas", contents, str(rnd), 3600, partners):
         if reply.has_error():
-            logger.warning("persona cards at %s failed: %s", p.info["name"], reply.error.reason)
+            category, epsilon = parse_error_reason(reply.error.reason)
+            p.record_epsilon(rnd, epsilon)
+            logger.warning("persona cards at %s failed (%s)", p.info["name"], category)
             continue
         metrics = metrics_of(reply)
+        if "epsilon" in metrics:
+            p.record_epsilon(rnd, float(metrics["epsilon"]))
         row = {
             "round": rnd,
             "partner": p.info["name"],
@@ -1010,6 +1074,8 @@ def _publish(
                 "schema_version": p.info["schema_version"],
                 "slot": p.slot,
                 "epsilon": p.epsilon,
+                "epsilon_is_lower_bound": bool(p.info["private"]) and not p.epsilon_final,
+                "noise_seeds_known": bool(p.info.get("noise_seeds_known", False)),
                 "private": bool(p.info["private"]),
             }
             for p in roster.values()

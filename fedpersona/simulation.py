@@ -73,12 +73,24 @@ def _label_skew_split(labels: np.ndarray, parts: int, alpha: float, rng: np.rand
 def _partner_doc(
     name: str, kind: str, scenario: Scenario, data: dict[str, Any], privacy: dict[str, Any] | None
 ) -> dict[str, Any]:
+    own = {**scenario.to_dict()["privacy"], **(privacy or {})}
+    if scenario.simulation.reproducible_noise:
+        # Every partner's DP keys from a seed the driver (here also the coordinator) knows:
+        # reproducible, and labelled NOT private against the coordinator everywhere.
+        own["noise_seed"] = noise_seed_for(scenario.federation.seed, name)
     return {
         "partner": {"name": name, "kind": kind, "state_dir": "state"},
-        "data": {"test_fraction": scenario.simulation.test_fraction, "split_seed": 0, **data},
-        "privacy": {**scenario.to_dict()["privacy"], **(privacy or {})},
+        "data": {"test_fraction": scenario.simulation.test_fraction, **data},
+        "privacy": own,
         "release": {"share_eval_metrics": scenario.simulation.share_eval_metrics},
     }
+
+
+def noise_seed_for(seed: int, name: str) -> int:
+    """The noise seed a ``reproducible_noise`` simulation gives partner ``name``."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:7], "little")
 
 
 def materialize_partners(scenario: Scenario, run_dir: Path) -> list[str]:
@@ -117,7 +129,7 @@ def materialize_partners(scenario: Scenario, run_dir: Path) -> list[str]:
                     )
                 )
         else:
-            specs = _split_file(group, root, rng, read_frame, validate_frame)
+            specs = _split_file(group, root, rng, read_frame, validate_frame, scenario.simulation.test_fraction)
         for name, data in specs:
             folder = root / name
             folder.mkdir(parents=True, exist_ok=True)
@@ -134,6 +146,7 @@ def _split_file(
     rng: np.random.Generator,
     read_frame: Callable[..., Any],
     validate_frame: Callable[..., Any],
+    test_fraction: float,
 ) -> list[tuple[str, dict[str, Any]]]:
     assert group.schema is not None
     schema = load_schema(group.schema)
@@ -165,7 +178,10 @@ def _split_file(
         folder.mkdir(parents=True, exist_ok=True)
         part = frame.iloc[np.sort(rows)].reset_index(drop=True)
         part.to_parquet(folder / "data.parquet", index=False)
-        out.append((name, {"path": "data.parquet", "schema": str(Path(group.schema).resolve())}))
+        declared = max(2, round(len(rows) * (1.0 - test_fraction)))  # the driver owns the split: its declaration
+        out.append(
+            (name, {"path": "data.parquet", "schema": str(Path(group.schema).resolve()), "public_rows": declared})
+        )
     return out
 
 

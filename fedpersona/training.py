@@ -28,6 +28,7 @@ from fedpersona.privacy import (
     rdp_order_notice_silenced,
     sample_rate_for,
 )
+from fedpersona.randomness import SecretRandomness
 
 __all__ = ["GRAD_SAMPLE_MODES", "LocalResult", "TrainingSettings", "pick_device", "train_locally"]
 
@@ -110,7 +111,8 @@ def train_locally(
     noise_multiplier: float | None,
     ledger: PrivacyLedger | None,
     round: int,
-    generator: torch.Generator,
+    randomness: SecretRandomness,
+    public_rows: int | None = None,
     anchor: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Run one round of local training in place on ``model``.
@@ -119,10 +121,18 @@ def train_locally(
     gradient step; :class:`~fedpersona.errors.PrivacyBudgetExceeded` leaves the model and the
     ledger untouched. ``anchor`` holds the global parameters received this round, used by the
     FedProx proximal step (applied after each noisy step: post-processing, no privacy cost).
+
+    ``public_rows`` is the partner's public (DP-noised) row count: the sample rate, the steps
+    and the expected batch size the noisy sum is divided by are functions of it, never of the
+    exact row count, so nothing a release depends on besides the rows' content reveals how many
+    users the table holds (the add/remove neighbouring relation). Poisson sampling runs over
+    the actual rows at that rate. All randomness comes from ``randomness`` (the batches, the
+    noise, the feature masks): see :mod:`fedpersona.randomness`.
     """
     rows = len(data)
-    q = sample_rate_for(rows, settings.batch_size)
-    steps = settings.steps_per_round(rows)
+    public = rows if public_rows is None else int(public_rows)
+    q = sample_rate_for(public, settings.batch_size)
+    steps = settings.steps_per_round(public)
     device = next(model.parameters()).device
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     criterion = _PerSampleLoss()
@@ -140,12 +150,13 @@ def train_locally(
         # Everything charged before this round's entry (read after the charge, which may have
         # caught up with entries another writer appended).
         engine.accountant.history = merge_history(ledger.history[:-1])
-        # Only its length matters: Opacus derives q = 1 / len(loader) from it for the accountant.
-        index_loader = DataLoader(TensorDataset(torch.arange(rows)), batch_size=max(1, min(settings.batch_size, rows)))
+        # Only its length matters: Opacus derives q = 1 / len(loader) and the expected batch
+        # size from it, both functions of the public row count.
+        index_loader = DataLoader(
+            TensorDataset(torch.arange(public)), batch_size=max(1, min(settings.batch_size, public))
+        )
         if not math.isclose(1.0 / len(index_loader), q):
             raise RuntimeError("sample rate mismatch between the plan and Opacus")
-        noise_gen = torch.Generator(device=device)
-        noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         private = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -155,17 +166,17 @@ def train_locally(
             max_grad_norm=privacy.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=settings.grad_sample_mode,
-            noise_generator=noise_gen,
         )
         if settings.grad_sample_mode == "ghost":
             train_model, optimizer, criterion, _ = private
         else:
             train_model, optimizer, _ = private
+        _secret_noise(optimizer, randomness)
     model.train()
+    masks = randomness.torch_generator(device)
     total = 0.0
     for _ in range(steps):
-        draw = torch.rand(rows, generator=generator, device=generator.device)
-        index = torch.nonzero(draw < q).squeeze(1).to(data.tensors["scalar"].device)
+        index = torch.from_numpy(randomness.poisson_sample(rows, q)).to(data.tensors["scalar"].device)
         if len(index) == 0 and (engine is None or settings.grad_sample_mode == "ghost"):
             # An empty Poisson batch (probability (1 - q)^rows). Non-private: nothing to learn.
             # Private: the step is still taken, as pure noise on a zero gradient, because that
@@ -179,7 +190,7 @@ def train_locally(
                 optimizer.zero_grad(set_to_none=True)
             continue
         batch = data.batch(index)
-        keep = random_keep(token_presence(data.layout, batch), model.config.mask_rate, generator)
+        keep = random_keep(token_presence(data.layout, batch), model.config.mask_rate, masks)
         per_sample = train_model(batch, keep)
         loss = criterion(per_sample) if engine is not None else per_sample.mean()
         loss.backward()
@@ -204,25 +215,34 @@ def train_locally(
     return LocalResult(steps, q, noise_multiplier, epsilon, total / max(1, steps))
 
 
-_secure_rng_noted = False
-
-
 def _privacy_engine(accountant: str) -> PrivacyEngine:
-    """A PrivacyEngine; Opacus' notice that its RNG is not cryptographically secure is
-    logged once per process (not silenced): seeded noise is reproducible but a production
-    deployment should run with ``secure_mode`` and torchcsprng."""
-    global _secure_rng_noted
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        engine = PrivacyEngine(accountant=accountant)
-    for warning in caught:
-        if "Secure RNG" in str(warning.message):
-            if not _secure_rng_noted:
-                logger.warning("Opacus: %s", str(warning.message).split(".")[0])
-                _secure_rng_noted = True
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return engine
+    """A PrivacyEngine for its accountant and per-sample clipping.
+
+    Opacus warns that its own RNG is not cryptographically secure (its ``secure_mode`` needs
+    torchcsprng, which is not maintained for current torch). The warning does not apply:
+    :func:`_secret_noise` replaces Opacus' noise with noise from the partner's secret ChaCha20
+    stream, so the notice is dropped here and only here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        return PrivacyEngine(accountant=accountant)
+
+
+def _secret_noise(optimizer: torch.optim.Optimizer, randomness: SecretRandomness) -> None:
+    """Make Opacus' DP optimizer draw its Gaussian noise from ``randomness``.
+
+    Same mechanism as Opacus' ``add_noise`` (``N(0, (noise_multiplier * max_grad_norm)^2)``
+    per coordinate, added to the summed clipped gradient), with the noise from the partner's
+    secret stream instead of a torch generator the coordinator could predict.
+    """
+
+    def add_noise() -> None:
+        std = optimizer.noise_multiplier * optimizer.max_grad_norm  # type: ignore[attr-defined]
+        for p in optimizer.params:  # type: ignore[attr-defined]
+            summed = p.summed_grad
+            p.grad = (summed + randomness.normal_like(summed, std)).view_as(p)
+
+    optimizer.add_noise = add_noise  # type: ignore[method-assign]
 
 
 @torch.no_grad()

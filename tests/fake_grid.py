@@ -56,7 +56,7 @@ class ScriptedPartner:
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind, "fingerprint": self.fingerprint, "schema_version": 1,
-            "rows": self.train_rows + 10, "train_rows": self.train_rows, "private": True,
+            "rows": self.train_rows, "private": True, "epsilon": self.epsilon,
             "noise_multiplier": 1.0, "sample_rate": 0.1, "steps_per_round": 3, "planned_rounds": 3,
             "target_epsilon": 3.0, "delta": 1e-5, "accountant": "prv", "max_grad_norm": 1.0,
             "share_eval_metrics": False,
@@ -88,7 +88,7 @@ class ScriptedPartner:
                 arrays = {k: v for k, v in arrays.items() if not k.startswith("adapter.")}
             metrics = {"num-examples": self.train_rows, "steps": 3, "sample_rate": 0.1, "epsilon": self.epsilon}
             return RecordDict({"arrays": encode_arrays(arrays), "metrics": MetricRecord(metrics)})
-        if kind == "evaluate":
+        if kind in ("evaluate", "query.status"):
             return RecordDict({"metrics": MetricRecord({"epsilon": self.epsilon})})
         if kind == "query.kmeans":
             self.charged.append(rnd)

@@ -13,9 +13,10 @@ import torch
 from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from fedpersona.client_app import ERROR_BUDGET, ERROR_USER, build_client_app
+from fedpersona.client_app import build_client_app
 from fedpersona.config import dump_toml
 from fedpersona.encoder import EncoderConfig, PersonaTrunk, parameter_scope
+from fedpersona.manifest import ERROR_CODES, parse_error_reason
 from fedpersona.messages import decode_arrays, encode_arrays, encode_settings
 from fedpersona.training import TrainingSettings
 
@@ -67,7 +68,10 @@ def test_train_reply_carries_only_shared_parameters(tmp_path: Path) -> None:
     app = build_client_app()
     ctx = _context(_client_toml(tmp_path))
     info = app(_message("query", None), ctx).content["info"]
-    assert info["kind"] == "health" and info["rows"] == 200 and info["private"]
+    # rows is the declared public count (here the training share of synthetic_rows), and the
+    # reply carries the ledger's epsilon.
+    assert info["kind"] == "health" and info["rows"] == 160 and info["private"]
+    assert "train_rows" not in info and info["epsilon"] == 0.0
     reply = app(_message("train", _trunk(), round=1, adapter_shared=True), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     sent = decode_arrays(reply.content["arrays"])
@@ -102,8 +106,12 @@ def test_budget_refusal_and_bad_data_are_error_replies(tmp_path: Path) -> None:
     for rnd in (1, 2):
         assert not app(_message("train", _trunk(), round=rnd, adapter_shared=True), ctx).has_error()
     refused = app(_message("train", _trunk(), round=3, adapter_shared=True), ctx)
-    assert refused.has_error() and refused.error.code == ERROR_BUDGET
-    assert "above the target 0.5" in (refused.error.reason or "")
+    assert refused.has_error() and refused.error.code == ERROR_CODES["privacy-budget"]
+    # The refusal says why in one word and carries the ledger's epsilon, nothing else.
+    category, epsilon = parse_error_reason(refused.error.reason)
+    ledger = [json.loads(line) for line in (tmp_path / "state" / "ledger.jsonl").read_text().splitlines()]
+    assert category == "privacy-budget" and epsilon == pytest.approx(ledger[-1]["epsilon_after"])
+    assert set(json.loads(refused.error.reason or "")) == {"category", "epsilon"}
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -119,8 +127,133 @@ def test_budget_refusal_and_bad_data_are_error_replies(tmp_path: Path) -> None:
         },
     )
     reply = app(_message("query", None), _context(broken / "client.toml"))
-    assert reply.has_error() and reply.error.code == ERROR_USER
-    assert "age" in (reply.error.reason or "") and "data.csv" in (reply.error.reason or "")
+    assert reply.has_error() and reply.error.code == ERROR_CODES["data"]
+    assert parse_error_reason(reply.error.reason) == ("data", 0.0)  # nothing spent yet
+
+
+def test_a_poisoned_cell_never_reaches_the_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A cell holding personal data makes validation fail: the message quoting it is logged at the
+    # partner; the error reply carries a fixed code and category only.
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    rows = ["user_id,bmi"] + [f"u{i},{20 + i % 10}" for i in range(40)]
+    rows[8] = "u7,HIV+ (see chart of J. Doe)"
+    (folder / "data.csv").write_text("\n".join(rows) + "\n")
+    (folder / "schema.toml").write_text(
+        '[table]\nkind = "health"\nid = "user_id"\n[features.bmi]\ntype = "numeric"\nbounds = [10, 80]\n'
+    )
+    dump_toml(
+        folder / "client.toml",
+        {
+            "partner": {"name": "c", "kind": "health", "state_dir": "state"},
+            "data": {"path": "data.csv", "schema": "schema.toml", "public_rows": 30},
+        },
+    )
+    app = build_client_app()
+    with caplog.at_level("ERROR", logger="fedpersona"):
+        reply = app(_message("query", None), _context(folder / "client.toml"))
+    assert reply.has_error() and reply.error.code == ERROR_CODES["data"]
+    sent = f"{reply.error.code} {reply.error.reason}"
+    for secret in ("HIV", "Doe", "chart", "bmi", "u7", "row"):
+        assert secret not in sent
+    assert "HIV+ (see chart of J. Doe)" in caplog.text  # the operator still sees what is wrong
+
+
+def test_identical_private_rounds_release_different_values(tmp_path: Path) -> None:
+    # Two partners with the same data, config and messages: secret randomness makes their
+    # releases differ, so nothing the coordinator knows predicts the noise.
+    releases = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        app = build_client_app()
+        ctx = _context(_client_toml(folder))
+        app(_message("query", None), ctx)
+        reply = app(_message("train", _trunk(), round=1, adapter_shared=True), ctx)
+        assert not reply.has_error()
+        releases.append(decode_arrays(reply.content["arrays"]))
+    differ = [n for n in releases[0] if not np.array_equal(releases[0][n], releases[1][n])]
+    assert len(differ) == len(releases[0])
+
+
+def test_a_retried_round_draws_fresh_noise(tmp_path: Path) -> None:
+    import shutil
+
+    app = build_client_app()
+    ctx = _context(_client_toml(tmp_path))
+    app(_message("query", None), ctx)
+    shutil.copytree(tmp_path / "state", tmp_path / "before")
+    first = decode_arrays(app(_message("train", _trunk(), round=1, adapter_shared=True), ctx).content["arrays"])
+    # Put the partner back exactly where it was (same state, same message): the release differs.
+    shutil.rmtree(tmp_path / "state")
+    shutil.copytree(tmp_path / "before", tmp_path / "state")
+    again = decode_arrays(
+        app(_message("train", _trunk(), round=1, adapter_shared=True), _context(tmp_path / "client.toml")).content[
+            "arrays"
+        ]
+    )
+    assert all(not np.array_equal(first[n], again[n]) for n in first)
+
+
+def test_the_coordinator_cannot_regenerate_the_kmeans_noise(tmp_path: Path) -> None:
+    # The attack of the audit: seed a generator with what the server knows (federation seed,
+    # partner name, round), regenerate the k-means noise and subtract it. With public seeding
+    # this gave the exact integer counts; with secret randomness the residuals stay noise.
+    import hashlib
+
+    app = build_client_app()
+    ctx = _context(_client_toml(tmp_path))
+    assert not app(_message("query", None, kmeans_rounds=1, kmeans_noise=5.0), ctx).has_error()
+    centres = np.eye(8, dtype=np.float32)[:4]
+    content = RecordDict(
+        {
+            "config": encode_settings(MODEL, TRAINING, num_rounds=2, seed=0, round=3, adapter_shared=True),
+            "arrays": encode_arrays(_trunk()),
+            "prototypes": encode_arrays({"centres": centres}),
+        }
+    )
+    metadata = Metadata(
+        run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=7,
+        reply_to_message_id="", group_id="3", created_at=time.time(), ttl=3600.0,
+        message_type="query.kmeans",
+    )  # fmt: skip
+    reply = app(make_message(metadata, content), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    counts = reply.content["stats"]["counts"].numpy().astype(np.float64)
+    std = float(reply.content["metrics"]["noise_std"])
+    digest = hashlib.sha256("/".join(str(p) for p in (0, "clinic-x", 3, "kmeans")).encode()).digest()
+    public = np.random.default_rng(int.from_bytes(digest[:8], "little") & (2**62 - 1))
+    public.normal(0.0, std, size=(4, 8))  # the sums' noise was drawn first
+    guess = counts - public.normal(0.0, std, size=4)
+    assert np.max(np.abs(guess - np.round(guess))) > 1e-3  # not the exact counts
+
+
+def test_reproducible_noise_is_explicit_and_labelled(tmp_path: Path) -> None:
+    releases = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        path = _client_toml(folder)
+        path.write_text(path.read_text().replace("[privacy]\n", "[privacy]\nnoise_seed = 11\n"))
+        app = build_client_app()
+        ctx = _context(path)
+        info = app(_message("query", None), ctx).content["info"]
+        assert info["noise_seeds_known"] is True
+        releases.append(
+            decode_arrays(app(_message("train", _trunk(), round=1, adapter_shared=True), ctx).content["arrays"])
+        )
+    assert all(np.array_equal(releases[0][n], releases[1][n]) for n in releases[0])
+
+
+def test_a_partner_that_requires_secure_aggregation_refuses_plain_releases(tmp_path: Path) -> None:
+    path = _client_toml(tmp_path)
+    path.write_text(path.read_text() + "\n[release]\nrequire_secure_aggregation = true\n")
+    app = build_client_app()
+    ctx = _context(path)
+    assert app(_message("query", None), ctx).content["info"]["require_secure_aggregation"] is True
+    reply = app(_message("train", _trunk(), round=1, adapter_shared=True), ctx)
+    assert reply.has_error() and reply.error.code == ERROR_CODES["policy"]
+    assert not (tmp_path / "state" / "ledger.jsonl").read_text().count("dp-sgd")  # refused before any charge
 
 
 def test_rolled_back_ledger_is_detected(tmp_path: Path) -> None:
@@ -130,7 +263,26 @@ def test_rolled_back_ledger_is_detected(tmp_path: Path) -> None:
     app(_message("train", _trunk(), round=1, adapter_shared=True), ctx)
     (tmp_path / "state" / "ledger.jsonl").unlink()
     reply = app(_message("train", _trunk(), round=2, adapter_shared=True), ctx)
-    assert reply.has_error() and "rolled back" in (reply.error.reason or "")
+    assert reply.has_error() and reply.error.code == ERROR_CODES["ledger"]
+
+
+def test_a_deleted_or_truncated_ledger_is_refused_by_a_fresh_process(tmp_path: Path) -> None:
+    # A new node (empty Context.state, as after a restart) still refuses: the state folder
+    # remembers what was charged (ledger.head, plan.json).
+    path = _client_toml(tmp_path)
+    app = build_client_app()
+    app(_message("query", None), _context(path))
+    for rnd in (1, 2):
+        app(_message("train", _trunk(), round=rnd, adapter_shared=True), _context(path))
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text("".join(lines[:1]))  # truncated to its first entry
+    reply = app(_message("train", _trunk(), round=3, adapter_shared=True), _context(path))
+    assert reply.has_error() and reply.error.code == ERROR_CODES["ledger"]
+    ledger.unlink()
+    (tmp_path / "state" / "ledger.head").unlink()  # both gone; the plan of earlier rounds remains
+    reply = app(_message("query", None), _context(path))
+    assert reply.has_error() and reply.error.code == ERROR_CODES["ledger"]
 
 
 def test_every_reply_matches_the_release_manifest_and_is_audited(tmp_path: Path) -> None:
@@ -145,6 +297,7 @@ def test_every_reply_matches_the_release_manifest_and_is_audited(tmp_path: Path)
     app(_message("train", _trunk(), round=1, adapter_shared=True), ctx)
     log = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
     assert [e["message_type"] for e in log] == ["query", "train"]
+    assert log[0]["items"][-1]["key"] in {i["key"] for i in log[0]["items"]}
     train = log[1]
     assert train["ledger_entry"] == 1 and train["round"] == 1
     keys = {i["key"] for i in train["items"] if i["record"] == "arrays"}
@@ -158,6 +311,18 @@ def test_every_reply_matches_the_release_manifest_and_is_audited(tmp_path: Path)
     with pytest.raises(ReleaseError, match="share_eval_metrics is false"):
         check_outgoing("evaluate", opt_in, share_eval_metrics=False)
     assert check_outgoing("evaluate", opt_in, share_eval_metrics=True)[0].status == "opt-in"
+    # docs/privacy.md shows the same table: each item's message, record, key and status.
     docs = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text()
+    rows = []
+    for line in docs.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) == 5:
+            rows.append(cells)
     for item in MANIFEST:
-        assert f"`{item.key}`" in docs, item.key
+        matches = [
+            r
+            for r in rows
+            if item.message in [m.strip() for m in r[0].split(",")] and r[1] == item.record and f"`{item.key}`" in r[2]
+        ]
+        assert len(matches) == 1, f"{item.message} {item.record} {item.key}: {len(matches)} rows in docs/privacy.md"
+        assert matches[0][3].lower() == item.status, f"{item.key}: docs say {matches[0][3]}, the manifest {item.status}"

@@ -26,6 +26,7 @@ from fedpersona.clustering import (
 )
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded
 from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon
+from fedpersona.randomness import SecretRandomness
 
 DELTA = 1e-5
 
@@ -49,7 +50,11 @@ def test_noise_on_zero_data_matches_the_closed_form() -> None:
     rng = np.random.default_rng(0)
     prototypes = init_prototypes(4, 8, generator=rng)
     sigma = 1.7
-    draws = [local_cluster_stats(np.zeros((0, 8)), prototypes, noise_multiplier=sigma, rng=rng) for _ in range(2000)]
+    randomness = SecretRandomness.from_seed(0)
+    draws = [
+        local_cluster_stats(np.zeros((0, 8)), prototypes, noise_multiplier=sigma, randomness=randomness)
+        for _ in range(2000)
+    ]
     values = np.concatenate([np.concatenate([s.sums.ravel(), s.counts]) for s in draws])  # 72,000 draws
     expected = sigma * math.sqrt(2.0)
     # The sample std of 72,000 normal draws has a relative standard error of 1/sqrt(2 * 72,000)
@@ -63,7 +68,7 @@ def test_without_noise_one_round_is_a_hand_computed_lloyd_step() -> None:
     # Four points on the unit circle, two prototypes: the x axis and the y axis.
     z = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [-0.6, 0.8]])
     prototypes = np.array([[1.0, 0.0], [0.0, 1.0]])
-    stats = local_cluster_stats(z, prototypes, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    stats = local_cluster_stats(z, prototypes, noise_multiplier=0.0, randomness=SecretRandomness.from_seed(0))
     # cosines: (1, 0) -> 0; (0.8, 0.6) -> 0; (0.6, 0.8) -> 1; (-0.6, 0.8) -> 1.
     np.testing.assert_array_equal(stats.counts, [2.0, 2.0])
     np.testing.assert_allclose(stats.sums, [[1.8, 0.6], [0.0, 1.6]])
@@ -72,7 +77,7 @@ def test_without_noise_one_round_is_a_hand_computed_lloyd_step() -> None:
     np.testing.assert_allclose(new, [[3 / math.sqrt(10), 1 / math.sqrt(10)], [0.0, 1.0]])
     # Second round from the new centres: (0.6, 0.8) has cosine 2.6/sqrt(10) = 0.822 with the
     # first and 0.8 with the second, so it moves; the sums become (2.4, 1.4) and (-0.6, 0.8).
-    second = local_cluster_stats(z, new, noise_multiplier=0.0, rng=np.random.default_rng(0))
+    second = local_cluster_stats(z, new, noise_multiplier=0.0, randomness=SecretRandomness.from_seed(0))
     np.testing.assert_array_equal(second.counts, [3.0, 1.0])
     np.testing.assert_allclose(second.sums, [[2.4, 1.4], [-0.6, 0.8]])
     np.testing.assert_allclose(
@@ -98,7 +103,7 @@ def test_server_sums_partners_and_keeps_prototypes_under_the_floor() -> None:
 
 def test_rows_outside_the_unit_ball_are_clipped_so_the_sensitivity_holds() -> None:
     z = np.array([[10.0, 0.0], [0.0, 0.5]])
-    stats = local_cluster_stats(z, np.eye(2), noise_multiplier=0.0, rng=np.random.default_rng(0))
+    stats = local_cluster_stats(z, np.eye(2), noise_multiplier=0.0, randomness=SecretRandomness.from_seed(0))
     np.testing.assert_allclose(stats.sums, [[1.0, 0.0], [0.0, 0.5]])
 
 
@@ -107,7 +112,7 @@ def test_cosine_dispersion_is_the_sum_of_cosine_distances() -> None:
     z = rng.standard_normal((500, 6))
     z /= np.linalg.norm(z, axis=1, keepdims=True)
     prototypes = init_prototypes(3, 6, generator=rng)
-    stats = local_cluster_stats(z, prototypes, noise_multiplier=0.0, rng=rng)
+    stats = local_cluster_stats(z, prototypes, noise_multiplier=0.0, randomness=SecretRandomness.from_seed(0))
     assigned = nearest_prototype(z, prototypes)
     centres = stats.sums / np.linalg.norm(stats.sums, axis=1, keepdims=True)
     direct = float(np.sum(1.0 - np.sum(z * centres[assigned], axis=1)))
@@ -117,9 +122,9 @@ def test_cosine_dispersion_is_the_sum_of_cosine_distances() -> None:
 def test_same_seed_same_release_different_seed_different() -> None:
     z = np.eye(3)
     prototypes = np.eye(3)
-    one = local_cluster_stats(z, prototypes, noise_multiplier=1.0, rng=np.random.default_rng(7))
-    two = local_cluster_stats(z, prototypes, noise_multiplier=1.0, rng=np.random.default_rng(7))
-    three = local_cluster_stats(z, prototypes, noise_multiplier=1.0, rng=np.random.default_rng(8))
+    one = local_cluster_stats(z, prototypes, noise_multiplier=1.0, randomness=SecretRandomness.from_seed(7))
+    two = local_cluster_stats(z, prototypes, noise_multiplier=1.0, randomness=SecretRandomness.from_seed(7))
+    three = local_cluster_stats(z, prototypes, noise_multiplier=1.0, randomness=SecretRandomness.from_seed(8))
     np.testing.assert_array_equal(one.sums, two.sums)
     assert not np.array_equal(one.sums, three.sums)
     np.testing.assert_array_equal(
@@ -129,13 +134,14 @@ def test_same_seed_same_release_different_seed_different() -> None:
 
 
 def test_bad_inputs_are_clear_value_errors() -> None:
-    rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match="prototypes have dimension 3 but the embeddings 2"):
-        local_cluster_stats(np.ones((2, 2)), np.eye(3), noise_multiplier=1.0, rng=rng)
+        local_cluster_stats(np.ones((2, 2)), np.eye(3), noise_multiplier=1.0, randomness=SecretRandomness.from_seed(0))
     with pytest.raises(ValueError, match="noise_multiplier must be a finite number >= 0"):
-        local_cluster_stats(np.ones((2, 2)), np.eye(2), noise_multiplier=-1.0, rng=rng)
+        local_cluster_stats(np.ones((2, 2)), np.eye(2), noise_multiplier=-1.0, randomness=SecretRandomness.from_seed(0))
     with pytest.raises(ValueError, match="finite"):
-        local_cluster_stats(np.array([[np.nan, 0.0]]), np.eye(2), noise_multiplier=1.0, rng=rng)
+        local_cluster_stats(
+            np.array([[np.nan, 0.0]]), np.eye(2), noise_multiplier=1.0, randomness=SecretRandomness.from_seed(0)
+        )
     with pytest.raises(ValueError, match=r"numpy\.random\.Generator"):
         init_prototypes(2, 2, generator=0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="expected"):
@@ -242,7 +248,12 @@ def test_summary_start_and_splits_beat_a_plain_random_start() -> None:
         plain = init_prototypes(5, 16, generator=np.random.default_rng(seed))
         noise = np.random.default_rng(4)
         for _ in range(8):
-            stats = [local_cluster_stats(z, plain, noise_multiplier=4.0, rng=noise) for z in zs]
+            stats = [
+                local_cluster_stats(
+                    z, plain, noise_multiplier=4.0, randomness=SecretRandomness.from_seed(int(noise.integers(0, 2**62)))
+                )
+                for z in zs
+            ]
             plain = update_prototypes(plain, stats)
         ours = federated_kmeans(zs, k=5, rounds=8, noise_multiplier=4.0, generator=np.random.default_rng(seed))
         plain_aris.append(adjusted_rand_score(truth, nearest_prototype(z_all, plain)))
@@ -269,7 +280,13 @@ def test_choose_k_picks_the_true_number_of_personas() -> None:
     for k in range(2, 9):
         result = federated_kmeans(zs, k=k, rounds=6, noise_multiplier=8.0, generator=np.random.default_rng(k))
         stats_by_k[k] = [
-            local_cluster_stats(z, result.prototypes, noise_multiplier=8.0, rng=rng) for z in zs
+            local_cluster_stats(
+                z,
+                result.prototypes,
+                noise_multiplier=8.0,
+                randomness=SecretRandomness.from_seed(int(rng.integers(0, 2**62))),
+            )
+            for z in zs
         ]  # one more (charged) release at the final prototypes
     choice = choose_k(stats_by_k)
     assert choice.k == 5

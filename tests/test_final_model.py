@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
@@ -17,11 +18,12 @@ from typer.testing import CliRunner
 
 from fedpersona.artifacts import artifact_files, generate_signing_key, save_model, verify_model
 from fedpersona.cli import app as cli
-from fedpersona.client_app import ERROR_USER, build_client_app
+from fedpersona.client_app import build_client_app
 from fedpersona.clustering import init_prototypes
 from fedpersona.config import dump_toml
 from fedpersona.encoder import EncoderConfig, PersonaEncoder
 from fedpersona.features import layout_of
+from fedpersona.manifest import ERROR_CODES
 from fedpersona.synthetic import generate_frame, synthetic_schema
 
 MODEL = {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
@@ -90,7 +92,8 @@ def test_the_partner_installs_the_signed_final_model_and_infers_with_it(tmp_path
     client = _client(tmp_path)
     reply = build_client_app()(_delivery(published), _context(client, federation_key.with_suffix(".pub")))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert len(reply.content) == 0  # nothing leaves the partner for it
+    # Nothing leaves the partner for it but its ledger's epsilon (which every reply carries).
+    assert set(reply.content.keys()) == {"metrics"} and set(reply.content["metrics"]) == {"epsilon"}
     installed = client.parent / "state" / "model"
     public = serialization.load_pem_public_key(federation_key.with_suffix(".pub").read_bytes())
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -109,7 +112,9 @@ def test_the_partner_installs_the_signed_final_model_and_infers_with_it(tmp_path
     assert len(out.read_text().splitlines()) == 51
 
 
-def test_a_model_signed_by_another_key_or_modified_is_refused_and_the_old_one_kept(tmp_path: Path) -> None:
+def test_a_model_signed_by_another_key_or_modified_is_refused_and_the_old_one_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     federation_key = tmp_path / "server" / "model-signing.key"
     client = _client(tmp_path)
     context = _context(client, federation_key.with_suffix(".pub"))
@@ -121,8 +126,8 @@ def test_a_model_signed_by_another_key_or_modified_is_refused_and_the_old_one_ke
 
     forged = _publish(tmp_path / "elsewhere" / "model", tmp_path / "elsewhere" / "other.key", created=2000.0)
     reply = app(_delivery(forged), context)
-    assert reply.has_error() and reply.error.code == ERROR_USER
-    assert "does not verify against the federation's model-signing key" in (reply.error.reason or "")
+    assert reply.has_error() and reply.error.code == ERROR_CODES["model"]
+    assert "does not verify against the federation's model-signing key" in caplog.text
 
     modified = _publish(tmp_path / "server" / "model2", federation_key, created=3000.0)
     weights = bytearray((modified / "weights.npz").read_bytes())
@@ -132,18 +137,20 @@ def test_a_model_signed_by_another_key_or_modified_is_refused_and_the_old_one_ke
 
     older = _publish(tmp_path / "server" / "model3", federation_key, created=500.0)
     reply = app(_delivery(older), context)
-    assert reply.has_error() and "older than the one in" in (reply.error.reason or "")
+    assert reply.has_error() and "older than the one in" in caplog.text
 
     assert {name: (installed / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in installed.parent.iterdir() if p.name.startswith("model")) == ["model"]
 
 
-def test_without_the_federation_key_the_partner_says_how_to_give_it(tmp_path: Path) -> None:
+def test_without_the_federation_key_the_partner_says_how_to_give_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     published = _publish(tmp_path / "server" / "model", tmp_path / "server" / "model-signing.key")
     client = _client(tmp_path)
     reply = build_client_app()(_delivery(published), _context(client, None))
-    assert reply.has_error() and reply.error.code == ERROR_USER
-    assert "model-signing.pub" in (reply.error.reason or "") and "--model-key" in (reply.error.reason or "")
+    assert reply.has_error() and reply.error.code == ERROR_CODES["config"]
+    assert "model-signing.pub" in caplog.text and "--model-key" in caplog.text
     assert not (client.parent / "state" / "model").exists()
 
 

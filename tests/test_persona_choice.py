@@ -19,6 +19,7 @@ from fedpersona.checkpoint import load_checkpoint
 from fedpersona.clustering import local_cluster_stats
 from fedpersona.config import FederationSettings
 from fedpersona.errors import ConfigError
+from fedpersona.randomness import SecretRandomness
 from fedpersona.server_app import ServerSettings, run_federation
 from tests.fake_grid import MODEL, TRAINING, FakeGrid, ScriptedPartner, ServerCrash, _seed
 
@@ -50,7 +51,12 @@ class PlantedPartner(ScriptedPartner):
         self.told.append(int(config["kmeans_rounds"]))  # type: ignore[arg-type]
         centres = msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64)
         rng = np.random.default_rng(_seed(self.name, "kmeans", rnd))
-        stats = local_cluster_stats(self.z, centres, noise_multiplier=self.noise, rng=rng)
+        stats = local_cluster_stats(
+            self.z,
+            centres,
+            noise_multiplier=self.noise,
+            randomness=SecretRandomness.from_seed(int(rng.integers(0, 2**62))),
+        )
         record = ArrayRecord(
             {"sums": Array(stats.sums.astype(np.float32)), "counts": Array(stats.counts.astype(np.float32))}
         )

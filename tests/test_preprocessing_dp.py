@@ -12,8 +12,10 @@ text), or has one row more; we check that:
 - the extreme row is squashed into the schema's public bounds (1e30 looks exactly like the
   upper bound);
 - the partner's ``query`` reply (all of it ``public`` in the release manifest) is unchanged
-  by a changed row, and a row added changes only the example counts and the noise plan
-  derived from them, which the manifest declares public;
+  by a changed row and by a row added: the row count it reports, and the noise plan derived
+  from it, are the partner's declaration (``data.public_rows``), not the table's count;
+- the train/test split is row-local: adding one user moves no other user between train and
+  test;
 - the extreme row cannot raise the sensitivity: its per-sample gradient is finite, Opacus
   clips it to ``max_grad_norm``, and the batch's summed clipped gradient moves by at most
   ``max_grad_norm`` when the row is removed.
@@ -36,7 +38,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedpersona.client_app import build_client_app
-from fedpersona.config import dump_toml
+from fedpersona.config import dump_toml, load_partner_config
 from fedpersona.encoder import EncoderConfig, random_keep, token_presence
 from fedpersona.errors import ConfigError
 from fedpersona.features import FeatureTensors, featurize, layout_of
@@ -63,9 +65,9 @@ UNSEEN = "zz-never-seen-category-ω"
 LONG_TEXT = " ".join(f"word{i}" for i in range(5000))
 MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
-# The query items that may change when a row is added: the example counts and the noise plan
-# computed from them (sample rate = 1 / ceil(train_rows / batch), steps, sigma).
-COUNT_DERIVED = {"rows", "train_rows", "sample_rate", "steps_per_round", "noise_multiplier"}
+# The query items derived from a row count: they come from the declared public_rows, so they
+# must not move when a row is added (sample rate = 1 / ceil(public_rows / batch), steps, sigma).
+COUNT_DERIVED = {"rows", "sample_rate", "steps_per_round", "noise_multiplier"}
 
 
 def _frame(kind: str) -> pd.DataFrame:
@@ -188,7 +190,7 @@ def _client_dir(tmp_path: Path, name: str, kind: str, frame: pd.DataFrame) -> Pa
         folder / "client.toml",
         {
             "partner": {"name": "partner-a", "kind": kind, "state_dir": "state"},
-            "data": {"path": "data.csv", "schema": "schema.toml"},
+            "data": {"path": "data.csv", "schema": "schema.toml", "public_rows": 160},
             "privacy": {"target_epsilon": 2.0, "delta": 1e-5},
         },
     )
@@ -213,7 +215,7 @@ def _query_info(client_toml: Path) -> dict[str, object]:
     return dict(reply.content["info"])
 
 
-def test_query_reply_ignores_a_changed_row_and_counts_an_added_one(tmp_path: Path) -> None:
+def test_query_reply_ignores_a_changed_row_and_an_added_one(tmp_path: Path) -> None:
     kind = "ecommerce"
     schema = synthetic_schema(kind)
     frame = _frame(kind)
@@ -230,11 +232,34 @@ def test_query_reply_ignores_a_changed_row_and_counts_an_added_one(tmp_path: Pat
     assert COUNT_DERIVED <= public
 
     assert changed_info == base_info, {k: (base_info[k], changed_info[k]) for k in base_info}
+    # One user more moves nothing: the count and the plan follow the declaration only.
+    assert added_info == base_info, {k: (base_info[k], added_info[k]) for k in base_info}
+    assert base_info["rows"] == 160
 
-    moved = {k for k in base_info if added_info[k] != base_info[k]}
-    assert moved <= COUNT_DERIVED, moved
-    assert added_info["rows"] == base_info["rows"] + 1  # type: ignore[operator]
-    assert "train_rows" in moved  # the test would notice if the row were not added at all
+
+def test_the_split_is_row_local(tmp_path: Path) -> None:
+    from fedpersona.partner import load_partner_data, row_keys, split_key, train_mask
+
+    kind = "finance"
+    frame = _frame(kind)
+    schema = synthetic_schema(kind)
+    extra = frame.iloc[[ROW]].assign(**{schema.id_column or "": "F999999"})
+    cfg = load_partner_config(_client_dir(tmp_path, "base", kind, frame))
+    key = split_key(cfg)
+    base = load_partner_data(cfg)
+    bigger = load_partner_data(load_partner_config(_client_dir(tmp_path, "bigger", kind, frame)))
+    # One more user, inserted at the top of the file, split with the same partner's key.
+    keys_before = row_keys(base.table)
+    keys_after = row_keys(validate_frame(schema, pd.concat([extra, frame], ignore_index=True), source="x"))
+    train_before = {k for k, t in zip(keys_before, train_mask(keys_before, key, 0.2), strict=True) if t}
+    train_after = {k for k, t in zip(keys_after, train_mask(keys_after, key, 0.2), strict=True) if t}
+    assert train_after - {"F999999"} == train_before
+    # The partner's data uses exactly that split; another partner's secret key splits otherwise.
+    assert len(base.train) == len(train_before) and len(base.train) + len(base.test) == len(frame)
+    assert len(bigger.train) != len(base.train) or not np.array_equal(
+        train_mask(keys_before, split_key(load_partner_config(tmp_path / "bigger" / "client.toml")), 0.2),
+        train_mask(keys_before, key, 0.2),
+    )
 
 
 # --- sensitivity ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dp_accounting import dp_event, pld
@@ -14,6 +15,7 @@ from fedpersona.encoder import EncoderConfig
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.partner import build_model, load_partner_data, load_plan
 from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise
+from fedpersona.randomness import SecretRandomness
 from fedpersona.training import TrainingSettings, train_locally
 
 from .conftest import partner_config
@@ -103,7 +105,7 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
         device=torch.device("cpu"),
     )
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
-    gen = torch.Generator().manual_seed(0)
+    gen = SecretRandomness.from_seed(0)
     reported = []
     for rnd in (1, 2, 3):
         result = train_locally(
@@ -114,7 +116,8 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
             noise_multiplier=plan.noise_multiplier,
             ledger=ledger,
             round=rnd,
-            generator=gen,
+            randomness=gen,
+            public_rows=plan.public_rows,
         )
         reported.append(result.epsilon)
     assert reported[0] < reported[1] < reported[2]
@@ -134,7 +137,8 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
             noise_multiplier=plan.noise_multiplier,
             ledger=ledger,
             round=4,
-            generator=gen,
+            randomness=gen,
+            public_rows=plan.public_rows,
         )
     assert len(PrivacyLedger(cfg.state_dir, settings=cfg.privacy).entries) == 3
     assert math.isfinite(reported[2])
@@ -145,18 +149,13 @@ def test_an_empty_poisson_batch_still_takes_its_noisy_step(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Skipping an empty batch would release something other than the accounted mechanism."""
-    import fedpersona.training as training
-
-    real_rand = torch.rand
+    real_sample = SecretRandomness.poisson_sample
     draws = {"n": 0}
 
-    def rand(*args: object, **kwargs: object) -> torch.Tensor:
-        out = real_rand(*args, **kwargs)  # type: ignore[arg-type]
-        if out.ndim == 1:  # the Poisson draw of one step
-            draws["n"] += 1
-            if draws["n"] == 2:
-                return torch.ones_like(out)  # nobody sampled in the second step
-        return out
+    def sample(self: SecretRandomness, n: int, q: float) -> np.ndarray:
+        out = real_sample(self, n, q)
+        draws["n"] += 1
+        return out[:0] if draws["n"] == 2 else out  # nobody sampled in the second step
 
     cfg = partner_config(tmp_path, "health", rows=300, epsilon=2.0)
     data = load_partner_data(cfg)
@@ -166,10 +165,11 @@ def test_an_empty_poisson_batch_still_takes_its_noisy_step(
         data, EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu")
     )
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
-    monkeypatch.setattr(training.torch, "rand", rand)
+    monkeypatch.setattr(SecretRandomness, "poisson_sample", sample)
     result = train_locally(
         model=model, data=data.train, settings=training_settings, privacy=cfg.privacy,
-        noise_multiplier=plan.noise_multiplier, ledger=ledger, round=1, generator=torch.Generator().manual_seed(0),
+        noise_multiplier=plan.noise_multiplier, ledger=ledger, round=1, randomness=SecretRandomness.from_seed(0),
+        public_rows=plan.public_rows,
     )  # fmt: skip
     assert draws["n"] == plan.steps_per_round
     expected = compute_epsilon(

@@ -141,7 +141,7 @@ def test_evaluate_every_asks_for_evaluations_only_on_its_rounds_and_the_last(tmp
 def test_a_partner_that_refused_for_its_budget_stays_out(tmp_path: Path) -> None:
     from flwr.app import Error
 
-    from fedpersona.client_app import ERROR_BUDGET
+    from fedpersona.manifest import ERROR_CODES, error_reason
 
     partners = _partners()
     grid = FakeGrid(partners)
@@ -150,7 +150,7 @@ def test_a_partner_that_refused_for_its_budget_stays_out(tmp_path: Path) -> None
 
     def refuse(msg):  # type: ignore[no-untyped-def]
         if msg.metadata.message_type == "train" and msg.metadata.group_id == "1":
-            return Error(code=ERROR_BUDGET, reason="round 1: would exceed the target")
+            return Error(code=ERROR_CODES["privacy-budget"], reason=error_reason("privacy-budget", 0.5))
         return answer(msg)
 
     grid.nodes[22] = refuse

@@ -352,7 +352,7 @@ PARTNER = {
     "privacy": {"target_epsilon": 3.0, "delta": 1e-6, "max_grad_norm": 1.0, "accountant": "rdp"},
     "release": {"share_eval_metrics": False, "audit_log": True},
 }
-PARTNER_EXTRA = [("data", "path"), ("data", "schema"), ("data", "split_seed"), ("privacy", "planned_rounds"),
+PARTNER_EXTRA = [("data", "path"), ("data", "schema"), ("data", "public_rows"), ("privacy", "planned_rounds"),
                  ("release", "typo"), ("extra",)]  # fmt: skip
 
 
@@ -370,7 +370,7 @@ def test_partner_config_loader_on_generated_documents(doc: dict[str, Any]) -> No
         # What the partner then relies on: typed values, and release switches that are real booleans.
         assert isinstance(cfg.share_eval_metrics, bool) and isinstance(cfg.audit_log, bool)
         assert cfg.synthetic_rows is None or (isinstance(cfg.synthetic_rows, int) and cfg.synthetic_rows >= 1)
-        assert isinstance(cfg.synthetic_seed, int) and isinstance(cfg.split_seed, int)
+        assert isinstance(cfg.synthetic_seed, int) and (cfg.public_rows is None or isinstance(cfg.public_rows, int))
         if cfg.synthetic_mix is not None:
             assert all(math.isfinite(x) and x >= 0 for x in cfg.synthetic_mix) and sum(cfg.synthetic_mix) > 0
 
@@ -597,7 +597,7 @@ def _load(tmp_path: Path, loader: Any, doc: dict[str, Any]) -> Any:
         (("data", "synthetic_rows"), "100"),
         (("data", "synthetic_mix"), ["a"]),
         (("data", "synthetic_mix"), 5),
-        (("data", "split_seed"), -1),
+        (("data", "public_rows"), -1),
     ],
 )
 def test_regression_partner_config_types_are_checked_when_read(

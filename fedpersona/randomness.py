@@ -1,0 +1,139 @@
+"""Secret randomness for every mechanism whose output leaves a partner.
+
+**Threat model.** The coordinator is the adversary a partner's guarantee is for. It knows
+everything it sends or can learn: the federation seed, every partner's name, the round
+numbers, the settings, the public counts, the model it sent. Randomness derived from any of
+that (``seed(federation_seed, name, round)``) is randomness the coordinator can regenerate: it
+subtracts the Gaussian noise from a release and is left with the exact statistic. So the
+randomness behind a release (DP-SGD noise, the Poisson draw of each batch, the DP k-means
+noise, the noisy row count) comes from :class:`SecretRandomness`, whose 256-bit key is drawn
+from the operating system's CSPRNG (``os.urandom``) for each mechanism run, held in memory
+only, never written and never sent. A retried round draws a new key, so it releases fresh
+noise.
+
+**The stream.** The key drives a ChaCha20 keystream (RFC 8439, through ``cryptography``):
+uniforms take 53 bits of it, Gaussians come from the Box-Muller transform of two uniforms.
+Following Holohan & Braghin (2021, arXiv:2107.10138, section 5.1), as Opacus' ``secure_mode``
+does, each Gaussian coordinate is the sum of four draws divided by two, which makes the
+floating-point attack on a single draw (Mironov 2012; Jin et al. 2022) as hard as guessing
+several independent 53-bit mantissas. Poisson sampling (each row independently with
+probability q) draws the gaps between sampled rows from the geometric distribution, so a step
+costs about ``q * n`` uniforms rather than ``n``.
+
+**Reproducible runs, explicitly.** ``[privacy] noise_seed`` in a partner's client.toml (or
+``fedpersona simulate --reproducible-noise``) derives every key from that seed and a label
+instead (SHA-256). Such a run is labelled "noise seeds known: not private against the
+coordinator" in its query reply, privacy.json, the console and the report: whoever knows the
+seed can remove the noise. It exists for tests and reproducible simulations only.
+
+Randomness that no release depends on for its privacy (the self-supervised masking of
+features, the initialisation of local heads) may come from an ordinary seeded generator; it
+is drawn here too (:meth:`SecretRandomness.torch_generator`) so that nothing about a round is
+predictable from the messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+__all__ = ["KNOWN_SEEDS_LABEL", "SecretRandomness"]
+
+KNOWN_SEEDS_LABEL = "noise seeds known: not private against the coordinator"
+
+_MANTISSA = 2.0**-53
+
+
+class SecretRandomness:
+    """A ChaCha20 keystream under a 256-bit key, as uniforms, Gaussians and Poisson samples.
+
+    ``SecretRandomness()`` draws its key from ``os.urandom``; :meth:`from_seed` derives it from
+    a seed the partner chose (reproducible, and then NOT private against whoever knows the
+    seed). The key never leaves the object.
+    """
+
+    def __init__(self, key: bytes | None = None) -> None:
+        key = os.urandom(32) if key is None else key
+        if not isinstance(key, bytes) or len(key) != 32:
+            raise ValueError("a SecretRandomness key is 32 bytes")
+        self.seeded = False
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    @classmethod
+    def from_seed(cls, seed: int, *labels: object) -> SecretRandomness:
+        """A reproducible stream for ``seed`` and ``labels`` (see the module docstring)."""
+        text = "/".join(["fedpersona-noise", str(int(seed)), *(str(x) for x in labels)])
+        out = cls(hashlib.sha256(text.encode()).digest())
+        out.seeded = True
+        return out
+
+    @classmethod
+    def for_mechanism(cls, noise_seed: int | None, *labels: object) -> SecretRandomness:
+        """Fresh secret randomness, or the reproducible stream of ``noise_seed`` and ``labels``."""
+        return cls() if noise_seed is None else cls.from_seed(noise_seed, *labels)
+
+    def bytes(self, n: int) -> bytes:
+        """The next ``n`` bytes of the keystream."""
+        return self._stream.update(bytes(n))
+
+    def uniform(self, size: int) -> np.ndarray:
+        """``size`` uniforms in (0, 1), float64 with 53 random bits each."""
+        words = np.frombuffer(self.bytes(8 * int(size)), dtype="<u8")
+        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * _MANTISSA
+
+    def normal(self, shape: tuple[int, ...] | int, std: float = 1.0) -> np.ndarray:
+        """Gaussian noise N(0, std^2) of ``shape`` (float64): the sum of four Box-Muller
+        draws divided by two, against floating-point attacks (see the module docstring)."""
+        size = int(np.prod(shape))
+        total = np.zeros(size)
+        for _ in range(4):
+            u1, u2 = self.uniform(size), self.uniform(size)
+            total += np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+        return (total * (0.5 * float(std))).reshape(shape)
+
+    def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
+        """Gaussian noise with the shape, dtype and device of ``reference``."""
+        noise = torch.from_numpy(self.normal(tuple(reference.shape), std))
+        return noise.to(device=reference.device, dtype=reference.dtype)
+
+    def poisson_sample(self, n: int, q: float) -> np.ndarray:
+        """Sorted indices of ``range(n)``, each included independently with probability ``q``.
+
+        The gap before the next sampled row is geometric: ``floor(log(u) / log(1 - q))``.
+        """
+        if not 0 < q <= 1:
+            raise ValueError(f"the sampling rate must be in (0, 1], got {q!r}")
+        if q >= 1.0:
+            return np.arange(n, dtype=np.int64)
+        log_keep = math.log1p(-q)
+        chosen: list[np.ndarray] = []
+        position = -1
+        while position < n:
+            draws = int(n * q + 6.0 * math.sqrt(n * q + 1.0) + 16)
+            gaps = np.floor(np.log(self.uniform(draws)) / log_keep)
+            steps = np.minimum(gaps, float(n)).astype(np.int64) + 1
+            positions = position + np.cumsum(steps)
+            chosen.append(positions[positions < n])
+            position = int(positions[-1])
+        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+    def seed64(self) -> int:
+        """A 63-bit integer from the stream (to seed a generator for non-release randomness)."""
+        return int.from_bytes(self.bytes(8), "little") & (2**63 - 1)
+
+    def torch_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A torch generator seeded from the stream, for randomness no release's privacy
+        rests on (feature masking); never for noise or sampling."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.seed64())
+        return generator
+
+    def numpy_generator(self) -> np.random.Generator:
+        """A numpy generator seeded from 128 bits of the stream (same use as
+        :meth:`torch_generator`)."""
+        return np.random.default_rng(int.from_bytes(self.bytes(16), "little"))
