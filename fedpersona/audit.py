@@ -95,6 +95,7 @@ from fedpersona.encoder import PersonaEncoder
 from fedpersona.errors import ConfigError
 from fedpersona.features import FeatureLayout, FeatureTensors, featurize
 from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise, sample_rate_for
+from fedpersona.randomness import SecretRandomness
 from fedpersona.schema import Schema, parse_schema
 from fedpersona.tables import validate_frame
 from fedpersona.training import TrainingSettings, train_locally
@@ -521,7 +522,7 @@ def _federate(
         for p, partner in enumerate(partners):
             if received:
                 partner.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in received.items()})
-            generator = torch.Generator().manual_seed(int(seeds[rnd - 1, p]))
+            generator = SecretRandomness.from_seed(int(seeds[rnd - 1, p]))
             if p == 0:
                 before = audited.detach()[rows, 0].double().numpy().copy()
                 with _noisy_gradients(audited, rows, gradients):
@@ -563,7 +564,7 @@ def _train(
     training: TrainingSettings,
     plan: _Plan,
     rnd: int,
-    generator: torch.Generator,
+    generator: SecretRandomness,
     received: dict[str, np.ndarray],
 ) -> None:
     with warnings.catch_warnings():
@@ -579,7 +580,8 @@ def _train(
             noise_multiplier=plan.used,
             ledger=partner.ledger,
             round=rnd,
-            generator=generator,
+            randomness=generator,
+            public_rows=partner.declared_rows,
             anchor={k: torch.from_numpy(v.copy()) for k, v in received.items()},
         )
 

@@ -35,6 +35,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpersona.clustering import ClusterStats
 from fedpersona.config import PartnerConfig, load_partner_config
 from fedpersona.errors import (
     ConfigError,
@@ -265,19 +266,29 @@ def _secrets(context: Context, config: dict[str, Any]) -> PartnerSecrets:
 
 
 def _secagg_setup(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    """Fresh key pairs for this round; reply with the public keys and the shared shapes."""
+    """Fresh key pairs for this round; reply with the public keys and the shapes of what this
+    partner will sum: its shared parameters, or (``secagg.purpose = "kmeans"``) the k-means
+    statistics."""
     config = config_of(msg)
-    model_cfg, training = decode_settings(config)
-    data = load_partner_data(cfg, device=pick_device(training.device))
-    model = build_model(data, model_cfg, seed=int(config["seed"]), device=pick_device(training.device))
-    state = model.state_dict()
-    names = shared_names(model, adapter_shared=bool(config["adapter_shared"]))
+    if config.get("secagg.purpose") == "kmeans":
+        k, dim = int(config["secagg.k"]), int(config["secagg.dim"])
+        shapes: dict[str, tuple[int, ...]] = {
+            "kmeans_total.sums": (k, dim),
+            "kmeans_total.counts": (k,),
+            "kmeans_kind.counts": (k,),
+        }
+    else:
+        model_cfg, training = decode_settings(config)
+        data = load_partner_data(cfg, device=pick_device(training.device))
+        model = build_model(data, model_cfg, seed=int(config["seed"]), device=pick_device(training.device))
+        state = model.state_dict()
+        names = shared_names(model, adapter_shared=bool(config["adapter_shared"]))
+        shapes = {n: tuple(state[n].shape) for n in names}
     secrets, public = start_round(
         server_round=int(config["round"]), index=int(config["secagg.index"]), params=SecAggParams.from_config(config)
     )
     context.state["secagg"] = secrets.to_record()
-    shapes = encode_shapes({n: tuple(state[n].shape) for n in names})
-    return RecordDict({"secagg": ConfigRecord(dict(public)), "shapes": ConfigRecord(dict(shapes))})
+    return RecordDict({"secagg": ConfigRecord(dict(public)), "shapes": ConfigRecord(dict(encode_shapes(shapes)))})
 
 
 def _secagg_share_keys(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
@@ -297,19 +308,23 @@ def _secagg_share_keys(msg: Message, context: Context, cfg: PartnerConfig) -> Re
     )
 
 
-def _secagg_train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    """Train as usual, then send only the masked, quantized, count-weighted update."""
-    config = config_of(msg)
-    secrets = _secrets(context, config)
+def _secagg_receive(msg: Message, context: Context) -> PartnerSecrets:
+    """Stage 3's first half: decrypt the shares the other partners sent this one."""
+    secrets = _secrets(context, config_of(msg))
     relayed = msg.content.config_records["shares"]
     sources, ciphertexts = ints(relayed["sources"], "sources"), blobs(relayed["ciphertexts"], "ciphertexts")
     if len(sources) != len(ciphertexts):
         raise SecureAggregationError("secure aggregation: relayed sources and ciphertexts differ in number")
-    secrets = receive_shares(secrets, dict(zip(sources, ciphertexts, strict=True)))
-    outcome, metrics = _run_training(msg, context, cfg)
+    return receive_shares(secrets, dict(zip(sources, ciphertexts, strict=True)))
+
+
+def _secagg_masked(
+    context: Context, secrets: PartnerSecrets, config: dict[str, Any], arrays: dict[str, np.ndarray], weight: int
+) -> np.ndarray:
+    """Stage 3's second half: encode ``arrays`` at weight ``weight`` and mask them."""
     vector = encode_update(
-        outcome.arrays,
-        num_examples=outcome.train_rows,
+        arrays,
+        num_examples=weight,
         placement=Placement.from_config(config),
         params=secrets.params,
         generator=np.random.default_rng(),
@@ -317,7 +332,27 @@ def _secagg_train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordD
     )
     masked, secrets = mask_vector(secrets, vector)
     context.state["secagg"] = secrets.to_record()
+    return masked
+
+
+def _secagg_train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """Train as usual, then send only the masked, quantized, count-weighted update."""
+    secrets = _secagg_receive(msg, context)
+    outcome, metrics = _run_training(msg, context, cfg)
+    masked = _secagg_masked(context, secrets, config_of(msg), outcome.arrays, outcome.train_rows)
     return RecordDict({"masked": ArrayRecord({"vector": Array(masked)}), "metrics": metrics})
+
+
+def _secagg_kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """One DP k-means release (charged first), sent only as a masked share of the sums."""
+    secrets = _secagg_receive(msg, context)
+    stats = _cluster_stats(msg, cfg)
+    counts = stats.counts.astype(np.float64)
+    arrays = {"kmeans_total.sums": stats.sums, "kmeans_total.counts": counts, "kmeans_kind.counts": counts}
+    masked = _secagg_masked(context, secrets, config_of(msg), arrays, 1)
+    return RecordDict(
+        {"masked": ArrayRecord({"vector": Array(masked)}), "metrics": MetricRecord({"noise_std": stats.noise_std})}
+    )
 
 
 def _secagg_unmask(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
@@ -352,9 +387,19 @@ def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
 def _kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """One DP k-means release: noisy per-prototype sums and counts (charged first)."""
     _refuse_plain(cfg, "k-means release")
+    stats = _cluster_stats(msg, cfg)
+    metrics: dict[str, Any] = {"noise_std": stats.noise_std}
+    sums = stats.sums.astype(np.float32)
+    counts = stats.counts.astype(np.float32)
+    return RecordDict(
+        {"stats": ArrayRecord({"sums": Array(sums), "counts": Array(counts)}), "metrics": MetricRecord(metrics)}
+    )
+
+
+def _cluster_stats(msg: Message, cfg: PartnerConfig) -> ClusterStats:
     config = config_of(msg)
     model_cfg, training = decode_settings(config)
-    stats = cluster_round(
+    return cluster_round(
         cfg=cfg,
         model_cfg=model_cfg,
         training=training,
@@ -362,12 +407,6 @@ def _kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         prototypes=msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64),
         server_round=int(config["round"]),
         seed=int(config["seed"]),
-    )
-    metrics: dict[str, Any] = {"noise_std": stats.noise_std}
-    sums = stats.sums.astype(np.float32)
-    counts = stats.counts.astype(np.float32)
-    return RecordDict(
-        {"stats": ArrayRecord({"sums": Array(sums), "counts": Array(counts)}), "metrics": MetricRecord(metrics)}
     )
 
 
@@ -420,6 +459,7 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
     client.train("secagg")(_guarded(_secagg_train, run_dir))
     client.query("secagg_unmask")(_guarded(_secagg_unmask, run_dir))
     client.query("kmeans")(_guarded(_kmeans, run_dir))
+    client.query("kmeans_secagg")(_guarded(_secagg_kmeans, run_dir))
     client.query("personas")(_guarded(_personas, run_dir))
     client.query("final_model")(_guarded(_final_model, run_dir))
     client.query("status")(_guarded(_status, run_dir))

@@ -43,7 +43,8 @@ T = TypeVar("T")
 class FederationSettings:
     """Round structure, server optimizer and secure aggregation (see :mod:`fedpersona.secagg`).
 
-    ``secagg_threshold`` partners must survive every stage of a securely aggregated round (and
+    ``secagg_threshold`` partners (by default a strict majority of the round's partners, the
+    least partners accept) must survive every stage of a securely aggregated round (and
     reveal their shares) or the round aborts; update values are clipped to
     +-``secagg_clipping_range`` and quantized to ``secagg_quantization_range`` + 1 levels.
     """
@@ -64,7 +65,7 @@ class FederationSettings:
     round_timeout: float = 600.0
     evaluate_every: int = 1
     secure_aggregation: bool = False
-    secagg_threshold: int = 2
+    secagg_threshold: int | None = None  # None: a strict majority of each round's partners
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 2**16
 
@@ -104,11 +105,15 @@ class FederationSettings:
         problems = _aggregation_problems(self)
         if not isinstance(self.secure_aggregation, bool):
             problems.append(f"federation.secure_aggregation must be true or false, got {self.secure_aggregation!r}")
-        if isinstance(self.secagg_threshold, bool) or not isinstance(self.secagg_threshold, int):
-            problems.append(f"federation.secagg_threshold must be an integer >= 2, got {self.secagg_threshold!r}")
-        elif self.secagg_threshold < 2:
-            problems.append(f"federation.secagg_threshold must be an integer >= 2, got {self.secagg_threshold!r}")
-        elif self.secure_aggregation is True and self.min_partners < self.secagg_threshold:
+        t = self.secagg_threshold
+        if t is None:
+            pass  # a strict majority of each round's partners
+        elif isinstance(t, bool) or not isinstance(t, int) or t < 2:
+            problems.append(
+                "federation.secagg_threshold must be an integer >= 2, or absent for a strict majority of each "
+                f"round's partners, got {t!r}"
+            )
+        elif self.secure_aggregation is True and self.min_partners < t:
             problems.append(
                 f"federation.min_partners ({self.min_partners}) must be >= federation.secagg_threshold "
                 f"({self.secagg_threshold}): a round with fewer partners would always abort"

@@ -132,6 +132,13 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query.secagg_setup", "secagg", "share_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "shapes", "trunk.*", "public", _SHAPES),
     ReleaseItem("query.secagg_setup", "shapes", "adapter.*", "public", _SHAPES),
+    ReleaseItem("query.secagg_setup", "shapes", "kmeans_total.*", "public", "k-means statistic shapes: (K, dim)"),
+    ReleaseItem("query.secagg_setup", "shapes", "kmeans_kind.*", "public", "k-means statistic shapes: (K, dim)"),
+    ReleaseItem(
+        "query.kmeans_secagg", "masked", "vector", "dp", "masked, quantized DP k-means statistics; ledger entry"
+    ),
+    ReleaseItem("query.kmeans_secagg", "metrics", "noise_std", "public", "the planned noise (public plan)"),
+    ReleaseItem("query.kmeans_secagg", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.secagg_share_keys", "secagg", "destinations", "public", "indices of the round's partners"),
     ReleaseItem("query.secagg_share_keys", "secagg", "ciphertexts", "public", _SHARES + ", encrypted per recipient"),
     ReleaseItem(

@@ -106,6 +106,23 @@ class SecureAggregationError(FedPersonaError):
 
 # --------------------------------------------------------------------------- parameters
 
+KMEANS_SCOPES = {"kmeans_total": "global", "kmeans_kind": "kind"}
+"""The securely summed k-means statistics: per-persona sums and counts over every partner
+(``kmeans_total.*``) and, per silo kind, the counts (``kmeans_kind.*``, a kind's slot)."""
+
+
+def vector_scope(name: str) -> str:
+    """The scope of a name in a secure vector: a model parameter's, or a k-means statistic's."""
+    prefix = name.split(".", 1)[0]
+    if prefix in KMEANS_SCOPES:
+        return KMEANS_SCOPES[prefix]
+    return parameter_scope(name)
+
+
+def strict_majority(partners: int) -> int:
+    """The smallest threshold a partner accepts for a round of ``partners``: more than half."""
+    return partners // 2 + 1
+
 
 @dataclass(frozen=True)
 class SecAggParams:
@@ -446,6 +463,13 @@ def share_keys(
         problems.append(f"the key list does not hold this partner's own keys at index {secrets.index}")
     if len(public_keys) < t:
         problems.append(f"{len(public_keys)} partner(s) in the round, fewer than the threshold {t}")
+    elif t < strict_majority(len(public_keys)):
+        # Below a strict majority a deviating server can collect one partner's mask-key shares
+        # from some partners ("it dropped") and its seed shares from others ("it survived").
+        problems.append(
+            f"the threshold {t} is not a strict majority of the {len(public_keys)} partners of the round "
+            f"(at least {strict_majority(len(public_keys))})"
+        )
     every = [key for pair in public_keys.values() for key in pair]
     if len(set(every)) != len(every):
         problems.append("two partners advertised the same public key")
@@ -527,8 +551,8 @@ def encode_update(
     Refuses non-finite values (quantization would silently turn NaN into a large number) and
     clips every coordinate to +-clipping_range first, logging how many it clipped.
     """
-    trunk = {n: v for n, v in arrays.items() if parameter_scope(n) == "global"}
-    adapter = {n: v for n, v in arrays.items() if parameter_scope(n) == "kind"}
+    trunk = {n: v for n, v in arrays.items() if vector_scope(n) == "global"}
+    adapter = {n: v for n, v in arrays.items() if vector_scope(n) == "kind"}
     problems = []
     if set(arrays) - set(trunk) - set(adapter):
         problems.append(f"local parameters {sorted(set(arrays) - set(trunk) - set(adapter))} cannot be sent")
@@ -662,10 +686,10 @@ class SecureRound:
         slot = self.slot_of[node]
         if len(mask_key) != 32 or len(share_key) != 32:
             raise SecureAggregationError("its public keys are not X25519 keys")
-        if any(name.split(".", 1)[0] not in SCOPES for name in shapes):
+        if any(name.split(".", 1)[0] not in {**SCOPES, **KMEANS_SCOPES} for name in shapes):
             raise SecureAggregationError("it names parameters of no declared scope")
-        trunk = {n: s for n, s in shapes.items() if parameter_scope(n) == "global"}
-        adapter = {n: s for n, s in shapes.items() if parameter_scope(n) == "kind"}
+        trunk = {n: s for n, s in shapes.items() if vector_scope(n) == "global"}
+        adapter = {n: s for n, s in shapes.items() if vector_scope(n) == "kind"}
         if trunk != self.trunk_shapes:
             raise SecureAggregationError("its trunk shapes differ from the global trunk")
         if set(shapes) - set(trunk) - set(adapter):

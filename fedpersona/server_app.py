@@ -86,6 +86,7 @@ from fedpersona.secagg import (
     decode_shapes,
     ints,
     modulus_bits_for,
+    strict_majority,
 )
 from fedpersona.training import TrainingSettings
 
@@ -340,7 +341,7 @@ def _admit(
                 name, info["kind"], info["rows"], info["fingerprint"],
                 info["noise_multiplier"], info["sample_rate"], info["steps_per_round"],
             )  # fmt: skip
-        partner.record_epsilon(int(group) if group.isdigit() else 0, epsilon)
+        partner.record_epsilon(int(group) if group.isdigit() else 0, _number(epsilon))
         if info.get("noise_seeds_known"):
             logger.warning("partner %s: %s", name, KNOWN_SEEDS_LABEL)
         partners[node] = partner
@@ -591,6 +592,13 @@ def _deliver_model(grid: Grid, partners: dict[int, _Partner], folder: Path, time
     return sorted(delivered)
 
 
+def _number(value: object) -> float | None:
+    """A reported number, or None for anything else (a reply is the other side's word)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def _status(grid: Grid, partners: dict[int, _Partner], nodes: list[int], timeout: float, rnd: int) -> None:
     """Ask ``nodes`` for their ledger's epsilon (``query.status``, no release, no cost).
 
@@ -702,30 +710,41 @@ def _integer_trunk_weights(aggregator: ScopedAggregator, active: dict[int, _Part
     return {n: max(1, round(weights[str(n)] * 10_000)) for n in active}
 
 
-def _train_secure(
+def _secure_sum(
     grid: Grid,
-    aggregator: ScopedAggregator,
     partners: dict[int, _Partner],
     active: dict[int, _Partner],
     rnd: int,
-    config: Callable[..., ConfigRecord],
+    settings: Callable[..., ConfigRecord],
     fed: FederationSettings,
-) -> list[PartnerUpdate]:
-    """One round of :mod:`fedpersona.secagg`; raises SecureAggregationError to abort it."""
-    total_rows = sum(int(p.info["rows"]) for p in active.values())
-    trunk_weight = _integer_trunk_weights(aggregator, active)
+    *,
+    purpose: str,
+    members: dict[int, str | None],
+    global_shapes: dict[str, tuple[int, ...]],
+    weights: dict[int, int],
+    clipping_range: float,
+    quantization_range: int,
+    stage: str,
+    payload: Callable[[int], dict[str, Any]],
+    largest_sum: int,
+    setup_extra: dict[str, Any] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], SecureRound]:
+    """One SecAgg+ exchange of :mod:`fedpersona.secagg`: setup, share keys, ``stage`` (the
+    partners' masked vectors), unmask; returns the per-scope weighted means. Raises
+    SecureAggregationError to abort.
+
+    The threshold is ``federation.secagg_threshold`` or, by default, a strict majority of the
+    round's partners (partners refuse anything less). ``largest_sum`` bounds any segment's
+    summed weight (it sizes the modulus).
+    """
+    threshold = fed.secagg_threshold or strict_majority(len(active))
     params = SecAggParams(
-        threshold=fed.secagg_threshold,
-        clipping_range=float(fed.secagg_clipping_range),
-        quantization_range=fed.secagg_quantization_range,
-        modulus_bits=modulus_bits_for(max(total_rows, sum(trunk_weight.values())), fed.secagg_quantization_range),
+        threshold=max(2, threshold),
+        clipping_range=float(clipping_range),
+        quantization_range=quantization_range,
+        modulus_bits=modulus_bits_for(max(1, largest_sum), quantization_range),
     )
-    sec = SecureRound(
-        server_round=rnd,
-        params=params,
-        members={n: p.slot for n, p in active.items()},
-        trunk_shapes={k: tuple(v.shape) for k, v in aggregator.trunk.items()},
-    )
+    sec = SecureRound(server_round=rnd, params=params, members=members, trunk_shapes=global_shapes)
 
     def exchange(kind: str, contents: dict[int, RecordDict], accept: Callable[[int, RecordDict], None]) -> None:
         """Send one stage; hand each good reply to ``accept``, which may reject that partner."""
@@ -735,13 +754,12 @@ def _train_secure(
                 continue
             if kind == "train.secagg":
                 _trained(p, reply, rnd)
+            elif "metrics" in reply.content.metric_records:
+                p.record_epsilon(rnd, _number(reply.content.metric_records["metrics"].get("epsilon")))
             try:
                 accept(p.node_id, reply.content)
             except (SecureAggregationError, KeyError, TypeError, ValueError) as exc:
                 logger.warning("round %d: partner %s left out at %s: %s", rnd, p.info["name"], kind, exc)
-
-    def settings(n: int, **extra: Any) -> ConfigRecord:
-        return config(round=rnd, adapter_shared=active[n].slot is not None, **extra)
 
     def keys(n: int, content: RecordDict) -> None:
         record = content.config_records["secagg"]
@@ -762,8 +780,11 @@ def _train_secure(
         owners, values = ints(record["owners"], "owners"), blobs(record["shares"], "shares")
         sec.add_shares(n, dict(zip(owners, values, strict=True)))
 
+    setup = {"secagg.purpose": purpose, **(setup_extra or {})}
     exchange(
-        "query.secagg_setup", {n: RecordDict({"config": settings(n, **sec.setup_config(n))}) for n in active}, keys
+        "query.secagg_setup",
+        {n: RecordDict({"config": settings(n, **sec.setup_config(n), **setup)}) for n in active},
+        keys,
     )
     bundle = ConfigRecord(sec.key_bundle())  # type: ignore[arg-type]
     exchange(
@@ -772,17 +793,19 @@ def _train_secure(
         ciphertexts,
     )
     sec.start_masking()
-    train: dict[int, RecordDict] = {}
+    contents: dict[int, RecordDict] = {}
     for n in sec.sharers:
         sources, relayed = sec.forwarded(n)
-        train[n] = RecordDict(
+        extra = payload(n)
+        config_extra = {**sec.placement(n).to_config(), "secagg.trunk_weight": weights[n], **extra.pop("config", {})}
+        contents[n] = RecordDict(
             {
-                "arrays": encode_arrays(aggregator.arrays_for(active[n].slot)),
-                "config": settings(n, **sec.placement(n).to_config(), **{"secagg.trunk_weight": trunk_weight[n]}),
+                **extra,
+                "config": settings(n, **config_extra),
                 "shares": ConfigRecord({"sources": sources, "ciphertexts": relayed}),  # type: ignore[dict-item]
             }
         )
-    exchange("train.secagg", train, masked)
+    exchange(stage, contents, masked)
     survivors, dropped = sec.unmask_request()
     if dropped:
         logger.warning("round %d: %d partner(s) dropped after sharing keys; unmasking without them", rnd, len(dropped))
@@ -793,7 +816,128 @@ def _train_secure(
         shares,
     )
     trunk, adapters = sec.result()
+    return trunk, adapters, sec
+
+
+def _train_secure(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    active: dict[int, _Partner],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+) -> list[PartnerUpdate]:
+    """One securely aggregated training round; raises SecureAggregationError to abort it."""
+    trunk_weight = _integer_trunk_weights(aggregator, active)
+    total_rows = sum(int(p.info["rows"]) for p in active.values())
+
+    def settings(n: int, **extra: Any) -> ConfigRecord:
+        return config(round=rnd, adapter_shared=active[n].slot is not None, **extra)
+
+    trunk, adapters, _ = _secure_sum(
+        grid, partners, active, rnd, settings, fed,
+        purpose="model",
+        members={n: p.slot for n, p in active.items()},
+        global_shapes={k: tuple(v.shape) for k, v in aggregator.trunk.items()},
+        weights=trunk_weight,
+        largest_sum=max(total_rows, sum(trunk_weight.values())),
+        clipping_range=float(fed.secagg_clipping_range),
+        quantization_range=fed.secagg_quantization_range,
+        stage="train.secagg",
+        payload=lambda n: {"arrays": encode_arrays(aggregator.arrays_for(active[n].slot))},
+    )  # fmt: skip
     return as_updates(trunk, adapters)
+
+
+KMEANS_QUANTIZATION = 2**20  # levels of a securely summed k-means statistic
+
+
+def _kmeans_secure(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    active: dict[int, _Partner],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+    prototypes: np.ndarray,
+) -> tuple[list[ClusterStats], dict[str, np.ndarray], int]:
+    """One DP k-means round whose statistics the server sees only as sums: over every partner
+    (sums and counts) and per silo kind (counts, for the persona shares per kind).
+
+    Each partner adds its own Gaussian noise (charged to its ledger), so the securely summed
+    statistics carry the noise of every contributor: the result is one :class:`ClusterStats`
+    whose ``noise_std`` is ``sqrt(P) * kmeans_noise * sqrt(2)`` for ``P`` contributors.
+    Values are clipped to +-``4 * max(public_rows) + 100 * kmeans_noise`` (public numbers)
+    before quantization.
+    """
+    k, dim = prototypes.shape
+    largest = max(int(p.info["rows"]) for p in active.values())
+    clip = 4.0 * largest + 100.0 * float(fed.kmeans_noise)
+
+    def settings(n: int, **extra: Any) -> ConfigRecord:
+        return config(round=rnd, adapter_shared=active[n].slot is not None, **extra)
+
+    total, by_kind, sec = _secure_sum(
+        grid, partners, active, rnd, settings, fed,
+        purpose="kmeans",
+        members={n: str(p.info["kind"]) for n, p in active.items()},
+        global_shapes={"kmeans_total.counts": (k,), "kmeans_total.sums": (k, dim)},
+        weights=dict.fromkeys(active, 1),
+        largest_sum=len(active),
+        clipping_range=clip,
+        quantization_range=KMEANS_QUANTIZATION,
+        stage="query.kmeans_secagg",
+        payload=lambda n: {
+            "arrays": encode_arrays(aggregator.arrays_for(active[n].slot)),
+            "prototypes": encode_arrays({"centres": prototypes.astype(np.float32)}),
+        },
+        setup_extra={"secagg.k": int(k), "secagg.dim": int(dim)},
+    )  # fmt: skip
+    survivors = [sec.node[i] for i in sec.survivors]
+    contributors = len(survivors)
+    kinds = Counter(str(partners[n].info["kind"]) for n in survivors)
+    sums = total["kmeans_total.sums"].astype(np.float64) * contributors
+    counts = total["kmeans_total.counts"].astype(np.float64) * contributors
+    std = math.sqrt(contributors) * float(fed.kmeans_noise) * math.sqrt(2.0)
+    kind_counts = {
+        kind: values["kmeans_kind.counts"].astype(np.float64) * kinds[kind] for kind, values in by_kind.items()
+    }
+    return [ClusterStats(sums=sums, counts=counts, noise_std=std)], kind_counts, contributors
+
+
+def _kmeans_plain(
+    grid: Grid,
+    aggregator: ScopedAggregator,
+    partners: dict[int, _Partner],
+    active: dict[int, _Partner],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+    prototypes: np.ndarray,
+) -> tuple[list[ClusterStats], dict[str, np.ndarray], int]:
+    """One DP k-means round with each partner's noisy statistics sent as they are."""
+    contents = _model_messages(aggregator, active, config, rnd, prototypes=prototypes)
+    stats: list[ClusterStats] = []
+    kind_counts: dict[str, np.ndarray] = {}
+    for p, reply in _exchange(grid, "query.kmeans", contents, str(rnd), fed.round_timeout, partners):
+        if reply.has_error():
+            _failed(p, reply, rnd)
+            continue
+        released = reply.content.array_records["stats"]
+        metrics = metrics_of(reply)
+        if "epsilon" in metrics:
+            p.record_epsilon(rnd, float(metrics["epsilon"]))
+        one = ClusterStats(
+            sums=released["sums"].numpy().astype(np.float64),
+            counts=released["counts"].numpy().astype(np.float64),
+            noise_std=float(metrics.get("noise_std", 0.0)),
+        )
+        stats.append(one)
+        kind = str(p.info["kind"])
+        kind_counts[kind] = kind_counts.get(kind, np.zeros(one.k)) + one.counts
+    return stats, kind_counts, len(stats)
 
 
 def _evaluate(
@@ -926,6 +1070,7 @@ def _cluster_personas(
         choice = checkpoint.extra.get("k_choice")
         logger.info("persona clustering resumes after round %d of %d", start, len(schedule))
     stats: dict[int, ClusterStats] = {}
+    kind_counts: dict[str, np.ndarray] = {}
     for r in range(start, len(schedule)):
         rnd = fed.rounds + 1 + r
         step = schedule[r]
@@ -933,24 +1078,18 @@ def _cluster_personas(
         if selecting:
             prototypes = options[r - summary]
         active = {n: p for n, p in partners.items() if p.active}
-        contents = _model_messages(aggregator, active, config, rnd, prototypes=prototypes)
-        stats = {}
-        for p, reply in _exchange(grid, "query.kmeans", contents, str(rnd), fed.round_timeout, partners):
-            if reply.has_error():
-                _failed(p, reply, rnd)
-                continue
-            released = reply.content.array_records["stats"]
-            metrics = metrics_of(reply)
-            if "epsilon" in metrics:
-                p.record_epsilon(rnd, float(metrics["epsilon"]))
-            stats[p.node_id] = ClusterStats(
-                sums=released["sums"].numpy().astype(np.float64),
-                counts=released["counts"].numpy().astype(np.float64),
-                noise_std=float(metrics.get("noise_std", 0.0)),
+        one_round = _kmeans_secure if fed.secure_aggregation else _kmeans_plain
+        try:
+            released, kind_counts, contributors = one_round(
+                grid, aggregator, partners, active, rnd, config, fed, prototypes
             )
-        if len(stats) < fed.min_partners:
-            logger.error("persona clustering stopped: %d partner(s) replied in round %d", len(stats), rnd)
+        except SecureAggregationError as exc:
+            logger.error("persona clustering stopped in round %d: %s", rnd, exc)
             return None
+        if contributors < fed.min_partners:
+            logger.error("persona clustering stopped: %d partner(s) replied in round %d", contributors, rnd)
+            return None
+        stats = dict(enumerate(released))
         if selecting:
             selected[len(prototypes)] = list(stats.values())
             if len(selected) == len(candidates):
@@ -985,12 +1124,7 @@ def _cluster_personas(
                 kmeans_rng=rng.bit_generator.state,
                 extra=extra,
             )
-    shares: dict[str, list[float]] = {}
-    for node, st in stats.items():
-        kind = str(partners[node].info["kind"])
-        counts = np.maximum(st.counts, 0.0)
-        acc = np.asarray(shares.get(kind, np.zeros(len(counts))))
-        shares[kind] = list(acc + counts)
+    shares = {kind: list(np.maximum(counts, 0.0)) for kind, counts in kind_counts.items()}
     by_kind = {kind: [c / max(1e-9, sum(v)) for c in v] for kind, v in shares.items()}
     present = {kind: [i for i, s in enumerate(v) if s >= 0.02] for kind, v in by_kind.items()}
     logger.info("personas: %d prototypes after %d DP k-means rounds", len(prototypes), len(schedule))

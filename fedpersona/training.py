@@ -242,7 +242,7 @@ def _secret_noise(optimizer: torch.optim.Optimizer, randomness: SecretRandomness
             summed = p.summed_grad
             p.grad = (summed + randomness.normal_like(summed, std)).view_as(p)
 
-    optimizer.add_noise = add_noise  # type: ignore[method-assign]
+    optimizer.add_noise = add_noise  # type: ignore[attr-defined]
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from fedpersona.client_app import build_client_app
 from fedpersona.config import FederationSettings, dump_toml
 from fedpersona.encoder import EncoderConfig
 from fedpersona.errors import ConfigError
-from fedpersona.manifest import ReleaseError, check_outgoing
+from fedpersona.manifest import ReleaseError, check_outgoing, parse_error_reason
 from fedpersona.messages import encode_arrays, encode_settings
 from fedpersona.secagg import (
     SecAggParams,
@@ -40,7 +41,7 @@ from fedpersona.secagg import (
 from fedpersona.server_app import ServerSettings, run_federation
 from fedpersona.training import TrainingSettings
 
-PARAMS = SecAggParams(threshold=2, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
+PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
 TRUNK = {"trunk.w": (30, 40), "trunk.b": (40,)}
 ADAPTERS = {"shop:1": {"adapter.e": (5, 2)}, "bank:9": {"adapter.e": (3,), "adapter.f": (2, 2)}}
 
@@ -139,13 +140,65 @@ def test_secure_sum_equals_plaintext_scoped_aggregation_within_one_quantization_
 def test_one_dropout_is_recovered_two_dropouts_abort_before_any_share_is_asked() -> None:
     rng = np.random.default_rng(2)
     members = [("shop:1", _arrays("shop:1", rng), n) for n in (50, 70, 90)]
-    sec, _, received = _run_protocol(members, lose_masked=[101])
+    majority = replace(PARAMS, threshold=2)  # a strict majority of three
+    sec, _, received = _run_protocol(members, params=majority, lose_masked=[101])
     assert set(received) == {100, 102}
     survivors = [members[0], members[2]]
     assert _max_error(_plaintext(survivors), _secure(sec)) <= PARAMS.step
 
     with pytest.raises(SecureAggregationError, match=r"only 1 partner\(s\) sent masked vectors, fewer than"):
-        _run_protocol(members, lose_masked=[100, 101])
+        _run_protocol(members, params=majority, lose_masked=[100, 101])
+
+
+def test_partners_refuse_a_threshold_below_a_strict_majority() -> None:
+    # With five partners and a threshold of 2, a deviating server could ask two partners for a
+    # victim's mask-key shares ("it dropped") and two others for its seed shares ("it
+    # survived"), and unmask the victim's own update. Partners refuse such a round.
+    low = replace(PARAMS, threshold=2)
+    started = [start_round(server_round=1, index=i, params=low) for i in range(1, 6)]
+    keys = {i: (pub["mask_key"], pub["share_key"]) for i, (_, pub) in enumerate(started, start=1)}
+    with pytest.raises(SecureAggregationError, match="not a strict majority of the 5 partners"):
+        share_keys(started[0][0], keys)
+    assert secagg.strict_majority(5) == 3 and secagg.strict_majority(4) == 3 and secagg.strict_majority(3) == 2
+
+
+def test_with_a_majority_threshold_the_split_view_attack_fails() -> None:
+    # The attack above against five partners and threshold 3: the server tells partners 1-3
+    # that the victim (5) dropped and partner 4 that it survived. It gets 3 shares of the
+    # victim's mask key but only 1 of its seed, so it cannot remove the victim's own mask;
+    # and a partner asked for both (survivor and dropped) in one request refuses.
+    members = [("shop:1", _arrays("shop:1", np.random.default_rng(9)), n) for n in (10, 20, 30, 40, 50)]
+    nodes = {100 + i: m for i, m in enumerate(members)}
+    sec = SecureRound(server_round=1, params=PARAMS, members={n: m[0] for n, m in nodes.items()}, trunk_shapes=TRUNK)
+    secrets, public = {}, {}
+    for n, (_, arrays, _) in nodes.items():
+        secrets[n], public[n] = start_round(server_round=1, index=sec.setup_config(n)["secagg.index"], params=PARAMS)
+        sec.add_keys(n, public[n]["mask_key"], public[n]["share_key"], {k: v.shape for k, v in arrays.items()})
+    bundle = {int(i): (pair[0], pair[1]) for i, pair in sec.key_bundle().items()}
+    for n in sec.joined:
+        secrets[n], ciphertexts = share_keys(secrets[n], bundle)
+        sec.add_ciphertexts(n, sorted(ciphertexts), [ciphertexts[d] for d in sorted(ciphertexts)])
+    sec.start_masking()
+    for n in sec.sharers:
+        sources, ciphertexts = sec.forwarded(n)
+        secrets[n] = receive_shares(secrets[n], dict(zip(sources, ciphertexts, strict=True)))
+        vector = encode_update(
+            nodes[n][1], num_examples=nodes[n][2], placement=sec.placement(n), params=PARAMS,
+            generator=np.random.default_rng(0),
+        )  # fmt: skip
+        _, secrets[n] = mask_vector(secrets[n], vector)
+    key_shares, seed_shares = [], []
+    for index in (1, 2, 3):  # "5 dropped"
+        shares, secrets[sec.node[index]] = reveal_shares(secrets[sec.node[index]], survivors=[1, 2, 3, 4], dropped=[5])
+        key_shares.append(shares[5])
+    shares, secrets[sec.node[4]] = reveal_shares(secrets[sec.node[4]], survivors=[1, 2, 3, 4, 5], dropped=[])
+    seed_shares.append(shares[5])
+    assert len(key_shares) >= PARAMS.threshold > len(seed_shares)
+    for index in (1, 2, 3, 4):  # nobody answers a second request in the same round
+        with pytest.raises(SecureAggregationError, match="expected 'masked'"):
+            reveal_shares(secrets[sec.node[index]], survivors=[1, 2, 3, 4, 5], dropped=[])
+    with pytest.raises(SecureAggregationError, match="both survivor and dropped"):
+        reveal_shares(secrets[sec.node[5]], survivors=[1, 2, 3, 4, 5], dropped=[5])
 
 
 def test_every_masked_vector_is_far_from_its_partners_plain_vector() -> None:
@@ -190,7 +243,7 @@ def test_the_server_decodes_only_sums(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_partners_refuse_unsafe_requests() -> None:
-    params = PARAMS
+    params = replace(PARAMS, threshold=2)  # a strict majority of three
     a, pa = start_round(server_round=3, index=1, params=params)
     b, pb = start_round(server_round=3, index=2, params=params)
     c, pc = start_round(server_round=3, index=3, params=params)
@@ -268,7 +321,8 @@ def test_quantization_is_seeded_and_unbiased() -> None:
 
 def test_settings_are_validated() -> None:
     assert not FederationSettings().secure_aggregation
-    with pytest.raises(ConfigError, match="secagg_threshold must be an integer >= 2, got 1"):
+    assert FederationSettings().secagg_threshold is None  # a strict majority of each round
+    with pytest.raises(ConfigError, match="secagg_threshold must be an integer >= 2, or absent"):
         FederationSettings(secagg_threshold=1)
     with pytest.raises(ConfigError, match=r"min_partners \(2\) must be >= federation.secagg_threshold \(3\)"):
         FederationSettings(secure_aggregation=True, secagg_threshold=3)
@@ -321,18 +375,23 @@ class FakeGrid:
         return replies
 
 
-def _partners(tmp_path: Path, specs: list[tuple[str, str, int]]) -> dict[int, Context]:
+def _partners(tmp_path: Path, specs: list[tuple[str, str, int]], *, seeded: bool = False) -> dict[int, Context]:
+    """In-process partners; ``seeded`` gives each an explicit ``noise_seed`` (reproducible,
+    labelled not private against the coordinator) so that two runs can be compared."""
     contexts = {}
     for node, (name, kind, rows) in enumerate(specs, start=11):
         folder = tmp_path / name
         folder.mkdir(parents=True)
+        # RDP plans the noise in milliseconds; PRV (the default) takes seconds per partner.
+        privacy: dict[str, Any] = {"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"}
+        if seeded:
+            privacy["noise_seed"] = node
         dump_toml(
             folder / "client.toml",
             {
                 "partner": {"name": name, "kind": kind, "state_dir": "state"},
                 "data": {"synthetic_rows": rows, "synthetic_seed": node},
-                # RDP plans the noise in milliseconds; PRV (the default) takes seconds per partner.
-                "privacy": {"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
+                "privacy": privacy,
                 "release": {"audit_log": True},
             },
         )
@@ -344,7 +403,7 @@ def _partners(tmp_path: Path, specs: list[tuple[str, str, int]]) -> dict[int, Co
 
 
 def _settings(run_dir: Path, **federation: Any) -> ServerSettings:
-    fed = FederationSettings(rounds=1, secagg_clipping_range=8.0, personas=0, **federation)
+    fed = FederationSettings(**{"rounds": 1, "secagg_clipping_range": 8.0, "personas": 0, **federation})
     return ServerSettings(federation=fed, model=MODEL, training=TRAINING, run_dir=str(run_dir), wait_timeout=1.0)
 
 
@@ -355,7 +414,8 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     plain_run = tmp_path / "plain"
-    run_federation(FakeGrid(_partners(plain_run, THREE)), _settings(plain_run))
+    # Seeded noise (an explicit, labelled option) makes the two runs draw the same noise.
+    run_federation(FakeGrid(_partners(plain_run, THREE, seeded=True)), _settings(plain_run))
     plain_model = np.load(plain_run / "model" / "weights.npz")
 
     sent_plain: dict[int, np.ndarray] = {}
@@ -368,7 +428,7 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
 
     monkeypatch.setattr(client_app, "encode_update", spy)
     secure_run = tmp_path / "secure"
-    grid = FakeGrid(_partners(secure_run, THREE))
+    grid = FakeGrid(_partners(secure_run, THREE, seeded=True))
     result = run_federation(grid, _settings(secure_run, secure_aggregation=True))
     assert result.rounds_completed == 1 and not result.aborted
     types = [m.metadata.message_type for m in grid.sent]
@@ -381,6 +441,7 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
             for _ in range(3)
         ]
         + ["evaluate"] * 3
+        + ["query.status"] * 3
     )
 
     # What reached the server: no plain arrays anywhere, masked vectors unlike the plain ones.
@@ -404,6 +465,26 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
         "query.secagg_setup", "query.secagg_share_keys", "train.secagg", "query.secagg_unmask",
     ]  # fmt: skip
     assert audit[3]["ledger_entry"] == 1
+
+
+def test_kmeans_statistics_are_summed_securely_when_secure_aggregation_is_on(tmp_path: Path) -> None:
+    settings = {"personas": 2, "kmeans_rounds": 1, "kmeans_noise": 5.0}
+    plain_run = tmp_path / "plain"
+    run_federation(FakeGrid(_partners(plain_run, THREE, seeded=True)), _settings(plain_run, **settings))
+    secure_run = tmp_path / "secure"
+    grid = FakeGrid(_partners(secure_run, THREE, seeded=True))
+    result = run_federation(grid, _settings(secure_run, secure_aggregation=True, **settings))
+    assert result.rounds_completed == 1 and not result.aborted
+    types = [m.metadata.message_type for m in grid.sent]
+    assert "query.kmeans" not in types and types.count("query.kmeans_secagg") == 3
+    # No partner's own statistics reached the server: only masked vectors.
+    assert not any("stats" in r.content for r in grid.received)
+    plain = json.loads((plain_run / "personas.json").read_text())
+    secure = json.loads((secure_run / "personas.json").read_text())
+    np.testing.assert_allclose(secure["prototypes"], plain["prototypes"], atol=1e-3)
+    np.testing.assert_allclose(secure["shares_by_kind"]["health"], plain["shares_by_kind"]["health"], atol=1e-3)
+    ledger = [json.loads(x) for x in (secure_run / "clinic-2" / "state" / "ledger.jsonl").read_text().splitlines()]
+    assert [e["mechanism"] for e in ledger] == ["dp-sgd", "dp-kmeans"]
 
 
 def test_client_app_round_survives_one_dropout_and_aborts_on_two(
@@ -445,7 +526,7 @@ def test_secure_replies_are_declared_in_the_manifest(tmp_path: Path) -> None:
         dst_node_id=11, message_type="query.secagg_unmask",
     )  # fmt: skip
     reply = app(msg, ctx)
-    assert reply.has_error() and "no round in progress" in (reply.error.reason or "")
+    assert reply.has_error() and parse_error_reason(reply.error.reason)[0] == "secure-aggregation"
 
 
 @pytest.mark.slow
