@@ -277,3 +277,43 @@ def test_a_partner_under_a_new_node_id_is_matched_by_name_and_keeps_its_slot(tmp
     assert {name: p["slot"] for name, p in card["partners"].items()} == {
         "shop-1": "ecommerce:f00d", "shop-2": "ecommerce:f00d", "bank-1": "finance:f00d",
     }  # fmt: skip
+
+
+def test_after_a_crash_and_resume_the_reports_carry_each_partners_ledger_epsilon(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    from fedpersona.manifest import ERROR_CODES, error_reason
+
+    partners = _partners()
+    grid = FakeGrid(partners)
+    grid.crash_at("train", 3)  # every partner trained (and paid for) round 3; the server never heard back
+    with pytest.raises(ServerCrash):
+        run_federation(grid, _settings(tmp_path, rounds=4))  # type: ignore[arg-type]
+    # On resume, shop-1 refuses for its budget. Its refusal, like every reply, carries its
+    # ledger's epsilon (round 3 included), which is more than the last figure the server heard.
+    shop = partners[11]
+    answer = shop.__call__
+
+    def refuse(msg):  # type: ignore[no-untyped-def]
+        if msg.metadata.message_type == "train":
+            return Error(code=ERROR_CODES["privacy-budget"], reason=error_reason("privacy-budget", shop.epsilon))
+        return answer(msg)
+
+    grid = FakeGrid(partners)
+    grid.nodes[11] = refuse
+    gone = partners[13]
+    grid.before_send = lambda kind, group: (
+        grid.offline.add(13) if kind == "query.status" and group == "status" else None
+    )
+    run_federation(grid, replace(_settings(tmp_path, rounds=4), resume=True))  # type: ignore[arg-type]
+    privacy = json.loads((tmp_path / "privacy.json").read_text())["partners"]
+    _, card = verify_model(tmp_path / "model")
+    assert shop.charged == [1, 2, 3] and privacy["shop-1"]["epsilon"] == pytest.approx(shop.epsilon)
+    assert card["partners"]["shop-1"]["epsilon"] == pytest.approx(shop.epsilon)
+    assert (
+        "epsilon_is_lower_bound" not in privacy["shop-1"] and not card["partners"]["shop-1"]["epsilon_is_lower_bound"]
+    )
+    assert privacy["shop-2"]["epsilon"] == pytest.approx(partners[12].epsilon)
+    # bank-1 went away before the end-of-run status query: its last figure is labelled a lower bound.
+    assert privacy["bank-1"]["epsilon_is_lower_bound"] is True and card["partners"]["bank-1"]["epsilon_is_lower_bound"]
+    assert privacy["bank-1"]["epsilon"] <= gone.epsilon
