@@ -62,6 +62,11 @@ def simulate(
         "value in OUT/eps-<value>/, then OUT/sweep.json, sweep.csv and report.html.",
     ),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
+    reproducible_noise: bool = typer.Option(
+        False,
+        help="Derive every partner's DP noise from the federation seed: a reproducible run that is "
+        "NOT private against the coordinator (labelled so everywhere).",
+    ),
 ) -> None:
     """Run a whole federation locally and write the run folder."""
     from fedpersona.simulation import simulate as run
@@ -110,6 +115,7 @@ def simulate(
         out=out,
         on_round=on_round,
         on_start=on_start,
+        reproducible_noise=reproducible_noise or None,
     )
     from fedpersona.report import SUMMARY_COLUMNS, summary_rows
 
@@ -129,6 +135,10 @@ def simulate(
     console.print(table)
     if any(p.get("private") is False for p in result.privacy["partners"].values()):
         console.print("[bold red]NOT PRIVATE: this run used no differential privacy.[/bold red]")
+    if any(p.get("noise_seeds_known") for p in result.privacy["partners"].values()):
+        from fedpersona.randomness import KNOWN_SEEDS_LABEL
+
+        console.print(f"[bold red]{KNOWN_SEEDS_LABEL.upper()} (--reproducible-noise)[/bold red]")
     from fedpersona.report import persona_rows
 
     found = persona_rows(result.rows)

@@ -37,10 +37,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["KNOWN_SEEDS_LABEL", "SecretRandomness"]
 
@@ -98,6 +101,8 @@ class SecretRandomness:
 
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
         """Gaussian noise with the shape, dtype and device of ``reference``."""
+        import torch
+
         noise = torch.from_numpy(self.normal(tuple(reference.shape), std))
         return noise.to(device=reference.device, dtype=reference.dtype)
 

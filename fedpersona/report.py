@@ -23,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedpersona.randomness import KNOWN_SEEDS_LABEL
+
 __all__ = ["SUMMARY_COLUMNS", "heatmap_png", "load_run", "local_profiles", "plot_png", "summary_rows", "write_report"]
 
 SUMMARY_COLUMNS = (
@@ -168,12 +170,18 @@ def write_report(run_dir: str | Path) -> Path:
     spent = {name: p.get("epsilon") for name, p in privacy.get("partners", {}).items()}
     final = [{**r, "epsilon": spent.get(r["partner"], r.get("epsilon"))} for r in summary_rows(rows)]
     any_public = any(p.get("private") is False for p in privacy.get("partners", {}).values())
+    seeded = sorted(name for name, p in privacy.get("partners", {}).items() if p.get("noise_seeds_known"))
     banner = (
         "<p class='warn'>NOT PRIVATE: at least one partner ran without differential privacy "
         "(epsilon = inf). Use this run only as a utility reference.</p>"
         if any_public
         else ""
     )
+    if seeded:
+        banner += (
+            f"<p class='warn'>{html.escape(KNOWN_SEEDS_LABEL.upper())}: {html.escape(', '.join(seeded))} drew "
+            "their noise from a configured seed (privacy.noise_seed); whoever knows it can remove the noise.</p>"
+        )
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in SUMMARY_COLUMNS)
     body = "".join(
         "<tr>"
@@ -263,6 +271,8 @@ figure {{ display: inline-block; margin: 0.5em; }}
     md = ["# fedpersona run report", ""]
     if any_public:
         md += ["**NOT PRIVATE**: at least one partner ran without differential privacy.", ""]
+    if seeded:
+        md += [f"**{KNOWN_SEEDS_LABEL.upper()}**: {', '.join(seeded)} (privacy.noise_seed).", ""]
     md.append("| " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |")
     md.append("|" + "---|" * len(SUMMARY_COLUMNS))
     for r in final:

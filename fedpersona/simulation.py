@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -193,8 +193,12 @@ def simulate(
     out: str | Path | None = None,
     on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
     on_start: Callable[[Scenario, Path, list[str]], None] | None = None,
+    reproducible_noise: bool | None = None,
 ) -> SimulationResult:
-    """Run a scenario end to end and return the final per-partner rows."""
+    """Run a scenario end to end and return the final per-partner rows.
+
+    ``reproducible_noise`` (when given) overrides ``[simulation] reproducible_noise``.
+    """
     from flwr.simulation import run_simulation
 
     from fedpersona.client_app import build_client_app
@@ -202,6 +206,8 @@ def simulate(
 
     path = Path(scenario_path) if scenario_path else default_scenario_path()
     scenario = load_scenario(path, rounds=rounds, epsilon=epsilon)
+    if reproducible_noise is not None:
+        scenario = replace(scenario, simulation=replace(scenario.simulation, reproducible_noise=reproducible_noise))
     run_dir = prepare_run_dir(out).resolve()
     started = time.monotonic()
     try:
