@@ -134,6 +134,8 @@ class SecretRandomness:
     def torch_generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """A torch generator seeded from the stream, for randomness no release's privacy
         rests on (feature masking); never for noise or sampling."""
+        import torch
+
         generator = torch.Generator(device=device)
         generator.manual_seed(self.seed64())
         return generator
