@@ -25,7 +25,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from fedpersona.errors import FedPersonaError
 
-__all__ = ["ArtifactError", "artifact_files", "generate_signing_key", "install_model", "save_model", "verify_model"]
+__all__ = [
+    "ArtifactError",
+    "artifact_files",
+    "generate_signing_key",
+    "install_model",
+    "model_versions",
+    "rollback_model",
+    "save_model",
+    "verify_model",
+]
 
 FILES = ("weights.npz", "card.json", "signature.json")
 
@@ -141,13 +150,19 @@ def artifact_files(folder: str | Path) -> dict[str, bytes]:
         raise ArtifactError(f"{folder}: not a complete signed model artifact ({exc})") from None
 
 
+HISTORY = "model-history"  # beside the installed model folder: the models it replaced
+
+
 def install_model(folder: str | Path, *, files: dict[str, bytes], public_key: bytes) -> dict[str, Any]:
     """Verify a received artifact against the federation's key, then make it ``folder``.
 
     The files are written to a temporary sibling folder and verified there; only a model
     signed by ``public_key`` replaces ``folder`` (by renames, so a reader sees the old model
     or the new one). Returns the card. Raises :class:`ArtifactError` and leaves ``folder``
-    untouched otherwise.
+    untouched otherwise, and also when the received model is no improvement on the installed
+    one: a model that trained no round, an older model, one with fewer rounds, or one without
+    personas where the installed model has them. A replaced model is kept in
+    ``<folder>-history/`` (see :func:`model_versions`, :func:`rollback_model`).
     """
     folder = Path(folder)
     missing = [name for name in FILES if not isinstance(files.get(name), bytes)]
@@ -155,10 +170,8 @@ def install_model(folder: str | Path, *, files: dict[str, bytes], public_key: by
         raise ArtifactError(f"the received model lacks {', '.join(missing)}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(folder.name + ".incoming")
-    old = folder.with_name(folder.name + ".previous")
-    for stale in (staging, old):
-        if stale.exists():
-            shutil.rmtree(stale)
+    if staging.exists():
+        shutil.rmtree(staging)
     staging.mkdir()
     for name in FILES:
         with open(staging / name, "wb") as handle:
@@ -172,16 +185,95 @@ def install_model(folder: str | Path, *, files: dict[str, bytes], public_key: by
         raise ArtifactError(
             "the received model does not verify against the federation's model-signing key; it was not installed"
         ) from None
-    if (folder / "card.json").exists():
-        try:
-            installed = json.loads((folder / "card.json").read_text())
-        except (OSError, ValueError):
-            installed = {}
-        if float(installed.get("created", 0)) > float(card.get("created", 0)):
-            shutil.rmtree(staging, ignore_errors=True)
-            raise ArtifactError(f"the received model is older than the one in {folder}; it was not installed")
-    if folder.exists():
-        folder.rename(old)
-    staging.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    problem = _no_improvement(card, _installed_card(folder), folder)
+    if problem:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ArtifactError(f"{problem}; it was not installed and {folder} is unchanged")
+    _swap_in(folder, staging)
     return card
+
+
+def _installed_card(folder: Path) -> dict[str, Any] | None:
+    if not (folder / "card.json").exists():
+        return None
+    try:
+        card = json.loads((folder / "card.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def _no_improvement(card: dict[str, Any], installed: dict[str, Any] | None, folder: Path) -> str:
+    """Why ``card`` must not replace the installed model (``""``: it may)."""
+    rounds = int(card.get("rounds") or 0)
+    if rounds < 1:
+        return "the received model trained no round"
+    if installed is None:
+        return ""
+    if float(installed.get("created", 0)) > float(card.get("created", 0)):
+        return f"the received model is older than the one in {folder}"
+    if rounds < int(installed.get("rounds") or 0):
+        return (
+            f"the received model has {rounds} round(s), fewer than the {installed.get('rounds')} of the one in {folder}"
+        )
+    if installed.get("prototypes") and not card.get("prototypes"):
+        return f"the received model carries no personas and the one in {folder} does"
+    return ""
+
+
+def _swap_in(folder: Path, staging: Path) -> None:
+    """Make ``staging`` the installed model; the replaced one goes to the history folder."""
+    history = folder.with_name(folder.name + "-history")
+    if folder.exists():
+        history.mkdir(exist_ok=True)
+        taken = [p.name for p in history.iterdir() if p.is_dir()]
+        number = 1 + max((int(n.split("-", 1)[0][1:]) for n in taken if n.startswith("v")), default=0)
+        created = _installed_card(folder) or {}
+        folder.rename(history / f"v{number:03d}-{int(float(created.get('created', 0)))}")
+    staging.rename(folder)
+
+
+def model_versions(folder: str | Path) -> list[dict[str, Any]]:
+    """The installed model and the ones it replaced, newest first: ``version``, ``path``,
+    ``rounds``, ``created``, ``personas`` (the number of prototypes, 0 without), ``installed``."""
+    folder = Path(folder)
+    history = folder.with_name(folder.name + "-history")
+    entries = [("installed", folder)] if folder.exists() else []
+    if history.exists():
+        entries += [(p.name, p) for p in sorted(history.iterdir(), reverse=True) if p.is_dir()]
+    out = []
+    for version, path in entries:
+        card = _installed_card(path) or {}
+        out.append(
+            {
+                "version": version,
+                "path": str(path),
+                "rounds": card.get("rounds"),
+                "created": card.get("created"),
+                "personas": len(card.get("prototypes") or []),
+                "installed": version == "installed",
+            }
+        )
+    return out
+
+
+def rollback_model(folder: str | Path, *, version: str | None = None, public_key: bytes) -> str:
+    """Reinstall a model the installed one replaced (default: the most recent); the current
+    one goes to the history in its turn. The chosen model is verified against ``public_key``
+    first. Returns the version reinstalled."""
+    folder = Path(folder)
+    history = folder.with_name(folder.name + "-history")
+    versions = sorted((p.name for p in history.iterdir() if p.is_dir()), reverse=True) if history.exists() else []
+    if not versions:
+        raise ArtifactError(f"{folder} has replaced no earlier model: there is nothing to roll back to")
+    chosen = version or versions[0]
+    if chosen not in versions:
+        raise ArtifactError(f"no model version {chosen!r} in {history} (versions: {', '.join(versions)})")
+    verify_model(history / chosen, public_key=public_key)
+    staging = folder.with_name(folder.name + ".incoming")
+    if staging.exists():
+        shutil.rmtree(staging)
+    shutil.copytree(history / chosen, staging)
+    _swap_in(folder, staging)
+    shutil.rmtree(history / chosen)
+    return chosen

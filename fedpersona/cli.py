@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,6 @@ def k_choice_line(run_dir: Path) -> str | None:
 
 def _sweep(text: str, *, scenario: Path | None, rounds: int | None, out: Path | None) -> None:
     """``simulate --sweep-epsilon``: the runs one after the other, then the sweep report."""
-    import time
 
     from fedpersona.sweep import INF_LABEL, parse_epsilons, run_sweep
 
@@ -214,7 +214,16 @@ def infer(
     config: Path = typer.Option(..., help="The partner's client.toml (schema, state folder)."),
     data: Path = typer.Option(..., help="Users to assign: CSV (also .gz) or Parquet."),
     out: Path = typer.Option(..., help="Output .csv or .parquet (user id, persona, probabilities)."),
-    public_key: Path | None = typer.Option(None, help="The federation's model-signing public key (PEM)."),
+    public_key: Path | None = typer.Option(
+        None,
+        help="The federation's model-signing public key (PEM); default: credentials/model-signing.pub "
+        "beside client.toml. Without one, infer refuses.",
+    ),
+    no_verify: bool = typer.Option(
+        False,
+        "--no-verify",
+        help="Do not check who signed the model (only for a model folder you made yourself; loudly reported).",
+    ),
     token_file: Path | None = typer.Option(None, help="Bearer token for the registry."),
     ca: Path | None = typer.Option(
         None,
@@ -236,6 +245,25 @@ def infer(
 
     cfg = load_partner_config(config)
     key_bytes = None
+    if public_key is None and not no_verify:
+        default = config.resolve().parent / "credentials" / "model-signing.pub"
+        if not default.is_file():
+            raise FedPersonaError(
+                f"cannot check who made the model: no --public-key was given and there is no {default}. Pass the "
+                "federation's model-signing.pub with --public-key (or put it in credentials/ beside client.toml); "
+                "use --no-verify only for a model folder you made yourself"
+            )
+        public_key = default
+    if no_verify:
+        if public_key is not None:
+            raise FedPersonaError("--no-verify and --public-key exclude each other; give one of them")
+        if model.startswith(("http://", "https://")):
+            raise FedPersonaError("--no-verify is refused for a model downloaded from a registry: verify it")
+        err_console.print(
+            "[bold red]WARNING: --no-verify: the model's signature is checked only against the key stored in "
+            "the model itself, which proves it is intact, not who made it. Use this only for a model folder "
+            "you made yourself.[/bold red]"
+        )
     if public_key is not None:
         from cryptography.hazmat.primitives import serialization
 
@@ -247,7 +275,7 @@ def infer(
     if model.startswith(("http://", "https://")):
         from fedpersona.registry import fetch_model
 
-        if public_key is None:
+        if public_key is None:  # not reached: a registry model is always verified (above)
             raise FedPersonaError("--public-key is required to verify a model downloaded from a registry")
         token = token_file.read_text().strip() if token_file else None
         if ca is None and (config.parent / "credentials" / "ca.pem").is_file():
@@ -563,6 +591,52 @@ def partner_start(
     )  # fmt: skip
     if code:
         sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
+
+
+@partner_app.command("models")
+def partner_models(config: Path = typer.Option(..., help="clients/<kind>/client.toml.")) -> None:
+    """The federation model installed at this partner, and the ones it replaced."""
+    from fedpersona.artifacts import model_versions
+    from fedpersona.config import load_partner_config
+
+    cfg = load_partner_config(config)
+    versions = model_versions(Path(cfg.state_dir) / "model")
+    if not versions:
+        console.print(f"no federation model is installed in {Path(cfg.state_dir) / 'model'}")
+        return
+    table = RichTable(title=f"models of partner {cfg.name}")
+    for col in ("version", "rounds", "personas", "created", "path"):
+        table.add_column(col)
+    for v in versions:
+        created = v["created"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(created))) if created else "-"
+        table.add_row(str(v["version"]), str(v["rounds"]), str(v["personas"]), when, str(v["path"]))
+    console.print(table)
+
+
+@partner_app.command("rollback")
+def partner_rollback(
+    config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
+    version: str | None = typer.Option(None, help="The version to reinstall (default: the most recent one)."),
+    model_key: Path | None = typer.Option(
+        None, help="The federation's model-signing.pub (default: credentials/ beside client.toml)."
+    ),
+) -> None:
+    """Reinstall a model the installed one replaced (after it is verified again)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedpersona.artifacts import rollback_model
+    from fedpersona.config import load_partner_config
+
+    cfg = load_partner_config(config)
+    key_path = model_key or config.resolve().parent / "credentials" / "model-signing.pub"
+    try:
+        loaded = serialization.load_pem_public_key(key_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise FedPersonaError(f"{key_path}: not the federation's model-signing public key ({exc})") from None
+    raw = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    chosen = rollback_model(Path(cfg.state_dir) / "model", version=version, public_key=raw)
+    console.print(f"reinstalled model {chosen} in {Path(cfg.state_dir) / 'model'}; the replaced one is in the history")
 
 
 @app.command()

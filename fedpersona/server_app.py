@@ -73,7 +73,7 @@ from fedpersona.checkpoint import (
 from fedpersona.clustering import ClusterStats, choose_k, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.config import FederationSettings, load_scenario
 from fedpersona.encoder import EncoderConfig, PersonaTrunk
-from fedpersona.errors import ConfigError
+from fedpersona.errors import ConfigError, FedPersonaError
 from fedpersona.manifest import REFUSALS, parse_error_reason
 from fedpersona.messages import arrays_of, encode_arrays, encode_settings, metrics_of
 from fedpersona.randomness import KNOWN_SEEDS_LABEL
@@ -90,7 +90,7 @@ from fedpersona.secagg import (
 )
 from fedpersona.training import TrainingSettings
 
-__all__ = ["ServerSettings", "app", "build_server_app", "run_federation"]
+__all__ = ["NothingTrained", "ServerSettings", "app", "build_server_app", "run_federation"]
 
 logger = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def _admit(
     nodes: list[int],
     partners: dict[int, _Partner],
     roster: dict[str, _Partner],
-    refused: set[int],
+    refused: dict[int, str],
     config: Callable[..., ConfigRecord],
     timeout: float,
     group: str,
@@ -304,7 +304,7 @@ def _admit(
             category, _ = parse_error_reason(reply.error.reason)
             logger.error("node %s cannot join: the partner refused (%s)", node, category)
             if reply.error.code in REFUSALS:  # the partner's own refusal
-                refused.add(node)
+                refused[node] = category
             continue
         info = dict(reply.content.config_records["info"])
         epsilon = info.pop("epsilon", None)
@@ -317,16 +317,16 @@ def _admit(
                     "(its adapter slot and its share of the model belong to the old schema)",
                     name, info["kind"], info["fingerprint"], known.info["kind"], known.info["fingerprint"],
                 )  # fmt: skip
-                refused.add(node)
+                refused[node] = "schema changed"
                 continue
             other = partners.get(known.node_id)
             if known.active and other is known and known.node_id != node:
                 logger.error("node %s claims the name %s of the active node %s; refused", node, name, known.node_id)
-                refused.add(node)
+                refused[node] = "name taken"
                 continue
             if not known.active and not known.rejoinable and known.dropped_reason:
                 logger.warning("partner %s stays out of this run: %s", name, known.dropped_reason)
-                refused.add(node)
+                refused[node] = known.dropped_reason.split(" (", 1)[0]
                 continue
             partners.pop(known.node_id, None)
             known.node_id, known.info = node, info
@@ -368,7 +368,7 @@ def _rejoin(
     grid: Grid,
     partners: dict[int, _Partner],
     roster: dict[str, _Partner],
-    refused: set[int],
+    refused: dict[int, str],
     config: Callable[..., ConfigRecord],
     fed: FederationSettings,
     rnd: int,
@@ -443,7 +443,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             run_dir, checkpoint.stage, checkpoint.round, len(roster),
         )  # fmt: skip
     partners: dict[int, _Partner] = {}  # the partners connected to this run, by node id
-    refused: set[int] = set()
+    refused: dict[int, str] = {}  # node -> why it stays out of this run
     fresh = not roster
     known = set(roster)
     # Resuming: a node id is a registered key, so a node of the checkpoint is that partner; it
@@ -491,6 +491,7 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
     completed = checkpoint.round
     rounds_run: list[int] = []
     aborted = ""
+    stopped = ""  # why the training rounds stopped early, if they did
     if checkpoint.stage == "train" and completed and not checkpoint.evaluated and due(completed):
         evaluate(completed, set(checkpoint.extra.get("aggregated", [])))  # the crash came before it
     first = completed + 1 if checkpoint.stage == "train" else fed.rounds + 1
@@ -499,10 +500,11 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
             _rejoin(grid, partners, roster, refused, config, fed, rnd)
         active = {n: p for n, p in partners.items() if p.active}
         if len(active) < fed.min_partners:
-            logger.error(
-                "round %d not started: %d partner(s) left, federation.min_partners is %d",
-                rnd, len(active), fed.min_partners,
-            )  # fmt: skip
+            stopped = (
+                f"round {rnd} not started: {len(active)} partner(s) left, federation.min_partners is "
+                f"{fed.min_partners}{_refusals(roster, refused)}"
+            )
+            logger.error("%s", stopped)
             break
         if fed.secure_aggregation:
             try:
@@ -514,7 +516,8 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         else:
             updates = _train_plain(grid, aggregator, partners, active, rnd, config, fed)
         if not updates:
-            logger.error("round %d: no partner replied; stopping", rnd)
+            stopped = f"round {rnd}: no partner replied{_refusals(roster, refused)}"
+            logger.error("%s; stopping", stopped)
             break
         aggregator.aggregate(updates)
         # With secure aggregation the sums name no partner: those still in the round are in them.
@@ -547,11 +550,16 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         if reachable:
             _status(grid, partners, reachable, fed.round_timeout, completed)
         _write_privacy(run_dir, roster)
-        if aborted and not completed:
-            logger.error("no round completed; no model is published")
-        else:
-            _publish(run_dir, aggregator, roster, settings, completed, personas)
-            save(stage="done")
+        if not completed:
+            # A run that trained nothing publishes nothing: an empty model would replace a good
+            # one wherever it is installed.
+            reason = aborted or stopped or "no training round completed"
+            _write_outcome(run_dir, status="failed", reason=reason, rounds=0, personas=False)
+            logger.error("no round completed (%s); nothing is published", reason)
+            raise NothingTrained(f"the federation trained nothing, so no model was published: {reason}")
+        _publish(run_dir, aggregator, roster, settings, completed, personas)
+        save(stage="done")
+        _write_outcome(run_dir, status="completed", reason=stopped, rounds=completed, personas=personas is not None)
     delivered: list[str] = []
     if settings.deliver_model and (run_dir / "model" / "signature.json").exists():
         _rejoin(grid, partners, roster, refused, config, fed, completed)
@@ -564,6 +572,29 @@ def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallb
         rounds_run=rounds_run,
         delivered=delivered,
     )
+
+
+class NothingTrained(FedPersonaError):
+    """A federation ended without aggregating a single training round: nothing is published."""
+
+    category = "error"
+
+
+def _refusals(roster: dict[str, _Partner], refused: dict[int, str]) -> str:
+    """``" (partners out: privacy-budget x3)"``: why partners left the run, by category."""
+    reasons = Counter(p.dropped_reason.split(" (", 1)[0] for p in roster.values() if p.dropped_reason)
+    reasons.update(refused.values())
+    if not reasons:
+        return ""
+    return " (partners out: " + ", ".join(f"{r} x{n}" for r, n in sorted(reasons.items())) + ")"
+
+
+def _write_outcome(run_dir: Path, *, status: str, reason: str, rounds: int, personas: bool) -> None:
+    """``RUN_DIR/run.json``: how the run ended (``completed`` or ``failed``) and why."""
+    body = {"status": status, "reason": reason, "rounds_completed": rounds, "personas": personas}
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(body, indent=2))
+    tmp.replace(run_dir / "run.json")
 
 
 def _names(active: dict[int, _Partner]) -> list[str]:

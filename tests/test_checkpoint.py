@@ -317,3 +317,30 @@ def test_after_a_crash_and_resume_the_reports_carry_each_partners_ledger_epsilon
     # bank-1 went away before the end-of-run status query: its last figure is labelled a lower bound.
     assert privacy["bank-1"]["epsilon_is_lower_bound"] is True and card["partners"]["bank-1"]["epsilon_is_lower_bound"]
     assert privacy["bank-1"]["epsilon"] <= gone.epsilon
+
+
+def test_a_run_that_trains_nothing_publishes_nothing_and_says_why(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    from fedpersona.manifest import ERROR_CODES, error_reason
+    from fedpersona.server_app import NothingTrained
+
+    partners = _partners()
+    grid = FakeGrid(partners)
+    for node, partner in partners.items():
+        answer = partner.__call__
+
+        def refuse(msg, answer=answer):  # type: ignore[no-untyped-def]
+            if msg.metadata.message_type == "train":  # every budget is spent
+                return Error(code=ERROR_CODES["privacy-budget"], reason=error_reason("privacy-budget", 3.0))
+            return answer(msg)
+
+        grid.nodes[node] = refuse
+    with pytest.raises(NothingTrained, match=r"round 1: no partner replied \(partners out: privacy-budget x3\)"):
+        run_federation(grid, _settings(tmp_path))  # type: ignore[arg-type]
+    assert not (tmp_path / "model").exists()
+    outcome = json.loads((tmp_path / "run.json").read_text())
+    assert outcome["status"] == "failed" and outcome["rounds_completed"] == 0
+    assert "privacy-budget x3" in outcome["reason"]
+    assert all(e["epsilon"] == 3.0 for e in json.loads((tmp_path / "privacy.json").read_text())["partners"].values())
+    assert not any(kind == "query.final_model" for kind, _, _ in grid.sent)

@@ -29,7 +29,9 @@ from fedpersona.synthetic import generate_frame, synthetic_schema
 MODEL = {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
 
 
-def _publish(folder: Path, key_path: Path, *, created: float | None = None) -> Path:
+def _publish(
+    folder: Path, key_path: Path, *, created: float | None = None, rounds: int = 2, personas: bool = True
+) -> Path:
     """A signed global model as the server publishes it, for the synthetic e-commerce schema."""
     schema = synthetic_schema("ecommerce")
     torch.manual_seed(0)
@@ -48,9 +50,10 @@ def _publish(folder: Path, key_path: Path, *, created: float | None = None) -> P
     )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     key_path.with_suffix(".pub").write_bytes(public)
+    prototypes = init_prototypes(4, MODEL["embed_dim"], generator=np.random.default_rng(1)).tolist()
     card = {
-        "version": 1, "created": created or time.time(), "rounds": 2, "model": dict(MODEL), "slots": [slot],
-        "prototypes": init_prototypes(4, MODEL["embed_dim"], generator=np.random.default_rng(1)).tolist(),
+        "version": 1, "created": created or time.time(), "rounds": rounds, "model": dict(MODEL), "slots": [slot],
+        "prototypes": prototypes if personas else None,
     }  # fmt: skip
     save_model(folder, arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
     return folder
@@ -192,3 +195,68 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
     ledger = PrivacyLedger(client.parent / "state", settings=PrivacySettings())
     assert [e.round for e in ledger.entries] == [1, 1]
     assert again.content["metrics"]["epsilon"] > first.content["metrics"]["epsilon"]
+
+
+def test_a_model_with_no_rounds_fewer_rounds_or_no_personas_never_replaces_a_good_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fedpersona.artifacts import model_versions
+
+    key = tmp_path / "server" / "model-signing.key"
+    client = _client(tmp_path)
+    app, context = build_client_app(), _context(client, key.with_suffix(".pub"))
+    installed = client.parent / "state" / "model"
+    good = _publish(tmp_path / "server" / "good", key, created=1000.0, rounds=5)
+    assert not app(_delivery(good), context).has_error()
+    before = (installed / "card.json").read_bytes()
+    for name, rounds, personas, why in (
+        ("empty", 0, False, "trained no round"),
+        ("short", 2, True, "fewer than the 5"),
+        ("faceless", 5, False, "carries no personas"),
+    ):
+        caplog.clear()
+        reply = app(
+            _delivery(_publish(tmp_path / "server" / name, key, created=2000.0, rounds=rounds, personas=personas)),
+            context,
+        )
+        assert reply.has_error() and reply.error.code == ERROR_CODES["model"], name
+        assert why in caplog.text, name
+        assert (installed / "card.json").read_bytes() == before, name
+    # A better model replaces it; the replaced one is kept and can be reinstalled.
+    better = _publish(tmp_path / "server" / "better", key, created=3000.0, rounds=6)
+    assert not app(_delivery(better), context).has_error()
+    versions = model_versions(installed)
+    assert [(v["version"].startswith("v001"), v["rounds"]) for v in versions] == [(False, 6), (True, 5)]
+    done = CliRunner().invoke(
+        cli, ["partner", "rollback", "--config", str(client), "--model-key", str(key.with_suffix(".pub"))]
+    )
+    assert done.exit_code == 0, done.output
+    assert (installed / "card.json").read_bytes() == before
+    assert [v["rounds"] for v in model_versions(installed)] == [5, 6]
+    listed = CliRunner().invoke(cli, ["partner", "models", "--config", str(client)])
+    assert listed.exit_code == 0 and "v002" in listed.output
+
+
+def test_infer_refuses_a_forged_model_with_the_default_arguments(tmp_path: Path) -> None:
+    key = tmp_path / "server" / "model-signing.key"
+    _publish(tmp_path / "server" / "model", key)
+    client = _client(tmp_path)
+    users = tmp_path / "users.csv"
+    generate_frame("ecommerce", 20, rng=np.random.default_rng(0))[0].to_csv(users, index=False)
+    forged = _publish(tmp_path / "elsewhere" / "model", tmp_path / "elsewhere" / "other.key")
+    args = ["infer", "--model", str(forged), "--config", str(client), "--data", str(users)]
+    runner = CliRunner()
+    # Without the federation's key anywhere, infer refuses to run an unverifiable model.
+    done = runner.invoke(cli, [*args, "--out", str(tmp_path / "a.csv")])
+    assert done.exit_code != 0 and "cannot check who made the model" in str(done.exception or done.output)
+    # With credentials/model-signing.pub beside client.toml (as a partner kit has it), the
+    # forged model is refused by default.
+    (client.parent / "credentials").mkdir()
+    (client.parent / "credentials" / "model-signing.pub").write_bytes(key.with_suffix(".pub").read_bytes())
+    done = runner.invoke(cli, [*args, "--out", str(tmp_path / "b.csv")])
+    assert done.exit_code != 0 and "signature does not verify" in str(done.exception or done.output)
+    assert not (tmp_path / "b.csv").exists()
+    # --no-verify runs a model folder the user made, loudly.
+    done = runner.invoke(cli, [*args, "--out", str(tmp_path / "c.csv"), "--no-verify"])
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "c.csv").exists()
