@@ -34,6 +34,7 @@ from benchmarks.workload import fresh_encoder, median
 from fedpersona.evaluation import evaluate
 from fedpersona.features import FeatureTensors, featurize
 from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.randomness import SecretRandomness
 from fedpersona.synthetic import generate_silo
 from fedpersona.training import TrainingSettings, train_locally
 
@@ -209,7 +210,7 @@ def _plain_loop(size: Size) -> float:
             began = time.perf_counter()
             train_locally(
                 model=model, data=train, settings=TRAINING, privacy=privacy, noise_multiplier=sigma,
-                ledger=ledger, round=1, generator=torch.Generator().manual_seed(i),
+                ledger=ledger, round=1, randomness=SecretRandomness.from_seed(i),
             )  # fmt: skip
             evaluate(model=model, train=train, test=test, personas=personas, seed=0)
             if timed:

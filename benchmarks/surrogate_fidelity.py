@@ -32,6 +32,7 @@ from fedpersona.evaluation import embed_all
 from fedpersona.features import FeatureTensors, featurize
 from fedpersona.personas import persona_cards
 from fedpersona.privacy import PrivacySettings
+from fedpersona.randomness import SecretRandomness
 from fedpersona.schema import load_schema
 from fedpersona.tables import Table, load_table
 from fedpersona.training import TrainingSettings, train_locally
@@ -66,9 +67,9 @@ def encoder_personas(features: FeatureTensors, *, seed: int = 0, label_weight: f
     settings = TrainingSettings(local_epochs=1, batch_size=128, lr=0.01, device="cpu")
     public = PrivacySettings(target_epsilon=math.inf)
     for rnd in (1, 2):
-        generator = torch.Generator().manual_seed(rnd + 10 * seed)
+        generator = SecretRandomness.from_seed(rnd + 10 * seed)  # reproducible on purpose
         train_locally(model=model, data=features, settings=settings, privacy=public,
-                      noise_multiplier=None, ledger=None, round=rnd, generator=generator)  # fmt: skip
+                      noise_multiplier=None, ledger=None, round=rnd, randomness=generator)  # fmt: skip
     return KMeans(K, n_init=4, random_state=seed).fit_predict(embed_all(model, features)).astype(np.int64)
 
 

@@ -20,6 +20,7 @@ from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
 from fedpersona.features import FeatureTensors, featurize
 from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.randomness import SecretRandomness
 from fedpersona.synthetic import generate_silo
 from fedpersona.training import TrainingSettings, train_locally
 
@@ -66,7 +67,7 @@ def time_epoch(data: FeatureTensors, *, mode: str, batch_size: int, device: str 
     # A generous target: the benchmark times steps, it does not spend a real budget.
     privacy = PrivacySettings(target_epsilon=1e3 if private else float("inf"))
     model = fresh_encoder(data, seed=seed, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = SecretRandomness.from_seed(seed)  # benchmark: reproducible on purpose
     with tempfile.TemporaryDirectory() as state, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         ledger = PrivacyLedger(state, settings=privacy) if private else None
@@ -75,7 +76,7 @@ def time_epoch(data: FeatureTensors, *, mode: str, batch_size: int, device: str 
         start = time.perf_counter()
         result = train_locally(
             model=model, data=data, settings=settings, privacy=privacy,
-            noise_multiplier=1.0 if private else None, ledger=ledger, round=1, generator=generator,
+            noise_multiplier=1.0 if private else None, ledger=ledger, round=1, randomness=generator,
         )  # fmt: skip
         if device == "cuda":
             torch.cuda.synchronize()
@@ -125,7 +126,7 @@ def federate(
                 load_shared(encoder, aggregator.arrays_for(slots[i]))
                 train_locally(
                     model=encoder, data=part, settings=training, privacy=privacy, noise_multiplier=sigmas[i],
-                    ledger=ledgers[i], round=r, generator=torch.Generator().manual_seed(seed * 10_000 + r * 100 + i),
+                    ledger=ledgers[i], round=r, randomness=SecretRandomness.from_seed(seed * 10_000 + r * 100 + i),
                 )  # fmt: skip
                 weights = encoder.state_dict()
                 shared = {n: weights[n].detach().numpy().copy() for n in weights if parameter_scope(n) != "local"}

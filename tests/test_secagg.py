@@ -38,7 +38,7 @@ from fedpersona.secagg import (
     share_keys,
     start_round,
 )
-from fedpersona.server_app import ServerSettings, run_federation
+from fedpersona.server_app import NothingTrained, ServerSettings, run_federation
 from fedpersona.training import TrainingSettings
 
 PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
@@ -503,11 +503,11 @@ def test_client_app_round_survives_one_dropout_and_aborts_on_two(
     caplog.clear()
     two = tmp_path / "two"
     grid = FakeGrid(_partners(two, THREE), lose=[("train.secagg", 11), ("train.secagg", 12)])
-    with caplog.at_level(logging.ERROR):
-        result = run_federation(grid, _settings(two, secure_aggregation=True))
-    assert result.rounds_completed == 0
-    assert "only 1 partner(s) sent masked vectors, fewer than federation.secagg_threshold = 2" in result.aborted
-    assert result.aborted in caplog.text and "no model is published" in caplog.text
+    with caplog.at_level(logging.ERROR), pytest.raises(NothingTrained) as failed:
+        run_federation(grid, _settings(two, secure_aggregation=True))
+    aborted = "only 1 partner(s) sent masked vectors, fewer than federation.secagg_threshold = 2"
+    assert aborted in str(failed.value)
+    assert aborted in caplog.text and "nothing is published" in caplog.text
     assert not any(m.metadata.message_type in ("query.secagg_unmask", "evaluate") for m in grid.sent)
     assert not (two / "model").exists()
     assert (two / "privacy.json").exists()  # the epsilon spent on the aborted round is still reported

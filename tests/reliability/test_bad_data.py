@@ -226,7 +226,7 @@ def _file_partner(folder: Path, data: bytes, *, min_rows: int = 3, suffix: str =
         folder / "client.toml",
         {
             "partner": {"name": folder.name, "kind": "finance", "state_dir": "state"},
-            "data": {"path": f"data{suffix}", "schema": "schema.toml"},
+            "data": {"path": f"data{suffix}", "schema": "schema.toml", "public_rows": 10},
             "privacy": {"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"},
         },
     )
@@ -243,7 +243,7 @@ def _context(path: Path, node: int = 7) -> Context:
         (b"", 3, "the file is empty", "data.csv"),
         ((HEADER + "\n").encode(), 3, "the table has no data rows", "data.csv"),
         (_csv(ROWS[:2]), 3, "fewer than table.min_rows = 3", "data.csv"),
-        (_csv(ROWS[:2]), 1, "too few to split for training", "client.toml"),  # 1 test row, 1 training row
+        (_csv(ROWS[:1]), 1, "too few to split for training", "client.toml"),  # at most 1 training row
         (_csv(_with(2, "AGE", "1e30")), 3, "outside the bounds", "data.csv"),
     ],
     ids=["empty", "header-only", "below-min-rows", "too-small-to-split", "bad-value"],
@@ -306,17 +306,18 @@ def test_a_round_goes_on_without_partners_whose_silo_is_empty_or_too_small(
         )
         contexts[node] = _context(folder / "client.toml", node)
     contexts[13] = _context(_file_partner(tmp_path / "bank-empty", (HEADER + "\n").encode()), 13)
-    contexts[14] = _context(_file_partner(tmp_path / "bank-tiny", _csv(ROWS[:2]), min_rows=1), 14)
+    contexts[14] = _context(_file_partner(tmp_path / "bank-tiny", _csv(ROWS[:1]), min_rows=1), 14)
     caplog.set_level(logging.ERROR, logger="fedpersona.server_app")
     fed = FederationSettings(rounds=1, personas=0, min_partners=2)
     settings = ServerSettings(federation=fed, model=MODEL, training=TRAINING, run_dir=str(tmp_path / "run"))
     result = run_federation(_Grid(contexts), settings)
     assert result.rounds_completed == 1
     assert set(result.partners) == {"clinic-1", "clinic-2"}
+    # The server learns the category of each refusal; what exactly is wrong stays at the partner.
     joined = [r.getMessage() for r in caplog.records if "cannot join" in r.getMessage()]
     assert len(joined) == 2
-    assert any("node 13" in m and "no data rows" in m for m in joined)
-    assert any("node 14" in m and "too few to split" in m for m in joined)
+    assert any("node 13" in m and "refused (data)" in m for m in joined)
+    assert any("node 14" in m and "refused (config)" in m for m in joined)
     weights = np.load(tmp_path / "run" / "model" / "weights.npz")
     assert all(np.all(np.isfinite(weights[k])) for k in weights.files)
 

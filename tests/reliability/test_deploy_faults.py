@@ -100,7 +100,7 @@ def test_a_round_with_a_dead_partner_aggregates_exactly_the_survivors(tmp_path: 
     assert rows["shop-1"]["aggregated"] and rows["shop-2"]["aggregated"]
     assert not rows["shop-4"]["aggregated"] and "shop-3" not in rows  # shop-3 is gone; shop-4 lost its reply
     privacy = json.loads((tmp_path / "privacy.json").read_text())["partners"]
-    assert "Node Unavailable" in privacy["shop-3"]["dropped"]
+    assert privacy["shop-3"]["dropped"] == "unreachable (round 1)"
     # shop-4 paid for round 1 although the server never used its update: its epsilon says so.
     assert lost.charged == [1] and privacy["shop-4"]["epsilon"] == pytest.approx(lost.epsilon)
 
