@@ -1,4 +1,4 @@
-"""Communication: bytes per round per partner, plain FedAvg vs SecAgg+ (:mod:`fedpersona.secagg`),
+"""Communication: bytes per round per partner, plain FedAvg vs SecAgg+ (:mod:`fedpersona.federation.secagg`),
 for the default encoder on the three primary schemas in one federation of 12 partners
 (``simulations/real_silos.toml``: 3 kinds x (3 + 1 small) partners).
 
@@ -17,15 +17,15 @@ import numpy as np
 import torch
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
-from fedpersona.features import layout_of
-from fedpersona.messages import encode_arrays
-from fedpersona.schema import load_schema
-from fedpersona.secagg import SecAggParams, VectorLayout, modulus_bits_for, share_keys, start_round
+from fedpersona.data.features import layout_of
+from fedpersona.data.schema import load_schema
+from fedpersona.federation.messages import encode_arrays
+from fedpersona.federation.secagg import SecAggParams, VectorLayout, modulus_bits_for, share_keys, start_round
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS, PER_KIND, ROWS_PER_PARTNER = ("ecommerce", "finance", "health"), 4, 20_000
-QUANTIZATION_RANGE, CLIPPING_RANGE = 2**16, 8.0  # fedpersona.config defaults
+QUANTIZATION_RANGE, CLIPPING_RANGE = 2**16, 8.0  # fedpersona.config.legacy defaults
 
 
 def run(*, quick: bool) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Inference: users/s of :func:`fedpersona.inference.infer_file` end to end (read CSV,
+"""Inference: users/s of :func:`fedpersona.model.inference.infer_file` end to end (read CSV,
 validate, featurize, encode, assign, write CSV) vs :func:`assign_personas` on featurized rows
 vs the encoder's forward pass alone, on synthetic e-commerce users and the default encoder."""
 
@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
-from fedpersona.features import featurize, layout_of
-from fedpersona.inference import assign_personas, infer_file
-from fedpersona.synthetic import generate_frame, synthetic_schema
-from fedpersona.tables import validate_frame
+from fedpersona.data.features import featurize, layout_of
+from fedpersona.data.synthetic import generate_frame, synthetic_schema
+from fedpersona.data.tables import validate_frame
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.model.inference import assign_personas, infer_file
 
 KIND, PERSONAS, BATCH = "ecommerce", 6, 1024
 

@@ -33,12 +33,12 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from benchmarks.workload import federate
-from fedpersona.encoder import EncoderConfig
-from fedpersona.evaluation import embed_all
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.schema import KINDS
-from fedpersona.synthetic import generate_silo, partner_mixes
-from fedpersona.training import TrainingSettings
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.schema import KINDS
+from fedpersona.data.synthetic import generate_silo, partner_mixes
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.evaluation import embed_all
+from fedpersona.model.training import TrainingSettings
 
 ROWS, PARTNERS_PER_KIND, ROUNDS = 2000, 3, 5
 TRAINING = TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")

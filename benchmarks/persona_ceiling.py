@@ -32,14 +32,14 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_predict
 
 from benchmarks.workload import standardised_columns
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
-from fedpersona.evaluation import embed_all
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
-from fedpersona.randomness import SecretRandomness
-from fedpersona.schema import KINDS
-from fedpersona.synthetic import ARCHETYPES, TRAIT_NOISE, generate_silo
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.schema import KINDS
+from fedpersona.data.synthetic import ARCHETYPES, TRAIT_NOISE, generate_silo
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.model.evaluation import embed_all
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.privacy.randomness import SecretRandomness
 
 K = len(ARCHETYPES)
 ROUNDS, TRAINING = 5, TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")

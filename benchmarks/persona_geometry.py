@@ -38,10 +38,10 @@ from sklearn.model_selection import cross_val_score
 
 from benchmarks.persona_ablation import MODEL, PARTNERS_PER_KIND, ROUNDS, TRAINING, pooled_ari, scenario_partners
 from benchmarks.workload import federate
-from fedpersona.encoder import EncoderConfig
-from fedpersona.evaluation import embed_all
-from fedpersona.synthetic import ARCHETYPES
-from fedpersona.training import TrainingSettings
+from fedpersona.data.synthetic import ARCHETYPES
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.evaluation import embed_all
+from fedpersona.model.training import TrainingSettings
 
 COLUMNS = ("K=8", "kind-centred", "kind-standardised", "PCA 8", "GMM per kind", "probe accuracy")
 

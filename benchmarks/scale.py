@@ -31,12 +31,12 @@ import tomli_w
 import torch
 
 from benchmarks.workload import fresh_encoder, median
-from fedpersona.evaluation import evaluate
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
-from fedpersona.randomness import SecretRandomness
-from fedpersona.synthetic import generate_silo
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.synthetic import generate_silo
+from fedpersona.model.evaluation import evaluate
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.privacy.randomness import SecretRandomness
 
 
 @dataclass(frozen=True)

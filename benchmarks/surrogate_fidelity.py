@@ -10,7 +10,7 @@ for personas from:
   a reference for how tree-shaped k-means personas on that table are at all.
 
 The fidelity is the surrogate's accuracy on its held-out 30% of users
-(:func:`fedpersona.personas.persona_cards`). The datasets come from ``../shared/data``.
+(:func:`fedpersona.personas.cards.persona_cards`). The datasets come from ``../shared/data``.
 Prints a Markdown table; nothing is written. About 10 minutes on 2 cores for 4 seeds.
 """
 
@@ -27,15 +27,15 @@ import torch
 from sklearn.cluster import KMeans
 
 from benchmarks.workload import standardised_columns
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
-from fedpersona.evaluation import embed_all
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.personas import persona_cards
-from fedpersona.privacy import PrivacySettings
-from fedpersona.randomness import SecretRandomness
-from fedpersona.schema import load_schema
-from fedpersona.tables import Table, load_table
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.schema import load_schema
+from fedpersona.data.tables import Table, load_table
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.model.evaluation import embed_all
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.personas.cards import persona_cards
+from fedpersona.privacy.accounting import PrivacySettings
+from fedpersona.privacy.randomness import SecretRandomness
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -1,6 +1,6 @@
 """Utility on the three primary real datasets: centralised sklearn vs DP partners alone vs
-an in-process federation (FedAvg with :class:`~fedpersona.aggregation.ScopedAggregator` and
-partner-level :func:`~fedpersona.training.train_locally`, no Ray).
+an in-process federation (FedAvg with :class:`~fedpersona.federation.aggregation.ScopedAggregator` and
+partner-level :func:`~fedpersona.model.training.train_locally`, no Ray).
 
 Per dataset: one stratified 80/20 split (seed 0) of the pooled table. Every method is scored
 by ROC AUC on the same pooled 20% test rows. The 80% is split over three partners with
@@ -40,13 +40,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks.workload import federate
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
-from fedpersona.evaluation import embed_all
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.schema import load_schema
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.schema import load_schema
+from fedpersona.data.tables import load_table
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.model.evaluation import embed_all
+from fedpersona.model.training import TrainingSettings
 from fedpersona.simulation import _label_skew_split
-from fedpersona.tables import load_table
-from fedpersona.training import TrainingSettings
 
 logger = logging.getLogger(__name__)
 

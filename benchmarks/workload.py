@@ -1,5 +1,5 @@
 """The workloads the benchmarks share: a synthetic silo featurized, a fresh default encoder,
-one timed local epoch with :func:`fedpersona.training.train_locally`, a plain-loop
+one timed local epoch with :func:`fedpersona.model.training.train_locally`, a plain-loop
 federation (:func:`federate`: FedAvg with the parameter scopes, no Flower) and the featurized
 columns as one standardised matrix (:func:`standardised_columns`, the no-encoder baseline)."""
 
@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from sklearn.preprocessing import StandardScaler
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
-from fedpersona.randomness import SecretRandomness
-from fedpersona.synthetic import generate_silo
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.synthetic import generate_silo
+from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.privacy.randomness import SecretRandomness
 
 #: Modes compared by the DP speed benchmarks: a non-private epoch and Opacus' two modes.
 MODES = ("non-private", "ghost", "hooks")

@@ -1,6 +1,8 @@
 """fedpersona: federated, differentially private user personas from data that never leaves."""
 
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.data.features import featurize
+from fedpersona.data.schema import Schema, load_schema
+from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import (
     ConfigError,
     DataError,
@@ -9,12 +11,10 @@ from fedpersona.errors import (
     PrivacyLedgerError,
     SchemaError,
 )
-from fedpersona.features import featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings
-from fedpersona.schema import Schema, load_schema
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
 from fedpersona.simulation import simulate
-from fedpersona.tables import Table, load_table
-from fedpersona.training import TrainingSettings, train_locally
 
 __version__ = "0.1.0"
 

@@ -11,15 +11,15 @@ claim refutes the claim.
 
 **The federation.** One audited partner and ``peers`` others (default 2) of one kind and one
 schema, so they share an adapter slot. Each trains every round with the real
-:func:`~fedpersona.training.train_locally` (Opacus DP-SGD, Poisson sampling, the noise multiplier
-:func:`~fedpersona.privacy.plan_noise` planned for the claim over all rounds, a ledger charged
-before each round); :class:`~fedpersona.aggregation.ScopedAggregator` averages the replies, in
+:func:`~fedpersona.model.training.train_locally` (Opacus DP-SGD, Poisson sampling, the noise multiplier
+:func:`~fedpersona.privacy.accounting.plan_noise` planned for the claim over all rounds, a ledger charged
+before each round); :class:`~fedpersona.federation.aggregation.ScopedAggregator` averages the replies, in
 process. ``[federation]``, ``[training]`` (except batch size and device) and ``[privacy]`` come
 from the scenario; its ``[model]`` and ``[[silos]]`` do not apply, and secure aggregation is not
 simulated (it limits what the server sees, not what the partner's guarantee covers).
 
 **Data and canaries.** Tables take the real ingestion path (schema, validated table,
-:func:`~fedpersona.features.featurize`). The audit schema has four numbers with public bounds, a
+:func:`~fedpersona.data.features.featurize`). The audit schema has four numbers with public bounds, a
 label, and a ``canary`` categorical whose public vocabulary is the ``m`` canary ids. Ordinary
 users have random numbers, a logistic label and no canary value. Canary ``i`` is an *indicator*
 canary: no numbers, canary value ``canary-i``, a random label.
@@ -29,7 +29,7 @@ scopes: a global ``trunk`` (a weight per number) and a kind-scoped ``adapter`` (
 canary code, times a public gain), zero-initialised. A canary's per-sample gradient lies on its
 own adapter weight only (a "Dirac" canary, the strongest data canary for DP-SGD), and the gain
 makes it at least ``max_grad_norm``, so clipping leaves it at full sensitivity. The product's
-:class:`~fedpersona.encoder.PersonaEncoder` is not used: there a canary's own embedding row gets
+:class:`~fedpersona.model.encoder.PersonaEncoder` is not used: there a canary's own embedding row gets
 about 5% of its clipped gradient norm (the rest lands on shared weights), far too little to
 catch even a 5-fold noise error. So the audit checks the DP-SGD machinery (plan, accountant,
 ledger, Opacus noise, clipping, Poisson sampling) and the federated path, not the per-sample
@@ -89,16 +89,16 @@ from scipy import stats
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.config import Scenario
-from fedpersona.encoder import PersonaEncoder
+from fedpersona.config.legacy import Scenario
+from fedpersona.data.features import FeatureLayout, FeatureTensors, featurize
+from fedpersona.data.schema import Schema, parse_schema
+from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError
-from fedpersona.features import FeatureLayout, FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise, sample_rate_for
-from fedpersona.randomness import SecretRandomness
-from fedpersona.schema import Schema, parse_schema
-from fedpersona.tables import validate_frame
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.model.encoder import PersonaEncoder
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise, sample_rate_for
+from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
     "AUDIT_FILE",

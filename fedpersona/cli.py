@@ -137,7 +137,7 @@ def simulate(
     if any(p.get("private") is False for p in result.privacy["partners"].values()):
         console.print("[bold red]NOT PRIVATE: this run used no differential privacy.[/bold red]")
     if any(p.get("noise_seeds_known") for p in result.privacy["partners"].values()):
-        from fedpersona.randomness import KNOWN_SEEDS_LABEL
+        from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
         console.print(f"[bold red]{KNOWN_SEEDS_LABEL.upper()} (--reproducible-noise)[/bold red]")
     from fedpersona.report import persona_rows
@@ -238,10 +238,10 @@ def infer(
     import torch
     from rich.progress import Progress
 
-    from fedpersona.artifacts import verify_model
-    from fedpersona.config import load_partner_config
-    from fedpersona.inference import infer_file
-    from fedpersona.partner import partner_schema
+    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.federation.partner import partner_schema
+    from fedpersona.model.artifacts import verify_model
+    from fedpersona.model.inference import infer_file
 
     cfg = load_partner_config(config)
     key_bytes = None
@@ -273,7 +273,7 @@ def infer(
             raise FedPersonaError(f"{public_key}: not a PEM public key ({exc})") from None
         key_bytes = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     if model.startswith(("http://", "https://")):
-        from fedpersona.registry import fetch_model
+        from fedpersona.deploy.registry import fetch_model
 
         if public_key is None:  # not reached: a registry model is always verified (above)
             raise FedPersonaError("--public-key is required to verify a model downloaded from a registry")
@@ -346,7 +346,7 @@ def audit(
     import numpy as np
 
     from fedpersona.audit import AuditSettings, check_out_dir, run_audit, write_audit
-    from fedpersona.config import load_scenario
+    from fedpersona.config.legacy import load_scenario
     from fedpersona.simulation import default_scenario_path
 
     # Numbers are parsed here so that a typo exits 2 with one line, like every other user error.
@@ -391,8 +391,8 @@ def schema_check(
     data: Path = typer.Option(..., help="CSV (also .gz) or Parquet file."),
 ) -> None:
     """Validate a data file against a schema; lists every problem at once."""
-    from fedpersona.schema import load_schema
-    from fedpersona.tables import load_table
+    from fedpersona.data.schema import load_schema
+    from fedpersona.data.tables import load_table
 
     table = load_table(load_schema(schema), data)
     console.print(f"{data}: OK, {len(table)} users, {len(table.schema.features)} features")
@@ -406,7 +406,7 @@ def schema_infer(
     out: Path | None = typer.Option(None, help="Write the draft here (default: print it)."),
 ) -> None:
     """Draft a schema from a local file, for a data steward to review."""
-    from fedpersona.tables import infer_schema
+    from fedpersona.data.tables import infer_schema
 
     text = infer_schema(data, kind=kind, label=label)
     if out is None:
@@ -427,7 +427,7 @@ def privacy_plan(
     kmeans_noise: float = typer.Option(10.0, min=0.01, help="Noise multiplier of each clustering release."),
 ) -> None:
     """Noise multiplier and epsilon per round, and the clustering reserve, before anything runs."""
-    from fedpersona.planning import plan_table
+    from fedpersona.privacy.planner import plan_table
 
     for title, lines in plan_table(
         config, rounds=rounds, rows=rows, kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise
@@ -444,7 +444,7 @@ def privacy_plan(
 @privacy_app.command("ledger")
 def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state folder.")) -> None:
     """What a partner has spent, entry by entry, and what is left."""
-    from fedpersona.planning import ledger_table
+    from fedpersona.privacy.planner import ledger_table
 
     title, lines = ledger_table(state_dir)
     console.print(title)
@@ -456,7 +456,7 @@ def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state
     console.print(table)
 
 
-# --- deployment: credentials, coordinator, partners, model registry (fedpersona.certs/deploy/registry)
+# --- deployment: credentials, coordinator, partners, model registry (fedpersona.deploy.certs/deploy/registry)
 
 certs_app = typer.Typer(no_args_is_help=True, help="Federation CA, SuperLink certificate, signing and node keys.")
 server_app_cli = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + the fedpersona run).")
@@ -473,7 +473,7 @@ def certs_init(
     days: int = typer.Option(825, help="Certificate lifetime in days."),
 ) -> None:
     """Create the federation CA, the SuperLink's TLS certificate and the model-signing key."""
-    from fedpersona.certs import init_federation
+    from fedpersona.deploy.certs import init_federation
 
     creds = init_federation(out=out, hosts=host, days=days)
     console.print(
@@ -490,7 +490,7 @@ def certs_partner(
     curve: str = typer.Option("p384", help="NIST curve: p384 or p256."),
 ) -> None:
     """Create a partner's SuperNode authentication key pair (run it at the partner's site)."""
-    from fedpersona.certs import partner_keys
+    from fedpersona.deploy.certs import partner_keys
 
     keys = partner_keys(name, out=out, curve=curve)
     console.print(
@@ -505,7 +505,7 @@ def server_start(
     resume: bool = typer.Option(False, help="Continue a federation whose run folder already exists."),
 ) -> None:
     """Start the SuperLink (TLS + node auth), register partners, run the federation; Ctrl-C stops all."""
-    from fedpersona.deploy import start_server
+    from fedpersona.deploy.coordinator import start_server
 
     code = start_server(config, resume=resume, report=_report)
     if code:
@@ -517,7 +517,7 @@ def _report(message: str) -> None:
 
 
 def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Path, Path]:
-    from fedpersona.config import load_partner_config
+    from fedpersona.config.legacy import load_partner_config
 
     cfg = load_partner_config(config)
     folder = config.resolve().parent / "credentials"
@@ -533,7 +533,7 @@ def partner_check(
     kmeans_rounds: int | None = typer.Option(None, min=0, help="Persona-clustering rounds (default: federation's)."),
 ) -> None:
     """Validate data, schema, privacy plan and credentials; nothing connects."""
-    from fedpersona.deploy import check_partner
+    from fedpersona.deploy.coordinator import check_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
     result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
@@ -579,7 +579,7 @@ def partner_start(
     ),
 ) -> None:
     """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
-    from fedpersona.deploy import start_partner
+    from fedpersona.deploy.coordinator import start_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
     if model_key is None:
@@ -596,8 +596,8 @@ def partner_start(
 @partner_app.command("models")
 def partner_models(config: Path = typer.Option(..., help="clients/<kind>/client.toml.")) -> None:
     """The federation model installed at this partner, and the ones it replaced."""
-    from fedpersona.artifacts import model_versions
-    from fedpersona.config import load_partner_config
+    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.model.artifacts import model_versions
 
     cfg = load_partner_config(config)
     versions = model_versions(Path(cfg.state_dir) / "model")
@@ -625,8 +625,8 @@ def partner_rollback(
     """Reinstall a model the installed one replaced (after it is verified again)."""
     from cryptography.hazmat.primitives import serialization
 
-    from fedpersona.artifacts import rollback_model
-    from fedpersona.config import load_partner_config
+    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.model.artifacts import rollback_model
 
     cfg = load_partner_config(config)
     key_path = model_key or config.resolve().parent / "credentials" / "model-signing.pub"
@@ -649,7 +649,7 @@ def serve(
     token_file: Path | None = typer.Option(None, help="File holding a bearer token required on /v1 (mode 0600)."),
 ) -> None:
     """Serve signed global models read-only over HTTP(S)."""
-    from fedpersona.registry import serve_registry
+    from fedpersona.deploy.registry import serve_registry
 
     serve_registry(artifacts, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file)
 

@@ -14,7 +14,7 @@ Every message is one paragraph that names the file, the key/column/row and what 
 so the CLI can print it as it is.
 
 Each class has a ``category``: a fixed word that is all a partner's error reply to the
-coordinator says about the problem (with its code, see :data:`fedpersona.manifest.ERROR_CODES`).
+coordinator says about the problem (with its code, see :data:`fedpersona.privacy.manifest.ERROR_CODES`).
 The message itself may quote a cell of the partner's table, so it stays in the partner's own
 log and never leaves.
 """

@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fedpersona.randomness import KNOWN_SEEDS_LABEL
+from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
 __all__ = ["SUMMARY_COLUMNS", "heatmap_png", "load_run", "local_profiles", "plot_png", "summary_rows", "write_report"]
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fedpersona.config import Scenario, SiloGroup, dump_toml, load_scenario
+from fedpersona.config.legacy import Scenario, SiloGroup, dump_toml, load_scenario
+from fedpersona.data.schema import load_schema
 from fedpersona.errors import ConfigError
-from fedpersona.schema import load_schema
 
 __all__ = ["SimulationResult", "materialize_partners", "prepare_run_dir", "simulate"]
 
@@ -95,8 +95,8 @@ def noise_seed_for(seed: int, name: str) -> int:
 
 def materialize_partners(scenario: Scenario, run_dir: Path) -> list[str]:
     """Write each partner's client.toml (and data file); returns their paths in order."""
-    from fedpersona.synthetic import partner_mixes
-    from fedpersona.tables import read_frame, validate_frame
+    from fedpersona.data.synthetic import partner_mixes
+    from fedpersona.data.tables import read_frame, validate_frame
 
     paths: list[str] = []
     root = run_dir / "partners"
@@ -201,8 +201,8 @@ def simulate(
     """
     from flwr.simulation import run_simulation
 
-    from fedpersona.client_app import build_client_app
-    from fedpersona.server_app import ServerSettings, build_server_app
+    from fedpersona.federation.client_app import build_client_app
+    from fedpersona.federation.server_app import ServerSettings, build_server_app
 
     path = Path(scenario_path) if scenario_path else default_scenario_path()
     scenario = load_scenario(path, rounds=rounds, epsilon=epsilon)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpersona.config import PartnerConfig
-from fedpersona.encoder import EncoderConfig
-from fedpersona.partner import PartnerData, load_partner_data
-from fedpersona.privacy import PrivacySettings
+from fedpersona.config.legacy import PartnerConfig
+from fedpersona.federation.partner import PartnerData, load_partner_data
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.privacy.accounting import PrivacySettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -1,5 +1,5 @@
 """An in-process stand-in for Flower's Grid and cheap scripted partners, to drive
-:func:`fedpersona.server_app.run_federation` round by round without Ray or processes.
+:func:`fedpersona.federation.server_app.run_federation` round by round without Ray or processes.
 
 A :class:`ScriptedPartner` answers like fedpersona's ClientApp (same record names and
 keys) with deterministic updates, so that two runs given the same messages end with the same
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedpersona.encoder import EncoderConfig
-from fedpersona.messages import decode_arrays, encode_arrays
-from fedpersona.training import TrainingSettings
+from fedpersona.federation.messages import decode_arrays, encode_arrays
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.training import TrainingSettings
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 

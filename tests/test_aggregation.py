@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.errors import ConfigError
+from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
 
 
 def _update(name: str, slot: str | None, value: float, n: int, adapter: bool = True) -> PartnerUpdate:

@@ -28,12 +28,12 @@ from fedpersona.audit import (
     run_audit,
 )
 from fedpersona.cli import main
-from fedpersona.config import load_scenario
-from fedpersona.encoder import random_keep, token_presence
+from fedpersona.config.legacy import load_scenario
+from fedpersona.data.features import featurize
+from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError
-from fedpersona.features import featurize
+from fedpersona.model.encoder import random_keep, token_presence
 from fedpersona.simulation import default_scenario_path
-from fedpersona.tables import validate_frame
 
 CLAIM = 2.0
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.artifacts import verify_model
-from fedpersona.checkpoint import (
+from fedpersona.config.legacy import FederationSettings
+from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.federation.checkpoint import (
     CHECKPOINT,
     Checkpoint,
     CheckpointError,
@@ -27,8 +27,8 @@ from fedpersona.checkpoint import (
     save_checkpoint,
     settings_fingerprint,
 )
-from fedpersona.config import FederationSettings
-from fedpersona.server_app import ServerSettings, run_federation
+from fedpersona.federation.server_app import ServerSettings, run_federation
+from fedpersona.model.artifacts import verify_model
 from tests.fake_grid import MODEL, TRAINING, FakeGrid, ScriptedPartner, ServerCrash
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,8 +236,8 @@ def test_resuming_a_finished_run_only_delivers_the_model_again(tmp_path: Path) -
 
 
 def test_server_start_resume_with_a_damaged_checkpoint_exits_2_without_a_traceback(tmp_path: Path) -> None:
-    from fedpersona.certs import init_federation, partner_keys
-    from fedpersona.config import dump_toml
+    from fedpersona.config.legacy import dump_toml
+    from fedpersona.deploy.certs import init_federation, partner_keys
 
     creds = init_federation(out=tmp_path / "credentials", hosts=["localhost"])
     key = partner_keys("shop-1", out=tmp_path / "keys")
@@ -282,7 +282,7 @@ def test_a_partner_under_a_new_node_id_is_matched_by_name_and_keeps_its_slot(tmp
 def test_after_a_crash_and_resume_the_reports_carry_each_partners_ledger_epsilon(tmp_path: Path) -> None:
     from flwr.app import Error
 
-    from fedpersona.manifest import ERROR_CODES, error_reason
+    from fedpersona.privacy.manifest import ERROR_CODES, error_reason
 
     partners = _partners()
     grid = FakeGrid(partners)
@@ -322,8 +322,8 @@ def test_after_a_crash_and_resume_the_reports_carry_each_partners_ledger_epsilon
 def test_a_run_that_trains_nothing_publishes_nothing_and_says_why(tmp_path: Path) -> None:
     from flwr.app import Error
 
-    from fedpersona.manifest import ERROR_CODES, error_reason
-    from fedpersona.server_app import NothingTrained
+    from fedpersona.federation.server_app import NothingTrained
+    from fedpersona.privacy.manifest import ERROR_CODES, error_reason
 
     partners = _partners()
     grid = FakeGrid(partners)

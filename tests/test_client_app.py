@@ -13,12 +13,12 @@ import torch
 from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
-from fedpersona.client_app import build_client_app
-from fedpersona.config import dump_toml
-from fedpersona.encoder import EncoderConfig, PersonaTrunk, parameter_scope
-from fedpersona.manifest import ERROR_CODES, parse_error_reason
-from fedpersona.messages import decode_arrays, encode_arrays, encode_settings
-from fedpersona.training import TrainingSettings
+from fedpersona.config.legacy import dump_toml
+from fedpersona.federation.client_app import build_client_app
+from fedpersona.federation.messages import decode_arrays, encode_arrays, encode_settings
+from fedpersona.model.encoder import EncoderConfig, PersonaTrunk, parameter_scope
+from fedpersona.model.training import TrainingSettings
+from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
 MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
@@ -286,7 +286,7 @@ def test_a_deleted_or_truncated_ledger_is_refused_by_a_fresh_process(tmp_path: P
 
 
 def test_every_reply_matches_the_release_manifest_and_is_audited(tmp_path: Path) -> None:
-    from fedpersona.manifest import MANIFEST, ReleaseError, check_outgoing
+    from fedpersona.privacy.manifest import MANIFEST, ReleaseError, check_outgoing
 
     path = _client_toml(tmp_path)
     text = path.read_text() + "\n[release]\naudit_log = true\n"

@@ -10,7 +10,8 @@ import pytest
 from dp_accounting import dp_event, pld
 from sklearn.metrics import adjusted_rand_score
 
-from fedpersona.clustering import (
+from fedpersona.errors import ConfigError, PrivacyBudgetExceeded
+from fedpersona.personas.clustering import (
     KMEANS_MECHANISM,
     ClusterStats,
     charge_kmeans_round,
@@ -24,9 +25,8 @@ from fedpersona.clustering import (
     reserve_share,
     update_prototypes,
 )
-from fedpersona.errors import ConfigError, PrivacyBudgetExceeded
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon
-from fedpersona.randomness import SecretRandomness
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, compute_epsilon
+from fedpersona.privacy.randomness import SecretRandomness
 
 DELTA = 1e-5
 

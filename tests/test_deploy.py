@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpersona.certs import init_federation, partner_keys
-from fedpersona.config import dump_toml
-from fedpersona.deploy import (
+from fedpersona.config.legacy import dump_toml
+from fedpersona.deploy.certs import init_federation, partner_keys
+from fedpersona.deploy.coordinator import (
     check_partner,
     load_federation_config,
     load_node_public_key,
@@ -138,7 +138,7 @@ def test_staged_app_has_no_legacy_federations_and_source_is_untouched(tmp_path: 
     staged = stage_app(REPO, tmp_path / "app")
     doc = tomllib.loads((staged / "pyproject.toml").read_text())
     assert "federations" not in doc["tool"]["flwr"]
-    assert doc["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedpersona.server_app:app"
+    assert doc["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedpersona.federation.server_app:app"
     assert "federation-config" in doc["tool"]["flwr"]["app"]["config"]
     assert (staged / "fedpersona" / "server_app.py").exists()
     assert not list(staged.rglob("__pycache__"))
@@ -195,7 +195,7 @@ def test_partner_check_rejects_data_that_breaks_the_schema(tmp_path: Path) -> No
 
 
 def test_supervisor_stops_a_child_and_its_children(tmp_path: Path) -> None:
-    from fedpersona.processes import ProcessSupervisor, alive, descendants
+    from fedpersona.deploy.processes import ProcessSupervisor, alive, descendants
 
     supervisor = ProcessSupervisor(grace=2.0)
     # A parent that ignores SIGTERM (so the SIGKILL path runs) with a grandchild that would outlive it.

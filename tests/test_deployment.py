@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.certs import init_federation, partner_keys
-from fedpersona.config import dump_toml
-from fedpersona.processes import alive, descendants
+from fedpersona.config.legacy import dump_toml
+from fedpersona.deploy.certs import init_federation, partner_keys
+from fedpersona.deploy.processes import alive, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

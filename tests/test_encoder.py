@@ -9,7 +9,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from fedpersona.encoder import (
+from fedpersona.federation.partner import PartnerData, build_model
+from fedpersona.model.encoder import (
     SCOPES,
     EncoderConfig,
     PersonaEncoder,
@@ -19,7 +20,6 @@ from fedpersona.encoder import (
     random_keep,
     token_presence,
 )
-from fedpersona.partner import PartnerData, build_model
 
 
 def test_model_passes_opacus_validator(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
@@ -130,9 +130,9 @@ def test_adapter_feeds_numbers_centred_and_scaled_by_their_typical_range() -> No
     import numpy as np
     import pandas as pd
 
-    from fedpersona.features import featurize
-    from fedpersona.schema import parse_schema
-    from fedpersona.tables import validate_frame
+    from fedpersona.data.features import featurize
+    from fedpersona.data.schema import parse_schema
+    from fedpersona.data.tables import validate_frame
 
     schema = parse_schema(
         {

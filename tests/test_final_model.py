@@ -16,15 +16,15 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.app.message.message import make_message
 from typer.testing import CliRunner
 
-from fedpersona.artifacts import artifact_files, generate_signing_key, save_model, verify_model
 from fedpersona.cli import app as cli
-from fedpersona.client_app import build_client_app
-from fedpersona.clustering import init_prototypes
-from fedpersona.config import dump_toml
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
-from fedpersona.features import layout_of
-from fedpersona.manifest import ERROR_CODES
-from fedpersona.synthetic import generate_frame, synthetic_schema
+from fedpersona.config.legacy import dump_toml
+from fedpersona.data.features import layout_of
+from fedpersona.data.synthetic import generate_frame, synthetic_schema
+from fedpersona.federation.client_app import build_client_app
+from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model, verify_model
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.personas.clustering import init_prototypes
+from fedpersona.privacy.manifest import ERROR_CODES
 
 MODEL = {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
 
@@ -161,10 +161,10 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
     """Partner side of a resume: a round that was sent but never aggregated before the server
     crashed is sent again; the partner trains it again and its ledger charges it again (a new
     release with fresh noise). Rounds the checkpoint holds are never sent again."""
-    from fedpersona.encoder import PersonaTrunk
-    from fedpersona.messages import encode_arrays, encode_settings
-    from fedpersona.privacy import PrivacyLedger, PrivacySettings
-    from fedpersona.training import TrainingSettings
+    from fedpersona.federation.messages import encode_arrays, encode_settings
+    from fedpersona.model.encoder import PersonaTrunk
+    from fedpersona.model.training import TrainingSettings
+    from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
 
     model_cfg = EncoderConfig(**MODEL)
     client = _client(tmp_path)
@@ -200,7 +200,7 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
 def test_a_model_with_no_rounds_fewer_rounds_or_no_personas_never_replaces_a_good_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fedpersona.artifacts import model_versions
+    from fedpersona.model.artifacts import model_versions
 
     key = tmp_path / "server" / "model-signing.key"
     client = _client(tmp_path)

@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
-from fedpersona.clustering import init_prototypes
-from fedpersona.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.data.features import featurize, layout_of
+from fedpersona.data.schema import Schema
+from fedpersona.data.synthetic import generate_frame, synthetic_schema
+from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.features import featurize, layout_of
-from fedpersona.inference import assign_personas, infer_file, load_encoder
-from fedpersona.schema import Schema
-from fedpersona.synthetic import generate_frame, synthetic_schema
-from fedpersona.tables import validate_frame
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.model.inference import assign_personas, infer_file, load_encoder
+from fedpersona.personas.clustering import init_prototypes
 
 ROWS = 1200
 MODEL = {"token_dim": 16, "embed_dim": 8, "hidden": 16, "blocks": 1, "mask_rate": 0.3}

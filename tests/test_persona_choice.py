@@ -1,5 +1,5 @@
 """Choosing the number of personas among ``federation.persona_candidates``, driven through the
-real :func:`fedpersona.server_app.run_federation` with partners that hold planted embeddings
+real :func:`fedpersona.federation.server_app.run_federation` with partners that hold planted embeddings
 (four well-separated groups) and release exact or noisy k-means statistics as the ClientApp
 does. Checks the release schedule each partner is told to plan for, the choice itself, the
 prototypes it ends with, and a crash during the candidate rounds."""
@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedpersona.checkpoint import load_checkpoint
-from fedpersona.clustering import local_cluster_stats
-from fedpersona.config import FederationSettings
+from fedpersona.config.legacy import FederationSettings
 from fedpersona.errors import ConfigError
-from fedpersona.randomness import SecretRandomness
-from fedpersona.server_app import ServerSettings, run_federation
+from fedpersona.federation.checkpoint import load_checkpoint
+from fedpersona.federation.server_app import ServerSettings, run_federation
+from fedpersona.personas.clustering import local_cluster_stats
+from fedpersona.privacy.randomness import SecretRandomness
 from tests.fake_grid import MODEL, TRAINING, FakeGrid, ScriptedPartner, ServerCrash, _seed
 
 TRUE_K = 4

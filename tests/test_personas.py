@@ -11,10 +11,10 @@ import pytest
 
 from benchmarks.surrogate_fidelity import DATA, PRIMARY, encoder_personas, primary_table
 from benchmarks.surrogate_fidelity import fidelity as surrogate_fidelity
-from fedpersona.personas import Effect, PersonaCard, hit_rate_at_k, persona_cards
-from fedpersona.schema import parse_schema
-from fedpersona.synthetic import SyntheticSilo, generate_silo
-from fedpersona.tables import Table, validate_frame
+from fedpersona.data.schema import parse_schema
+from fedpersona.data.synthetic import SyntheticSilo, generate_silo
+from fedpersona.data.tables import Table, validate_frame
+from fedpersona.personas.cards import Effect, PersonaCard, hit_rate_at_k, persona_cards
 
 TINY_SCHEMA = {
     "table": {"kind": "ecommerce", "id": "id", "min_rows": 1},
@@ -229,7 +229,7 @@ def test_bad_arguments_are_clear_value_errors() -> None:
 
 
 def test_feature_profile_is_the_heatmap_of_hand_computed_differences() -> None:
-    from fedpersona.personas import feature_profile
+    from fedpersona.personas.cards import feature_profile
 
     table, personas = tiny_table()
     profile = feature_profile(table, personas, k=3, min_users=2, min_category_strength=0.0)
@@ -266,7 +266,7 @@ KNOWN_SHORT = {"ecommerce": 0.839, "health": 0.738}  # measured fidelities (fina
 def test_surrogate_fidelity_on_primary_real_data(schema_file: str, data_file: str) -> None:
     """k-means personas on the embeddings of a short non-private training (the honest, cheap
     stand-in for a federated run): the depth-3 surrogate tree should explain them."""
-    from fedpersona.features import featurize
+    from fedpersona.data.features import featurize
 
     if not (DATA / data_file).exists():
         pytest.skip(f"real dataset {data_file} is not available")

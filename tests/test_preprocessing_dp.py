@@ -37,16 +37,9 @@ from flwr.app.message.message import make_message
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedpersona.client_app import build_client_app
-from fedpersona.config import dump_toml, load_partner_config
-from fedpersona.encoder import EncoderConfig, random_keep, token_presence
-from fedpersona.errors import ConfigError
-from fedpersona.features import FeatureTensors, featurize, layout_of
-from fedpersona.manifest import MANIFEST
-from fedpersona.messages import encode_settings
-from fedpersona.partner import PartnerData, build_model
-from fedpersona.privacy import PrivacySettings
-from fedpersona.schema import (
+from fedpersona.config.legacy import dump_toml, load_partner_config
+from fedpersona.data.features import FeatureTensors, featurize, layout_of
+from fedpersona.data.schema import (
     BooleanFeature,
     CategoricalFeature,
     NumericFeature,
@@ -54,9 +47,16 @@ from fedpersona.schema import (
     SequenceFeature,
     TextFeature,
 )
-from fedpersona.synthetic import generate_silo, synthetic_schema
-from fedpersona.tables import Table, validate_frame
-from fedpersona.training import TrainingSettings
+from fedpersona.data.synthetic import generate_silo, synthetic_schema
+from fedpersona.data.tables import Table, validate_frame
+from fedpersona.errors import ConfigError
+from fedpersona.federation.client_app import build_client_app
+from fedpersona.federation.messages import encode_settings
+from fedpersona.federation.partner import PartnerData, build_model
+from fedpersona.model.encoder import EncoderConfig, random_keep, token_presence
+from fedpersona.model.training import TrainingSettings
+from fedpersona.privacy.accounting import PrivacySettings
+from fedpersona.privacy.manifest import MANIFEST
 
 ROWS = 200
 ROW = 7  # the row that changes
@@ -238,7 +238,7 @@ def test_query_reply_ignores_a_changed_row_and_an_added_one(tmp_path: Path) -> N
 
 
 def test_the_split_is_row_local(tmp_path: Path) -> None:
-    from fedpersona.partner import load_partner_data, row_keys, split_key, train_mask
+    from fedpersona.federation.partner import load_partner_data, row_keys, split_key, train_mask
 
     kind = "finance"
     frame = _frame(kind)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from dp_accounting import dp_event, pld
 
-from fedpersona.encoder import EncoderConfig
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
-from fedpersona.partner import build_model, load_partner_data, load_plan
-from fedpersona.privacy import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise
-from fedpersona.randomness import SecretRandomness
-from fedpersona.training import TrainingSettings, train_locally
+from fedpersona.federation.partner import build_model, load_partner_data, load_plan
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise
+from fedpersona.privacy.randomness import SecretRandomness
 
 from .conftest import partner_config
 

@@ -18,8 +18,8 @@ import uvicorn
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpersona.artifacts import ArtifactError, save_model, verify_model
-from fedpersona.registry import RegistryError, build_registry_app, fetch_model, read_token_file
+from fedpersona.deploy.registry import RegistryError, build_registry_app, fetch_model, read_token_file
+from fedpersona.model.artifacts import ArtifactError, save_model, verify_model
 
 TOKEN = "a-long-enough-registry-token"
 

@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
 
-import fedpersona.client_app as client_app
-import fedpersona.secagg as secagg
-from fedpersona.aggregation import ScopedAggregator
-from fedpersona.client_app import build_client_app
-from fedpersona.config import FederationSettings, dump_toml
-from fedpersona.encoder import EncoderConfig
+import fedpersona.federation.client_app as client_app
+import fedpersona.federation.secagg as secagg
+from fedpersona.config.legacy import FederationSettings, dump_toml
 from fedpersona.errors import ConfigError
-from fedpersona.manifest import ReleaseError, check_outgoing, parse_error_reason
-from fedpersona.messages import encode_arrays, encode_settings
-from fedpersona.secagg import (
+from fedpersona.federation.aggregation import ScopedAggregator
+from fedpersona.federation.client_app import build_client_app
+from fedpersona.federation.messages import encode_arrays, encode_settings
+from fedpersona.federation.secagg import (
     SecAggParams,
     SecureAggregationError,
     SecureRound,
@@ -38,8 +36,10 @@ from fedpersona.secagg import (
     share_keys,
     start_round,
 )
-from fedpersona.server_app import NothingTrained, ServerSettings, run_federation
-from fedpersona.training import TrainingSettings
+from fedpersona.federation.server_app import NothingTrained, ServerSettings, run_federation
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.training import TrainingSettings
+from fedpersona.privacy.manifest import ReleaseError, check_outgoing, parse_error_reason
 
 PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
 TRUNK = {"trunk.w": (30, 40), "trunk.b": (40,)}
@@ -289,7 +289,7 @@ def test_updates_are_checked_and_clipped_before_quantizing(caplog: pytest.LogCap
         )
     arrays["trunk.b"][0] = 100.0
     arrays["trunk.b"][1] = -100.0
-    with caplog.at_level(logging.WARNING, logger="fedpersona.secagg"):
+    with caplog.at_level(logging.WARNING, logger="fedpersona.federation.secagg"):
         vector = encode_update(
             arrays, num_examples=5, placement=layout.placement(None), params=PARAMS, generator=np.random.default_rng(0)
         )  # fmt: skip
@@ -546,7 +546,7 @@ def test_simulation_with_secure_aggregation(tmp_path: Path) -> None:
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    from fedpersona.artifacts import verify_model
+    from fedpersona.model.artifacts import verify_model
 
     arrays, card = verify_model(out / "model")
     assert card["rounds"] == 2 and any(k.startswith("ecommerce:") for k in arrays)

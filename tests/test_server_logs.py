@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from fedpersona.server_app import forward_logs_to_flower
+from fedpersona.federation.server_app import forward_logs_to_flower
 
 
 def test_forwarded_server_logs_reach_stderr_once_from_info_up(capsys: pytest.CaptureFixture[str]) -> None:
@@ -16,12 +16,12 @@ def test_forwarded_server_logs_reach_stderr_once_from_info_up(capsys: pytest.Cap
     try:
         forward_logs_to_flower()
         forward_logs_to_flower()  # idempotent: one handler, each line once
-        server = logging.getLogger("fedpersona.server_app")
+        server = logging.getLogger("fedpersona.federation.server_app")
         server.info("final model installed at 3 of 3 partner(s)")
         server.debug("a debug line")
         err = capsys.readouterr().err
         assert err.count("final model installed at 3 of 3 partner(s)") == 1
-        assert "INFO fedpersona.server_app: final model installed" in err
+        assert "INFO fedpersona.federation.server_app: final model installed" in err
         assert "a debug line" not in err
     finally:
         log.handlers[:] = saved[0]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpersona.artifacts import ArtifactError, verify_model
-from fedpersona.privacy import compute_epsilon
+from fedpersona.model.artifacts import ArtifactError, verify_model
+from fedpersona.privacy.accounting import compute_epsilon
 
 SCENARIO = """
 [federation]
@@ -131,8 +131,8 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "shop-2" in html
     # local inference from the saved model reproduces the run's persona assignments exactly
-    from fedpersona.config import load_partner_config
-    from fedpersona.synthetic import generate_silo
+    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.data.synthetic import generate_silo
 
     shop = load_partner_config(out / "partners" / "shop-1" / "client.toml")
     silo = generate_silo("ecommerce", shop.synthetic_rows or 0, seed=shop.synthetic_seed,

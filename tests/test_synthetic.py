@@ -19,8 +19,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from fedpersona.errors import SchemaError
-from fedpersona.schema import (
+from fedpersona.data.schema import (
     KINDS,
     BooleanFeature,
     CategoricalFeature,
@@ -30,7 +29,7 @@ from fedpersona.schema import (
     TextFeature,
     load_schema,
 )
-from fedpersona.synthetic import (
+from fedpersona.data.synthetic import (
     ARCHETYPES,
     TARGET_LABEL_RATES,
     TRAITS,
@@ -40,6 +39,7 @@ from fedpersona.synthetic import (
     partner_mixes,
     synthetic_schema,
 )
+from fedpersona.errors import SchemaError
 
 N_LARGE = 20_000
 LABEL_TOLERANCE = 0.02  # absolute, around TARGET_LABEL_RATES (uniform mix)

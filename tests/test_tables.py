@@ -1,4 +1,4 @@
-"""Tests for fedpersona.tables: reading, validating, aggregating and drafting schemas."""
+"""Tests for fedpersona.data.tables: reading, validating, aggregating and drafting schemas."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedpersona.data.schema import Schema, load_schema, parse_schema
+from fedpersona.data.tables import Table, infer_schema, load_table, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.schema import Schema, load_schema, parse_schema
-from fedpersona.tables import Table, infer_schema, load_table, read_frame, validate_frame
 
 ROOT = Path(__file__).parents[1]
 DATA = ROOT / ".." / "shared" / "data"
@@ -152,7 +152,7 @@ def test_too_small_table() -> None:
 
 
 def test_undeclared_columns_are_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="fedpersona.tables")
+    caplog.set_level("INFO", logger="fedpersona.data.tables")
     table = validate_frame(make_schema(AGE), strings(AGE=["30"], secret=["x"]), source="t")
     assert list(table.columns) == ["AGE"]
     assert "'secret'" in caplog.text
@@ -606,7 +606,7 @@ def test_typical_range_is_refused_on_a_categorical_sequence() -> None:
 def test_layout_centres_and_scales_by_the_typical_range() -> None:
     """(centre, spread) in [0, 1]-scaled units: the middle of the typical range, and the
     standard deviation of a normal whose middle 90% it is; identity without a typical range."""
-    from fedpersona.features import layout_of
+    from fedpersona.data.features import layout_of
 
     schema = make_schema({
         "AGE": {"type": "numeric", "bounds": [0, 100], "typical": [20, 60]},

@@ -23,17 +23,17 @@ from flwr.app.message.message import make_message
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedpersona.client_app import build_client_app
-from fedpersona.config import FederationSettings, dump_toml
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, PersonaTrunk, random_keep, token_presence
+from fedpersona.config.legacy import FederationSettings, dump_toml
+from fedpersona.data.features import featurize
+from fedpersona.data.schema import parse_schema
+from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import DataError, FedPersonaError, SchemaError
-from fedpersona.features import featurize
-from fedpersona.manifest import ERROR_CODES, parse_error_reason
-from fedpersona.messages import encode_arrays, encode_settings
-from fedpersona.schema import parse_schema
-from fedpersona.server_app import ServerSettings, run_federation
-from fedpersona.tables import Table, load_table
-from fedpersona.training import TrainingSettings
+from fedpersona.federation.client_app import build_client_app
+from fedpersona.federation.messages import encode_arrays, encode_settings
+from fedpersona.federation.server_app import ServerSettings, run_federation
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, PersonaTrunk, random_keep, token_presence
+from fedpersona.model.training import TrainingSettings
+from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
 SCHEMA_DOC: dict[str, Any] = {
     "table": {"kind": "finance", "id": "ID", "min_rows": 3, "out_of_bounds": "reject"},
@@ -191,7 +191,7 @@ def test_every_problem_of_a_file_is_listed_in_one_error(tmp_path: Path) -> None:
 def test_out_of_bounds_is_clipped_when_the_policy_says_clip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "clip.csv"
     path.write_bytes(_csv(_with(2, "AGE", "1e30")[:2] + _with(3, "AGE", "-1e30")[2:]))
-    caplog.set_level(logging.INFO, logger="fedpersona.tables")
+    caplog.set_level(logging.INFO, logger="fedpersona.data.tables")
     table = load_table(_schema(out_of_bounds="clip"), path)
     np.testing.assert_array_equal(table.columns["AGE"], [30.0, 100.0, 18.0, 61.0])
     assert "clipped 2 value(s) of column 'AGE' into [18, 100]" in caplog.text
@@ -307,7 +307,7 @@ def test_a_round_goes_on_without_partners_whose_silo_is_empty_or_too_small(
         contexts[node] = _context(folder / "client.toml", node)
     contexts[13] = _context(_file_partner(tmp_path / "bank-empty", (HEADER + "\n").encode()), 13)
     contexts[14] = _context(_file_partner(tmp_path / "bank-tiny", _csv(ROWS[:1]), min_rows=1), 14)
-    caplog.set_level(logging.ERROR, logger="fedpersona.server_app")
+    caplog.set_level(logging.ERROR, logger="fedpersona.federation.server_app")
     fed = FederationSettings(rounds=1, personas=0, min_partners=2)
     settings = ServerSettings(federation=fed, model=MODEL, training=TRAINING, run_dir=str(tmp_path / "run"))
     result = run_federation(_Grid(contexts), settings)

@@ -3,7 +3,7 @@ and a federation of ten SuperNodes.
 
 Two levels:
 
-- **Aggregation and bookkeeping** (fast): :func:`fedpersona.server_app.run_federation` driven by
+- **Aggregation and bookkeeping** (fast): :func:`fedpersona.federation.server_app.run_federation` driven by
   :class:`tests.fake_grid.FakeGrid` with scripted partners whose replies are recorded, so the
   aggregate of a round with a dead partner is checked against ``np.average`` over exactly the
   survivors' replies (the end-to-end test cannot see the replies, which never leave the server).
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpersona.artifacts import verify_model
-from fedpersona.config import FederationSettings
-from fedpersona.server_app import ServerSettings, run_federation
+from fedpersona.config.legacy import FederationSettings
+from fedpersona.federation.server_app import ServerSettings, run_federation
+from fedpersona.model.artifacts import verify_model
 from tests.fake_grid import MODEL, TRAINING, FakeGrid, ScriptedPartner
 
 
@@ -141,7 +141,7 @@ def test_evaluate_every_asks_for_evaluations_only_on_its_rounds_and_the_last(tmp
 def test_a_partner_that_refused_for_its_budget_stays_out(tmp_path: Path) -> None:
     from flwr.app import Error
 
-    from fedpersona.manifest import ERROR_CODES, error_reason
+    from fedpersona.privacy.manifest import ERROR_CODES, error_reason
 
     partners = _partners()
     grid = FakeGrid(partners)
@@ -192,15 +192,15 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     Every wait is bounded; every process is stopped."""
     import socket
 
-    from fedpersona.artifacts import ArtifactError
-    from fedpersona.certs import init_federation, load_signing_public_key, partner_keys
-    from fedpersona.checkpoint import load_checkpoint
-    from fedpersona.config import dump_toml
-    from fedpersona.deploy import supernode_command
-    from fedpersona.privacy import PrivacyLedger, PrivacySettings
-    from fedpersona.processes import alive, descendants
-    from fedpersona.registry import RegistryError, fetch_model
-    from fedpersona.synthetic import generate_frame
+    from fedpersona.config.legacy import dump_toml
+    from fedpersona.data.synthetic import generate_frame
+    from fedpersona.deploy.certs import init_federation, load_signing_public_key, partner_keys
+    from fedpersona.deploy.coordinator import supernode_command
+    from fedpersona.deploy.processes import alive, descendants
+    from fedpersona.deploy.registry import RegistryError, fetch_model
+    from fedpersona.federation.checkpoint import load_checkpoint
+    from fedpersona.model.artifacts import ArtifactError
+    from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
     from tests.test_deployment import _free_port, _stop
 
     start = time.monotonic()
@@ -338,7 +338,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         assert "continuing at round 2" in resumed_log
         # fedpersona's INFO lines from the ServerApp (shown by `flwr log`) are kept in the run folder.
         serverapp_log = (run_dir / "logs" / "serverapp.log").read_text()
-        assert "INFO fedpersona.server_app: final model installed at 10 of 10 partner(s)" in serverapp_log
+        assert "INFO fedpersona.federation.server_app: final model installed at 10 of 10 partner(s)" in serverapp_log
         assert "ServerApp log: " in resumed_log
         superlink_log = (run_dir / "logs" / "superlink.log").read_text()
 

@@ -30,13 +30,13 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedpersona.aggregation import ScopedAggregator
-from fedpersona.config import load_partner_config, load_scenario
-from fedpersona.deploy import load_federation_config
+from fedpersona.config.legacy import load_partner_config, load_scenario
+from fedpersona.data.features import featurize, layout_of
+from fedpersona.data.schema import KINDS, load_schema, parse_schema
+from fedpersona.data.tables import load_table, read_frame, validate_frame
+from fedpersona.deploy.coordinator import load_federation_config
 from fedpersona.errors import FedPersonaError
-from fedpersona.features import featurize, layout_of
-from fedpersona.schema import KINDS, load_schema, parse_schema
-from fedpersona.tables import load_table, read_frame, validate_frame
+from fedpersona.federation.aggregation import ScopedAggregator
 
 settings.register_profile(
     "fedpersona-reliability",
@@ -453,7 +453,7 @@ def _request(app: Any, method: str, path: str, headers: dict[str, str]) -> httpx
 def _publish(root: Path, created: float) -> str:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from fedpersona.artifacts import save_model
+    from fedpersona.model.artifacts import save_model
 
     card = save_model(root, arrays={"trunk.w": np.ones((2, 2))}, card={"version": 1, "created": created},
                       key=Ed25519PrivateKey.generate())  # fmt: skip
@@ -462,7 +462,7 @@ def _publish(root: Path, created: float) -> str:
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from fedpersona.registry import build_registry_app
+    from fedpersona.deploy.registry import build_registry_app
 
     base = tmp_path_factory.mktemp("registry")
     (base / "secret.txt").write_text(SECRET)
@@ -539,7 +539,7 @@ def test_registry_with_generated_headers(registry: Any, headers: dict[str, str],
 
 
 def _registry_listing(root: Path) -> httpx.Response:
-    from fedpersona.registry import build_registry_app
+    from fedpersona.deploy.registry import build_registry_app
 
     return _request(build_registry_app(root), "GET", "/v1/models", {})
 
@@ -575,7 +575,7 @@ def test_regression_links_out_of_the_artifacts_folder_are_never_served(tmp_path:
     (sneaky / "weights.npz").symlink_to(tmp_path / "secret.txt")  # same version as "good", sorted after it
     response = _registry_listing(root)
     assert [v["version"] for v in response.json()["versions"]] == [good]
-    from fedpersona.registry import build_registry_app
+    from fedpersona.deploy.registry import build_registry_app
 
     archive = _request(build_registry_app(root), "GET", f"/v1/models/{good}/archive", {})
     _check_answer(archive)

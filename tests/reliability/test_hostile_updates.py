@@ -21,13 +21,13 @@ import scipy.stats
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.client_app import build_client_app
-from fedpersona.config import FederationSettings, dump_toml
-from fedpersona.encoder import EncoderConfig, PersonaTrunk
-from fedpersona.messages import decode_arrays, encode_arrays
-from fedpersona.server_app import ServerSettings, run_federation
-from fedpersona.training import TrainingSettings
+from fedpersona.config.legacy import FederationSettings, dump_toml
+from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.federation.client_app import build_client_app
+from fedpersona.federation.messages import decode_arrays, encode_arrays
+from fedpersona.federation.server_app import ServerSettings, run_federation
+from fedpersona.model.encoder import EncoderConfig, PersonaTrunk
+from fedpersona.model.training import TrainingSettings
 
 MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
@@ -297,7 +297,7 @@ def test_server_drops_every_hostile_reply_logs_it_and_publishes_the_honest_mean(
     contexts = _partners(tmp_path, names)
     node_of = {name: node for node, name in zip(contexts, names, strict=True)}
     grid = TamperingGrid(contexts, {node_of[n]: tamper for n, (tamper, _) in HOSTILE.items()})
-    caplog.set_level(logging.WARNING, logger="fedpersona.server_app")
+    caplog.set_level(logging.WARNING, logger="fedpersona.federation.server_app")
     result = run_federation(grid, _settings(tmp_path / "run", max_update_norm=50.0))
     assert result.rounds_completed == 1
 
@@ -437,7 +437,7 @@ def test_a_reply_missing_a_record_drops_its_sender_not_the_federation(
         return reply
 
     grid.app = app  # type: ignore[assignment]
-    caplog.set_level(logging.WARNING, logger="fedpersona.server_app")
+    caplog.set_level(logging.WARNING, logger="fedpersona.federation.server_app")
     result = run_federation(grid, _settings(tmp_path / "run"))
     assert result.rounds_completed == 1
     assert any("broken" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""The Flower ClientApp: decode a message, call :mod:`fedpersona.partner`, encode the reply.
+"""The Flower ClientApp: decode a message, call :mod:`fedpersona.federation.partner`, encode the reply.
 
 How a partner finds its own configuration (``Context.node_config``):
 
@@ -7,7 +7,7 @@ How a partner finds its own configuration (``Context.node_config``):
 
 A problem at the partner (an exhausted privacy budget, a bad data file, a refused policy, an
 unexpected failure) is sent back as an error reply carrying only a fixed code and category and
-the ledger's epsilon (:func:`fedpersona.manifest.error_reason`); the full message, which may
+the ledger's epsilon (:func:`fedpersona.privacy.manifest.error_reason`); the full message, which may
 quote a cell of the partner's table, goes to the partner's own log only. Every other reply
 carries the ledger's epsilon too (``epsilon`` in its info or metrics), so the coordinator's
 view of a partner's spending is never behind its last message.
@@ -18,7 +18,7 @@ the partner verifies it against the federation's model-signing key named in its 
 ``state_dir/model`` and replies with nothing.
 
 With secure aggregation the ``query.secagg_*`` and ``train.secagg`` handlers run the partner's
-side of :mod:`fedpersona.secagg`; its secrets live in ``Context.state["secagg"]`` (kept by the
+side of :mod:`fedpersona.federation.secagg`; its secrets live in ``Context.state["secagg"]`` (kept by the
 SuperNode between messages, never sent).
 """
 
@@ -35,8 +35,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpersona.clustering import ClusterStats
-from fedpersona.config import PartnerConfig, load_partner_config
+from fedpersona.config.legacy import PartnerConfig, load_partner_config
 from fedpersona.errors import (
     ConfigError,
     FedPersonaError,
@@ -44,9 +43,8 @@ from fedpersona.errors import (
     PrivacyBudgetExceeded,
     PrivacyLedgerError,
 )
-from fedpersona.manifest import ERROR_CODES, audit_entry, check_outgoing, error_reason, write_audit
-from fedpersona.messages import arrays_of, config_of, decode_settings, encode_arrays
-from fedpersona.partner import (
+from fedpersona.federation.messages import arrays_of, config_of, decode_settings, encode_arrays
+from fedpersona.federation.partner import (
     RoundOutcome,
     build_model,
     cluster_round,
@@ -59,8 +57,7 @@ from fedpersona.partner import (
     spent_epsilon,
     train_round,
 )
-from fedpersona.privacy import PrivacyLedger
-from fedpersona.secagg import (
+from fedpersona.federation.secagg import (
     PartnerSecrets,
     Placement,
     SecAggParams,
@@ -75,7 +72,10 @@ from fedpersona.secagg import (
     share_keys,
     start_round,
 )
-from fedpersona.training import pick_device
+from fedpersona.model.training import pick_device
+from fedpersona.personas.clustering import ClusterStats
+from fedpersona.privacy.accounting import PrivacyLedger
+from fedpersona.privacy.manifest import ERROR_CODES, audit_entry, check_outgoing, error_reason, write_audit
 
 __all__ = ["app", "build_client_app"]
 
@@ -430,8 +430,8 @@ def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
 
 def _final_model(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Verify the signed final model against the federation's key and install it locally."""
-    from fedpersona.artifacts import FILES, install_model
-    from fedpersona.certs import load_signing_public_key
+    from fedpersona.deploy.certs import load_signing_public_key
+    from fedpersona.model.artifacts import FILES, install_model
 
     key_path = context.node_config.get("model-public-key")
     if not key_path:

@@ -33,10 +33,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from fedpersona.schema import KINDS, Schema, parse_schema
+from fedpersona.data.schema import KINDS, Schema, parse_schema
 
 if TYPE_CHECKING:
-    from fedpersona.tables import Table
+    from fedpersona.data.tables import Table
 
 __all__ = [
     "ARCHETYPES",
@@ -229,7 +229,7 @@ def generate_frame(
 
 def generate_silo(kind: str, rows: int, *, seed: int, mix: np.ndarray | None = None) -> SyntheticSilo:
     """Generate a synthetic ``kind`` silo from ``seed`` and validate it against its schema."""
-    from fedpersona.tables import validate_frame
+    from fedpersona.data.tables import validate_frame
 
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")

@@ -1,7 +1,7 @@
 """Views for ``fedpersona privacy plan`` and ``fedpersona privacy ledger``.
 
 The plan is computed exactly as a partner computes it at its first round
-(:func:`fedpersona.partner.load_plan`): the same sample rate, steps and noise planner, so
+(:func:`fedpersona.federation.partner.load_plan`): the same sample rate, steps and noise planner, so
 the plan printed before a run is the plan the run follows.
 """
 
@@ -11,17 +11,17 @@ import json
 import math
 from pathlib import Path
 
-from fedpersona.clustering import plan_with_reserve
-from fedpersona.config import load_partner_config, load_scenario, read_toml
+from fedpersona.config.legacy import load_partner_config, load_scenario, read_toml
 from fedpersona.errors import ConfigError
-from fedpersona.privacy import (
+from fedpersona.model.training import TrainingSettings
+from fedpersona.personas.clustering import plan_with_reserve
+from fedpersona.privacy.accounting import (
     PrivacyLedger,
     PrivacySettings,
     compute_epsilon,
     plan_noise,
     sample_rate_for,
 )
-from fedpersona.training import TrainingSettings
 
 __all__ = ["ledger_table", "plan_rows", "plan_table"]
 
@@ -40,7 +40,7 @@ def plan_rows(
     """``(noise, sample_rate, steps_per_round, cumulative epsilon after each round)``.
 
     With ``kmeans_rounds`` the list has one more entry: the epsilon after persona clustering,
-    whose reserve the DP-SGD noise is planned around (as :func:`fedpersona.partner.load_plan`).
+    whose reserve the DP-SGD noise is planned around (as :func:`fedpersona.federation.partner.load_plan`).
     """
     q = sample_rate_for(rows, training.batch_size)
     steps = training.steps_per_round(rows)
@@ -132,8 +132,8 @@ def plan_table(
             elif group.source == "synthetic":
                 n = int((group.rows or 0) // group.partners * (1 - scenario.simulation.test_fraction))
             else:
-                from fedpersona.schema import load_schema
-                from fedpersona.tables import load_table
+                from fedpersona.data.schema import load_schema
+                from fedpersona.data.tables import load_table
 
                 assert group.schema is not None
                 total = len(load_table(load_schema(group.schema), group.source))
@@ -155,7 +155,7 @@ def plan_table(
         if rows is None:
             rows = cfg.declared_rows()
         if rows is None:
-            from fedpersona.partner import load_partner_data, public_rows_of
+            from fedpersona.federation.partner import load_partner_data, public_rows_of
 
             rows = public_rows_of(cfg, load_partner_data(cfg))
         if rounds is None:

@@ -29,8 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.schema import (
+from fedpersona.data.schema import (
     DEFAULT_FALSE,
     DEFAULT_NA,
     DEFAULT_TRUE,
@@ -46,6 +45,7 @@ from fedpersona.schema import (
     TextFeature,
     _canonical,
 )
+from fedpersona.errors import ConfigError, DataError, SchemaError
 
 __all__ = ["Table", "infer_schema", "load_table", "read_frame", "validate_frame"]
 

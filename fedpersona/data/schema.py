@@ -121,7 +121,7 @@ class NumericFeature:
 
     ``typical`` (optional, public) is the range that holds about the middle 90% of users,
     from domain knowledge such as published statistics; the encoder centres and scales its
-    input by it (see :func:`fedpersona.features.layout_of`).
+    input by it (see :func:`fedpersona.data.features.layout_of`).
     """
 
     name: str

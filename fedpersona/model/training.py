@@ -18,17 +18,17 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedpersona.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.data.features import FeatureTensors
 from fedpersona.errors import ConfigError
-from fedpersona.features import FeatureTensors
-from fedpersona.privacy import (
+from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.privacy.accounting import (
     PrivacyLedger,
     PrivacySettings,
     merge_history,
     rdp_order_notice_silenced,
     sample_rate_for,
 )
-from fedpersona.randomness import SecretRandomness
+from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = ["GRAD_SAMPLE_MODES", "LocalResult", "TrainingSettings", "pick_device", "train_locally"]
 
@@ -127,7 +127,7 @@ def train_locally(
     exact row count, so nothing a release depends on besides the rows' content reveals how many
     users the table holds (the add/remove neighbouring relation). Poisson sampling runs over
     the actual rows at that rate. All randomness comes from ``randomness`` (the batches, the
-    noise, the feature masks): see :mod:`fedpersona.randomness`.
+    noise, the feature masks): see :mod:`fedpersona.privacy.randomness`.
     """
     rows = len(data)
     public = rows if public_rows is None else int(public_rows)

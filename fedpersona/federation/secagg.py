@@ -64,9 +64,9 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_separate,
 )
 
-from fedpersona.aggregation import PartnerUpdate
-from fedpersona.encoder import SCOPES, parameter_scope
 from fedpersona.errors import FedPersonaError
+from fedpersona.federation.aggregation import PartnerUpdate
+from fedpersona.model.encoder import SCOPES, parameter_scope
 
 __all__ = [
     "PartnerSecrets",

@@ -2,7 +2,7 @@
 
 One file, ``RUN_DIR/state/checkpoint.npz``, rewritten after every aggregation (each training
 round, each DP k-means round) and at each later stage. It holds the global arrays and the
-server optimizer's moments (:meth:`fedpersona.aggregation.ScopedAggregator.get_state`), the
+server optimizer's moments (:meth:`fedpersona.federation.aggregation.ScopedAggregator.get_state`), the
 current persona prototypes and the k-means generator, and a JSON document (the ``__meta__``
 entry) with the stage, the last completed round, the per-partner facts the server keeps
 (slot, epsilon, steps, why a partner was dropped) and the settings that define the run.

@@ -23,7 +23,7 @@ and a reason that is the JSON object ``{"category": ..., "epsilon": ...}``: the 
 and the ledger's epsilon, nothing else. The exception's own text (which may quote a cell of
 the partner's table) stays in the partner's log.
 
-Items name the full message type: with secure aggregation (:mod:`fedpersona.secagg`) the
+Items name the full message type: with secure aggregation (:mod:`fedpersona.federation.secagg`) the
 ``query.secagg_*`` replies carry public keys, parameter shapes, encrypted shares and revealed
 shares (cryptographic material drawn independently of the data), and ``train.secagg`` carries
 the masked DP update instead of ``train``'s arrays.

@@ -2,7 +2,7 @@
 
 Server (``fedpersona serve --artifacts DIR``): a read-only Starlette app over every artifact in
 ``DIR`` (``DIR`` itself, or its immediate sub-folders, holding ``weights.npz``, ``card.json`` and
-``signature.json`` as :func:`fedpersona.artifacts.save_model` writes them)::
+``signature.json`` as :func:`fedpersona.model.artifacts.save_model` writes them)::
 
     GET /healthz                       {"ok": true}
     GET /v1/models                     {"versions": [{"version", "created", "rounds", "weights_sha256"}, ...]}
@@ -15,7 +15,7 @@ file every ``/v1`` request needs ``Authorization: Bearer <token>``. The server d
 for anything: the client checks every byte against the federation's public key.
 
 Client (:func:`fetch_model`): downloads the latest (or a named) version, checks hashes and the
-Ed25519 signature against the federation's key (:func:`fedpersona.artifacts.verify_model`),
+Ed25519 signature against the federation's key (:func:`fedpersona.model.artifacts.verify_model`),
 refuses unsigned, modified or older-than-cached versions, and keeps verified copies in a cache.
 """
 
@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpersona.artifacts import ArtifactError, verify_model
 from fedpersona.errors import ConfigError, FedPersonaError
+from fedpersona.model.artifacts import ArtifactError, verify_model
 
 __all__ = ["FetchedModel", "RegistryError", "build_registry_app", "fetch_model", "serve_registry"]
 
@@ -244,7 +244,7 @@ def serve_registry(
 
 @dataclass(frozen=True)
 class FetchedModel:
-    """A verified model in the cache: pass ``path`` to :func:`fedpersona.artifacts.verify_model`."""
+    """A verified model in the cache: pass ``path`` to :func:`fedpersona.model.artifacts.verify_model`."""
 
     version: str
     path: Path
@@ -253,7 +253,7 @@ class FetchedModel:
 
 
 def _public_key(key: bytes | str | Path) -> bytes:
-    from fedpersona.certs import load_signing_public_key
+    from fedpersona.deploy.certs import load_signing_public_key
 
     if isinstance(key, bytes):
         if len(key) == 32:
@@ -309,7 +309,7 @@ def fetch_model(
 ) -> FetchedModel:
     """Download, verify and cache a model version from a registry at ``url``.
 
-    Refuses (with :class:`~fedpersona.artifacts.ArtifactError` or :class:`RegistryError`) a
+    Refuses (with :class:`~fedpersona.model.artifacts.ArtifactError` or :class:`RegistryError`) a
     version whose hashes or signature do not verify against ``public_key`` (the federation's
     model-signing key: raw bytes, PEM bytes or a PEM file), and a version older than the newest
     one already in ``cache_dir``. ``ca`` is the CA file for an HTTPS registry with a private CA.

@@ -1,4 +1,4 @@
-"""Featurization: a validated :class:`~fedpersona.tables.Table` becomes tensors.
+"""Featurization: a validated :class:`~fedpersona.data.tables.Table` becomes tensors.
 
 Every constant used here comes from the schema, which is public by declaration: numeric
 bounds scale values into [0, 1] (and a declared ``typical`` range sets where the encoder
@@ -19,7 +19,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
-from fedpersona.schema import (
+from fedpersona.data.schema import (
     BooleanFeature,
     CategoricalFeature,
     NumericFeature,
@@ -27,7 +27,7 @@ from fedpersona.schema import (
     SequenceFeature,
     TextFeature,
 )
-from fedpersona.tables import Table
+from fedpersona.data.tables import Table
 
 __all__ = ["FeatureLayout", "FeatureTensors", "featurize", "hash_bucket", "layout_of"]
 

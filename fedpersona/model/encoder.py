@@ -14,7 +14,7 @@ obeys them:
 **Numbers enter centred and scaled by their public typical range.** A schema may declare,
 per number, ``typical = [low, high]``: about the middle 90% of users, public domain knowledge
 like the bounds. The adapter feeds ``(value - centre) / spread`` (fixed buffers made from the
-schema, see :func:`fedpersona.features.layout_of`) instead of the bounds-scaled value, so a
+schema, see :func:`fedpersona.data.features.layout_of`) instead of the bounds-scaled value, so a
 number whose users fill a twentieth of its bounds varies as much as a yes/no flag. Under
 DP-SGD this matters: with a typical range on every number of the synthetic silos, persona
 recovery at epsilon 3 in a plain-loop federation of the default scenario rose from an ARI of
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedpersona.features import FeatureLayout
+from fedpersona.data.features import FeatureLayout
 
 __all__ = [
     "SCOPES",

@@ -45,10 +45,8 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedpersona.config import FederationSettings, PartnerConfig, _section, load_partner_config, read_toml
-from fedpersona.encoder import EncoderConfig
-from fedpersona.errors import ConfigError, FedPersonaError
-from fedpersona.processes import (
+from fedpersona.config.legacy import FederationSettings, PartnerConfig, _section, load_partner_config, read_toml
+from fedpersona.deploy.processes import (
     ProcessSupervisor,
     Stopped,
     StopSignals,
@@ -58,7 +56,9 @@ from fedpersona.processes import (
     signal_all,
     wait_port,
 )
-from fedpersona.training import TrainingSettings
+from fedpersona.errors import ConfigError, FedPersonaError
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.training import TrainingSettings
 
 __all__ = [
     "FederationConfig",
@@ -202,9 +202,9 @@ def load_federation_config(path: str | Path) -> FederationConfig:
 
 
 def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume: bool = False) -> Any:
-    """The :class:`fedpersona.server_app.ServerSettings` a federation config describes
+    """The :class:`fedpersona.federation.server_app.ServerSettings` a federation config describes
     (a deployment sends the final model to every partner)."""
-    from fedpersona.server_app import ServerSettings
+    from fedpersona.federation.server_app import ServerSettings
 
     return ServerSettings(
         federation=cfg.federation,
@@ -221,7 +221,7 @@ def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume
 def check_resume(cfg: FederationConfig) -> str:
     """What ``--resume`` will continue from, checked before anything starts: the checkpoint
     must be readable and belong to these settings (else :class:`ConfigError`)."""
-    from fedpersona.checkpoint import load_checkpoint
+    from fedpersona.federation.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(cfg.run_dir, settings=(cfg.federation, cfg.model, cfg.training))
     if checkpoint is None:
@@ -577,12 +577,12 @@ def check_partner(
 ) -> PartnerCheck:
     """Validate everything a partner will use before anything connects; raise once with all problems.
 
-    The privacy plan is the one :func:`fedpersona.planning.plan_rows` computes: ``rounds`` DP-SGD
+    The privacy plan is the one :func:`fedpersona.privacy.planner.plan_rows` computes: ``rounds`` DP-SGD
     rounds, then ``kmeans_rounds`` persona-clustering rounds (default: the federation default;
     0 = none), whose reserve the noise is planned around; the last epsilon is after clustering.
     """
-    from fedpersona.partner import load_partner_data, public_rows_of
-    from fedpersona.planning import plan_rows
+    from fedpersona.federation.partner import load_partner_data, public_rows_of
+    from fedpersona.privacy.planner import plan_rows
 
     cfg = load_partner_config(config)
     problems: list[str] = []
@@ -690,7 +690,7 @@ def start_partner(
     check = check_partner(config, ca=ca, key=key)
     cfg = check.config
     if model_key is not None:
-        from fedpersona.certs import load_signing_public_key
+        from fedpersona.deploy.certs import load_signing_public_key
 
         load_signing_public_key(model_key)  # a ConfigError now rather than a refused model later
     else:

@@ -1,6 +1,6 @@
 """Everything a partner does with its own data and disk, independent of the transport.
 
-The Flower ClientApp (:mod:`fedpersona.client_app`) decodes a message and calls one function
+The Flower ClientApp (:mod:`fedpersona.federation.client_app`) decodes a message and calls one function
 here; the same functions run in a simulation, under ``flwr run`` and in a deployment.
 
 On the partner's disk, in ``state_dir``:
@@ -26,23 +26,23 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from fedpersona.clustering import (
+from fedpersona.config.legacy import PartnerConfig
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.schema import Schema, SequenceFeature, load_schema
+from fedpersona.data.tables import Table, load_table
+from fedpersona.errors import ConfigError, PrivacyLedgerError
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.model.evaluation import embed_all, evaluate
+from fedpersona.model.training import LocalResult, TrainingSettings, pick_device, train_locally
+from fedpersona.personas.clustering import (
     ClusterStats,
     charge_kmeans_round,
     local_cluster_stats,
     nearest_prototype,
     plan_with_reserve,
 )
-from fedpersona.config import PartnerConfig
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
-from fedpersona.errors import ConfigError, PrivacyLedgerError
-from fedpersona.evaluation import embed_all, evaluate
-from fedpersona.features import FeatureTensors, featurize
-from fedpersona.privacy import PrivacyLedger, plan_noise, sample_rate_for
-from fedpersona.randomness import SecretRandomness
-from fedpersona.schema import Schema, SequenceFeature, load_schema
-from fedpersona.tables import Table, load_table
-from fedpersona.training import LocalResult, TrainingSettings, pick_device, train_locally
+from fedpersona.privacy.accounting import PrivacyLedger, plan_noise, sample_rate_for
+from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
     "PartnerData",
@@ -96,7 +96,7 @@ def partner_schema(cfg: PartnerConfig) -> Schema:
     """The partner's schema: its own file, or the packaged synthetic one."""
     if cfg.schema is not None:
         return load_schema(cfg.schema)
-    from fedpersona.synthetic import synthetic_schema
+    from fedpersona.data.synthetic import synthetic_schema
 
     return synthetic_schema(cfg.kind)
 
@@ -113,7 +113,7 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
     if cfg.data is not None:
         table = load_table(schema, cfg.data)
     else:
-        from fedpersona.synthetic import generate_silo
+        from fedpersona.data.synthetic import generate_silo
 
         mix = np.asarray(cfg.synthetic_mix) if cfg.synthetic_mix is not None else None
         silo = generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix)
@@ -517,7 +517,7 @@ def persona_round(
     (``state_dir/assignments.csv``) stay at the partner. The
     returned metrics are held-out evaluation metrics (opt-in, not DP) for the server.
     """
-    from fedpersona.personas import feature_profile, hit_rate_at_k, persona_cards
+    from fedpersona.personas.cards import feature_profile, hit_rate_at_k, persona_cards
 
     data, model = _global_model(cfg, model_cfg, training, received, seed)
     all_rows = featurize(data.table).to(data.train.tensors["scalar"].device)
@@ -576,7 +576,7 @@ def persona_round(
 def _synthetic_personas(cfg: PartnerConfig) -> np.ndarray | None:
     if cfg.data is not None:
         return None
-    from fedpersona.synthetic import generate_silo
+    from fedpersona.data.synthetic import generate_silo
 
     mix = np.asarray(cfg.synthetic_mix) if cfg.synthetic_mix is not None else None
     return generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix).persona

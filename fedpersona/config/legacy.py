@@ -18,11 +18,11 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from fedpersona.encoder import EncoderConfig
+from fedpersona.data.schema import KINDS
 from fedpersona.errors import ConfigError
-from fedpersona.privacy import PrivacySettings
-from fedpersona.schema import KINDS
-from fedpersona.training import TrainingSettings
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.training import TrainingSettings
+from fedpersona.privacy.accounting import PrivacySettings
 
 __all__ = [
     "FederationSettings",
@@ -41,7 +41,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class FederationSettings:
-    """Round structure, server optimizer and secure aggregation (see :mod:`fedpersona.secagg`).
+    """Round structure, server optimizer and secure aggregation (see :mod:`fedpersona.federation.secagg`).
 
     ``secagg_threshold`` partners (by default a strict majority of the round's partners, the
     least partners accept) must survive every stage of a securely aggregated round (and
@@ -145,7 +145,7 @@ def _is_number(value: Any) -> bool:
 def _aggregation_problems(fed: FederationSettings) -> list[str]:
     """The server's aggregation settings, checked when the file is read rather than when the
     server builds its aggregator (where a wrong type would be a crash, not a message)."""
-    from fedpersona.aggregation import GLOBAL_WEIGHTINGS, ROBUST_AGGREGATORS, SERVER_OPTIMIZERS
+    from fedpersona.federation.aggregation import GLOBAL_WEIGHTINGS, ROBUST_AGGREGATORS, SERVER_OPTIMIZERS
 
     problems = []
     for key, valid in (

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
-from fedpersona.encoder import EncoderConfig
-from fedpersona.training import TrainingSettings
+from fedpersona.model.encoder import EncoderConfig
+from fedpersona.model.training import TrainingSettings
 
 __all__ = [
     "arrays_of",

@@ -54,8 +54,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedpersona.errors import ConfigError
-from fedpersona.privacy import ACCOUNTANTS, LedgerEntry, PrivacyLedger, compute_epsilon
-from fedpersona.randomness import SecretRandomness
+from fedpersona.privacy.accounting import ACCOUNTANTS, LedgerEntry, PrivacyLedger, compute_epsilon
+from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
     "KMEANS_MECHANISM",
@@ -171,7 +171,7 @@ def local_cluster_stats(
     added to every coordinate of the sums and of the counts (see the module docstring for
     why ``sqrt(2)``). ``noise_multiplier = 0`` releases exact statistics (only for an
     explicitly non-private run). The noise comes from ``randomness``, the partner's secret
-    stream (:mod:`fedpersona.randomness`): noise the coordinator could regenerate would let it
+    stream (:mod:`fedpersona.privacy.randomness`): noise the coordinator could regenerate would let it
     subtract the noise and read the exact counts. The caller must have charged the ledger first
     (:func:`charge_kmeans_round`): this function only computes.
     """
@@ -455,7 +455,7 @@ def plan_with_reserve(
 
     The composition is ``sgd_steps`` Poisson-subsampled Gaussian steps at ``sgd_sample_rate``
     and ``kmeans_rounds`` Gaussian releases of noise multiplier ``kmeans_noise`` (q = 1),
-    accounted with :func:`~fedpersona.privacy.compute_epsilon`, exactly as the ledger will
+    accounted with :func:`~fedpersona.privacy.accounting.compute_epsilon`, exactly as the ledger will
     account them. A geometric bisection narrows the noise to within ``rtol`` (relative) and
     returns the upper end, whose epsilon was checked to be <= the target (in both orders of
     composition, which the ledger may record either way): the plan never overshoots.

@@ -42,11 +42,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from fedpersona.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.data.features import FeatureTensors, featurize, layout_of
+from fedpersona.data.schema import Schema
+from fedpersona.data.tables import _as_str, _check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.features import FeatureTensors, featurize, layout_of
-from fedpersona.schema import Schema
-from fedpersona.tables import _as_str, _check_file, read_frame, validate_frame
+from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -174,7 +174,7 @@ def infer_file(
 
     The input (CSV, optionally compressed, or Parquet; read as the schema says) is streamed
     ``chunk_rows`` rows at a time; each chunk is validated with
-    :func:`~fedpersona.tables.validate_frame` (label columns are not needed; an error names
+    :func:`~fedpersona.data.tables.validate_frame` (label columns are not needed; an error names
     the chunk's data rows, and row numbers inside it count from the chunk's first row), then
     featurized, embedded and assigned. An event log is aggregated to one row per user first,
     which needs the whole file in memory. Output columns: the id column (or ``row``), then

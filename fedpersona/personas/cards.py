@@ -1,7 +1,7 @@
 """Persona cards: who each persona's users are, computed locally by a partner for its own users.
 
-A card is made from the partner's validated :class:`~fedpersona.tables.Table` and each user's
-persona (from :mod:`fedpersona.inference`); nothing on it is sent anywhere. It holds:
+A card is made from the partner's validated :class:`~fedpersona.data.tables.Table` and each user's
+persona (from :mod:`fedpersona.model.inference`); nothing on it is sent anywhere. It holds:
 
 - the persona's **share** of the partner's users;
 - **distinguishing features** in plain language, each against the whole silo: numeric ->
@@ -46,8 +46,8 @@ import numpy as np
 import pandas as pd
 from sklearn.tree import DecisionTreeClassifier
 
-from fedpersona.schema import BooleanFeature, CategoricalFeature, NumericFeature, SequenceFeature
-from fedpersona.tables import Table
+from fedpersona.data.schema import BooleanFeature, CategoricalFeature, NumericFeature, SequenceFeature
+from fedpersona.data.tables import Table
 
 __all__ = [
     "DEFAULT_MIN_USERS",

@@ -4,18 +4,18 @@ Per run: a ``query`` message asks every partner for its kind, schema fingerprint
 row count and noise plan; partners of one kind with the most common fingerprint form a
 *slot* and share their adapter, the others keep theirs local (and the log says so). Then, per
 round, ``train`` messages carry each partner's view of the global model (trunk + its slot's
-adapter), replies are aggregated by :class:`~fedpersona.aggregation.ScopedAggregator`, and
+adapter), replies are aggregated by :class:`~fedpersona.federation.aggregation.ScopedAggregator`, and
 ``evaluate`` messages collect the cumulative epsilon (and, where a partner opted in, its
 held-out metrics). A partner that replies with an error (e.g. its budget is spent) is logged
 and dropped; the run goes on while ``min_partners`` remain.
 
 With ``secure_aggregation = true`` each round's ``train`` exchange becomes the four exchanges
-of :mod:`fedpersona.secagg` and the server sees only per-scope sums. A round that loses too
+of :mod:`fedpersona.federation.secagg` and the server sees only per-scope sums. A round that loses too
 many partners to unmask aborts: the server logs why, stops, and publishes no model of it.
 
 **Checkpoint and resume.** After every aggregation (each training round, each DP k-means
 round) and at each later stage the server writes ``RUN_DIR/state/checkpoint.npz``
-(:mod:`fedpersona.checkpoint`). With ``resume`` a new run loads it, readmits the partners of
+(:mod:`fedpersona.federation.checkpoint`). With ``resume`` a new run loads it, readmits the partners of
 the checkpoint by node id (a node id stands for a registered key), asks any other node who it
 is (``query``, which costs no privacy budget; a known name keeps its slot and history) and
 continues at the *next* round: a round whose aggregate is in
@@ -40,7 +40,7 @@ evaluation row in metrics.jsonl says whether the partner's update is in that rou
 artifact (``weights.npz``, ``card.json``, ``signature.json``) is sent to every connected
 partner in a ``query.final_model`` message; the partner verifies it against the federation's
 model-signing key it was given and installs it in ``state_dir/model`` (see
-:func:`fedpersona.artifacts.install_model`). The reply is empty.
+:func:`fedpersona.model.artifacts.install_model`). The reply is empty.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpersona.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.artifacts import artifact_files, generate_signing_key, save_model
-from fedpersona.checkpoint import (
+from fedpersona.config.legacy import FederationSettings, load_scenario
+from fedpersona.errors import ConfigError, FedPersonaError
+from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.federation.checkpoint import (
     CHECKPOINT,
     Checkpoint,
     load_checkpoint,
@@ -70,14 +71,8 @@ from fedpersona.checkpoint import (
     save_checkpoint,
     settings_fingerprint,
 )
-from fedpersona.clustering import ClusterStats, choose_k, init_prototypes, reduce_prototypes, update_prototypes
-from fedpersona.config import FederationSettings, load_scenario
-from fedpersona.encoder import EncoderConfig, PersonaTrunk
-from fedpersona.errors import ConfigError, FedPersonaError
-from fedpersona.manifest import REFUSALS, parse_error_reason
-from fedpersona.messages import arrays_of, encode_arrays, encode_settings, metrics_of
-from fedpersona.randomness import KNOWN_SEEDS_LABEL
-from fedpersona.secagg import (
+from fedpersona.federation.messages import arrays_of, encode_arrays, encode_settings, metrics_of
+from fedpersona.federation.secagg import (
     SecAggParams,
     SecureAggregationError,
     SecureRound,
@@ -88,7 +83,12 @@ from fedpersona.secagg import (
     modulus_bits_for,
     strict_majority,
 )
-from fedpersona.training import TrainingSettings
+from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model
+from fedpersona.model.encoder import EncoderConfig, PersonaTrunk
+from fedpersona.model.training import TrainingSettings
+from fedpersona.personas.clustering import ClusterStats, choose_k, init_prototypes, reduce_prototypes, update_prototypes
+from fedpersona.privacy.manifest import REFUSALS, parse_error_reason
+from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
 __all__ = ["NothingTrained", "ServerSettings", "app", "build_server_app", "run_federation"]
 
@@ -760,7 +760,7 @@ def _secure_sum(
     largest_sum: int,
     setup_extra: dict[str, Any] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]], SecureRound]:
-    """One SecAgg+ exchange of :mod:`fedpersona.secagg`: setup, share keys, ``stage`` (the
+    """One SecAgg+ exchange of :mod:`fedpersona.federation.secagg`: setup, share keys, ``stage`` (the
     partners' masked vectors), unmask; returns the per-scope weighted means. Raises
     SecureAggregationError to abort.
 
@@ -1071,7 +1071,7 @@ def _cluster_personas(
     checkpoint: Checkpoint | None = None,
     save: Callable[..., None] | None = None,
 ) -> dict[str, Any] | None:
-    """Federated DP k-means on the partners' embeddings (see :mod:`fedpersona.clustering`).
+    """Federated DP k-means on the partners' embeddings (see :mod:`fedpersona.personas.clustering`).
 
     Each round every active partner releases noisy per-prototype sums and counts (charged to
     its ledger first); the server only ever combines noisy releases. Schedule: half the rounds
@@ -1131,7 +1131,7 @@ def _cluster_personas(
                 choice = {
                     "k": picked.k,
                     "scores": {str(c): picked.scores[c] for c in candidates},
-                    "criterion": "cosine Calinski-Harabasz on the noisy statistics (fedpersona.clustering.choose_k)",
+                    "criterion": "cosine Calinski-Harabasz on the noisy statistics (fedpersona.personas.clustering.choose_k)",
                 }
                 logger.info("personas: K = %d chosen among %s", picked.k, candidates)
         elif r == summary - 1:
@@ -1278,7 +1278,7 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
     def main(grid: Grid, context: Context) -> None:
         nonlocal settings
         if settings is None and context.run_config.get("federation-config"):  # fedpersona server start
-            from fedpersona.deploy import load_federation_config, server_settings
+            from fedpersona.deploy.coordinator import load_federation_config, server_settings
 
             forward_logs_to_flower()
             federation = load_federation_config(str(context.run_config["federation-config"]))

@@ -18,8 +18,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
-from fedpersona.encoder import PersonaEncoder, random_keep, token_presence
-from fedpersona.features import FeatureTensors
+from fedpersona.data.features import FeatureTensors
+from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
 
 __all__ = ["embed_all", "evaluate"]
 

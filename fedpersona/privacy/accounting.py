@@ -65,7 +65,7 @@ class PrivacySettings:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     planned_rounds: int | None = None
-    # Reproducible noise: every DP key is derived from this seed (see fedpersona.randomness).
+    # Reproducible noise: every DP key is derived from this seed (see fedpersona.privacy.randomness).
     # Whoever knows it can remove the noise, so a run with it is labelled NOT private against
     # the coordinator. Unset (the default), every key comes from os.urandom.
     noise_seed: int | None = None

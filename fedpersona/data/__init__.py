@@ -1,0 +1,6 @@
+"""Tables in, tensors out: the schema a partner declares, reading and validating its table,
+drafting a schema from a file, aggregating event logs to one row per user, the public
+featurization, and the built-in synthetic silos. Nothing here knows about privacy budgets,
+models or the federation; everything above reads its data through it."""
+
+__all__ = ["features", "schema", "synthetic", "tables"]

@@ -1,0 +1,5 @@
+"""Real deployments on Flower"s Deployment Engine: the coordinator (SuperLink, registration,
+the run), the partner site (SuperNode), credentials, process supervision and the model
+registry."""
+
+__all__ = ["certs", "coordinator", "processes", "registry"]
