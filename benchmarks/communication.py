@@ -21,7 +21,8 @@ from fedpersona.data.features import layout_of
 from fedpersona.data.schema import load_schema
 from fedpersona.federation.messages import encode_arrays
 from fedpersona.federation.secagg import SecAggParams, VectorLayout, modulus_bits_for, share_keys, start_round
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS, PER_KIND, ROWS_PER_PARTNER = ("ecommerce", "finance", "health"), 4, 20_000
@@ -34,7 +35,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     for kind in KINDS:
         schema = load_schema(REPO / "clients" / kind / "schema.toml")
         torch.manual_seed(0)
-        model = PersonaEncoder(layout_of(schema), EncoderConfig())
+        model = PersonaEncoder(layout_of(schema), ModelSettings())
         shared[kind] = {n: v.numpy() for n, v in model.state_dict().items() if parameter_scope(n) != "local"}
     n = len(KINDS) * PER_KIND
     trunk = {k: v.shape for k, v in shared[KINDS[0]].items() if parameter_scope(k) == "global"}

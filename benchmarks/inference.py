@@ -17,7 +17,8 @@ import torch
 from fedpersona.data.features import featurize, layout_of
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 from fedpersona.model.inference import assign_personas, infer_file
 
 KIND, PERSONAS, BATCH = "ecommerce", 6, 1024
@@ -27,7 +28,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     users = 100_000 if quick else 1_000_000
     schema = synthetic_schema(KIND)
     torch.manual_seed(0)
-    model = PersonaEncoder(layout_of(schema), EncoderConfig()).eval()
+    model = PersonaEncoder(layout_of(schema), ModelSettings()).eval()
     slot = f"{schema.kind}:{schema.fingerprint()}"
     arrays = {
         (name if parameter_scope(name) == "global" else f"{slot}/{name}"): value.numpy()

@@ -36,13 +36,13 @@ from benchmarks.workload import federate
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import KINDS
 from fedpersona.data.synthetic import generate_silo, partner_mixes
-from fedpersona.model.encoder import EncoderConfig
+from fedpersona.config.settings import ModelSettings
 from fedpersona.model.evaluation import embed_all
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import TrainingSettings
 
 ROWS, PARTNERS_PER_KIND, ROUNDS = 2000, 3, 5
 TRAINING = TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")
-MODEL = EncoderConfig(token_dim=32, embed_dim=32, hidden=64, blocks=2, mask_rate=0.3)
+MODEL = ModelSettings(token_dim=32, embed_dim=32, hidden=64, blocks=2, mask_rate=0.3)
 VARIANTS = {
     "bounds only": {"typical": False, "label_weight": 1.0, "train": True},
     "typical ranges": {"typical": True, "label_weight": 1.0, "train": True},

@@ -35,10 +35,15 @@ from benchmarks.workload import standardised_columns
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import KINDS
 from fedpersona.data.synthetic import ARCHETYPES, TRAIT_NOISE, generate_silo
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all
-from fedpersona.model.training import TrainingSettings, train_locally
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.model.training import train_locally
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.planner import plan_noise
+from fedpersona.config.settings import sample_rate_for
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 K = len(ARCHETYPES)
@@ -51,7 +56,7 @@ def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
 
 def _encoder_ari(features: FeatureTensors, truth: np.ndarray, *, epsilon: float, label_weight: float) -> float:
     torch.manual_seed(0)
-    model = PersonaEncoder(features.layout, replace(EncoderConfig(), label_weight=label_weight))
+    model = PersonaEncoder(features.layout, replace(ModelSettings(), label_weight=label_weight))
     privacy = PrivacySettings(target_epsilon=epsilon, delta=1e-5, accountant="prv")
     rows = len(features)
     sigma = None

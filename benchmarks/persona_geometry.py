@@ -39,9 +39,9 @@ from sklearn.model_selection import cross_val_score
 from benchmarks.persona_ablation import MODEL, PARTNERS_PER_KIND, ROUNDS, TRAINING, pooled_ari, scenario_partners
 from benchmarks.workload import federate
 from fedpersona.data.synthetic import ARCHETYPES
-from fedpersona.model.encoder import EncoderConfig
+from fedpersona.config.settings import ModelSettings
 from fedpersona.model.evaluation import embed_all
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import TrainingSettings
 
 COLUMNS = ("K=8", "kind-centred", "kind-standardised", "PCA 8", "GMM per kind", "probe accuracy")
 
@@ -94,14 +94,14 @@ def scores(embeddings: list[np.ndarray], truths: list[np.ndarray], kinds: list[s
 
 
 def _override(
-    model: EncoderConfig, training: TrainingSettings, assignments: list[str]
-) -> tuple[EncoderConfig, TrainingSettings]:
+    model: ModelSettings, training: TrainingSettings, assignments: list[str]
+) -> tuple[ModelSettings, TrainingSettings]:
     """Apply ``model.KEY=VALUE`` / ``training.KEY=VALUE`` to the defaults (typed like the field)."""
     for item in assignments:
         key, sep, text = item.partition("=")
         section, _, name = key.partition(".")
         known = {
-            "model": {f.name for f in fields(EncoderConfig)},
+            "model": {f.name for f in fields(ModelSettings)},
             "training": {f.name for f in fields(TrainingSettings)},
         }
         if not sep or name not in known.get(section, set()):

@@ -34,8 +34,12 @@ from benchmarks.workload import fresh_encoder, median
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
 from fedpersona.model.evaluation import evaluate
-from fedpersona.model.training import TrainingSettings, train_locally
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.model.training import train_locally
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.planner import plan_noise
+from fedpersona.config.settings import sample_rate_for
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 

@@ -30,11 +30,13 @@ from benchmarks.workload import standardised_columns
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import load_schema
 from fedpersona.data.tables import Table, load_table
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all
-from fedpersona.model.training import TrainingSettings, train_locally
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.model.training import train_locally
 from fedpersona.personas.cards import persona_cards
-from fedpersona.privacy.accounting import PrivacySettings
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def primary_table(schema_file: str, data_file: str) -> Table:
 def encoder_personas(features: FeatureTensors, *, seed: int = 0, label_weight: float = 1.0) -> np.ndarray:
     """k-means personas on the embeddings of a short non-private training of a small encoder."""
     torch.manual_seed(seed)
-    config = EncoderConfig(token_dim=16, embed_dim=16, hidden=32, blocks=1, label_weight=label_weight)
+    config = ModelSettings(token_dim=16, embed_dim=16, hidden=32, blocks=1, label_weight=label_weight)
     model = PersonaEncoder(features.layout, config)
     settings = TrainingSettings(local_epochs=1, batch_size=128, lr=0.01, device="cpu")
     public = PrivacySettings(target_epsilon=math.inf)

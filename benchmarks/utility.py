@@ -43,9 +43,10 @@ from benchmarks.workload import federate
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import load_schema
 from fedpersona.data.tables import load_table
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import TrainingSettings
 from fedpersona.simulation import _label_skew_split
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ PARTNERS, SMALL_ROWS, ALPHA, DELTA = 3, 400, 1.0, 1e-5
 QUICK_TRAIN_ROWS = 4_000  # --quick: a stratified subsample of the 80% train rows (test rows unchanged)
 FULL_TRAIN_ROWS: int | None = None  # full mode: all train rows (set a number to cap them as in --quick)
 QUICK_ROUNDS = FULL_ROUNDS = 5  # the same training in both modes; --quick has fewer rows
-MODEL = EncoderConfig()  # the default encoder (a smaller one was tried: see the notes)
+MODEL = ModelSettings()  # the default encoder (a smaller one was tried: see the notes)
 TRAINING = TrainingSettings(local_epochs=3, batch_size=128, lr=0.003, grad_sample_mode="ghost", device="cpu")
 SCORES = ("probe", "head")  # logistic probe on embeddings (primary), DP-trained label head
 

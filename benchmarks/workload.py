@@ -19,9 +19,14 @@ from sklearn.preprocessing import StandardScaler
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
-from fedpersona.model.training import TrainingSettings, train_locally
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, plan_noise, sample_rate_for
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder, parameter_scope
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.model.training import train_locally
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.planner import plan_noise
+from fedpersona.config.settings import sample_rate_for
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 #: Modes compared by the DP speed benchmarks: a non-private epoch and Opacus' two modes.
@@ -36,7 +41,7 @@ def synthetic_features(kind: str, rows: int, *, seed: int = 0) -> FeatureTensors
 def fresh_encoder(data: FeatureTensors, *, seed: int = 0, device: str = "cpu") -> PersonaEncoder:
     """The default encoder for ``data``'s layout, initialised from ``seed``."""
     torch.manual_seed(seed)
-    return PersonaEncoder(data.layout, EncoderConfig()).to(device)
+    return PersonaEncoder(data.layout, ModelSettings()).to(device)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ def federate(
     parts: list[FeatureTensors],
     *,
     slots: list[str],
-    model: EncoderConfig,
+    model: ModelSettings,
     training: TrainingSettings,
     epsilon: float,
     rounds: int,

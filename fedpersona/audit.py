@@ -76,7 +76,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -89,15 +89,17 @@ from scipy import stats
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from fedpersona.config.legacy import Scenario
+from fedpersona.config.settings import PrivacySettings, Scenario, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureLayout, FeatureTensors, featurize
 from fedpersona.data.schema import Schema, parse_schema
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.model.training import TrainingSettings, train_locally
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise, sample_rate_for
+from fedpersona.model.training import train_locally
+from fedpersona.privacy.accounting import compute_epsilon
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.planner import plan_noise
 from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
@@ -404,7 +406,7 @@ def run_audit(
             return run_audit(scenario=scenario, settings=settings, rng=rng, workdir=tmp)
     started = time.perf_counter()
     m, rounds, claim = settings.canaries, scenario.federation.rounds, scenario.privacy
-    training = replace(scenario.training, batch_size=settings.batch_size, device="cpu")
+    training = scenario.training.replace(batch_size=settings.batch_size, device="cpu")
     schema = audit_schema(m)
 
     # Coins, canary labels, tables and seeds are drawn first, in a fixed order.
@@ -493,11 +495,11 @@ def _plan(
         target_epsilon=claim.target_epsilon, delta=claim.delta, sample_rate=q, steps=steps, accountant=claim.accountant
     )
     if scale == 0:
-        return _Plan(q, steps, sigma, None, replace(claim, target_epsilon=math.inf))
+        return _Plan(q, steps, sigma, None, claim.replace(target_epsilon=math.inf))
     used = sigma * scale
     spent = compute_epsilon([(used, q, steps)], delta=claim.delta, accountant=claim.accountant)
     budget = max(claim.target_epsilon, spent * (1 + 1e-6))
-    return _Plan(q, steps, sigma, used, replace(claim, target_epsilon=budget))
+    return _Plan(q, steps, sigma, used, claim.replace(target_epsilon=budget))
 
 
 def _federate(

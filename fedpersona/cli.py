@@ -238,7 +238,7 @@ def infer(
     import torch
     from rich.progress import Progress
 
-    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.config.files import load_partner_config
     from fedpersona.federation.partner import partner_schema
     from fedpersona.model.artifacts import verify_model
     from fedpersona.model.inference import infer_file
@@ -346,7 +346,7 @@ def audit(
     import numpy as np
 
     from fedpersona.audit import AuditSettings, check_out_dir, run_audit, write_audit
-    from fedpersona.config.legacy import load_scenario
+    from fedpersona.config.files import load_scenario
     from fedpersona.simulation import default_scenario_path
 
     # Numbers are parsed here so that a typo exits 2 with one line, like every other user error.
@@ -517,7 +517,7 @@ def _report(message: str) -> None:
 
 
 def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Path, Path]:
-    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.config.files import load_partner_config
 
     cfg = load_partner_config(config)
     folder = config.resolve().parent / "credentials"
@@ -596,7 +596,7 @@ def partner_start(
 @partner_app.command("models")
 def partner_models(config: Path = typer.Option(..., help="clients/<kind>/client.toml.")) -> None:
     """The federation model installed at this partner, and the ones it replaced."""
-    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.config.files import load_partner_config
     from fedpersona.model.artifacts import model_versions
 
     cfg = load_partner_config(config)
@@ -625,7 +625,7 @@ def partner_rollback(
     """Reinstall a model the installed one replaced (after it is verified again)."""
     from cryptography.hazmat.primitives import serialization
 
-    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.config.files import load_partner_config
     from fedpersona.model.artifacts import rollback_model
 
     cfg = load_partner_config(config)

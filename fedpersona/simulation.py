@@ -14,13 +14,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedpersona.config.legacy import Scenario, SiloGroup, dump_toml, load_scenario
+from fedpersona.config.files import dump_toml, load_scenario
+from fedpersona.config.settings import Scenario, SiloGroup
 from fedpersona.data.schema import load_schema
 from fedpersona.errors import ConfigError
 
@@ -148,8 +149,9 @@ def _split_file(
     validate_frame: Callable[..., Any],
     test_fraction: float,
 ) -> list[tuple[str, dict[str, Any]]]:
-    assert group.schema is not None
-    schema = load_schema(group.schema)
+    if group.schema_path is None:
+        raise ConfigError(f"silo '{group.name}': a file source needs a schema")
+    schema = load_schema(group.schema_path)
     frame = read_frame(schema, group.source)
     table = validate_frame(schema, frame, source=group.source)  # fail early, before any run
     n = len(table)
@@ -180,7 +182,7 @@ def _split_file(
         part.to_parquet(folder / "data.parquet", index=False)
         declared = max(2, round(len(rows) * (1.0 - test_fraction)))  # the driver owns the split: its declaration
         out.append(
-            (name, {"path": "data.parquet", "schema": str(Path(group.schema).resolve()), "public_rows": declared})
+            (name, {"path": "data.parquet", "schema": str(Path(group.schema_path).resolve()), "public_rows": declared})
         )
     return out
 
@@ -207,7 +209,7 @@ def simulate(
     path = Path(scenario_path) if scenario_path else default_scenario_path()
     scenario = load_scenario(path, rounds=rounds, epsilon=epsilon)
     if reproducible_noise is not None:
-        scenario = replace(scenario, simulation=replace(scenario.simulation, reproducible_noise=reproducible_noise))
+        scenario = scenario.replace(simulation=scenario.simulation.replace(reproducible_noise=reproducible_noise))
     run_dir = prepare_run_dir(out).resolve()
     started = time.monotonic()
     try:

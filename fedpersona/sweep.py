@@ -109,7 +109,7 @@ def run_sweep(
     ``callbacks`` (``on_round``, ``on_start``) are passed to every
     :func:`fedpersona.simulation.simulate`; ``on_run`` is told each budget before its run.
     """
-    from fedpersona.config.legacy import load_scenario
+    from fedpersona.config.files import load_scenario
     from fedpersona.simulation import default_scenario_path, prepare_run_dir, simulate
 
     if not epsilons:

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpersona.config.legacy import PartnerConfig
+from fedpersona.config.settings import PartnerConfig
 from fedpersona.federation.partner import PartnerData, load_partner_data
-from fedpersona.model.encoder import EncoderConfig
-from fedpersona.privacy.accounting import PrivacySettings
+from fedpersona.config.settings import ModelSettings
+from fedpersona.config.settings import PrivacySettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -47,5 +47,5 @@ def small_data(tmp_path: Path, kind: str) -> PartnerData:
 
 
 @pytest.fixture
-def model_cfg() -> EncoderConfig:
-    return EncoderConfig(token_dim=16, embed_dim=8, hidden=16, blocks=1)
+def model_cfg() -> ModelSettings:
+    return ModelSettings(token_dim=16, embed_dim=8, hidden=16, blocks=1)

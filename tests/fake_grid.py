@@ -18,12 +18,12 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedpersona.federation.messages import decode_arrays, encode_arrays
-from fedpersona.model.encoder import EncoderConfig
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import ModelSettings
+from fedpersona.config.settings import TrainingSettings
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 
-MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
+MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
 
 

@@ -28,7 +28,8 @@ from dp_accounting import dp_event, pld
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpersona.privacy.accounting import compute_epsilon, plan_noise
+from fedpersona.privacy.accounting import compute_epsilon
+from fedpersona.privacy.planner import plan_noise
 
 DELTA = 1e-5
 SAMPLE_RATES = (0.01, 256 / 60000)

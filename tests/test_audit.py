@@ -28,7 +28,7 @@ from fedpersona.audit import (
     run_audit,
 )
 from fedpersona.cli import main
-from fedpersona.config.legacy import load_scenario
+from fedpersona.config.files import load_scenario
 from fedpersona.data.features import featurize
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError

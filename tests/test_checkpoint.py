@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpersona.config.legacy import FederationSettings
+from fedpersona.config.settings import FederationSettings
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.federation.checkpoint import (
     CHECKPOINT,
@@ -236,7 +236,7 @@ def test_resuming_a_finished_run_only_delivers_the_model_again(tmp_path: Path) -
 
 
 def test_server_start_resume_with_a_damaged_checkpoint_exits_2_without_a_traceback(tmp_path: Path) -> None:
-    from fedpersona.config.legacy import dump_toml
+    from fedpersona.config.files import dump_toml
     from fedpersona.deploy.certs import init_federation, partner_keys
 
     creds = init_federation(out=tmp_path / "credentials", hosts=["localhost"])

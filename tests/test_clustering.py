@@ -12,8 +12,8 @@ from sklearn.metrics import adjusted_rand_score
 
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded
 from fedpersona.personas.clustering import (
-    KMEANS_MECHANISM,
     ClusterStats,
+    KMEANS_MECHANISM,
     charge_kmeans_round,
     choose_k,
     cosine_dispersion,
@@ -21,11 +21,12 @@ from fedpersona.personas.clustering import (
     init_prototypes,
     local_cluster_stats,
     nearest_prototype,
-    plan_with_reserve,
-    reserve_share,
     update_prototypes,
 )
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, compute_epsilon
+from fedpersona.privacy.planner import plan_with_reserve, reserve_share
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.accounting import compute_epsilon
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 DELTA = 1e-5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.config.legacy import load_partner_config, load_scenario
+from fedpersona.config.files import load_partner_config, load_scenario
 from fedpersona.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

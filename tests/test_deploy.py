@@ -12,17 +12,17 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpersona.config.legacy import dump_toml
+from fedpersona.config.files import dump_toml
 from fedpersona.deploy.certs import init_federation, partner_keys
 from fedpersona.deploy.coordinator import (
     check_partner,
-    load_federation_config,
     load_node_public_key,
     stage_app,
     start_server,
     superlink_command,
     supernode_command,
 )
+from fedpersona.config.files import load_federation_config
 from fedpersona.errors import ConfigError, SchemaError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from fedpersona.config.legacy import dump_toml
+from fedpersona.config.files import dump_toml
 from fedpersona.deploy.certs import init_federation, partner_keys
 from fedpersona.deploy.processes import alive, descendants
 

@@ -11,23 +11,23 @@ from opacus.validators import ModuleValidator
 
 from fedpersona.federation.partner import PartnerData, build_model
 from fedpersona.model.encoder import (
-    SCOPES,
-    EncoderConfig,
     PersonaEncoder,
+    SCOPES,
     ScalarStats,
     _at_least_one,
     parameter_scope,
     random_keep,
     token_presence,
 )
+from fedpersona.config.settings import ModelSettings
 
 
-def test_model_passes_opacus_validator(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
+def test_model_passes_opacus_validator(small_data: PartnerData, model_cfg: ModelSettings) -> None:
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
     ModuleValidator.validate(model, strict=True)  # raises on any unsupported layer
 
 
-def test_every_parameter_has_a_declared_scope(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
+def test_every_parameter_has_a_declared_scope(small_data: PartnerData, model_cfg: ModelSettings) -> None:
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
     scopes = {parameter_scope(name) for name in model.state_dict()}
     assert scopes == {"global", "kind", "local"}
@@ -36,7 +36,7 @@ def test_every_parameter_has_a_declared_scope(small_data: PartnerData, model_cfg
         parameter_scope("mystery.weight")
 
 
-def test_per_sample_gradients_equal_one_sample_at_a_time(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
+def test_per_sample_gradients_equal_one_sample_at_a_time(small_data: PartnerData, model_cfg: ModelSettings) -> None:
     torch.manual_seed(0)
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu")).double()
     index = torch.arange(6)
@@ -59,7 +59,7 @@ def test_per_sample_gradients_equal_one_sample_at_a_time(small_data: PartnerData
     assert len(per_sample) == len(list(model.parameters()))
 
 
-def test_embedding_is_unit_norm_and_handles_missing_tokens(small_data: PartnerData, model_cfg: EncoderConfig) -> None:
+def test_embedding_is_unit_norm_and_handles_missing_tokens(small_data: PartnerData, model_cfg: ModelSettings) -> None:
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
     batch = small_data.test.batch(torch.arange(10))
     for key in list(batch):
@@ -72,9 +72,9 @@ def test_embedding_is_unit_norm_and_handles_missing_tokens(small_data: PartnerDa
 
 def test_config_validates_its_range() -> None:
     with pytest.raises(ValueError, match="mask_rate must be in"):
-        EncoderConfig(mask_rate=1.5)
+        ModelSettings(mask_rate=1.5)
     with pytest.raises(ValueError, match="label_weight"):
-        EncoderConfig(label_weight=-1.0)
+        ModelSettings(label_weight=-1.0)
 
 
 def test_scalar_stats_learn_each_feature_mean_and_variance() -> None:
@@ -101,7 +101,7 @@ def test_scalar_stats_learn_each_feature_mean_and_variance() -> None:
 
 
 def test_reconstruction_error_is_standardised_by_the_learned_variance(
-    small_data: PartnerData, model_cfg: EncoderConfig
+    small_data: PartnerData, model_cfg: ModelSettings
 ) -> None:
     """Halving a feature's learned variance doubles its share of the reconstruction loss."""
     model = build_model(small_data, model_cfg, seed=0, device=torch.device("cpu"))
@@ -150,7 +150,7 @@ def test_adapter_feeds_numbers_centred_and_scaled_by_their_typical_range() -> No
     )
     data = featurize(validate_frame(schema, frame, source="t.csv"))
     torch.manual_seed(0)
-    model = PersonaEncoder(data.layout, EncoderConfig(token_dim=4, embed_dim=4, hidden=4, blocks=0))
+    model = PersonaEncoder(data.layout, ModelSettings(token_dim=4, embed_dim=4, hidden=4, blocks=0))
     adapter = model.adapter
     batch = data.batch(torch.arange(3))
     tokens, _ = adapter(batch)
@@ -169,7 +169,7 @@ def test_adapter_feeds_numbers_centred_and_scaled_by_their_typical_range() -> No
 
 
 def test_label_weight_scales_the_label_gradient_into_the_encoder_not_into_the_head(
-    small_data: PartnerData, model_cfg: EncoderConfig
+    small_data: PartnerData, model_cfg: ModelSettings
 ) -> None:
     """The label term's gradient (loss with labels minus loss without) reaches the encoder
     times label_weight (none at 0, half at 0.5) while the head's gradient stays the same."""

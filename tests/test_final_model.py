@@ -17,12 +17,13 @@ from flwr.app.message.message import make_message
 from typer.testing import CliRunner
 
 from fedpersona.cli import app as cli
-from fedpersona.config.legacy import dump_toml
+from fedpersona.config.files import dump_toml
 from fedpersona.data.features import layout_of
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model, verify_model
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.personas.clustering import init_prototypes
 from fedpersona.privacy.manifest import ERROR_CODES
 
@@ -35,7 +36,7 @@ def _publish(
     """A signed global model as the server publishes it, for the synthetic e-commerce schema."""
     schema = synthetic_schema("ecommerce")
     torch.manual_seed(0)
-    model = PersonaEncoder(layout_of(schema), EncoderConfig(**MODEL))
+    model = PersonaEncoder(layout_of(schema), ModelSettings(**MODEL))
     slot = f"{schema.kind}:{schema.fingerprint()}"
     arrays = {}
     for name, value in model.state_dict().items():
@@ -163,10 +164,11 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
     release with fresh noise). Rounds the checkpoint holds are never sent again."""
     from fedpersona.federation.messages import encode_arrays, encode_settings
     from fedpersona.model.encoder import PersonaTrunk
-    from fedpersona.model.training import TrainingSettings
-    from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
+    from fedpersona.config.settings import TrainingSettings
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.config.settings import PrivacySettings
 
-    model_cfg = EncoderConfig(**MODEL)
+    model_cfg = ModelSettings(**MODEL)
     client = _client(tmp_path)
     torch.manual_seed(0)
     trunk = {f"trunk.{k}": v.numpy() for k, v in PersonaTrunk(model_cfg).state_dict().items()}

@@ -15,7 +15,8 @@ from fedpersona.data.schema import Schema
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.inference import assign_personas, infer_file, load_encoder
 from fedpersona.personas.clustering import init_prototypes
 
@@ -28,7 +29,7 @@ class Published:
 
     def __init__(self, schema: Schema) -> None:
         torch.manual_seed(0)
-        model = PersonaEncoder(layout_of(schema), EncoderConfig(**MODEL))
+        model = PersonaEncoder(layout_of(schema), ModelSettings(**MODEL))
         slot = f"{schema.kind}:{schema.fingerprint()}"
         self.arrays: dict[str, np.ndarray] = {}
         for name, value in model.state_dict().items():

@@ -37,7 +37,8 @@ from pathlib import Path
 import pytest
 
 from fedpersona.errors import PrivacyBudgetExceeded, PrivacyLedgerError
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.config.settings import PrivacySettings
 
 KILL_POINTS = 100  # random kill points
 MAX_AFTER = 3  # the worker is killed after 0..3 charges have been sent ...
@@ -54,7 +55,8 @@ ZYGOTE = textwrap.dedent(
     """
     import json, os, random, select, signal, sys, time, traceback
 
-    from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.config.settings import PrivacySettings
 
     SETTINGS = PrivacySettings(target_epsilon=1e9, delta=1e-5, accountant="rdp")
 

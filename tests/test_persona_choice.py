@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedpersona.config.legacy import FederationSettings
+from fedpersona.config.settings import FederationSettings
 from fedpersona.errors import ConfigError
 from fedpersona.federation.checkpoint import load_checkpoint
 from fedpersona.federation.server_app import ServerSettings, run_federation

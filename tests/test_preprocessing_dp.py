@@ -37,7 +37,7 @@ from flwr.app.message.message import make_message
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedpersona.config.legacy import dump_toml, load_partner_config
+from fedpersona.config.files import dump_toml, load_partner_config
 from fedpersona.data.features import FeatureTensors, featurize, layout_of
 from fedpersona.data.schema import (
     BooleanFeature,
@@ -53,9 +53,10 @@ from fedpersona.errors import ConfigError
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import encode_settings
 from fedpersona.federation.partner import PartnerData, build_model
-from fedpersona.model.encoder import EncoderConfig, random_keep, token_presence
-from fedpersona.model.training import TrainingSettings
-from fedpersona.privacy.accounting import PrivacySettings
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import random_keep, token_presence
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.manifest import MANIFEST
 
 ROWS = 200
@@ -63,7 +64,7 @@ ROW = 7  # the row that changes
 HUGE = "1e30"
 UNSEEN = "zz-never-seen-category-ω"
 LONG_TEXT = " ".join(f"word{i}" for i in range(5000))
-MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
+MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
 # The query items derived from a row count: they come from the declared public_rows, so they
 # must not move when a row is added (sample rate = 1 / ceil(public_rows / batch), steps, sigma).

@@ -13,9 +13,13 @@ from dp_accounting import dp_event, pld
 
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.federation.partner import build_model, load_partner_data, load_plan
-from fedpersona.model.encoder import EncoderConfig
-from fedpersona.model.training import TrainingSettings, train_locally
-from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings, compute_epsilon, plan_noise
+from fedpersona.config.settings import ModelSettings
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.model.training import train_locally
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.accounting import compute_epsilon
+from fedpersona.privacy.planner import plan_noise
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 from .conftest import partner_config
@@ -100,7 +104,7 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
     plan = load_plan(cfg, data, training, rounds=3)
     model = build_model(
         data,
-        EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1),
+        ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1),
         seed=0,
         device=torch.device("cpu"),
     )
@@ -162,7 +166,7 @@ def test_an_empty_poisson_batch_still_takes_its_noisy_step(
     training_settings = TrainingSettings(batch_size=32, local_epochs=1, grad_sample_mode=mode)
     plan = load_plan(cfg, data, training_settings, rounds=2)
     model = build_model(
-        data, EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu")
+        data, ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu")
     )
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
     monkeypatch.setattr(SecretRandomness, "poisson_sample", sample)

@@ -8,7 +8,7 @@ def test_exported_members() -> None:
         [
             "ConfigError",
             "DataError",
-            "EncoderConfig",
+            "ModelSettings",
             "FedPersonaError",
             "PersonaEncoder",
             "PrivacyBudgetExceeded",

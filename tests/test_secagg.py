@@ -17,7 +17,8 @@ from flwr.app import Context, Message, RecordDict
 
 import fedpersona.federation.client_app as client_app
 import fedpersona.federation.secagg as secagg
-from fedpersona.config.legacy import FederationSettings, dump_toml
+from fedpersona.config.settings import FederationSettings
+from fedpersona.config.files import dump_toml
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import ScopedAggregator
 from fedpersona.federation.client_app import build_client_app
@@ -37,8 +38,8 @@ from fedpersona.federation.secagg import (
     start_round,
 )
 from fedpersona.federation.server_app import NothingTrained, ServerSettings, run_federation
-from fedpersona.model.encoder import EncoderConfig
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import ModelSettings
+from fedpersona.config.settings import TrainingSettings
 from fedpersona.privacy.manifest import ReleaseError, check_outgoing, parse_error_reason
 
 PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
@@ -338,7 +339,7 @@ def test_settings_are_validated() -> None:
 
 # --------------------------------------------------------------------------- ClientApp level
 
-MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
+MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
 
 

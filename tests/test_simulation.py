@@ -131,7 +131,7 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "shop-2" in html
     # local inference from the saved model reproduces the run's persona assignments exactly
-    from fedpersona.config.legacy import load_partner_config
+    from fedpersona.config.files import load_partner_config
     from fedpersona.data.synthetic import generate_silo
 
     shop = load_partner_config(out / "partners" / "shop-1" / "client.toml")

@@ -38,14 +38,20 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedpersona.config.legacy import FederationSettings, PartnerConfig, _section, load_partner_config, read_toml
+from fedpersona.config.files import load_federation_config, load_partner_config, load_plan
+from fedpersona.config.settings import (
+    FederationConfig,
+    FederationSettings,
+    PartnerConfig,
+    TrainingSettings,
+)
 from fedpersona.deploy.processes import (
     ProcessSupervisor,
     Stopped,
@@ -57,16 +63,10 @@ from fedpersona.deploy.processes import (
     wait_port,
 )
 from fedpersona.errors import ConfigError, FedPersonaError
-from fedpersona.model.encoder import EncoderConfig
-from fedpersona.model.training import TrainingSettings
 
 __all__ = [
-    "FederationConfig",
     "PartnerCheck",
-    "PartnerEntry",
-    "ServerNetwork",
     "check_partner",
-    "load_federation_config",
     "load_node_public_key",
     "server_settings",
     "stage_app",
@@ -83,122 +83,6 @@ Report = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- federation.toml
-
-
-@dataclass(frozen=True)
-class ServerNetwork:
-    """``[server]``: where the SuperLink listens and where the coordinator keeps its files."""
-
-    host: str = "0.0.0.0"
-    port: int = 9093
-    run_dir: str = "../runs/federation"
-    credentials: str = "credentials"
-    app: str = ".."
-    expected_partners: int | None = None
-    wait_timeout: float = 600.0
-    ready_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        for key in ("host", "run_dir", "credentials", "app"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"server.{key} must be a non-empty string, got {value!r}")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise ConfigError(f"server.port must be an integer in 1..65535, got {self.port!r}")
-        if self.expected_partners is not None and (
-            not isinstance(self.expected_partners, int) or self.expected_partners < 1
-        ):
-            raise ConfigError(f"server.expected_partners must be an integer >= 1, got {self.expected_partners!r}")
-        for key in ("wait_timeout", "ready_timeout"):
-            value = getattr(self, key)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ConfigError(f"server.{key} must be a number of seconds > 0, got {value!r}")
-
-
-@dataclass(frozen=True)
-class PartnerEntry:
-    """One ``[[partners]]`` entry: a partner allowed to join, by its node public key."""
-
-    name: str
-    public_key: str
-    kind: str | None = None
-
-    def __post_init__(self) -> None:
-        for key in ("name", "public_key"):
-            value = getattr(self, key)
-            if not isinstance(value, str) or not value.strip():
-                raise ConfigError(f"partners.{key} must be a non-empty string, got {value!r}")
-        if self.kind is not None and not isinstance(self.kind, str):
-            raise ConfigError(f"partners.kind must be a string, got {self.kind!r}")
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    """A coordinator's ``server/federation.toml``, paths resolved against the file's folder."""
-
-    federation: FederationSettings
-    model: EncoderConfig
-    training: TrainingSettings
-    server: ServerNetwork
-    partners: tuple[PartnerEntry, ...]
-    source: str
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.server.run_dir)
-
-    @property
-    def credentials(self) -> Path:
-        return Path(self.server.credentials)
-
-
-_FEDERATION_SECTIONS = ("federation", "model", "training", "server", "partners")
-
-
-def load_federation_config(path: str | Path) -> FederationConfig:
-    """Read ``federation.toml``; unknown sections and keys are rejected with the valid ones."""
-    path = Path(path).resolve()
-    doc = read_toml(path)
-    source = str(path)
-    unknown = sorted(set(doc) - set(_FEDERATION_SECTIONS))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown section(s) {', '.join(unknown)}; valid: {', '.join(_FEDERATION_SECTIONS)}"
-        )
-    server = _section(ServerNetwork, doc.get("server"), "server", source)
-    base = path.parent
-    server = ServerNetwork(
-        **{
-            **{f.name: getattr(server, f.name) for f in fields(server)},
-            "run_dir": str((base / server.run_dir).resolve()),
-            "credentials": str((base / server.credentials).resolve()),
-            "app": str((base / server.app).resolve()),
-        }
-    )
-    raw_partners = doc.get("partners", [])
-    if not isinstance(raw_partners, list):
-        raise ConfigError(f"{source}: partners must be a list of [[partners]] tables")
-    partners = []
-    for i, raw in enumerate(raw_partners, start=1):
-        entry = _section(PartnerEntry, raw, f"partners #{i}", source)
-        partners.append(PartnerEntry(entry.name, str((base / entry.public_key).resolve()), entry.kind))
-    names = [p.name for p in partners]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{source}: partner names must be unique, got {names}")
-    federation = _section(FederationSettings, doc.get("federation"), "federation", source)
-    want = server.expected_partners or federation.min_partners
-    if partners and want > len(partners):
-        raise ConfigError(
-            f"{source}: the run waits for {want} partner(s) but only {len(partners)} [[partners]] are listed"
-        )
-    return FederationConfig(
-        federation=federation,
-        model=_section(EncoderConfig, doc.get("model"), "model", source),
-        training=_section(TrainingSettings, doc.get("training"), "training", source),
-        server=server,
-        partners=tuple(partners),
-        source=source,
-    )
 
 
 def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume: bool = False) -> Any:
@@ -582,7 +466,7 @@ def check_partner(
     0 = none), whose reserve the noise is planned around; the last epsilon is after clustering.
     """
     from fedpersona.federation.partner import load_partner_data, public_rows_of
-    from fedpersona.privacy.planner import plan_rows
+    from fedpersona.privacy.planner import epsilon_schedule, make_plan
 
     cfg = load_partner_config(config)
     problems: list[str] = []
@@ -610,23 +494,23 @@ def check_partner(
     data = load_partner_data(cfg)  # schema validation: raises SchemaError listing every problem
     declared = public_rows_of(cfg, data)  # a private partner with a table must declare public_rows
     training = training or TrainingSettings()
-    plan_path = state / "plan.json"
-    if plan_path.exists():  # the plan is fixed at the first round and never re-made
-        plan = json.loads(plan_path.read_text())
-        planned: int | None = int(plan["planned_rounds"])
-        sigma, source = plan["noise_multiplier"], f"fixed in {plan_path}"
-        eps: list[float] = []
+    fixed = load_plan(state)  # the plan is fixed at the first round and never re-made
+    planned: int | None
+    if fixed is not None:
+        planned, sigma, source = fixed.planned_rounds, fixed.noise_multiplier, f"fixed in {state / 'plan.json'}"
+        eps: list[float] = epsilon_schedule(fixed)
     else:
         planned = cfg.privacy.planned_rounds or rounds
         source = "planned now (fixed at the first round)"
         sigma, eps = None, []
         if planned is not None:
             fed = FederationSettings()  # the coordinator's defaults unless told otherwise
-            sigma, _, _, eps = plan_rows(
-                rows=declared, privacy=cfg.privacy, training=training, rounds=planned,
-                kmeans_rounds=fed.kmeans_releases if kmeans_rounds is None else kmeans_rounds,
-                kmeans_noise=fed.kmeans_noise,
+            releases = fed.kmeans_releases if kmeans_rounds is None else kmeans_rounds
+            plan = make_plan(
+                privacy=cfg.privacy, training=training, public_rows=declared, rounds=planned,
+                kmeans_rounds=releases, kmeans_noise=fed.kmeans_noise if releases else None,
             )  # fmt: skip
+            sigma, eps = plan.noise_multiplier, epsilon_schedule(plan)
     return PartnerCheck(
         config=cfg,
         rows=len(data.table),

@@ -35,14 +35,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpersona.config.legacy import PartnerConfig, load_partner_config
-from fedpersona.errors import (
-    ConfigError,
-    FedPersonaError,
-    PolicyRefusal,
-    PrivacyBudgetExceeded,
-    PrivacyLedgerError,
-)
+from fedpersona.config.files import load_partner_config
+from fedpersona.config.settings import PartnerConfig
+from fedpersona.errors import ConfigError, FedPersonaError, PolicyRefusal, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.federation.messages import arrays_of, config_of, decode_settings, encode_arrays
 from fedpersona.federation.partner import (
     RoundOutcome,
@@ -74,7 +69,7 @@ from fedpersona.federation.secagg import (
 )
 from fedpersona.model.training import pick_device
 from fedpersona.personas.clustering import ClusterStats
-from fedpersona.privacy.accounting import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.manifest import ERROR_CODES, audit_entry, check_outgoing, error_reason, write_audit
 
 __all__ = ["app", "build_client_app"]

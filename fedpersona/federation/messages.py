@@ -8,14 +8,12 @@ numbers) in each message's ``config`` record, flattened as ``model.<key>`` and
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
-from fedpersona.model.encoder import EncoderConfig
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 
 __all__ = [
     "arrays_of",
@@ -28,19 +26,19 @@ __all__ = [
 ]
 
 
-def encode_settings(model: EncoderConfig, training: TrainingSettings, **extra: Any) -> ConfigRecord:
+def encode_settings(model: ModelSettings, training: TrainingSettings, **extra: Any) -> ConfigRecord:
     values: dict[str, Any] = {}
     for prefix, obj in (("model", model), ("training", training)):
-        for f in fields(obj):
-            values[f"{prefix}.{f.name}"] = getattr(obj, f.name)
+        for name in type(obj).model_fields:
+            values[f"{prefix}.{name}"] = getattr(obj, name)
     values.update(extra)
     return ConfigRecord(values)
 
 
-def decode_settings(config: ConfigRecord | dict[str, Any]) -> tuple[EncoderConfig, TrainingSettings]:
-    model: dict[str, Any] = {f.name: config[f"model.{f.name}"] for f in fields(EncoderConfig)}
-    training: dict[str, Any] = {f.name: config[f"training.{f.name}"] for f in fields(TrainingSettings)}
-    return EncoderConfig(**model), TrainingSettings(**training)
+def decode_settings(config: ConfigRecord | dict[str, Any]) -> tuple[ModelSettings, TrainingSettings]:
+    model: dict[str, Any] = {name: config[f"model.{name}"] for name in ModelSettings.model_fields}
+    training: dict[str, Any] = {name: config[f"training.{name}"] for name in TrainingSettings.model_fields}
+    return ModelSettings.model_validate(model), TrainingSettings.model_validate(training)
 
 
 def config_of(message: Message) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +26,23 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from fedpersona.config.legacy import PartnerConfig
+from fedpersona.config.files import load_plan as load_plan_file
+from fedpersona.config.files import save_plan
+from fedpersona.config.settings import ModelSettings, PartnerConfig, PrivacyPlan, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import Schema, SequenceFeature, load_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import ConfigError, PrivacyLedgerError
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 from fedpersona.model.evaluation import embed_all, evaluate
-from fedpersona.model.training import LocalResult, TrainingSettings, pick_device, train_locally
-from fedpersona.personas.clustering import (
-    ClusterStats,
-    charge_kmeans_round,
-    local_cluster_stats,
-    nearest_prototype,
-    plan_with_reserve,
-)
-from fedpersona.privacy.accounting import PrivacyLedger, plan_noise, sample_rate_for
+from fedpersona.model.training import LocalResult, pick_device, train_locally
+from fedpersona.personas.clustering import ClusterStats, charge_kmeans_round, local_cluster_stats, nearest_prototype
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.planner import make_plan
 from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
     "PartnerData",
-    "PrivacyPlan",
     "build_model",
     "evaluate_round",
     "load_partner_data",
@@ -69,33 +65,10 @@ class PartnerData:
     table: Table
 
 
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """The noise plan a partner fixed at its first round (public numbers only).
-
-    Every number is a function of the partner's configuration (its budget, its declared
-    ``public_rows``) and the federation's settings, none of the table's content or size.
-    """
-
-    private: bool
-    noise_multiplier: float | None
-    sample_rate: float
-    steps_per_round: int
-    planned_rounds: int
-    target_epsilon: float
-    delta: float
-    accountant: str
-    max_grad_norm: float
-    kmeans_rounds: int = 0
-    kmeans_noise: float | None = None
-    public_rows: int = 0
-    noise_seeded: bool = False
-
-
 def partner_schema(cfg: PartnerConfig) -> Schema:
     """The partner's schema: its own file, or the packaged synthetic one."""
-    if cfg.schema is not None:
-        return load_schema(cfg.schema)
+    if cfg.schema_path is not None:
+        return load_schema(cfg.schema_path)
     from fedpersona.data.synthetic import synthetic_schema
 
     return synthetic_schema(cfg.kind)
@@ -200,7 +173,7 @@ def _seed_for(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
-def build_model(data: PartnerData, model_cfg: EncoderConfig, *, seed: int, device: torch.device) -> PersonaEncoder:
+def build_model(data: PartnerData, model_cfg: ModelSettings, *, seed: int, device: torch.device) -> PersonaEncoder:
     """A fresh encoder whose adapter init depends only on (seed, kind, schema fingerprint).
 
     Partners that share a slot therefore start from identical adapters, and every partner
@@ -249,65 +222,46 @@ def load_plan(
     kmeans_rounds: int = 0,
     kmeans_noise: float | None = None,
 ) -> PrivacyPlan:
-    """The partner's noise plan: read from disk, or made now from its budget and saved.
+    """The partner's plan: fixed in ``state/plan.json`` at its first round, made now otherwise.
 
-    The plan covers ALL planned rounds x local epochs x steps; it is never re-made per round.
-    When the federation clusters personas (``kmeans_rounds`` Gaussian releases of noise
-    ``kmeans_noise``), that reserve is planned in too: DP-SGD gets the noise that keeps the
-    composition of both within the target.
+    The plan comes from the one planner (:func:`fedpersona.privacy.planner.make_plan`) and
+    covers ALL planned rounds x local epochs x steps and the clustering reserve; it is never
+    re-made. ``plan.json`` is then the one source of truth for the partner's budget: when
+    ``client.toml`` (or the federation's training settings) no longer say what the plan
+    fixed, the partner refuses to work and names each key that changed, rather than account
+    with two different budgets.
     """
-    path = Path(cfg.state_dir) / "plan.json"
-    if path.exists():
-        plan = PrivacyPlan(**json.loads(path.read_text()))
-        if plan.private and not (Path(cfg.state_dir) / PrivacyLedger.FILE).exists():
+    state = Path(cfg.state_dir)
+    plan = load_plan_file(state)
+    if plan is not None:
+        if plan.private and not (state / PrivacyLedger.FILE).exists():
             raise PrivacyLedgerError(
-                f"{cfg.state_dir}/{PrivacyLedger.FILE} is missing but {path} holds this partner's plan from "
+                f"{state / PrivacyLedger.FILE} is missing but {state / 'plan.json'} holds this partner's plan from "
                 "earlier rounds: the ledger was deleted; refusing to start a fresh budget (restore the "
                 "ledger from a backup, or remove the whole state folder to start over as a new partner)"
             )
+        drift = plan.drift(privacy=cfg.privacy, public_rows=cfg.declared_rows(), training=training)
+        if drift:
+            raise ConfigError(
+                f"{cfg.source}: the settings differ from the plan fixed at this partner's first round "
+                f"({state / 'plan.json'}): " + "; ".join(drift) + ". Restore them: a partner's budget is planned "
+                "once, for its whole lifetime"
+            )
         return plan
-    # A partner may commit to fewer rounds than the federation runs; it then refuses the rest.
-    rounds = cfg.privacy.planned_rounds or rounds
-    rows = public_rows_of(cfg, data)
-    q = sample_rate_for(rows, training.batch_size)
-    steps = training.steps_per_round(rows)
-    p = cfg.privacy
-    sigma: float | None = None
-    if p.private and kmeans_rounds and kmeans_noise:
-        sigma = plan_with_reserve(
-            target_epsilon=p.target_epsilon, delta=p.delta, sgd_sample_rate=q, sgd_steps=steps * rounds,
-            kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise, accountant=p.accountant,
-        )  # fmt: skip
-    elif p.private:
-        sigma = plan_noise(
-            target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=q,
-            steps=steps * rounds, accountant=p.accountant,
-        )  # fmt: skip
-    if p.private and p.delta >= 1.0 / rows:
+    plan = make_plan(
+        privacy=cfg.privacy, training=training, public_rows=public_rows_of(cfg, data), rounds=rounds,
+        kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise,
+    )  # fmt: skip
+    if plan.private and plan.delta >= 1.0 / plan.public_rows:
         logger.warning(
             "%s: delta %.3g is not below 1/n = %.3g; a guarantee with such a delta is weak",
-            cfg.name, p.delta, 1.0 / rows,
+            cfg.name, plan.delta, 1.0 / plan.public_rows,
         )  # fmt: skip
-    plan = PrivacyPlan(
-        private=p.private,
-        noise_multiplier=sigma,
-        sample_rate=q,
-        steps_per_round=steps,
-        planned_rounds=rounds,
-        target_epsilon=p.target_epsilon,
-        delta=p.delta,
-        accountant=p.accountant,
-        max_grad_norm=p.max_grad_norm,
-        kmeans_rounds=kmeans_rounds,
-        kmeans_noise=kmeans_noise,
-        public_rows=rows,
-        noise_seeded=p.noise_seed is not None,
-    )
     if plan.private:
         # The ledger exists from the moment the plan does (empty until the first charge), so a
         # ledger deleted later is told apart from one never written.
-        _atomic_write(Path(cfg.state_dir) / PrivacyLedger.FILE, b"", replace=False)
-    _atomic_write(path, json.dumps(asdict(plan), indent=2).encode())
+        _atomic_write(state / PrivacyLedger.FILE, b"", replace=False)
+    save_plan(state, plan)
     return plan
 
 
@@ -380,7 +334,7 @@ class RoundOutcome:
 def train_round(
     *,
     cfg: PartnerConfig,
-    model_cfg: EncoderConfig,
+    model_cfg: ModelSettings,
     training: TrainingSettings,
     received: dict[str, np.ndarray],
     server_round: int,
@@ -426,7 +380,7 @@ def train_round(
 def evaluate_round(
     *,
     cfg: PartnerConfig,
-    model_cfg: EncoderConfig,
+    model_cfg: ModelSettings,
     training: TrainingSettings,
     received: dict[str, np.ndarray],
     server_round: int,
@@ -458,7 +412,7 @@ def spent_epsilon(cfg: PartnerConfig) -> float | None:
 
 
 def _global_model(
-    cfg: PartnerConfig, model_cfg: EncoderConfig, training: TrainingSettings, received: dict[str, np.ndarray], seed: int
+    cfg: PartnerConfig, model_cfg: ModelSettings, training: TrainingSettings, received: dict[str, np.ndarray], seed: int
 ) -> tuple[PartnerData, PersonaEncoder]:
     device = pick_device(training.device)
     data = load_partner_data(cfg, device=device)
@@ -471,7 +425,7 @@ def _global_model(
 def cluster_round(
     *,
     cfg: PartnerConfig,
-    model_cfg: EncoderConfig,
+    model_cfg: ModelSettings,
     training: TrainingSettings,
     received: dict[str, np.ndarray],
     prototypes: np.ndarray,
@@ -503,7 +457,7 @@ def cluster_round(
 def persona_round(
     *,
     cfg: PartnerConfig,
-    model_cfg: EncoderConfig,
+    model_cfg: ModelSettings,
     training: TrainingSettings,
     received: dict[str, np.ndarray],
     prototypes: np.ndarray,

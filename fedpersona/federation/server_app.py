@@ -60,7 +60,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpersona.config.legacy import FederationSettings, load_scenario
+from fedpersona.config.files import load_scenario
+from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError, FedPersonaError
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.federation.checkpoint import (
@@ -84,8 +85,7 @@ from fedpersona.federation.secagg import (
     strict_majority,
 )
 from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model
-from fedpersona.model.encoder import EncoderConfig, PersonaTrunk
-from fedpersona.model.training import TrainingSettings
+from fedpersona.model.encoder import PersonaTrunk
 from fedpersona.personas.clustering import ClusterStats, choose_k, init_prototypes, reduce_prototypes, update_prototypes
 from fedpersona.privacy.manifest import REFUSALS, parse_error_reason
 from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
@@ -102,7 +102,7 @@ class ServerSettings:
     """Everything the coordinator needs for one run."""
 
     federation: FederationSettings
-    model: EncoderConfig
+    model: ModelSettings
     training: TrainingSettings
     run_dir: str
     expected_partners: int | None = None
@@ -254,7 +254,7 @@ def _assign_slots(partners: dict[int, _Partner]) -> None:
             )  # fmt: skip
 
 
-def _initial_trunk(model: EncoderConfig, seed: int) -> dict[str, Any]:
+def _initial_trunk(model: ModelSettings, seed: int) -> dict[str, Any]:
     import torch
 
     torch.manual_seed(seed)
@@ -1229,7 +1229,7 @@ def _publish(
         "version": 1,
         "created": time.time(),
         "rounds": rounds,
-        "model": {k: getattr(settings.model, k) for k in settings.model.__dataclass_fields__},
+        "model": settings.model.model_dump(),
         "slots": sorted(aggregator.adapters),
         "prototypes": personas["prototypes"] if personas else None,
         "partners": {
@@ -1278,7 +1278,8 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
     def main(grid: Grid, context: Context) -> None:
         nonlocal settings
         if settings is None and context.run_config.get("federation-config"):  # fedpersona server start
-            from fedpersona.deploy.coordinator import load_federation_config, server_settings
+            from fedpersona.config.files import load_federation_config
+            from fedpersona.deploy.coordinator import server_settings
 
             forward_logs_to_flower()
             federation = load_federation_config(str(context.run_config["federation-config"]))

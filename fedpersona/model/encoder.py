@@ -38,18 +38,17 @@ by it). An auditor sees no extra release and no statistic outside the accountant
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import FeatureLayout
 
 __all__ = [
     "SCOPES",
-    "EncoderConfig",
     "FeatureAdapter",
     "PersonaEncoder",
     "PersonaTrunk",
@@ -76,33 +75,6 @@ def parameter_scope(name: str) -> Scope:
     if prefix not in SCOPES:
         raise KeyError(f"parameter '{name}' belongs to no declared scope ({', '.join(SCOPES)})")
     return SCOPES[prefix]
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    """Model sizes (public; identical at every partner)."""
-
-    token_dim: int = 32
-    embed_dim: int = 32
-    hidden: int = 64
-    blocks: int = 2
-    mask_rate: float = 0.3
-    # How strongly the label loss shapes the embedding: the encoder receives the label
-    # gradient times label_weight. The label head always learns at full weight, so with 0
-    # the label still gets its own head, trained on an embedding it does not pull.
-    label_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        for key in ("token_dim", "embed_dim", "hidden"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 2:
-                raise ValueError(f"model.{key} must be an integer >= 2, got {value!r}")
-        if not isinstance(self.blocks, int) or self.blocks < 0:
-            raise ValueError(f"model.blocks must be an integer >= 0, got {self.blocks!r}")
-        if not 0.0 <= self.mask_rate < 1.0:
-            raise ValueError(f"model.mask_rate must be in [0, 1), got {self.mask_rate!r}")
-        if not isinstance(self.label_weight, int | float) or not 0.0 <= self.label_weight <= 10.0:
-            raise ValueError(f"model.label_weight must be a number in [0, 10], got {self.label_weight!r}")
 
 
 class FeatureAdapter(nn.Module):
@@ -197,7 +169,7 @@ class _Block(nn.Module):
 class PersonaTrunk(nn.Module):
     """Any number of tokens -> unit-norm persona embedding z (scope: global)."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: ModelSettings) -> None:
         super().__init__()
         d = config.token_dim
         self.blocks = nn.ModuleList(_Block(d, config.hidden) for _ in range(config.blocks))
@@ -252,7 +224,7 @@ class ScalarStats(nn.Module):
 class PersonaEncoder(nn.Module):
     """Adapter + trunk + local heads; owns its self-supervised and label losses."""
 
-    def __init__(self, layout: FeatureLayout, config: EncoderConfig) -> None:
+    def __init__(self, layout: FeatureLayout, config: ModelSettings) -> None:
         super().__init__()
         self.layout = layout
         self.config = config

@@ -42,11 +42,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import FeatureTensors, featurize, layout_of
 from fedpersona.data.schema import Schema
 from fedpersona.data.tables import _as_str, _check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -81,7 +82,7 @@ def load_encoder(
 ) -> PersonaEncoder:
     """The partner's encoder from a model artifact (``arrays, card = verify_model(folder)``).
 
-    Builds ``PersonaEncoder(layout_of(schema), EncoderConfig(**card["model"]))`` and loads the
+    Builds ``PersonaEncoder(layout_of(schema), ModelSettings(**card["model"]))`` and loads the
     trunk (keys ``trunk.*``) and the adapter of slot ``f"{schema.kind}:{schema.fingerprint()}"``
     (keys ``<slot>/adapter.*``). A partner whose adapter was never shared (its schema differs
     from its kind's) passes its own as ``local_adapter`` (keys ``adapter.*``). Raises
@@ -91,7 +92,7 @@ def load_encoder(
     if not isinstance(section, Mapping):
         raise ConfigError("the model card has no 'model' section with the encoder sizes")
     try:
-        config = EncoderConfig(**section)
+        config = ModelSettings(**section)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"the model card's 'model' section is not a valid encoder configuration ({exc})") from None
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was

@@ -18,57 +18,17 @@ import torch
 from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedpersona.config.settings import PrivacySettings, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureTensors
 from fedpersona.errors import ConfigError
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
-from fedpersona.privacy.accounting import (
-    PrivacyLedger,
-    PrivacySettings,
-    merge_history,
-    rdp_order_notice_silenced,
-    sample_rate_for,
-)
+from fedpersona.privacy.accounting import merge_history, rdp_order_notice_silenced
+from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
-__all__ = ["GRAD_SAMPLE_MODES", "LocalResult", "TrainingSettings", "pick_device", "train_locally"]
+__all__ = ["LocalResult", "pick_device", "train_locally"]
 
 logger = logging.getLogger(__name__)
-
-GRAD_SAMPLE_MODES = ("ghost", "hooks")
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """Local optimisation settings (the same at every partner of a federation)."""
-
-    local_epochs: int = 2
-    batch_size: int = 64
-    lr: float = 1e-2
-    grad_sample_mode: str = "ghost"
-    fedprox_mu: float = 0.0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.local_epochs, int) or self.local_epochs < 1:
-            raise ConfigError(f"training.local_epochs must be an integer >= 1, got {self.local_epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 16:
-            # Very small expected batches make DP-SGD noise dominate every step.
-            raise ConfigError(f"training.batch_size must be an integer >= 16, got {self.batch_size!r}")
-        if not isinstance(self.lr, int | float) or not self.lr > 0:
-            raise ConfigError(f"training.lr must be > 0, got {self.lr!r}")
-        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
-            raise ConfigError(
-                f"training.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
-                f"got {self.grad_sample_mode!r}"
-            )
-        if not isinstance(self.fedprox_mu, int | float) or self.fedprox_mu < 0:
-            raise ConfigError(f"training.fedprox_mu must be >= 0, got {self.fedprox_mu!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"training.device must be auto, cpu or cuda, got {self.device!r}")
-
-    def steps_per_round(self, rows: int) -> int:
-        """Optimizer steps in one round: local epochs x expected batches per epoch."""
-        return self.local_epochs * round(1.0 / sample_rate_for(rows, self.batch_size))
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,8 @@ round is one release per partner, whatever the number of prototypes.
 clustering, ``sum_k (n_k - ||S_k||)``, is computed from the noisy aggregates without another
 release; :func:`choose_k` uses it.
 
-**Planning.** The clustering spends part of the same budget as DP-SGD.
-:func:`plan_with_reserve` picks the DP-SGD noise multiplier so that the whole composition
-(all DP-SGD steps and all clustering rounds) stays within the target, and
-:func:`reserve_share` says how much of the epsilon the clustering accounts for.
+**Planning.** The clustering spends part of the same budget as DP-SGD: the one planner
+(:mod:`fedpersona.privacy.planner`) reserves it when it picks the DP-SGD noise.
 """
 
 from __future__ import annotations
@@ -53,8 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpersona.errors import ConfigError
-from fedpersona.privacy.accounting import ACCOUNTANTS, LedgerEntry, PrivacyLedger, compute_epsilon
+from fedpersona.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
@@ -70,9 +67,7 @@ __all__ = [
     "init_prototypes",
     "local_cluster_stats",
     "nearest_prototype",
-    "plan_with_reserve",
     "reduce_prototypes",
-    "reserve_share",
     "update_prototypes",
 ]
 
@@ -437,130 +432,7 @@ def choose_k(stats_by_k: Mapping[int, Sequence[ClusterStats]]) -> KChoice:
     return KChoice(k=best, scores=scores, dispersions=dispersions)
 
 
-# --- planning ---------------------------------------------------------------------------------
-
-
-def plan_with_reserve(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sgd_sample_rate: float,
-    sgd_steps: int,
-    kmeans_rounds: int,
-    kmeans_noise: float,
-    accountant: str,
-    rtol: float = 1e-3,
-) -> float:
-    """DP-SGD noise multiplier such that DP-SGD plus the clustering stays within the target.
-
-    The composition is ``sgd_steps`` Poisson-subsampled Gaussian steps at ``sgd_sample_rate``
-    and ``kmeans_rounds`` Gaussian releases of noise multiplier ``kmeans_noise`` (q = 1),
-    accounted with :func:`~fedpersona.privacy.accounting.compute_epsilon`, exactly as the ledger will
-    account them. A geometric bisection narrows the noise to within ``rtol`` (relative) and
-    returns the upper end, whose epsilon was checked to be <= the target (in both orders of
-    composition, which the ledger may record either way): the plan never overshoots.
-    Raises :class:`~fedpersona.errors.ConfigError` when the clustering alone already reaches
-    the target.
-    """
-    _check_plan_args(target_epsilon, delta, sgd_sample_rate, sgd_steps, kmeans_rounds, kmeans_noise, accountant)
-    if not 0 < rtol < 0.1:
-        raise ConfigError(f"rtol must be in (0, 0.1), got {rtol!r}")
-    clustering = [(float(kmeans_noise), 1.0, int(kmeans_rounds))] if kmeans_rounds else []
-    reserved = compute_epsilon(clustering, delta=delta, accountant=accountant)
-    if reserved >= target_epsilon:
-        raise ConfigError(
-            f"{kmeans_rounds} clustering round(s) with noise multiplier {kmeans_noise:g} alone spend epsilon "
-            f"{reserved:.4f}, not below the target {target_epsilon:g}: raise privacy.target_epsilon, the "
-            "clustering noise, or lower the number of clustering rounds"
-        )
-
-    def epsilon(sigma: float) -> float:
-        return compute_epsilon(
-            [(sigma, float(sgd_sample_rate), int(sgd_steps)), *clustering], delta=delta, accountant=accountant
-        )
-
-    lo, hi = 0.0, 1.0
-    while epsilon(hi) > target_epsilon:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e4:
-            raise ConfigError(f"no DP-SGD noise multiplier up to 1e4 keeps epsilon within {target_epsilon:g}")
-    if lo == 0.0:  # 1.0 was already enough: search downwards for an over-budget lower end
-        lo = hi / 2.0
-        while lo > 0.05 and epsilon(lo) <= target_epsilon:
-            lo, hi = lo / 2.0, lo
-    while hi / lo > 1.0 + rtol:
-        mid = math.sqrt(lo * hi)
-        if epsilon(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    reversed_history = [*clustering, (hi, float(sgd_sample_rate), int(sgd_steps))]
-    while max(epsilon(hi), compute_epsilon(reversed_history, delta=delta, accountant=accountant)) > target_epsilon:
-        hi *= 1.001  # the two orders of composition differ in the last digits
-        reversed_history[-1] = (hi, float(sgd_sample_rate), int(sgd_steps))
-    logger.info(
-        "planned DP-SGD noise %.4f with %d clustering round(s) at noise %g reserved (epsilon %.4f of %g)",
-        hi, kmeans_rounds, kmeans_noise, reserved, target_epsilon,
-    )  # fmt: skip
-    return hi
-
-
-def reserve_share(
-    *,
-    noise_multiplier: float,
-    delta: float,
-    sgd_sample_rate: float,
-    sgd_steps: int,
-    kmeans_rounds: int,
-    kmeans_noise: float,
-    accountant: str,
-) -> float:
-    """The share of the total epsilon that the clustering accounts for, in [0, 1).
-
-    Epsilons do not add up under composition, so the share is marginal: ``1 - eps(DP-SGD
-    alone) / eps(DP-SGD + clustering)``, both at the DP-SGD ``noise_multiplier`` (e.g. the one
-    :func:`plan_with_reserve` returned), i.e. the part of the budget dropping the clustering
-    would give back.
-    """
-    _check_plan_args(math.inf, delta, sgd_sample_rate, sgd_steps, kmeans_rounds, kmeans_noise, accountant)
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ConfigError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    sgd = [(float(noise_multiplier), float(sgd_sample_rate), int(sgd_steps))]
-    clustering = [(float(kmeans_noise), 1.0, int(kmeans_rounds))] if kmeans_rounds else []
-    alone = compute_epsilon(sgd, delta=delta, accountant=accountant)
-    total = compute_epsilon(sgd + clustering, delta=delta, accountant=accountant)
-    return min(max(1.0 - alone / total, 0.0), 1.0) if total > 0 else 0.0
-
-
 # --- checks and helpers -----------------------------------------------------------------------
-
-
-def _check_plan_args(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    kmeans_rounds: int,
-    kmeans_noise: float,
-    accountant: str,
-) -> None:
-    problems = []
-    if not (isinstance(target_epsilon, int | float) and target_epsilon > 0):
-        problems.append(f"target_epsilon must be > 0, got {target_epsilon!r}")
-    if not (isinstance(delta, int | float) and 0 < delta < 1):
-        problems.append(f"delta must be in (0, 1), got {delta!r}")
-    if not (isinstance(sample_rate, int | float) and 0 < sample_rate <= 1):
-        problems.append(f"sgd_sample_rate must be in (0, 1], got {sample_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        problems.append(f"sgd_steps must be an integer >= 1, got {steps!r}")
-    if isinstance(kmeans_rounds, bool) or not isinstance(kmeans_rounds, int) or kmeans_rounds < 0:
-        problems.append(f"kmeans_rounds must be an integer >= 0, got {kmeans_rounds!r}")
-    if not (isinstance(kmeans_noise, int | float) and math.isfinite(kmeans_noise) and kmeans_noise > 0):
-        problems.append(f"kmeans_noise must be a finite number > 0, got {kmeans_noise!r}")
-    if accountant not in ACCOUNTANTS:
-        problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
-    if problems:
-        raise ConfigError("cannot plan the privacy budget: " + "; ".join(problems))
 
 
 def _check_int(name: str, value: object, least: int) -> None:

@@ -23,7 +23,8 @@ from flwr.app.message.message import make_message
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedpersona.config.legacy import FederationSettings, dump_toml
+from fedpersona.config.settings import FederationSettings
+from fedpersona.config.files import dump_toml
 from fedpersona.data.features import featurize
 from fedpersona.data.schema import parse_schema
 from fedpersona.data.tables import Table, load_table
@@ -31,8 +32,9 @@ from fedpersona.errors import DataError, FedPersonaError, SchemaError
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import encode_arrays, encode_settings
 from fedpersona.federation.server_app import ServerSettings, run_federation
-from fedpersona.model.encoder import EncoderConfig, PersonaEncoder, PersonaTrunk, random_keep, token_presence
-from fedpersona.model.training import TrainingSettings
+from fedpersona.config.settings import ModelSettings
+from fedpersona.model.encoder import PersonaEncoder, PersonaTrunk, random_keep, token_presence
+from fedpersona.config.settings import TrainingSettings
 from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
 SCHEMA_DOC: dict[str, Any] = {
@@ -199,7 +201,7 @@ def test_out_of_bounds_is_clipped_when_the_policy_says_clip(tmp_path: Path, capl
 
 # --------------------------------------------------------------------------- at the partner
 
-MODEL = EncoderConfig(token_dim=8, embed_dim=8, hidden=8, blocks=1)
+MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=16, local_epochs=1)
 
 

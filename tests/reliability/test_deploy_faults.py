@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedpersona.config.legacy import FederationSettings
+from fedpersona.config.settings import FederationSettings
 from fedpersona.federation.server_app import ServerSettings, run_federation
 from fedpersona.model.artifacts import verify_model
 from tests.fake_grid import MODEL, TRAINING, FakeGrid, ScriptedPartner
@@ -192,7 +192,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     Every wait is bounded; every process is stopped."""
     import socket
 
-    from fedpersona.config.legacy import dump_toml
+    from fedpersona.config.files import dump_toml
     from fedpersona.data.synthetic import generate_frame
     from fedpersona.deploy.certs import init_federation, load_signing_public_key, partner_keys
     from fedpersona.deploy.coordinator import supernode_command
@@ -200,7 +200,8 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     from fedpersona.deploy.registry import RegistryError, fetch_model
     from fedpersona.federation.checkpoint import load_checkpoint
     from fedpersona.model.artifacts import ArtifactError
-    from fedpersona.privacy.accounting import PrivacyLedger, PrivacySettings
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.config.settings import PrivacySettings
     from tests.test_deployment import _free_port, _stop
 
     start = time.monotonic()
