@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import layout_of
 from fedpersona.data.schema import load_schema
 from fedpersona.federation.messages import encode_arrays
 from fedpersona.federation.secagg import SecAggParams, VectorLayout, modulus_bits_for, share_keys, start_round
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 
 REPO = Path(__file__).resolve().parents[1]

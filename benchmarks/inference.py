@@ -7,17 +7,16 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import featurize, layout_of
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 from fedpersona.model.inference import assign_personas, infer_file
 
@@ -35,7 +34,7 @@ def run(*, quick: bool) -> dict[str, Any]:
         for name, value in model.state_dict().items()
         if parameter_scope(name) != "local"
     }
-    card = {"model": asdict(model.config)}
+    card = {"model": model.config.model_dump()}
     prototypes = np.random.default_rng(0).normal(size=(PERSONAS, model.config.embed_dim)).astype(np.float32)
     frame, _ = generate_frame(KIND, users, rng=np.random.default_rng(0))
     repeats = 2

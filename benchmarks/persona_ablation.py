@@ -33,12 +33,11 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from benchmarks.workload import federate
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import KINDS
 from fedpersona.data.synthetic import generate_silo, partner_mixes
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.evaluation import embed_all
-from fedpersona.config.settings import TrainingSettings
 
 ROWS, PARTNERS_PER_KIND, ROUNDS = 2000, 3, 5
 TRAINING = TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")
@@ -74,7 +73,7 @@ def _federate(
     """Train the federation (one adapter per kind); every partner's embeddings under the
     final global model."""
     models = federate(
-        parts, slots=[f"{kind}:synthetic" for kind in kinds], model=replace(MODEL, label_weight=label_weight),
+        parts, slots=[f"{kind}:synthetic" for kind in kinds], model=MODEL.replace(label_weight=label_weight),
         training=TRAINING, epsilon=epsilon, rounds=ROUNDS if train else 0,
     )  # fmt: skip
     return [embed_all(model, part) for model, part in zip(models, parts, strict=True)]

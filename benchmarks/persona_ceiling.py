@@ -22,7 +22,6 @@ import logging
 import math
 import tempfile
 import warnings
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,18 +31,15 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import cross_val_predict
 
 from benchmarks.workload import standardised_columns
+from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import KINDS
 from fedpersona.data.synthetic import ARCHETYPES, TRAIT_NOISE, generate_silo
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.model.training import train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_noise
-from fedpersona.config.settings import sample_rate_for
-from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 K = len(ARCHETYPES)
@@ -56,7 +52,7 @@ def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:
 
 def _encoder_ari(features: FeatureTensors, truth: np.ndarray, *, epsilon: float, label_weight: float) -> float:
     torch.manual_seed(0)
-    model = PersonaEncoder(features.layout, replace(ModelSettings(), label_weight=label_weight))
+    model = PersonaEncoder(features.layout, ModelSettings(label_weight=label_weight))
     privacy = PrivacySettings(target_epsilon=epsilon, delta=1e-5, accountant="prv")
     rows = len(features)
     sigma = None

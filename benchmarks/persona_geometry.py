@@ -27,7 +27,6 @@ import argparse
 import logging
 import math
 import warnings
-from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -38,10 +37,9 @@ from sklearn.model_selection import cross_val_score
 
 from benchmarks.persona_ablation import MODEL, PARTNERS_PER_KIND, ROUNDS, TRAINING, pooled_ari, scenario_partners
 from benchmarks.workload import federate
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.data.synthetic import ARCHETYPES
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.evaluation import embed_all
-from fedpersona.config.settings import TrainingSettings
 
 COLUMNS = ("K=8", "kind-centred", "kind-standardised", "PCA 8", "GMM per kind", "probe accuracy")
 
@@ -101,15 +99,15 @@ def _override(
         key, sep, text = item.partition("=")
         section, _, name = key.partition(".")
         known = {
-            "model": {f.name for f in fields(ModelSettings)},
-            "training": {f.name for f in fields(TrainingSettings)},
+            "model": set(ModelSettings.model_fields),
+            "training": set(TrainingSettings.model_fields),
         }
         if not sep or name not in known.get(section, set()):
             raise SystemExit(f"--set {item!r}: expected model.KEY=VALUE or training.KEY=VALUE with a known KEY")
         if section == "model":
-            model = replace(model, **{name: type(getattr(model, name))(text)})
+            model = model.replace(**{name: type(getattr(model, name))(text)})
         else:
-            training = replace(training, **{name: type(getattr(training, name))(text)})
+            training = training.replace(**{name: type(getattr(training, name))(text)})
     return model, training
 
 
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, nargs="+", default=[3.0, math.inf], help="budgets to train at")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    model, training = _override(replace(MODEL, label_weight=0.0), TRAINING, args.overrides)
+    model, training = _override(MODEL.replace(label_weight=0.0), TRAINING, args.overrides)
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
     print(f"model: {model}\ntraining: {training}\n")

@@ -31,15 +31,13 @@ import tomli_w
 import torch
 
 from benchmarks.workload import fresh_encoder, median
+from fedpersona.config.settings import PrivacySettings, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
 from fedpersona.model.evaluation import evaluate
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.model.training import train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_noise
-from fedpersona.config.settings import sample_rate_for
-from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 

@@ -27,16 +27,14 @@ import torch
 from sklearn.cluster import KMeans
 
 from benchmarks.workload import standardised_columns
+from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import load_schema
 from fedpersona.data.tables import Table, load_table
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.model.training import train_locally
 from fedpersona.personas.cards import persona_cards
-from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 REPO = Path(__file__).resolve().parents[1]

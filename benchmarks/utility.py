@@ -24,7 +24,6 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,12 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from benchmarks.workload import federate
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import load_schema
 from fedpersona.data.tables import load_table
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.simulation import _label_skew_split
 
 logger = logging.getLogger(__name__)
@@ -125,8 +123,8 @@ def run(*, quick: bool) -> dict[str, Any]:
         "data": {
             "rounds": rounds,
             "train_cap": train_cap,
-            "model": asdict(MODEL),
-            "training": asdict(TRAINING),
+            "model": MODEL.model_dump(),
+            "training": TRAINING.model_dump(),
             "datasets": data,
         },
     }

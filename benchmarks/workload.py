@@ -16,17 +16,14 @@ import numpy as np
 import torch
 from sklearn.preprocessing import StandardScaler
 
+from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder, parameter_scope
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.model.training import train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_noise
-from fedpersona.config.settings import sample_rate_for
-from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 #: Modes compared by the DP speed benchmarks: a non-private epoch and Opacus' two modes.

@@ -50,7 +50,27 @@ _PUBLIC = {
     "simulate": "fedpersona.simulation",
 }
 
-__all__ = sorted([*_PUBLIC, "__version__"])
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "FedPersonaError",
+    "ModelSettings",
+    "PersonaEncoder",
+    "PrivacyBudgetExceeded",
+    "PrivacyLedger",
+    "PrivacyLedgerError",
+    "PrivacySettings",
+    "Schema",
+    "SchemaError",
+    "Table",
+    "TrainingSettings",
+    "__version__",
+    "featurize",
+    "load_schema",
+    "load_table",
+    "simulate",
+    "train_locally",
+]
 
 if TYPE_CHECKING:
     from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings

@@ -7,10 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedpersona.config.settings import PartnerConfig
+from fedpersona.config.settings import ModelSettings, PartnerConfig, PrivacySettings
 from fedpersona.federation.partner import PartnerData, load_partner_data
-from fedpersona.config.settings import ModelSettings
-from fedpersona.config.settings import PrivacySettings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

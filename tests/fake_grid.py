@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.federation.messages import decode_arrays, encode_arrays
-from fedpersona.config.settings import ModelSettings
-from fedpersona.config.settings import TrainingSettings
 
 NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 

@@ -123,17 +123,17 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
     saved = run_settings(first.federation, first.model, first.training)
     save_checkpoint(tmp_path, Checkpoint(fingerprint=settings_fingerprint(*_three(first)), settings=saved))
     # Operational settings may change ...
-    later = replace(first, federation=replace(first.federation, round_timeout=30.0))
+    later = replace(first, federation=first.federation.replace(round_timeout=30.0))
     assert load_checkpoint(tmp_path, settings=_three(later))
     # ... settings that define the run may not; the error names each of them.
-    other = replace(first, federation=replace(first.federation, rounds=4, seed=9))
+    other = replace(first, federation=first.federation.replace(rounds=4, seed=9))
     with pytest.raises(CheckpointError, match=r"federation.rounds was 3, now 4; federation.seed was 5, now 9"):
         load_checkpoint(tmp_path, settings=_three(other))
     # A setting that a newer fedpersona added is accepted at its default, refused otherwise.
     del saved["training.fedprox_mu"]
     save_checkpoint(tmp_path, Checkpoint(fingerprint="old", settings=saved))
     assert load_checkpoint(tmp_path, settings=_three(first))
-    newer = replace(first, training=replace(first.training, fedprox_mu=0.1))
+    newer = replace(first, training=first.training.replace(fedprox_mu=0.1))
     with pytest.raises(CheckpointError, match=r"training\.fedprox_mu is 0\.1, but the run used a version without it"):
         load_checkpoint(tmp_path, settings=_three(newer))
 

@@ -14,11 +14,10 @@ from flwr.app import Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 
 from fedpersona.config.files import dump_toml
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import decode_arrays, encode_arrays, encode_settings
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaTrunk, parameter_scope
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
 MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)

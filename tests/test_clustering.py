@@ -10,10 +10,11 @@ import pytest
 from dp_accounting import dp_event, pld
 from sklearn.metrics import adjusted_rand_score
 
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded
 from fedpersona.personas.clustering import (
-    ClusterStats,
     KMEANS_MECHANISM,
+    ClusterStats,
     charge_kmeans_round,
     choose_k,
     cosine_dispersion,
@@ -23,10 +24,9 @@ from fedpersona.personas.clustering import (
     nearest_prototype,
     update_prototypes,
 )
-from fedpersona.privacy.planner import plan_with_reserve, reserve_share
-from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.accounting import compute_epsilon
-from fedpersona.config.settings import PrivacySettings
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.planner import plan_with_reserve, reserve_share
 from fedpersona.privacy.randomness import SecretRandomness
 
 DELTA = 1e-5

@@ -12,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpersona.config.files import dump_toml
+from fedpersona.config.files import dump_toml, load_federation_config
 from fedpersona.deploy.certs import init_federation, partner_keys
 from fedpersona.deploy.coordinator import (
     check_partner,
@@ -22,7 +22,6 @@ from fedpersona.deploy.coordinator import (
     superlink_command,
     supernode_command,
 )
-from fedpersona.config.files import load_federation_config
 from fedpersona.errors import ConfigError, SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +62,14 @@ def test_federation_paths_are_relative_to_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"server": {"prot": 1}}, r"unknown key\(s\) server\.prot"),
-        ({"servers": {}}, r"unknown section\(s\) servers"),
-        ({"server": {"port": 70000}}, "server.port must be"),
+        ({"server": {"prot": 1}}, r"unknown key server\.prot: did you mean port\?"),
+        ({"servers": {}}, r"unknown key servers: did you mean server\?"),
+        ({"server": {"port": 70000}}, r"server\.port: must be <= 65535, got 70000"),
         ({"server": {"expected_partners": 2}}, "only 1 \\[\\[partners\\]\\]"),
-        ({"partners": [{"name": "a", "public_key": "a.pub", "colour": "red"}]}, r"partners #1\.colour"),
-        ({"server": {"run_dir": 7}}, "server.run_dir must be a non-empty string, got 7"),
-        ({"server": {"credentials": ["a"]}}, "server.credentials must be a non-empty string"),
-        ({"partners": [{"name": "a", "public_key": 3}]}, "partners.public_key must be a non-empty string, got 3"),
+        ({"partners": [{"name": "a", "public_key": "a.pub", "colour": "red"}]}, r"unknown key partners #1\.colour"),
+        ({"server": {"run_dir": 7}}, "server.run_dir: must be a string, got 7"),
+        ({"server": {"credentials": ["a"]}}, "server.credentials: must be a string"),
+        ({"partners": [{"name": "a", "public_key": 3}]}, "partners #1.public_key: must be a string, got 3"),
     ],
 )
 def test_bad_federation_files_are_config_errors(tmp_path: Path, edit: dict, message: str) -> None:
@@ -140,7 +139,7 @@ def test_staged_app_has_no_legacy_federations_and_source_is_untouched(tmp_path: 
     assert "federations" not in doc["tool"]["flwr"]
     assert doc["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedpersona.federation.server_app:app"
     assert "federation-config" in doc["tool"]["flwr"]["app"]["config"]
-    assert (staged / "fedpersona" / "server_app.py").exists()
+    assert (staged / "fedpersona" / "federation" / "server_app.py").exists()
     assert not list(staged.rglob("__pycache__"))
     assert (REPO / "pyproject.toml").read_bytes() == before
 

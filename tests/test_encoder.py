@@ -9,17 +9,18 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
+from fedpersona.config.settings import ModelSettings
+from fedpersona.errors import ConfigError
 from fedpersona.federation.partner import PartnerData, build_model
 from fedpersona.model.encoder import (
-    PersonaEncoder,
     SCOPES,
+    PersonaEncoder,
     ScalarStats,
     _at_least_one,
     parameter_scope,
     random_keep,
     token_presence,
 )
-from fedpersona.config.settings import ModelSettings
 
 
 def test_model_passes_opacus_validator(small_data: PartnerData, model_cfg: ModelSettings) -> None:
@@ -71,10 +72,10 @@ def test_embedding_is_unit_norm_and_handles_missing_tokens(small_data: PartnerDa
 
 
 def test_config_validates_its_range() -> None:
-    with pytest.raises(ValueError, match="mask_rate must be in"):
-        ModelSettings(mask_rate=1.5)
-    with pytest.raises(ValueError, match="label_weight"):
-        ModelSettings(label_weight=-1.0)
+    with pytest.raises(ConfigError, match="model.mask_rate: must be < 1, got 1.5"):
+        ModelSettings.checked(mask_rate=1.5)
+    with pytest.raises(ConfigError, match="model.label_weight: must be >= 0, got -1.0"):
+        ModelSettings.checked(label_weight=-1.0)
 
 
 def test_scalar_stats_learn_each_feature_mean_and_variance() -> None:
@@ -173,14 +174,13 @@ def test_label_weight_scales_the_label_gradient_into_the_encoder_not_into_the_he
 ) -> None:
     """The label term's gradient (loss with labels minus loss without) reaches the encoder
     times label_weight (none at 0, half at 0.5) while the head's gradient stays the same."""
-    from dataclasses import replace
 
     batch = small_data.train.batch(torch.arange(40))
     unlabelled = {**batch, "labels": torch.full_like(batch["labels"], float("nan"))}
     keep = random_keep(token_presence(small_data.train.layout, batch), 0.3, torch.Generator().manual_seed(1))
 
     def label_gradients(weight: float) -> dict[str, torch.Tensor]:
-        model = build_model(small_data, replace(model_cfg, label_weight=weight), seed=0, device=torch.device("cpu"))
+        model = build_model(small_data, model_cfg.replace(label_weight=weight), seed=0, device=torch.device("cpu"))
         model = model.double()
         grads = []
         for data in (batch, unlabelled):

@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from fedpersona.cli import app as cli
 from fedpersona.config.files import dump_toml
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import layout_of
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model, verify_model
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.personas.clustering import init_prototypes
 from fedpersona.privacy.manifest import ERROR_CODES
@@ -162,11 +162,10 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
     """Partner side of a resume: a round that was sent but never aggregated before the server
     crashed is sent again; the partner trains it again and its ledger charges it again (a new
     release with fresh noise). Rounds the checkpoint holds are never sent again."""
+    from fedpersona.config.settings import PrivacySettings, TrainingSettings
     from fedpersona.federation.messages import encode_arrays, encode_settings
     from fedpersona.model.encoder import PersonaTrunk
-    from fedpersona.config.settings import TrainingSettings
     from fedpersona.privacy.ledger import PrivacyLedger
-    from fedpersona.config.settings import PrivacySettings
 
     model_cfg = ModelSettings(**MODEL)
     client = _client(tmp_path)

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import featurize, layout_of
 from fedpersona.data.schema import Schema
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.inference import assign_personas, infer_file, load_encoder
 from fedpersona.personas.clustering import init_prototypes

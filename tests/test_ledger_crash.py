@@ -36,9 +36,9 @@ from pathlib import Path
 
 import pytest
 
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.errors import PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.privacy.ledger import PrivacyLedger
-from fedpersona.config.settings import PrivacySettings
 
 KILL_POINTS = 100  # random kill points
 MAX_AFTER = 3  # the worker is killed after 0..3 charges have been sent ...

@@ -146,7 +146,7 @@ def test_a_crash_during_the_candidate_rounds_resumes_before_them(tmp_path: Path)
 )
 def test_bad_candidates_are_a_config_error(candidates: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        FederationSettings(persona_candidates=candidates)  # type: ignore[arg-type]
+        FederationSettings.checked(persona_candidates=candidates)
 
 
 def test_the_releases_a_partner_plans_for() -> None:

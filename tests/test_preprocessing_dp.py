@@ -38,6 +38,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fedpersona.config.files import dump_toml, load_partner_config
+from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize, layout_of
 from fedpersona.data.schema import (
     BooleanFeature,
@@ -53,10 +54,7 @@ from fedpersona.errors import ConfigError
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import encode_settings
 from fedpersona.federation.partner import PartnerData, build_model
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import random_keep, token_presence
-from fedpersona.config.settings import TrainingSettings
-from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.manifest import MANIFEST
 
 ROWS = 200
@@ -326,4 +324,4 @@ def test_an_extreme_row_cannot_raise_the_sensitivity(kind: str) -> None:
 def test_an_unbounded_clipping_norm_is_refused() -> None:
     for bad in (float("inf"), float("nan"), 0.0, -1.0, True):
         with pytest.raises(ConfigError, match="max_grad_norm"):
-            PrivacySettings(max_grad_norm=bad)
+            PrivacySettings.checked(max_grad_norm=bad)

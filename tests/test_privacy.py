@@ -11,15 +11,13 @@ import pytest
 import torch
 from dp_accounting import dp_event, pld
 
+from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.federation.partner import build_model, load_partner_data, load_plan
-from fedpersona.config.settings import ModelSettings
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.model.training import train_locally
-from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.accounting import compute_epsilon
+from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_noise
-from fedpersona.config.settings import PrivacySettings
 from fedpersona.privacy.randomness import SecretRandomness
 
 from .conftest import partner_config
@@ -66,9 +64,9 @@ def test_history_of_rounds_equals_one_accountant_over_all_steps() -> None:
 
 def test_gdp_accountant_is_refused() -> None:
     with pytest.raises(ConfigError, match="gdp"):
-        PrivacySettings(accountant="gdp")
-    with pytest.raises(ConfigError, match="target_epsilon must be > 0"):
-        PrivacySettings(target_epsilon=-1)
+        PrivacySettings.checked(accountant="gdp")
+    with pytest.raises(ConfigError, match="privacy.target_epsilon: must be > 0, got -1"):
+        PrivacySettings.checked(target_epsilon=-1)
 
 
 def test_ledger_refuses_before_writing_and_detects_tampering(tmp_path: Path) -> None:

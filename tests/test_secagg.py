@@ -17,8 +17,8 @@ from flwr.app import Context, Message, RecordDict
 
 import fedpersona.federation.client_app as client_app
 import fedpersona.federation.secagg as secagg
-from fedpersona.config.settings import FederationSettings
 from fedpersona.config.files import dump_toml
+from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import ScopedAggregator
 from fedpersona.federation.client_app import build_client_app
@@ -38,8 +38,6 @@ from fedpersona.federation.secagg import (
     start_round,
 )
 from fedpersona.federation.server_app import NothingTrained, ServerSettings, run_federation
-from fedpersona.config.settings import ModelSettings
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.privacy.manifest import ReleaseError, check_outgoing, parse_error_reason
 
 PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
@@ -323,15 +321,15 @@ def test_quantization_is_seeded_and_unbiased() -> None:
 def test_settings_are_validated() -> None:
     assert not FederationSettings().secure_aggregation
     assert FederationSettings().secagg_threshold is None  # a strict majority of each round
-    with pytest.raises(ConfigError, match="secagg_threshold must be an integer >= 2, or absent"):
-        FederationSettings(secagg_threshold=1)
+    with pytest.raises(ConfigError, match="federation.secagg_threshold: must be >= 2, got 1"):
+        FederationSettings.checked(secagg_threshold=1)
     with pytest.raises(ConfigError, match=r"min_partners \(2\) must be >= federation.secagg_threshold \(3\)"):
-        FederationSettings(secure_aggregation=True, secagg_threshold=3)
+        FederationSettings.checked(secure_aggregation=True, secagg_threshold=3)
     with pytest.raises(ConfigError, match="secagg_clipping_range") as info:
-        FederationSettings(secagg_clipping_range=float("inf"), secagg_quantization_range=1)
-    assert "secagg_quantization_range must be an integer in [2, 2**32], got 1" in str(info.value)
-    with pytest.raises(ConfigError, match="secure_aggregation must be true or false"):
-        FederationSettings(secure_aggregation="yes")  # type: ignore[arg-type]
+        FederationSettings.checked(secagg_clipping_range=float("inf"), secagg_quantization_range=1)
+    assert "federation.secagg_quantization_range: must be >= 2, got 1" in str(info.value)
+    with pytest.raises(ConfigError, match="federation.secure_aggregation: must be true or false"):
+        FederationSettings.checked(secure_aggregation="yes")
     with pytest.raises(SecureAggregationError, match="does not fit in 64 bits"):
         secagg.modulus_bits_for(2**40, 2**32)
     assert secagg.modulus_bits_for(18_000, 2**16) == 32 and secagg.modulus_bits_for(100_000, 2**16) == 64

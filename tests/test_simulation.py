@@ -175,7 +175,7 @@ def test_user_errors_exit_2_with_one_clear_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation]\nrounds = 0\n[[silos]]\nkind='health'\nname='c'\nrows=100\n")
     done = _cli("simulate", "--scenario", str(bad), "--out", str(tmp_path / "r"), cwd=tmp_path)
-    assert done.returncode == 2 and "federation.rounds must be an integer >= 1" in " ".join(done.stderr.split())
+    assert done.returncode == 2 and "federation.rounds: must be >= 1, got 0" in " ".join(done.stderr.split())
     assert not (tmp_path / "r").exists()
 
     done = _cli("simulate", "--epsilon", "-3", "--out", str(tmp_path / "r"), cwd=tmp_path)

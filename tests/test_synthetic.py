@@ -20,9 +20,9 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from fedpersona.data.schema import (
+    KINDS,
     BooleanFeature,
     CategoricalFeature,
-    KINDS,
     NumericFeature,
     Schema,
     SequenceFeature,
@@ -31,9 +31,9 @@ from fedpersona.data.schema import (
 )
 from fedpersona.data.synthetic import (
     ARCHETYPES,
-    Archetype,
     TARGET_LABEL_RATES,
     TRAITS,
+    Archetype,
     generate_frame,
     generate_silo,
     partner_mixes,

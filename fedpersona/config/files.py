@@ -77,7 +77,6 @@ def validated(model: type[S], doc: Any, source: str) -> S:
         raise ConfigError(f"{source}: {len(problems)} problem(s): " + "; ".join(problems)) from None
 
 
-
 def load_scenario(path: str | Path, *, rounds: int | None = None, epsilon: float | None = None) -> Scenario:
     """Read a scenario; ``rounds``/``epsilon`` override the file (CLI options)."""
     path = Path(path)

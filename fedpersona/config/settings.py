@@ -18,10 +18,10 @@ read its settings from here.
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from pathlib import Path
-import difflib
 from typing import Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,8 +49,8 @@ __all__ = [
     "SiloGroup",
     "SimulationSettings",
     "TrainingSettings",
-    "sample_rate_for",
     "problems_of",
+    "sample_rate_for",
     "valid_kind",
 ]
 
@@ -109,10 +109,10 @@ class ModelSettings(Settings):
     embed_dim: int = Field(32, ge=2)
     hidden: int = Field(64, ge=2)
     blocks: int = Field(2, ge=0)
-    mask_rate: float = Field(0.3, ge=0.0, lt=1.0)
+    mask_rate: float = Field(0.3, ge=0, lt=1.0)
     # How strongly the label loss shapes the embedding: the encoder receives the label
     # gradient times label_weight. The label head always learns at full weight.
-    label_weight: float = Field(1.0, ge=0.0, le=10.0)
+    label_weight: float = Field(1.0, ge=0, le=10.0)
 
 
 class TrainingSettings(Settings):
@@ -122,9 +122,9 @@ class TrainingSettings(Settings):
 
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=16)  # very small expected batches drown in DP noise
-    lr: float = Field(1e-2, gt=0.0)
+    lr: float = Field(1e-2, gt=0)
     grad_sample_mode: Literal["ghost", "hooks"] = "ghost"
-    fedprox_mu: float = Field(0.0, ge=0.0)
+    fedprox_mu: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def steps_per_round(self, rows: int) -> int:
@@ -150,10 +150,10 @@ class PrivacySettings(Settings):
 
     section: ClassVar[str] = "privacy"
 
-    target_epsilon: float = Field(3.0, gt=0.0)
-    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    target_epsilon: float = Field(3.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1.0)
     # An infinite clipping norm is no clipping: the sensitivity, and so epsilon, is unbounded.
-    max_grad_norm: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
     accountant: Literal["prv", "rdp"] = "prv"
     planned_rounds: int | None = Field(None, ge=1)
     # Reproducible noise: every DP key derives from this seed (fedpersona.privacy.randomness).
@@ -202,21 +202,21 @@ class FederationSettings(Settings):
     rounds: int = Field(5, ge=1)
     min_partners: int = Field(2, ge=1)
     server_optimizer: Literal["fedavg", "fedadam", "fedprox"] = "fedavg"
-    server_lr: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False)
     global_weighting: Literal["kind_balanced", "examples"] = "kind_balanced"
     robust_aggregation: Literal["mean", "median", "trimmed_mean", "krum"] = "mean"
-    trim_fraction: float = Field(0.2, ge=0.0, lt=0.5)
-    max_update_norm: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    max_update_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     personas: int = Field(8, ge=0)  # 0 = no clustering
     persona_candidates: tuple[int, ...] = ()
     kmeans_rounds: int = Field(6, ge=1)
-    kmeans_noise: float = Field(10.0, gt=0.0, allow_inf_nan=False)
+    kmeans_noise: float = Field(10.0, gt=0, allow_inf_nan=False)
     seed: int = 0
-    round_timeout: float = Field(600.0, gt=0.0, allow_inf_nan=False)
+    round_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)
     evaluate_every: int = Field(1, ge=1)  # the last round is always evaluated
     secure_aggregation: bool = False
     secagg_threshold: int | None = Field(None, ge=2)  # None: a strict majority of each round
-    secagg_clipping_range: float = Field(8.0, gt=0.0, allow_inf_nan=False)
+    secagg_clipping_range: float = Field(8.0, gt=0, allow_inf_nan=False)
     secagg_quantization_range: int = Field(2**16, ge=2, le=2**32)
 
     @field_validator("persona_candidates", mode="before")
@@ -258,9 +258,9 @@ class SimulationSettings(Settings):
 
     section: ClassVar[str] = "simulation"
 
-    cpus_per_partner: float = Field(1.0, gt=0.0)
-    gpus_per_partner: float = Field(0.0, ge=0.0, le=1.0)
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    cpus_per_partner: float = Field(1.0, gt=0)
+    gpus_per_partner: float = Field(0.0, ge=0, le=1.0)
+    test_fraction: float = Field(0.2, gt=0, lt=1.0)
     share_eval_metrics: bool = True
     # Derive every partner's DP noise keys from the federation seed: reproducible runs, NOT
     # private against the coordinator (labelled so in the console, privacy.json and report).
@@ -278,7 +278,7 @@ class SiloGroup(Settings):
     source: str = "synthetic"
     schema_path: str | None = Field(None, alias="schema")
     rows: int | None = Field(None, ge=1)
-    non_iid_alpha: float = Field(0.5, gt=0.0)
+    non_iid_alpha: float = Field(0.5, gt=0)
     small_partner_rows: int = Field(0, ge=0)
     seed: int = 0
     privacy: dict[str, Any] | None = None
@@ -353,7 +353,7 @@ class DataSection(Settings):
     synthetic_rows: int | None = Field(None, ge=1)
     synthetic_seed: int = Field(0, ge=0)
     synthetic_mix: tuple[float, ...] | None = None
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0, lt=1.0)
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -390,6 +390,32 @@ class PartnerConfig(Settings):
     source: str = "<client.toml>"
 
     model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat(cls, data: Any) -> Any:
+        """Also accept the flat form code uses (``PartnerConfig(name=..., data=path, ...)``)."""
+        if not isinstance(data, dict) or "partner" in data or "name" not in data:
+            return data
+        flat = dict(data)
+        partner = {k: flat.pop(k) for k in ("name", "kind", "state_dir") if k in flat}
+        section = {"path": flat.pop("data", None), "schema": flat.pop("schema", None)}
+        for key in ("public_rows", "synthetic_rows", "synthetic_seed", "synthetic_mix", "test_fraction"):
+            if key in flat:
+                section[key] = flat.pop(key)
+        switches = ("share_eval_metrics", "audit_log", "require_secure_aggregation")
+        release = {k: flat.pop(k) for k in switches if k in flat}
+        data_section = {k: v for k, v in section.items() if v is not None}
+        return {**flat, "partner": partner, "data": data_section, "release": release}
+
+    @model_validator(mode="after")
+    def _synthetic_kind(self) -> Self:
+        if self.data_section.path is None and self.partner.kind not in SHIPPED_KINDS:
+            raise ValueError(
+                f"data.synthetic_rows makes a synthetic table, which exists for the kinds {', '.join(SHIPPED_KINDS)} "
+                f"only; partner.kind is {self.partner.kind!r}: give data.path (your table) instead"
+            )
+        return self
 
     @property
     def name(self) -> str:
@@ -465,8 +491,8 @@ class ServerNetwork(Settings):
     credentials: str = Field("credentials", min_length=1)
     app: str = Field("..", min_length=1)
     expected_partners: int | None = Field(None, ge=1)
-    wait_timeout: float = Field(600.0, gt=0.0)
-    ready_timeout: float = Field(60.0, gt=0.0)
+    wait_timeout: float = Field(600.0, gt=0)
+    ready_timeout: float = Field(60.0, gt=0)
 
 
 class PartnerEntry(Settings):
@@ -516,16 +542,16 @@ class PrivacyPlan(Settings):
     section: ClassVar[str] = "plan"
 
     private: bool
-    noise_multiplier: float | None = Field(None, gt=0.0)
-    sample_rate: float = Field(gt=0.0, le=1.0)
+    noise_multiplier: float | None = Field(None, gt=0)
+    sample_rate: float = Field(gt=0, le=1.0)
     steps_per_round: int = Field(ge=1)
     planned_rounds: int = Field(ge=1)
-    target_epsilon: float = Field(gt=0.0)
-    delta: float = Field(gt=0.0, lt=1.0)
+    target_epsilon: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1.0)
     accountant: Literal["prv", "rdp"]
-    max_grad_norm: float = Field(gt=0.0)
+    max_grad_norm: float = Field(gt=0)
     kmeans_rounds: int = Field(0, ge=0)
-    kmeans_noise: float | None = Field(None, gt=0.0)
+    kmeans_noise: float | None = Field(None, gt=0)
     public_rows: int = Field(ge=1)
     noise_seeded: bool = False
     batch_size: int = Field(64, ge=1)
@@ -619,7 +645,8 @@ def problems_of(exc: ValidationError, model: type[BaseModel]) -> list[str]:
             expected = str(error.get("ctx", {}).get("expected", "")).replace("'", "").replace(" or ", ", ")
             out.append(f"{where}: must be one of {expected}, got {given!r}")
         elif kind in _PHRASES:
-            out.append(f"{where}: {_PHRASES[kind].format(**error.get('ctx', {}))}, got {given!r}")
+            ctx = {k: f"{v:g}" if isinstance(v, float) else v for k, v in error.get("ctx", {}).items()}
+            out.append(f"{where}: {_PHRASES[kind].format(**ctx)}, got {given!r}")
         else:
             out.append(f"{where}: {str(error['msg']).lower().replace('input should be', 'must be')}, got {given!r}")
     return out

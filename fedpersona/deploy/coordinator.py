@@ -334,7 +334,7 @@ def stage_app(app: Path, dest: Path) -> Path:
     if dest.exists():
         shutil.rmtree(dest)
     package = app / "fedpersona"
-    if not (package / "server_app.py").exists():  # an installed fedpersona, not a source checkout
+    if not (package / "federation" / "server_app.py").exists():  # an installed fedpersona, not a source checkout
         package = Path(__file__).resolve().parent
     shutil.copytree(package, dest / "fedpersona", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     (dest / "pyproject.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")

@@ -26,7 +26,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ def run_settings(federation: Any, model: Any, training: Any) -> dict[str, Any]:
     timeouts and the device are left out (they may change between a crash and its resume)."""
     out: dict[str, Any] = {}
     for name, obj in (("federation", federation), ("model", model), ("training", training)):
-        for key, value in asdict(obj).items():
+        for key, value in obj.model_dump().items():
             if key not in _OPERATIONAL.get(name, ()):
                 out[f"{name}.{key}"] = value
     return dict(json.loads(json.dumps(out, default=str)))
@@ -73,9 +73,9 @@ def run_settings(federation: Any, model: Any, training: Any) -> dict[str, Any]:
 def _defaults(federation: Any, model: Any, training: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, obj in (("federation", federation), ("model", model), ("training", training)):
-        for f in fields(obj):
-            if f.default is not MISSING:
-                out[f"{name}.{f.name}"] = json.loads(json.dumps(f.default, default=str))
+        for key, spec in type(obj).model_fields.items():
+            if not spec.is_required():
+                out[f"{name}.{key}"] = json.loads(json.dumps(spec.default, default=str))
     return out
 
 

@@ -23,8 +23,8 @@ from flwr.app.message.message import make_message
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedpersona.config.settings import FederationSettings
 from fedpersona.config.files import dump_toml
+from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.data.features import featurize
 from fedpersona.data.schema import parse_schema
 from fedpersona.data.tables import Table, load_table
@@ -32,9 +32,7 @@ from fedpersona.errors import DataError, FedPersonaError, SchemaError
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import encode_arrays, encode_settings
 from fedpersona.federation.server_app import ServerSettings, run_federation
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaEncoder, PersonaTrunk, random_keep, token_presence
-from fedpersona.config.settings import TrainingSettings
 from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
 SCHEMA_DOC: dict[str, Any] = {

@@ -193,6 +193,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     import socket
 
     from fedpersona.config.files import dump_toml
+    from fedpersona.config.settings import PrivacySettings
     from fedpersona.data.synthetic import generate_frame
     from fedpersona.deploy.certs import init_federation, load_signing_public_key, partner_keys
     from fedpersona.deploy.coordinator import supernode_command
@@ -201,7 +202,6 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     from fedpersona.federation.checkpoint import load_checkpoint
     from fedpersona.model.artifacts import ArtifactError
     from fedpersona.privacy.ledger import PrivacyLedger
-    from fedpersona.config.settings import PrivacySettings
     from tests.test_deployment import _free_port, _stop
 
     start = time.monotonic()

@@ -30,11 +30,10 @@ import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedpersona.config.files import load_partner_config, load_scenario
+from fedpersona.config.files import load_federation_config, load_partner_config, load_scenario
 from fedpersona.data.features import featurize, layout_of
 from fedpersona.data.schema import KINDS, load_schema, parse_schema
 from fedpersona.data.tables import load_table, read_frame, validate_frame
-from fedpersona.config.files import load_federation_config
 from fedpersona.errors import FedPersonaError
 from fedpersona.federation.aggregation import ScopedAggregator
 

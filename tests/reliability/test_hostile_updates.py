@@ -21,15 +21,13 @@ import scipy.stats
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from fedpersona.config.settings import FederationSettings
 from fedpersona.config.files import dump_toml
+from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import decode_arrays, encode_arrays
 from fedpersona.federation.server_app import ServerSettings, run_federation
-from fedpersona.config.settings import ModelSettings
 from fedpersona.model.encoder import PersonaTrunk
-from fedpersona.config.settings import TrainingSettings
 
 MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
