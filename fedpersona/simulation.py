@@ -254,6 +254,7 @@ def simulate(
         )
     finally:
         flwr_logger.removeFilter(notice)
+    _hand_out_model_key(run_dir, partners)
     metrics_path = run_dir / "metrics.jsonl"
     privacy_path = run_dir / "privacy.json"
     if not privacy_path.exists():
@@ -264,6 +265,26 @@ def simulate(
 
     write_report(run_dir)
     return SimulationResult(run_dir, rows, privacy, time.monotonic() - started)
+
+
+def _hand_out_model_key(run_dir: Path, partners: list[str]) -> None:
+    """Give every simulated partner the federation's model-signing public key, in
+    ``credentials/model-signing.pub`` beside its client.toml (where a partner kit has it), so
+    ``fedpersona infer --config <partner>/client.toml`` verifies the run's model by default."""
+    key_path = run_dir / "keys" / "model-signing.key"
+    if not key_path.exists():
+        return
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (run_dir / "keys" / "model-signing.pub").write_bytes(public)
+    for client in partners:
+        folder = Path(client).parent / "credentials"
+        folder.mkdir(exist_ok=True)
+        (folder / "model-signing.pub").write_bytes(public)
 
 
 class _DeprecationNoticeFilter(logging.Filter):

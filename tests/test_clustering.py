@@ -18,12 +18,12 @@ from fedpersona.personas.clustering import (
     charge_kmeans_round,
     choose_k,
     cosine_dispersion,
-    federated_kmeans,
     init_prototypes,
     local_cluster_stats,
     nearest_prototype,
     update_prototypes,
 )
+from fedpersona.personas.schedule import federated_kmeans
 from fedpersona.privacy.accounting import compute_epsilon
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_with_reserve, reserve_share

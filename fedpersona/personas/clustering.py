@@ -24,13 +24,11 @@ Each partner adds its own noise, so its guarantee does not depend on the others 
 without secure aggregation); the server's sum over ``P`` partners carries noise of standard
 deviation ``sqrt(P) * noise_multiplier * sqrt(2)`` per coordinate.
 
-**Schedule.** From random starting prototypes, Lloyd's rounds often leave two true groups
-under one prototype. :func:`federated_kmeans` (the transport-free reference of a whole run)
-therefore starts with ``oversample * K`` prototypes, re-seeds prototypes that end up under the
-noise floor by splitting the most dispersed clusters, and after the first half of the rounds
-summarises the noisy prototypes into ``K`` (:func:`reduce_prototypes`). All of it is computed
-from the noisy releases and public randomness, so the privacy cost is only the rounds: each
-round is one release per partner, whatever the number of prototypes.
+**Schedule.** The order of releases and what the server does between them is
+:class:`fedpersona.personas.schedule.KMeansRun`, the one schedule the coordinator and every
+transport-free caller follow. All of it is computed from the noisy releases and public
+randomness, so the privacy cost is only the rounds: each round is one release per partner,
+whatever the number of prototypes.
 
 **Cosine dispersion from the release alone.** For unit vectors and the centre
 ``c = S / ||S||`` of a cluster with sum ``S`` and count ``n``,
@@ -59,11 +57,9 @@ __all__ = [
     "SENSITIVITY",
     "ClusterStats",
     "KChoice",
-    "KMeansResult",
     "charge_kmeans_round",
     "choose_k",
     "cosine_dispersion",
-    "federated_kmeans",
     "init_prototypes",
     "local_cluster_stats",
     "nearest_prototype",
@@ -105,15 +101,6 @@ class ClusterStats:
     @property
     def k(self) -> int:
         return int(self.counts.shape[0])
-
-
-@dataclass(frozen=True, eq=False)
-class KMeansResult:
-    """What :func:`federated_kmeans` found: final prototypes and the last round's releases."""
-
-    prototypes: np.ndarray  # (k, dim) unit rows
-    stats: tuple[ClusterStats, ...]  # the partners' noisy statistics of the last round
-    rounds: int  # releases per partner (each one charged)
 
 
 @dataclass(frozen=True)
@@ -320,67 +307,6 @@ def _weighted_spherical_kmeans(
         centres = new
     cost = float(np.sum(weight * (1.0 - np.max(points @ centres.T, axis=1))))
     return centres, cost
-
-
-def federated_kmeans(
-    embeddings: Sequence[np.ndarray],
-    *,
-    k: int,
-    rounds: int,
-    noise_multiplier: float,
-    generator: np.random.Generator,
-    oversample: int = 3,
-    summary_rounds: int | None = None,
-    ledgers: Sequence[PrivacyLedger] | None = None,
-    first_round: int = 1,
-) -> KMeansResult:
-    """A whole federated DP k-means run, transport-free (simulations, tests, benchmarks).
-
-    The schedule a federation follows, with one list entry of embeddings per partner:
-    ``summary_rounds`` rounds (default ``rounds // 2``) with ``oversample * k`` random
-    prototypes, then :func:`reduce_prototypes` to ``k``, then the remaining rounds with ``k``;
-    every server step re-seeds prototypes under the noise floor by splits. Each partner
-    releases one :func:`local_cluster_stats` per round, charged first to its ledger when
-    ``ledgers`` (one per partner) are given, as rounds ``first_round, first_round + 1, ...``.
-    Partners draw their noise from generators spawned from ``generator``.
-    """
-    _check_int("k", k, 1)
-    _check_int("rounds", rounds, 1)
-    _check_int("oversample", oversample, 1)
-    _check_generator(generator)
-    if not embeddings:
-        raise ValueError("federated_kmeans needs the embeddings of at least one partner")
-    if ledgers is not None and len(ledgers) != len(embeddings):
-        raise ValueError(f"got {len(ledgers)} ledgers for {len(embeddings)} partners")
-    summary = rounds // 2 if summary_rounds is None else summary_rounds
-    if oversample == 1:
-        summary = 0
-    if isinstance(summary, bool) or not isinstance(summary, int) or not 0 <= summary < rounds:
-        raise ValueError(f"summary_rounds must be an integer in [0, rounds), got {summary_rounds!r}")
-    dims = {np.asarray(z).shape[-1] for z in embeddings}
-    if len(dims) != 1:
-        raise ValueError(f"all partners' embeddings must have one dimension, got {sorted(dims)}")
-    partner_rngs = generator.spawn(len(embeddings))
-    prototypes = init_prototypes(oversample * k if summary else k, dims.pop(), generator=generator)
-    stats: list[ClusterStats] = []
-    for r in range(rounds):
-        if ledgers is not None:
-            for ledger in ledgers:
-                charge_kmeans_round(ledger, round=first_round + r, noise_multiplier=noise_multiplier)
-        stats = [
-            local_cluster_stats(
-                z,
-                prototypes,
-                noise_multiplier=noise_multiplier,
-                randomness=SecretRandomness.from_seed(int(rng.integers(0, 2**62))),
-            )
-            for z, rng in zip(embeddings, partner_rngs, strict=True)
-        ]
-        if r == summary - 1:
-            prototypes = reduce_prototypes(stats, k=k, generator=generator)
-        else:
-            prototypes = update_prototypes(prototypes, stats, reseed=generator)
-    return KMeansResult(prototypes=prototypes, stats=tuple(stats), rounds=rounds)
 
 
 def cosine_dispersion(stats: Sequence[ClusterStats]) -> float:
