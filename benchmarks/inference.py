@@ -15,6 +15,7 @@ import torch
 
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import featurize, layout_of
+from fedpersona.data.schema import slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
 from fedpersona.model.encoder import PersonaEncoder, parameter_scope
@@ -28,7 +29,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     schema = synthetic_schema(KIND)
     torch.manual_seed(0)
     model = PersonaEncoder(layout_of(schema), ModelSettings()).eval()
-    slot = f"{schema.kind}:{schema.fingerprint()}"
+    slot = slot_id(schema.kind, schema.fingerprint())
     arrays = {
         (name if parameter_scope(name) == "global" else f"{slot}/{name}"): value.numpy()
         for name, value in model.state_dict().items()

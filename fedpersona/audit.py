@@ -91,7 +91,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedpersona.config.settings import PrivacySettings, Scenario, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureLayout, FeatureTensors, featurize
-from fedpersona.data.schema import Schema, parse_schema
+from fedpersona.data.schema import Schema, parse_schema, slot_id
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
@@ -437,7 +437,8 @@ def run_audit(
         )
         for p, data in enumerate(tables)
     ]
-    transcript, released = _federate(partners, f"{schema.kind}:{schema.fingerprint()}", scenario, training, plan, seeds)
+    slot = slot_id(schema.kind, schema.fingerprint())
+    transcript, released = _federate(partners, slot, scenario, training, plan, seeds)
 
     sign = np.where(labels == 1, 1.0, -1.0)
     k = settings.guesses_per_side

@@ -277,9 +277,7 @@ def _hand_out_model_key(run_dir: Path, partners: list[str]) -> None:
     from cryptography.hazmat.primitives import serialization
 
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     (run_dir / "keys" / "model-signing.pub").write_bytes(public)
     for client in partners:
         folder = Path(client).parent / "credentials"

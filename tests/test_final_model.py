@@ -20,6 +20,7 @@ from fedpersona.cli import app as cli
 from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import layout_of
+from fedpersona.data.schema import slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model, verify_model
@@ -37,7 +38,7 @@ def _publish(
     schema = synthetic_schema("ecommerce")
     torch.manual_seed(0)
     model = PersonaEncoder(layout_of(schema), ModelSettings(**MODEL))
-    slot = f"{schema.kind}:{schema.fingerprint()}"
+    slot = slot_id(schema.kind, schema.fingerprint())
     arrays = {}
     for name, value in model.state_dict().items():
         if name.startswith("trunk."):

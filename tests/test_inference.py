@@ -12,7 +12,7 @@ import torch
 
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import featurize, layout_of
-from fedpersona.data.schema import Schema
+from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
@@ -30,7 +30,7 @@ class Published:
     def __init__(self, schema: Schema) -> None:
         torch.manual_seed(0)
         model = PersonaEncoder(layout_of(schema), ModelSettings(**MODEL))
-        slot = f"{schema.kind}:{schema.fingerprint()}"
+        slot = slot_id(schema.kind, schema.fingerprint())
         self.arrays: dict[str, np.ndarray] = {}
         for name, value in model.state_dict().items():
             if name.startswith("trunk."):
@@ -210,7 +210,7 @@ def test_loading_checks_the_slot_and_the_sizes(published: Published, schema: Sch
     with pytest.raises(ConfigError, match="not a valid encoder configuration"):
         load_encoder(arrays=published.arrays, card={"model": {**MODEL, "layers": 3}}, schema=schema)
     # A partner whose adapter stayed local brings its own.
-    slot = f"{schema.kind}:{schema.fingerprint()}/"
+    slot = slot_id(schema.kind, schema.fingerprint()) + "/"
     trunk_only = {n: v for n, v in published.arrays.items() if n.startswith("trunk.")}
     adapter = {n[len(slot) :]: v for n, v in published.arrays.items() if n.startswith(slot)}
     model = load_encoder(arrays=trunk_only, card=published.card, schema=schema, local_adapter=adapter)

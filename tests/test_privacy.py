@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_history_of_rounds_equals_one_accountant_over_all_steps() -> None:
 def test_gdp_accountant_is_refused() -> None:
     with pytest.raises(ConfigError, match="gdp"):
         PrivacySettings.checked(accountant="gdp")
-    with pytest.raises(ConfigError, match="privacy.target_epsilon: must be > 0, got -1"):
+    with pytest.raises(ConfigError, match=re.escape("privacy.target_epsilon: must be > 0, got -1")):
         PrivacySettings.checked(target_epsilon=-1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -321,14 +322,14 @@ def test_quantization_is_seeded_and_unbiased() -> None:
 def test_settings_are_validated() -> None:
     assert not FederationSettings().secure_aggregation
     assert FederationSettings().secagg_threshold is None  # a strict majority of each round
-    with pytest.raises(ConfigError, match="federation.secagg_threshold: must be >= 2, got 1"):
+    with pytest.raises(ConfigError, match=re.escape("federation.secagg_threshold: must be >= 2, got 1")):
         FederationSettings.checked(secagg_threshold=1)
     with pytest.raises(ConfigError, match=r"min_partners \(2\) must be >= federation.secagg_threshold \(3\)"):
         FederationSettings.checked(secure_aggregation=True, secagg_threshold=3)
     with pytest.raises(ConfigError, match="secagg_clipping_range") as info:
         FederationSettings.checked(secagg_clipping_range=float("inf"), secagg_quantization_range=1)
     assert "federation.secagg_quantization_range: must be >= 2, got 1" in str(info.value)
-    with pytest.raises(ConfigError, match="federation.secure_aggregation: must be true or false"):
+    with pytest.raises(ConfigError, match=re.escape("federation.secure_aggregation: must be true or false")):
         FederationSettings.checked(secure_aggregation="yes")
     with pytest.raises(SecureAggregationError, match="does not fit in 64 bits"):
         secagg.modulus_bits_for(2**40, 2**32)

@@ -82,6 +82,7 @@ __all__ = [
     "TextFeature",
     "load_schema",
     "parse_schema",
+    "slot_id",
 ]
 
 KINDS: tuple[str, ...] = ("ecommerce", "finance", "health")
@@ -724,3 +725,9 @@ def _parse_events(spec: Any, problems: list[str]) -> EventSpec | None:
         reference=spec.get("reference"),
         aggregates=tuple(aggregates),
     )
+
+
+def slot_id(kind: str, fingerprint: str) -> str:
+    """The adapter slot of a schema: ``<kind>:<schema fingerprint>``. Partners of one slot
+    share (average) their feature adapter; the model artifact names each adapter by it."""
+    return f"{kind}:{fingerprint}"

@@ -68,7 +68,6 @@ __all__ = [
     "PartnerCheck",
     "check_partner",
     "load_node_public_key",
-    "server_settings",
     "stage_app",
     "start_partner",
     "start_server",
@@ -83,23 +82,6 @@ Report = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------- federation.toml
-
-
-def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume: bool = False) -> Any:
-    """The :class:`fedpersona.federation.server_app.ServerSettings` a federation config describes
-    (a deployment sends the final model to every partner)."""
-    from fedpersona.federation.server_app import ServerSettings
-
-    return ServerSettings(
-        federation=cfg.federation,
-        model=cfg.model,
-        training=cfg.training,
-        run_dir=run_dir or str(cfg.run_dir),
-        expected_partners=cfg.server.expected_partners,
-        wait_timeout=cfg.server.wait_timeout,
-        resume=resume,
-        deliver_model=True,
-    )
 
 
 def check_resume(cfg: FederationConfig) -> str:

@@ -44,7 +44,7 @@ import torch
 
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import FeatureTensors, featurize, layout_of
-from fedpersona.data.schema import Schema
+from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.tables import _as_str, _check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
 from fedpersona.model.encoder import PersonaEncoder, parameter_scope
@@ -83,7 +83,7 @@ def load_encoder(
     """The partner's encoder from a model artifact (``arrays, card = verify_model(folder)``).
 
     Builds ``PersonaEncoder(layout_of(schema), ModelSettings(**card["model"]))`` and loads the
-    trunk (keys ``trunk.*``) and the adapter of slot ``f"{schema.kind}:{schema.fingerprint()}"``
+    trunk (keys ``trunk.*``) and the adapter of the schema's slot (:func:`~fedpersona.data.schema.slot_id`)
     (keys ``<slot>/adapter.*``). A partner whose adapter was never shared (its schema differs
     from its kind's) passes its own as ``local_adapter`` (keys ``adapter.*``). Raises
     :class:`~fedpersona.errors.ConfigError` when a parameter is missing or has another shape.
@@ -97,7 +97,7 @@ def load_encoder(
         raise ConfigError(f"the model card's 'model' section is not a valid encoder configuration ({exc})") from None
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
         model = PersonaEncoder(layout_of(schema), config)
-    slot = f"{schema.kind}:{schema.fingerprint()}"
+    slot = slot_id(schema.kind, schema.fingerprint())
     found: dict[str, np.ndarray] = {}
     for name, value in arrays.items():
         if name.startswith("trunk."):

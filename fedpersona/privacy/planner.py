@@ -363,7 +363,7 @@ def ledger_table(state_dir: str | Path) -> tuple[str, Lines]:
             delta=plan.delta,
             max_grad_norm=plan.max_grad_norm,
             accountant=plan.accountant,
-        )  # fmt: skip
+        )
         if plan is not None
         else PrivacySettings()
     )
@@ -379,7 +379,7 @@ def ledger_table(state_dir: str | Path) -> tuple[str, Lines]:
                 f"{e.sample_rate:.5f}",
                 str(e.steps),
                 f"{e.epsilon_after:.4f}",
-            ]  # fmt: skip
+            ]
         )
     spent = ledger.epsilon()
     by_mechanism = {}
