@@ -406,7 +406,7 @@ def schema_infer(
     out: Path | None = typer.Option(None, help="Write the draft here (default: print it)."),
 ) -> None:
     """Draft a schema from a local file, for a data steward to review."""
-    from fedpersona.data.tables import infer_schema
+    from fedpersona.data.drafting import infer_schema
 
     text = infer_schema(data, kind=kind, label=label)
     if out is None:

@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fedpersona.data.drafting import infer_schema
 from fedpersona.data.schema import Schema, load_schema, parse_schema
-from fedpersona.data.tables import Table, infer_schema, load_table, read_frame, validate_frame
+from fedpersona.data.tables import Table, load_table, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
 
 ROOT = Path(__file__).parents[1]

@@ -80,6 +80,7 @@ __all__ = [
     "Schema",
     "SequenceFeature",
     "TextFeature",
+    "canonical",
     "load_schema",
     "parse_schema",
     "slot_id",
@@ -525,7 +526,7 @@ def _vocab_or_buckets(
         if not isinstance(vocab, list) or not vocab:
             problems.append(f"{where}.vocabulary must be a non-empty list")
             return None, None
-        words = tuple(_canonical(v) for v in vocab)
+        words = tuple(canonical(v) for v in vocab)
         if len(set(words)) != len(words):
             problems.append(f"{where}.vocabulary has duplicate entries")
         return words, None
@@ -542,7 +543,7 @@ _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _INTEGER = re.compile(r"[+-]?\d+")
 
 
-def _canonical(value: Any) -> str:
+def canonical(value: Any) -> str:
     """The string form used to match categories: integers written without a decimal point.
 
     Applies to TOML numbers and to strings alike, so ``1``, ``1.0``, ``"1.0"`` and ``" 1 "``

@@ -43,9 +43,10 @@ import pyarrow.parquet as pq
 import torch
 
 from fedpersona.config.settings import ModelSettings
+from fedpersona.data.cells import as_str
 from fedpersona.data.features import FeatureTensors, featurize, layout_of
 from fedpersona.data.schema import Schema, slot_id
-from fedpersona.data.tables import _as_str, _check_file, read_frame, validate_frame
+from fedpersona.data.tables import check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
 from fedpersona.model.encoder import PersonaEncoder, parameter_scope
 
@@ -308,12 +309,12 @@ def _chunks(schema: Schema, path: Path, chunk_rows: int) -> Iterator[pd.DataFram
         for start in range(0, len(frame), chunk_rows):
             yield frame.iloc[start : start + chunk_rows].reset_index(drop=True)
         return
-    _check_file(path)
+    check_file(path)
     try:
         if path.suffix.lower() in _PARQUET:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
                 raw = batch.to_pandas()
-                yield _stripped(pd.DataFrame({col: _as_str(raw[col]) for col in raw.columns}), schema)
+                yield _stripped(pd.DataFrame({col: as_str(raw[col]) for col in raw.columns}), schema)
             return
         reader = pd.read_csv(
             path,
