@@ -43,11 +43,20 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
-from sklearn.tree import DecisionTreeClassifier
 
-from fedpersona.data.schema import BooleanFeature, CategoricalFeature, NumericFeature, SequenceFeature
+from fedpersona.data.schema import CategoricalFeature, SequenceFeature
 from fedpersona.data.tables import Table
+from fedpersona.personas.columns import (
+    Column,
+    EffectKind,
+    describable_columns,
+    describe,
+    fmt,
+    present,
+    step_columns,
+    users_per_value,
+)
+from fedpersona.personas.surrogate import Rule, surrogate
 
 __all__ = [
     "DEFAULT_MIN_USERS",
@@ -64,14 +73,7 @@ __all__ = [
 ]
 
 DEFAULT_MIN_USERS = 10
-_MAX_VALUES = 50  # categorical values considered per feature (the most frequent in the silo)
 _MAX_RECOMMENDATIONS = 10
-_HOLDOUT = 0.3
-_CRITERIA = ("entropy", "gini")
-_RANDOM_TREES = 24  # extra candidate trees, each choosing splits among a random half of the columns
-_MAX_TREE_ROWS = 50_000  # training (and held-out) rows of the surrogate at most: seeded subsamples
-
-EffectKind = Literal["numeric", "boolean", "category"]
 
 
 @dataclass(frozen=True)
@@ -110,18 +112,6 @@ class CategoryLift:
     silo_rate: float | None
     lift: float | None
     users: int | None
-    suppressed: bool
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One leaf of the surrogate tree: conditions in the features' own units."""
-
-    persona: int  # the persona the leaf predicts
-    conditions: tuple[str, ...]
-    text: str
-    users: int | None  # users (all rows) that fall in the leaf
-    precision: float | None  # share of them assigned to ``persona``
     suppressed: bool
 
 
@@ -196,11 +186,11 @@ def persona_cards(
         raise ValueError(f"max_depth must be 1, 2 or 3 (a surrogate people can read), got {max_depth!r}")
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    columns = _columns(table, min_users)
+    columns = describable_columns(table, min_users)
     sizes = np.bincount(labels, minlength=k)
     shown = sizes >= min_users
-    rules, fidelity = _surrogate(
-        columns + _step_columns(table, min_users), labels, k, max_depth=max_depth, min_users=min_users, rng=rng
+    rules, fidelity = surrogate(
+        columns + step_columns(table, min_users), labels, k, max_depth=max_depth, min_users=min_users, rng=rng
     )
     effects = [_effects(columns, labels == p, min_users) if shown[p] else [] for p in range(k)]
     rates = [_label_rates(table, labels == p, min_users) if shown[p] else () for p in range(k)]
@@ -269,7 +259,7 @@ def feature_profile(
     _check_positive("min_users", min_users)
     _check_positive("max_rows", max_rows)
     sizes = np.bincount(labels, minlength=k)
-    columns = _columns(table, min_users)
+    columns = describable_columns(table, min_users)
     found: dict[str, list[float | None]] = {}
     order: list[tuple[bool, str]] = []  # (is a category, row name)
     for p in range(k):
@@ -325,9 +315,9 @@ def hit_rate_at_k(
     matrix = _category_matrix(table, category_feature)
     if most_recent == "last":
         matrix = matrix[:, ::-1]
-    present = _present(matrix)
-    has_any = present.any(axis=1)
-    first = np.argmax(present, axis=1)
+    available = present(matrix)
+    has_any = available.any(axis=1)
+    first = np.argmax(available, axis=1)
     rows = np.flatnonzero(has_any)
     hidden = matrix[rows, first[rows]]
     history = matrix.copy()
@@ -349,99 +339,7 @@ def hit_rate_at_k(
 # --- columns: the features as numbers ---------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class _Column:
-    """One analysed column: a number (numeric, boolean, sequence mean) or a value indicator."""
-
-    feature: str
-    kind: EffectKind
-    values: np.ndarray  # (n,) float64, NaN = missing (an indicator is 0/1, NaN without a value)
-    value: str | None = None  # the category of an indicator
-    sequence: bool = False  # an indicator of "any step has the value"
-    group: bool = False  # an indicator of "the value is one of" (``value`` lists them)
-    integral: bool = False  # all observed values are whole numbers
-    true_text: str = "yes"
-    false_text: str = "no"
-
-    def imputed(self) -> np.ndarray:
-        """Missing values replaced by the silo median (0 for an indicator)."""
-        if self.kind == "category":
-            return np.nan_to_num(self.values)
-        observed = self.values[~np.isnan(self.values)]
-        fill = float(np.median(observed)) if observed.size else 0.0
-        return np.where(np.isnan(self.values), fill, self.values)
-
-
-def _columns(table: Table, min_users: int) -> list[_Column]:
-    out: list[_Column] = []
-    for feat in table.schema.features:
-        if isinstance(feat, NumericFeature):
-            out.append(_numeric(feat.name, table.columns[feat.column].astype(np.float64)))
-        elif isinstance(feat, BooleanFeature):
-            values = table.columns[feat.column].astype(np.float64)
-            yes, no = feat.true_values[0], feat.false_values[0]
-            out.append(_Column(feat.name, "boolean", values, true_text=yes, false_text=no))
-        elif isinstance(feat, CategoricalFeature):
-            values = table.columns[feat.column][:, None]
-            out.extend(_indicators(feat.name, values, min_users, sequence=False))
-        elif isinstance(feat, SequenceFeature) and feat.element == "numeric":
-            steps = np.stack([table.columns[c].astype(np.float64) for c in feat.columns], axis=1)
-            present = ~np.isnan(steps)
-            count = present.sum(axis=1)
-            mean = np.where(count > 0, np.nan_to_num(steps).sum(axis=1) / np.maximum(count, 1), np.nan)
-            out.append(_numeric(f"{feat.name} (mean)", mean))
-        elif isinstance(feat, SequenceFeature):
-            values = np.stack([table.columns[c] for c in feat.columns], axis=1)
-            out.extend(_indicators(feat.name, values, min_users, sequence=True))
-    return out
-
-
-def _step_columns(table: Table, min_users: int) -> list[_Column]:
-    """Each step of a sequence on its own ("PAY_AMT1 ≤ 2,000", "PAY_0 = 2"): extra candidate
-    splits for the surrogate tree only (the cards describe a sequence as a whole)."""
-    out: list[_Column] = []
-    for feat in table.schema.features:
-        if not isinstance(feat, SequenceFeature):
-            continue
-        for column in feat.columns:
-            if feat.element == "numeric":
-                out.append(_numeric(column, table.columns[column].astype(np.float64)))
-            else:
-                out.extend(_indicators(column, table.columns[column][:, None], min_users, sequence=False))
-    return out
-
-
-def _numeric(name: str, values: np.ndarray) -> _Column:
-    observed = values[~np.isnan(values)]
-    return _Column(name, "numeric", values, integral=bool(np.all(observed == np.round(observed))))
-
-
-def _indicators(name: str, values: np.ndarray, min_users: int, *, sequence: bool) -> list[_Column]:
-    """Yes/no columns for the feature's most frequent values (users having them >= min_users)."""
-    known = _present(values).any(axis=1)
-    users = _users_per_value(values)
-    out = []
-    for value in [v for v, count in users if count >= min_users][:_MAX_VALUES]:
-        has = np.any(values == value, axis=1)
-        column = np.where(known, has.astype(np.float64), np.nan)
-        out.append(_Column(name, "category", column, value=value, sequence=sequence))
-    return out
-
-
-def _users_per_value(values: np.ndarray) -> list[tuple[str, int]]:
-    """``(value, users having it in any step)`` of an (n, steps) object array, most users first."""
-    rows, steps = np.nonzero(_present(values))
-    if rows.size == 0:
-        return []
-    pairs = pd.DataFrame({"row": rows, "value": values[rows, steps].astype(str)}).drop_duplicates()
-    counts = pairs["value"].value_counts()
-    return sorted(((str(v), int(c)) for v, c in counts.items()), key=lambda vc: (-vc[1], vc[0]))
-
-
-# --- effects ----------------------------------------------------------------------------------
-
-
-def _effects(columns: list[_Column], member: np.ndarray, min_users: int) -> list[Effect]:
+def _effects(columns: list[Column], member: np.ndarray, min_users: int) -> list[Effect]:
     out = []
     for col in columns:
         observed = ~np.isnan(col.values)
@@ -460,7 +358,7 @@ def _effects(columns: list[_Column], member: np.ndarray, min_users: int) -> list
                 continue
             mean = float(col.values[mine].mean())
             d = (mean - silo_mean) / sd
-            text = f"{col.feature}: mean {_fmt(mean)} vs {_fmt(silo_mean)} in the silo (d = {d:+.2f})"
+            text = f"{col.feature}: mean {fmt(mean)} vs {fmt(silo_mean)} in the silo (d = {d:+.2f})"
             out.append(Effect(col.feature, "numeric", None, users, mean, silo_mean, d, d, False, text))
             continue
         silo_rate = float(silo_values.mean())
@@ -469,7 +367,7 @@ def _effects(columns: list[_Column], member: np.ndarray, min_users: int) -> list
         users = int(col.values[mine].sum())
         denominator = int(mine.sum())
         if users < min_users or denominator < min_users:
-            what = _describe(col)
+            what = describe(col)
             out.append(_suppressed(col, f"{what}: fewer than {min_users} of the persona's users"))
             continue
         rate = users / denominator
@@ -483,22 +381,12 @@ def _effects(columns: list[_Column], member: np.ndarray, min_users: int) -> list
         else:
             lift = rate / silo_rate
             how = f"{lift:.1f}× more likely" if lift >= 1 else f"{lift:.2f}× as likely"
-            text = f"{how} to have {_describe(col)} ({rate:.0%} vs {silo_rate:.0%} in the silo)"
+            text = f"{how} to have {describe(col)} ({rate:.0%} vs {silo_rate:.0%} in the silo)"
             out.append(Effect(col.feature, "category", col.value, users, rate, silo_rate, lift, strength, False, text))
     return out
 
 
-def _describe(col: _Column) -> str:
-    if col.group:
-        return f"{col.feature} is one of {col.value}"
-    if col.kind == "category":
-        return f"{col.feature} including {col.value}" if col.sequence else f"{col.feature} = {col.value}"
-    if col.kind == "boolean":
-        return f"{col.feature} = {col.true_text}"
-    return col.feature
-
-
-def _suppressed(col: _Column, text: str) -> Effect:
+def _suppressed(col: Column, text: str) -> Effect:
     return Effect(col.feature, col.kind, col.value, None, None, None, None, None, True, text)
 
 
@@ -566,169 +454,6 @@ def _phrase(effect: Effect) -> str | None:
 # --- the surrogate tree -----------------------------------------------------------------------
 
 
-def _surrogate(
-    columns: list[_Column],
-    labels: np.ndarray,
-    k: int,
-    *,
-    max_depth: int,
-    min_users: int,
-    rng: np.random.Generator,
-) -> tuple[list[Rule], float]:
-    n = len(labels)
-    if not columns:
-        return [], float(np.mean(labels == np.bincount(labels, minlength=k).argmax()))
-    order = rng.permutation(n)
-    n_test = min(max(1, round(_HOLDOUT * n)), _MAX_TREE_ROWS)
-    test, train = order[:n_test], order[n_test : n_test + _MAX_TREE_ROWS]
-    columns = columns + _value_groups(columns, labels, train, k, min_users)
-    imputed = [c.imputed() for c in columns]
-
-    def design(rows: np.ndarray) -> np.ndarray:  # (len(rows), n_columns)
-        return np.stack([values[rows] for values in imputed], axis=1)
-
-    x_train = design(train)
-    # A greedy depth-3 tree can spend a split badly; among a few candidates (both criteria,
-    # and trees restricted to random halves of the columns at each split) keep the one with
-    # the best TRAINING accuracy. The held-out rows only measure the winner's fidelity.
-    seeds = rng.integers(2**31 - 1, size=_RANDOM_TREES + 1)
-    candidates = [(criterion, None, int(seeds[0])) for criterion in _CRITERIA] + [
-        (_CRITERIA[i % 2], 0.5, int(seed)) for i, seed in enumerate(seeds[1:])
-    ]
-    best: DecisionTreeClassifier | None = None
-    best_accuracy = -1.0
-    for criterion, max_features, seed in candidates:
-        tree = DecisionTreeClassifier(
-            criterion=criterion,
-            max_depth=max_depth,
-            min_samples_leaf=min_users,
-            max_features=max_features,
-            random_state=seed,
-        ).fit(x_train, labels[train])
-        accuracy = float(np.mean(tree.predict(x_train) == labels[train]))
-        if accuracy > best_accuracy:
-            best, best_accuracy = tree, accuracy
-    assert best is not None
-    fidelity = float(np.mean(best.predict(design(test)) == labels[test]))
-    every = np.arange(n)
-    leaves = np.concatenate([best.apply(design(every[i : i + _MAX_TREE_ROWS])) for i in range(0, n, _MAX_TREE_ROWS)])
-    rules = []
-    for leaf, conditions in _paths(best, columns):
-        inside = leaves == leaf
-        users = int(inside.sum())
-        persona = int(best.classes_[int(np.argmax(best.tree_.value[leaf][0]))])
-        text = " and ".join(conditions) if conditions else "all users"
-        if users < min_users:
-            rules.append(Rule(persona, (), f"a leaf of fewer than {min_users} users", None, None, True))
-            continue
-        precision = float(np.mean(labels[inside] == persona))
-        rules.append(Rule(persona, conditions, text, users, precision, False))
-    return rules, fidelity
-
-
-def _value_groups(
-    columns: list[_Column], labels: np.ndarray, train: np.ndarray, k: int, min_users: int
-) -> list[_Column]:
-    """Extra yes/no candidates for the surrogate: "<feature> is one of <values>".
-
-    A split on one category value at a time cannot say "region is 1, 3 or 7" within depth 3.
-    For each categorical feature with 3 or more analysed values and each persona, the group is
-    the values whose users (at least ``min_users`` of the TRAINING rows) belong to that persona
-    more often than all users do; the held-out rows that measure fidelity play no part.
-    """
-    by_feature: dict[str, list[_Column]] = {}
-    for col in columns:
-        if col.kind == "category" and not col.sequence and not col.group:
-            by_feature.setdefault(col.feature, []).append(col)
-    train_labels = labels[train]
-    base = np.bincount(train_labels, minlength=k) / max(1, len(train))
-    out: list[_Column] = []
-    for feature, cols in by_feature.items():
-        if len(cols) < 3:
-            continue
-        has = [col.values[train] == 1 for col in cols]
-        seen: set[tuple[int, ...]] = set()
-        for p in range(k):
-            chosen = tuple(
-                j for j, h in enumerate(has) if h.sum() >= min_users and np.mean(train_labels[h] == p) > base[p]
-            )
-            if not 1 < len(chosen) < len(cols) or chosen in seen:
-                continue
-            seen.add(chosen)
-            member = np.any([cols[j].values == 1 for j in chosen], axis=0)
-            values = np.where(np.isnan(cols[0].values), np.nan, member.astype(np.float64))
-            names = ", ".join(str(cols[j].value) for j in chosen)
-            out.append(_Column(feature, "category", values, value=names, group=True))
-    return out
-
-
-def _paths(tree: DecisionTreeClassifier, columns: list[_Column]) -> list[tuple[int, tuple[str, ...]]]:
-    """Every leaf with the simplified conditions on its path."""
-    t = tree.tree_
-    out: list[tuple[int, tuple[str, ...]]] = []
-
-    def walk(node: int, path: list[tuple[int, bool, float]]) -> None:
-        if t.children_left[node] == t.children_right[node]:  # a leaf
-            out.append((node, _conditions(path, columns)))
-            return
-        feature, threshold = int(t.feature[node]), float(t.threshold[node])
-        walk(int(t.children_left[node]), [*path, (feature, True, threshold)])
-        walk(int(t.children_right[node]), [*path, (feature, False, threshold)])
-
-    walk(0, [])
-    return out
-
-
-def _conditions(path: list[tuple[int, bool, float]], columns: list[_Column]) -> tuple[str, ...]:
-    """``(column, goes_left, threshold)`` steps -> readable conditions, one per column."""
-    bounds: dict[int, list[float]] = {}
-    flags: dict[int, bool] = {}
-    for index, left, threshold in path:
-        if columns[index].kind == "numeric":
-            lo_hi = bounds.setdefault(index, [-math.inf, math.inf])
-            if left:
-                lo_hi[1] = min(lo_hi[1], threshold)
-            else:
-                lo_hi[0] = max(lo_hi[0], threshold)
-        else:
-            flags[index] = not left  # an indicator or boolean: right = yes
-    equal_to = {
-        columns[i].feature for i, yes in flags.items() if yes and not columns[i].sequence and not columns[i].group
-    }
-    out: list[str] = []
-    for index in sorted(set(bounds) | set(flags)):
-        col = columns[index]
-        if index in bounds:
-            out.append(_range(col, *bounds[index]))
-        elif col.kind == "boolean":
-            out.append(f"{col.feature} = {col.true_text if flags[index] else col.false_text}")
-        elif flags[index]:
-            out.append(_describe(col))
-        elif not col.sequence and col.feature in equal_to:
-            continue  # "device = mobile" already excludes "device = desktop"
-        elif col.group:
-            out.append(f"{col.feature} is none of {col.value}")
-        else:
-            out.append(f"{col.feature} without {col.value}" if col.sequence else f"{col.feature} ≠ {col.value}")
-    return tuple(out)
-
-
-def _range(col: _Column, lo: float, hi: float) -> str:
-    """``lo < x <= hi`` in the column's own units (whole numbers when the column is)."""
-    if col.integral:
-        low = f"{col.feature} ≥ {math.floor(lo) + 1}" if math.isfinite(lo) else ""
-        high = f"{col.feature} ≤ {math.floor(hi)}" if math.isfinite(hi) else ""
-        if low and high:
-            return f"{math.floor(lo) + 1} ≤ {col.feature} ≤ {math.floor(hi)}"
-        return low or high
-    if math.isfinite(lo) and math.isfinite(hi):
-        return f"{_fmt(lo)} < {col.feature} ≤ {_fmt(hi)}"
-    return f"{col.feature} > {_fmt(lo)}" if math.isfinite(lo) else f"{col.feature} ≤ {_fmt(hi)}"
-
-
-# --- categories and recommendations -----------------------------------------------------------
-
-
 def _category_feature(table: Table, name: str) -> CategoricalFeature | SequenceFeature:
     for feat in table.schema.features:
         if feat.name == name:
@@ -763,10 +488,10 @@ class _CategoryStats:
 
     @classmethod
     def of(cls, matrix: np.ndarray, labels: np.ndarray, k: int, min_users: int) -> _CategoryStats:
-        known = _present(matrix).any(axis=1)
+        known = present(matrix).any(axis=1)
         # A category fewer than min_users users of the whole silo have is hidden for every
         # persona and never popular: it is left out altogether.
-        categories = tuple(sorted(v for v, users in _users_per_value(matrix) if users >= min_users))
+        categories = tuple(sorted(v for v, users in users_per_value(matrix) if users >= min_users))
         has = np.zeros((len(labels), len(categories)), dtype=bool)
         for j, category in enumerate(categories):
             has[:, j] = np.any(matrix == category, axis=1)
@@ -834,18 +559,6 @@ def _check_assignments(table: Table, assignments: np.ndarray, k: int) -> np.ndar
 def _check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _present(values: np.ndarray) -> np.ndarray:
-    """Elementwise "has a value" of an object array of category strings (None = missing)."""
-    return np.asarray(pd.notna(values), dtype=bool)
-
-
-def _fmt(x: float) -> str:
-    """A number for people: 3 significant digits, whole numbers from 100 up."""
-    if abs(x) >= 100:
-        return f"{x:,.0f}"
-    return f"{x:.3g}"
 
 
 def _plain(obj: Any) -> Any:
