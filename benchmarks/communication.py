@@ -22,7 +22,8 @@ from fedpersona.data.features import layout_of
 from fedpersona.data.schema import load_schema
 from fedpersona.federation.messages import encode_arrays
 from fedpersona.federation.secagg import SecAggParams, VectorLayout, modulus_bits_for, share_keys, start_round
-from fedpersona.model.encoder import PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder
+from fedpersona.model.scopes import parameter_scope
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS, PER_KIND, ROWS_PER_PARTNER = ("ecommerce", "finance", "health"), 4, 20_000

@@ -18,8 +18,9 @@ from fedpersona.data.features import featurize, layout_of
 from fedpersona.data.schema import slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import validate_frame
-from fedpersona.model.encoder import PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.inference import assign_personas, infer_file
+from fedpersona.model.scopes import parameter_scope
 
 KIND, PERSONAS, BATCH = "ecommerce", 6, 1024
 

@@ -20,7 +20,8 @@ from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingS
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.model.encoder import PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder
+from fedpersona.model.scopes import parameter_scope
 from fedpersona.model.training import train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_noise

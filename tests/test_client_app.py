@@ -17,7 +17,8 @@ from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import decode_arrays, encode_arrays, encode_settings
-from fedpersona.model.encoder import PersonaTrunk, parameter_scope
+from fedpersona.model.encoder import PersonaTrunk
+from fedpersona.model.scopes import parameter_scope
 from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
 MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)

@@ -27,9 +27,6 @@ from fedpersona.federation.messages import encode_arrays, encode_settings
 from fedpersona.federation.secagg import (
     SecAggParams,
     SecureAggregationError,
-    SecureRound,
-    VectorLayout,
-    as_updates,
     encode_update,
     mask_vector,
     quantize,
@@ -38,6 +35,7 @@ from fedpersona.federation.secagg import (
     share_keys,
     start_round,
 )
+from fedpersona.federation.secure_round import SecureRound, VectorLayout, as_updates
 from fedpersona.federation.server_app import NothingTrained, ServerSettings, run_federation
 from fedpersona.privacy.manifest import ReleaseError, check_outgoing, parse_error_reason
 
@@ -221,13 +219,13 @@ def test_every_masked_vector_is_far_from_its_partners_plain_vector() -> None:
 
 def test_the_server_decodes_only_sums(monkeypatch: pytest.MonkeyPatch) -> None:
     decoded: list[np.ndarray] = []
-    real = secagg.dequantize
+    real = secure_round.dequantize
 
     def spy(arrays: list[np.ndarray], clipping_range: float, target_range: int) -> list[np.ndarray]:
         decoded.append(np.array(arrays[0]))
         return real(arrays, clipping_range, target_range)
 
-    monkeypatch.setattr(secagg, "dequantize", spy)
+    monkeypatch.setattr(secure_round, "dequantize", spy)
     members = _members(4)
     sec, plain, _ = _run_protocol(members)
     sec.result()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fedpersona.errors import ConfigError
-from fedpersona.model.encoder import parameter_scope
+from fedpersona.model.scopes import parameter_scope
 
 __all__ = ["SERVER_OPTIMIZERS", "PartnerUpdate", "ScopedAggregator", "weighted_mean"]
 

@@ -33,8 +33,9 @@ from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import Schema, SequenceFeature, load_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import ConfigError, PrivacyLedgerError
-from fedpersona.model.encoder import PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all, evaluate
+from fedpersona.model.scopes import parameter_scope
 from fedpersona.model.training import LocalResult, pick_device, train_locally
 from fedpersona.personas.clustering import ClusterStats, charge_kmeans_round, local_cluster_stats, nearest_prototype
 from fedpersona.privacy.ledger import PrivacyLedger

@@ -28,14 +28,13 @@ from fedpersona.federation.roster import Member, exchange, failed, reported_numb
 from fedpersona.federation.secagg import (
     SecAggParams,
     SecureAggregationError,
-    SecureRound,
-    as_updates,
     blobs,
     decode_shapes,
     ints,
     modulus_bits_for,
     strict_majority,
 )
+from fedpersona.federation.secure_round import SecureRound, as_updates
 from fedpersona.personas.clustering import ClusterStats
 from fedpersona.personas.schedule import KMeansRun
 from fedpersona.privacy.manifest import parse_error_reason

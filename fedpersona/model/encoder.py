@@ -4,12 +4,9 @@ Every layer is an ``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm``, each used
 forward pass, so Opacus computes per-sample gradient norms for all of them (ghost clipping
 for Linear and Embedding, exact per-sample gradients for LayerNorm). No BatchNorm.
 
-Parameter scopes are declared once, here, in :data:`SCOPES`, and the aggregation strategy
-obeys them:
-
-- ``adapter`` (scope ``kind``): averaged only among partners of one kind and one schema.
-- ``trunk`` (scope ``global``): averaged over every partner.
-- ``recon_head``, ``scalar_stats`` and ``label_head`` (scope ``local``): never leave the partner.
+Each top-level module's scope (``adapter``: kind, ``trunk``: global, the heads and
+``scalar_stats``: local) is declared once, in :mod:`fedpersona.model.scopes`, and the
+aggregation strategy obeys it.
 
 **Numbers enter centred and scaled by their public typical range.** A schema may declare,
 per number, ``typical = [low, high]``: about the middle 90% of users, public domain knowledge
@@ -38,7 +35,6 @@ by it). An auditor sees no extra release and no statistic outside the accountant
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,33 +44,14 @@ from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import FeatureLayout
 
 __all__ = [
-    "SCOPES",
     "FeatureAdapter",
     "PersonaEncoder",
     "PersonaTrunk",
     "ScalarStats",
-    "parameter_scope",
     "random_keep",
     "token_presence",
 ]
 
-Scope = Literal["global", "kind", "local"]
-
-SCOPES: dict[str, Scope] = {
-    "adapter": "kind",
-    "trunk": "global",
-    "recon_head": "local",
-    "scalar_stats": "local",
-    "label_head": "local",
-}
-
-
-def parameter_scope(name: str) -> Scope:
-    """The scope of a state-dict key such as ``trunk.pool.weight``."""
-    prefix = name.split(".", 1)[0]
-    if prefix not in SCOPES:
-        raise KeyError(f"parameter '{name}' belongs to no declared scope ({', '.join(SCOPES)})")
-    return SCOPES[prefix]
 
 
 class FeatureAdapter(nn.Module):

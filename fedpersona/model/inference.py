@@ -48,7 +48,8 @@ from fedpersona.data.features import FeatureTensors, featurize, layout_of
 from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.tables import check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.model.encoder import PersonaEncoder, parameter_scope
+from fedpersona.model.encoder import PersonaEncoder
+from fedpersona.model.scopes import parameter_scope
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
