@@ -18,6 +18,7 @@ from flwr.app import Context, Message, RecordDict
 
 import fedpersona.federation.client_app as client_app
 import fedpersona.federation.secagg as secagg
+import fedpersona.federation.secure_round as secure_round
 from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
