@@ -533,7 +533,7 @@ def partner_check(
     kmeans_rounds: int | None = typer.Option(None, min=0, help="Persona-clustering rounds (default: federation's)."),
 ) -> None:
     """Validate data, schema, privacy plan and credentials; nothing connects."""
-    from fedpersona.deploy.coordinator import check_partner
+    from fedpersona.deploy.partner_site import check_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
     result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
@@ -579,7 +579,7 @@ def partner_start(
     ),
 ) -> None:
     """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
-    from fedpersona.deploy.coordinator import start_partner
+    from fedpersona.deploy.partner_site import start_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
     if model_key is None:

@@ -15,8 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpersona.deploy.certs import init_federation, load_signing_public_key, partner_keys
-from fedpersona.deploy.coordinator import load_node_public_key
+from fedpersona.deploy.certs import init_federation, load_node_public_key, load_signing_public_key, partner_keys
 from fedpersona.errors import ConfigError
 
 

@@ -13,15 +13,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedpersona.config.files import dump_toml, load_federation_config
-from fedpersona.deploy.certs import init_federation, partner_keys
-from fedpersona.deploy.coordinator import (
-    check_partner,
-    load_node_public_key,
-    stage_app,
-    start_server,
-    superlink_command,
-    supernode_command,
-)
+from fedpersona.deploy.certs import init_federation, load_node_public_key, partner_keys
+from fedpersona.deploy.coordinator import stage_app, start_server, superlink_command
+from fedpersona.deploy.partner_site import check_partner, supernode_command
 from fedpersona.errors import ConfigError, SchemaError
 
 REPO = Path(__file__).resolve().parents[1]

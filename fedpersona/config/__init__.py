@@ -4,4 +4,4 @@ strictly typed pydantic model (:mod:`fedpersona.config.settings`); the files are
 validated whole, every problem reported at once with a did-you-mean for misspelt keys
 (:mod:`fedpersona.config.files`). This layer imports nothing of fedpersona but its errors."""
 
-__all__ = ["files", "settings"]
+__all__ = ["files", "problems", "settings"]

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import tomli_w
 from pydantic import ValidationError
 
-from fedpersona.config.settings import FederationConfig, PartnerConfig, PrivacyPlan, Scenario, Settings, problems_of
+from fedpersona.config.problems import problems_of
+from fedpersona.config.settings import FederationConfig, PartnerConfig, PrivacyPlan, Scenario, Settings
 from fedpersona.errors import ConfigError
 
 S = TypeVar("S", bound=Settings)

@@ -39,9 +39,12 @@ from fedpersona.errors import ConfigError
 
 __all__ = [
     "CURVES",
+    "NIST_CURVES",
     "FederationCredentials",
     "PartnerKeys",
     "init_federation",
+    "load_node_private_key",
+    "load_node_public_key",
     "load_signing_public_key",
     "partner_keys",
 ]
@@ -241,3 +244,39 @@ def load_signing_public_key(path: str | Path) -> bytes:
     if not isinstance(key, Ed25519PublicKey):
         raise ConfigError(f"{path}: the model-signing key must be Ed25519, got {type(key).__name__}")
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
+    """A partner's node key as ``flwr supernode register`` needs it: OpenSSH, EC, NIST curve."""
+    path = Path(path)
+    try:
+        key = serialization.load_ssh_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the partner's public key file does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
+        raise ConfigError(
+            f"{path}: node keys must be EC keys on a NIST curve (P-256/P-384/P-521); "
+            "make one with `fedpersona certs partner NAME --out DIR`"
+        )
+    return key
+
+
+def load_node_private_key(path: Path) -> None:
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), None)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the node authentication key does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not an unencrypted OpenSSH private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
+        raise ConfigError(f"{path}: the node key must be an EC key on a NIST curve (P-256/P-384/P-521)")
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"{path}: a private key must be readable by its owner only (chmod 600 {path})")
+
+
+# --------------------------------------------------------------------------- coordinator

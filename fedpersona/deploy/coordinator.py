@@ -1,4 +1,4 @@
-"""Real deployments on Flower's Deployment Engine: a SuperLink at the coordinator, a SuperNode per partner.
+"""The coordinator on Flower's Deployment Engine: a SuperLink, registered partners, one run.
 
 Coordinator (``fedpersona server start --config server/federation.toml``)::
 
@@ -14,18 +14,9 @@ Coordinator (``fedpersona server start --config server/federation.toml``)::
 in ``RUN_DIR/flwr-home`` (address and the CA as ``root-certificates``), so nothing in the
 operator's home folder is touched. Fleet, Control and Runtime APIs share the one HTTPS port.
 
-Partner (``fedpersona partner start --config clients/<kind>/client.toml``): the data is checked
-against the schema and the privacy plan first, then::
-
-    flower-supernode --superlink HOST:PORT --root-certificates CA
-                     --auth-supernode-private-key KEY --max-wait-time W --port RUNTIME_PORT
-                     --node-config 'client-config="/abs/client.toml"'
-
-flower-supernode retries a lost SuperLink itself (for up to ``W`` seconds); if it gives up,
-fedpersona restarts it with a bounded exponential backoff.
-
-Both commands log to files, and on SIGINT/SIGTERM terminate every process they started (and
-those processes' children), waiting a bounded time before killing.
+The partner's side is :mod:`fedpersona.deploy.partner_site`. The coordinator logs to files,
+and on SIGINT/SIGTERM terminates every process it started (and those processes' children),
+waiting a bounded time before killing.
 """
 
 from __future__ import annotations
@@ -38,20 +29,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from fedpersona.config.files import load_federation_config, load_partner_config, load_plan
+from fedpersona.config.files import load_federation_config
 from fedpersona.config.settings import (
     FederationConfig,
-    FederationSettings,
-    PartnerConfig,
-    TrainingSettings,
 )
+from fedpersona.deploy.certs import load_node_public_key
 from fedpersona.deploy.processes import (
     ProcessSupervisor,
     Stopped,
@@ -64,20 +49,11 @@ from fedpersona.deploy.processes import (
 )
 from fedpersona.errors import ConfigError, FedPersonaError
 
-__all__ = [
-    "PartnerCheck",
-    "check_partner",
-    "load_node_public_key",
-    "stage_app",
-    "start_partner",
-    "start_server",
-    "supernode_command",
-]
+__all__ = ["check_resume", "stage_app", "start_server", "superlink_command"]
 
 logger = logging.getLogger(__name__)
 
 CONNECTION = "fedpersona"  # the SuperLink connection name in RUN_DIR/flwr-home/config.toml
-NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 Report = Callable[[str], None]
 
 
@@ -98,39 +74,6 @@ def check_resume(cfg: FederationConfig) -> str:
         done, total = checkpoint.round, cfg.federation.rounds
         return f"{done} of {total} rounds aggregated: continuing at round {done + 1}"
     return f"training done; persona clustering continues ({checkpoint.stage}, {checkpoint.kmeans_done} k-means rounds)"
-
-
-def load_node_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
-    """A partner's node key as ``flwr supernode register`` needs it: OpenSSH, EC, NIST curve."""
-    path = Path(path)
-    try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: the partner's public key file does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not an OpenSSH public key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
-        raise ConfigError(
-            f"{path}: node keys must be EC keys on a NIST curve (P-256/P-384/P-521); "
-            "make one with `fedpersona certs partner NAME --out DIR`"
-        )
-    return key
-
-
-def _load_node_private_key(path: Path) -> None:
-    try:
-        key = serialization.load_ssh_private_key(path.read_bytes(), None)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: the node authentication key does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not an unencrypted OpenSSH private key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
-        raise ConfigError(f"{path}: the node key must be an EC key on a NIST curve (P-256/P-384/P-521)")
-    if path.stat().st_mode & 0o077:
-        raise ConfigError(f"{path}: a private key must be readable by its owner only (chmod 600 {path})")
-
-
-# --------------------------------------------------------------------------- coordinator
 
 
 def _connect_host(host: str) -> str:
@@ -415,180 +358,3 @@ def _watch_run(
 
 
 # --------------------------------------------------------------------------- partner
-
-
-@dataclass(frozen=True)
-class PartnerCheck:
-    """What ``fedpersona partner check`` found (everything it printed, as data)."""
-
-    config: PartnerConfig
-    rows: int
-    train_rows: int
-    public_rows: int
-    features: int
-    noise_multiplier: float | None
-    planned_rounds: int | None
-    epsilon_per_round: tuple[float, ...]
-    plan_source: str
-
-
-def check_partner(
-    config: str | Path,
-    *,
-    ca: str | Path,
-    key: str | Path,
-    rounds: int | None = None,
-    training: TrainingSettings | None = None,
-    kmeans_rounds: int | None = None,
-) -> PartnerCheck:
-    """Validate everything a partner will use before anything connects; raise once with all problems.
-
-    The privacy plan is the one :func:`fedpersona.privacy.planner.plan_rows` computes: ``rounds`` DP-SGD
-    rounds, then ``kmeans_rounds`` persona-clustering rounds (default: the federation default;
-    0 = none), whose reserve the noise is planned around; the last epsilon is after clustering.
-    """
-    from fedpersona.federation.partner import load_partner_data, public_rows_of
-    from fedpersona.privacy.planner import epsilon_schedule, make_plan
-
-    cfg = load_partner_config(config)
-    problems: list[str] = []
-    ca, key = Path(ca), Path(key)
-    try:
-        from cryptography import x509
-
-        x509.load_pem_x509_certificates(ca.read_bytes())
-    except (OSError, ValueError) as exc:
-        problems.append(f"{ca}: not the federation's CA certificate (PEM) ({exc})")
-    try:
-        _load_node_private_key(key)
-    except ConfigError as exc:
-        problems.append(str(exc))
-    state = Path(cfg.state_dir)
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        probe = state / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        problems.append(f"partner.state_dir {state} is not writable ({exc})")
-    if problems:
-        raise ConfigError("; ".join(problems))
-    data = load_partner_data(cfg)  # schema validation: raises SchemaError listing every problem
-    declared = public_rows_of(cfg, data)  # a private partner with a table must declare public_rows
-    training = training or TrainingSettings()
-    fixed = load_plan(state)  # the plan is fixed at the first round and never re-made
-    planned: int | None
-    if fixed is not None:
-        planned, sigma, source = fixed.planned_rounds, fixed.noise_multiplier, f"fixed in {state / 'plan.json'}"
-        eps: list[float] = epsilon_schedule(fixed)
-    else:
-        planned = cfg.privacy.planned_rounds or rounds
-        source = "planned now (fixed at the first round)"
-        sigma, eps = None, []
-        if planned is not None:
-            fed = FederationSettings()  # the coordinator's defaults unless told otherwise
-            releases = fed.kmeans_releases if kmeans_rounds is None else kmeans_rounds
-            plan = make_plan(
-                privacy=cfg.privacy, training=training, public_rows=declared, rounds=planned,
-                kmeans_rounds=releases, kmeans_noise=fed.kmeans_noise if releases else None,
-            )  # fmt: skip
-            sigma, eps = plan.noise_multiplier, epsilon_schedule(plan)
-    return PartnerCheck(
-        config=cfg,
-        rows=len(data.table),
-        train_rows=len(data.train),
-        public_rows=declared,
-        features=len(data.schema.features),
-        noise_multiplier=sigma,
-        planned_rounds=planned,
-        epsilon_per_round=tuple(eps),
-        plan_source=source,
-    )
-
-
-def supernode_command(
-    *,
-    config: str | Path,
-    superlink: str,
-    ca: str | Path,
-    key: str | Path,
-    runtime_port: int = 9094,
-    max_wait_time: float = 600.0,
-    model_key: str | Path | None = None,
-) -> list[str]:
-    """The ``flower-supernode`` command line of a partner (``model_key``: the federation's
-    model-signing public key, which verifies the final model the server sends)."""
-    paths = {"client-config": str(Path(config).resolve())}
-    if model_key is not None:
-        paths["model-public-key"] = str(Path(model_key).resolve())
-    for path in paths.values():
-        if '"' in path or "\\" in path:
-            raise ConfigError(f"the paths in the node config must not contain quotes or backslashes: {path}")
-    node_config = " ".join(f'{key}="{path}"' for key, path in paths.items())
-    return [
-        flower_tool("flower-supernode"),
-        "--superlink", superlink,
-        "--root-certificates", str(Path(ca).resolve()),
-        "--auth-supernode-private-key", str(Path(key).resolve()),
-        "--max-wait-time", f"{max_wait_time:g}",
-        "--port", str(runtime_port),
-        "--node-config", node_config,
-    ]  # fmt: skip
-
-
-def start_partner(
-    config: str | Path,
-    *,
-    superlink: str,
-    ca: str | Path,
-    key: str | Path,
-    runtime_port: int = 9094,
-    max_wait_time: float = 600.0,
-    max_restarts: int = 10,
-    model_key: str | Path | None = None,
-    report: Report = logger.info,
-) -> int:
-    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up.
-
-    ``model_key`` (the federation's ``model-signing.pub``) lets the partner verify and install
-    the final model the server sends at the end of the run; without it the partner refuses it.
-    """
-    check = check_partner(config, ca=ca, key=key)
-    cfg = check.config
-    if model_key is not None:
-        from fedpersona.deploy.certs import load_signing_public_key
-
-        load_signing_public_key(model_key)  # a ConfigError now rather than a refused model later
-    else:
-        report(
-            f"partner {cfg.name}: no model-signing.pub given; the final model the server sends will not be "
-            "installed (fetch it from the registry instead)"
-        )
-    log = Path(cfg.state_dir) / "logs" / "supernode.log"
-    cmd = supernode_command(
-        config=config, superlink=superlink, ca=ca, key=key, runtime_port=runtime_port,
-        max_wait_time=max_wait_time, model_key=model_key,
-    )  # fmt: skip
-    supervisor = ProcessSupervisor()
-    with StopSignals() as signals:
-        try:
-            for attempt in range(max_restarts + 1):
-                # FLWR_HOME: the app bundles the SuperNode installs stay in the partner's state folder.
-                proc = supervisor.start(cmd, log=log, env={"FLWR_HOME": str(Path(cfg.state_dir) / "flwr-home")})
-                report(f"partner {cfg.name}: flower-supernode pid {proc.pid} -> {superlink}; log {log}")
-                while proc.poll() is None:
-                    signals.sleep(1.0)
-                supervisor.stop(proc)
-                supervisor.procs = [(p, h) for p, h in supervisor.procs if p is not proc]
-                if attempt == max_restarts:
-                    break
-                delay = min(300.0, 5.0 * 2**attempt)
-                report(f"flower-supernode exited with code {proc.returncode}; restarting in {delay:.0f}s")
-                signals.sleep(delay)
-            report(f"giving up after {max_restarts + 1} start(s); see {log}")
-            return 1
-        except Stopped as stop:
-            report(f"received {stop}; stopping flower-supernode")
-            return 130
-        finally:
-            supervisor.stop_all()

@@ -196,7 +196,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     from fedpersona.config.settings import PrivacySettings
     from fedpersona.data.synthetic import generate_frame
     from fedpersona.deploy.certs import init_federation, load_signing_public_key, partner_keys
-    from fedpersona.deploy.coordinator import supernode_command
+    from fedpersona.deploy.partner_site import supernode_command
     from fedpersona.deploy.processes import alive, descendants
     from fedpersona.deploy.registry import RegistryError, fetch_model
     from fedpersona.federation.checkpoint import load_checkpoint
