@@ -167,7 +167,7 @@ def test_the_report_says_how_k_was_chosen(tmp_path: Path) -> None:
 
 
 def test_simulate_prints_the_chosen_k(tmp_path: Path) -> None:
-    from fedpersona.cli import k_choice_line
+    from fedpersona.cli.runs import k_choice_line
 
     run_federation(FakeGrid(_partners()), _settings(tmp_path / "chosen"))  # type: ignore[arg-type]
     assert k_choice_line(tmp_path / "chosen") == (

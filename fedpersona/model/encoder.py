@@ -53,7 +53,6 @@ __all__ = [
 ]
 
 
-
 class FeatureAdapter(nn.Module):
     """Turns one user's row into a set of d-dimensional tokens (scope: kind)."""
 

@@ -1,0 +1,5 @@
+"""``python -m fedpersona.cli``."""
+
+from fedpersona.cli import main
+
+main()

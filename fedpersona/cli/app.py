@@ -1,0 +1,67 @@
+"""The ``fedpersona`` command line. Exit codes: 0 success, 2 user error, 1 internal failure."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from fedpersona.errors import FedPersonaError
+
+__all__ = [
+    "app",
+    "certs_app",
+    "console",
+    "err_console",
+    "number_text",
+    "parse_epsilon",
+    "partner_app",
+    "privacy_app",
+    "schema_app",
+    "server_app_cli",
+]
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+schema_app = typer.Typer(no_args_is_help=True, help="Draft and check silo schemas.")
+privacy_app = typer.Typer(no_args_is_help=True, help="Plan and inspect privacy budgets.")
+certs_app = typer.Typer(no_args_is_help=True, help="Federation CA, SuperLink certificate, signing and node keys.")
+server_app_cli = typer.Typer(no_args_is_help=True, help="Run the coordinator (Flower SuperLink + the fedpersona run).")
+partner_app = typer.Typer(no_args_is_help=True, help="Check and run a partner site (Flower SuperNode).")
+app.add_typer(schema_app, name="schema")
+app.add_typer(privacy_app, name="privacy")
+app.add_typer(certs_app, name="certs")
+app.add_typer(server_app_cli, name="server")
+app.add_typer(partner_app, name="partner")
+
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def number_text(value: Any, digits: int = 3) -> str:
+    """A table cell: NOT PRIVATE for no epsilon, - for NaN, inf, or the number rounded."""
+    if value is None:
+        return "NOT PRIVATE"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        if math.isinf(value):
+            return "inf"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def parse_epsilon(text: str | None) -> float | None:
+    """``--epsilon``: a number > 0 or ``inf`` (NOT PRIVATE)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("inf", "infinity"):
+        return math.inf
+    try:
+        value = float(text)
+    except ValueError:
+        raise FedPersonaError(f"--epsilon must be a number > 0 or 'inf', got {text!r}") from None
+    if not value > 0:
+        raise FedPersonaError(f"--epsilon must be a number > 0 or 'inf', got {text!r}")
+    return value

@@ -1,0 +1,206 @@
+"""``fedpersona certs``, ``server``, ``partner`` and ``serve``: a real deployment."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table as RichTable
+
+from fedpersona.cli.app import app, certs_app, console, number_text, partner_app, server_app_cli
+from fedpersona.errors import FedPersonaError
+
+__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_start"]
+
+
+# --- deployment: credentials, coordinator, partners, model registry (fedpersona.deploy.certs/deploy/registry)
+
+
+@certs_app.command("init")
+def certs_init(
+    out: Path = typer.Option(..., help="Folder for ca.pem/ca.key, server.pem/server.key, model-signing.key/.pub."),
+    host: list[str] = typer.Option(..., help="DNS name or IP partners use to reach the SuperLink (repeatable)."),
+    days: int = typer.Option(825, help="Certificate lifetime in days."),
+) -> None:
+    """Create the federation CA, the SuperLink's TLS certificate and the model-signing key."""
+    from fedpersona.deploy.certs import init_federation
+
+    creds = init_federation(out=out, hosts=host, days=days)
+    console.print(
+        f"wrote {creds.ca_cert}, {creds.server_cert}, {creds.signing_public_key} (give ca.pem and "
+        f"model-signing.pub to every partner) and private keys {creds.ca_key}, {creds.server_key}, "
+        f"{creds.signing_key} (mode 0600; never share them)"
+    )
+
+
+@certs_app.command("partner")
+def certs_partner(
+    name: str = typer.Argument(..., help="The partner's name (as in its client.toml)."),
+    out: Path = typer.Option(..., help="Folder for NAME.key (private, 0600) and NAME.pub."),
+    curve: str = typer.Option("p384", help="NIST curve: p384 or p256."),
+) -> None:
+    """Create a partner's SuperNode authentication key pair (run it at the partner's site)."""
+    from fedpersona.deploy.certs import partner_keys
+
+    keys = partner_keys(name, out=out, curve=curve)
+    console.print(
+        f"wrote {keys.private_key} (keep it at the site, mode 0600) and {keys.public_key} "
+        "(send it to the coordinator for server/federation.toml)"
+    )
+
+
+@server_app_cli.command("start")
+def server_start(
+    config: Path = typer.Option(..., help="server/federation.toml."),
+    resume: bool = typer.Option(False, help="Continue a federation whose run folder already exists."),
+) -> None:
+    """Start the SuperLink (TLS + node auth), register partners, run the federation; Ctrl-C stops all."""
+    from fedpersona.deploy.coordinator import start_server
+
+    code = start_server(config, resume=resume, report=_report)
+    if code:
+        sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
+
+
+def _report(message: str) -> None:
+    console.print(message, soft_wrap=True, highlight=False)
+
+
+def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Path, Path]:
+    from fedpersona.config.files import load_partner_config
+
+    cfg = load_partner_config(config)
+    folder = config.resolve().parent / "credentials"
+    return ca or folder / "ca.pem", key or folder / f"{cfg.name}.key"
+
+
+@partner_app.command("check")
+def partner_check(
+    config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
+    ca: Path | None = typer.Option(None, help="Federation CA (default: credentials/ca.pem beside client.toml)."),
+    key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
+    rounds: int | None = typer.Option(None, min=1, help="Rounds the federation plans (for the privacy plan)."),
+    kmeans_rounds: int | None = typer.Option(None, min=0, help="Persona-clustering rounds (default: federation's)."),
+) -> None:
+    """Validate data, schema, privacy plan and credentials; nothing connects."""
+    from fedpersona.deploy.partner_site import check_partner
+
+    ca_path, key_path = _partner_paths(config, ca, key)
+    result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
+    cfg = result.config
+    console.print(
+        f"partner {cfg.name} ({cfg.kind}): data OK, {result.rows} users ({result.train_rows} for training; "
+        f"declared public_rows {result.public_rows}), {result.features} features; credentials OK; "
+        f"state folder {cfg.state_dir}"
+    )
+    if not 0.5 <= result.train_rows / result.public_rows <= 2.0:
+        console.print(
+            f"[bold yellow]warning:[/bold yellow] data.public_rows = {result.public_rows} is far from the "
+            f"{result.train_rows} training rows here: the sample rate and your weight follow the declaration, "
+            "so training will see much more or much less of your data than planned"
+        )
+    if not cfg.privacy.private:
+        console.print("[bold red]NOT PRIVATE: privacy.target_epsilon = inf[/bold red]")
+    elif result.planned_rounds is None:
+        console.print("privacy plan: give --rounds (or set privacy.planned_rounds) to see noise and epsilon per round")
+    else:
+        eps = ", ".join(f"{e:.3f}" for e in result.epsilon_per_round)
+        sigma = number_text(result.noise_multiplier, 4)
+        console.print(
+            f"privacy plan ({result.plan_source}): {result.planned_rounds} rounds, noise multiplier {sigma}, "
+            f"target epsilon {cfg.privacy.target_epsilon:g}"
+            + (f", cumulative epsilon {eps} (the last after persona clustering, if any)" if eps else "")
+        )
+
+
+@partner_app.command("start")
+def partner_start(
+    config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
+    superlink: str = typer.Option(..., envvar="FEDPERSONA_SUPERLINK", help="The coordinator's SuperLink as HOST:PORT."),
+    ca: Path | None = typer.Option(None, help="Federation CA (default: credentials/ca.pem beside client.toml)."),
+    key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
+    runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback)."),
+    max_wait_time: float = typer.Option(600.0, help="Seconds flower-supernode keeps reconnecting before a restart."),
+    max_restarts: int = typer.Option(10, min=0, help="Restarts of flower-supernode (backoff 5s..300s)."),
+    model_key: Path | None = typer.Option(
+        None,
+        help="The federation's model-signing.pub, to verify the final model (default: credentials/ beside "
+        "client.toml when there).",
+    ),
+) -> None:
+    """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
+    from fedpersona.deploy.partner_site import start_partner
+
+    ca_path, key_path = _partner_paths(config, ca, key)
+    if model_key is None:
+        default = config.resolve().parent / "credentials" / "model-signing.pub"
+        model_key = default if default.exists() else None
+    code = start_partner(
+        config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
+        max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, report=_report,
+    )  # fmt: skip
+    if code:
+        sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
+
+
+@partner_app.command("models")
+def partner_models(config: Path = typer.Option(..., help="clients/<kind>/client.toml.")) -> None:
+    """The federation model installed at this partner, and the ones it replaced."""
+    from fedpersona.config.files import load_partner_config
+    from fedpersona.model.artifacts import model_versions
+
+    cfg = load_partner_config(config)
+    versions = model_versions(Path(cfg.state_dir) / "model")
+    if not versions:
+        console.print(f"no federation model is installed in {Path(cfg.state_dir) / 'model'}")
+        return
+    table = RichTable(title=f"models of partner {cfg.name}")
+    for col in ("version", "rounds", "personas", "created", "path"):
+        table.add_column(col)
+    for v in versions:
+        created = v["created"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(created))) if created else "-"
+        table.add_row(str(v["version"]), str(v["rounds"]), str(v["personas"]), when, str(v["path"]))
+    console.print(table)
+
+
+@partner_app.command("rollback")
+def partner_rollback(
+    config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
+    version: str | None = typer.Option(None, help="The version to reinstall (default: the most recent one)."),
+    model_key: Path | None = typer.Option(
+        None, help="The federation's model-signing.pub (default: credentials/ beside client.toml)."
+    ),
+) -> None:
+    """Reinstall a model the installed one replaced (after it is verified again)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from fedpersona.config.files import load_partner_config
+    from fedpersona.model.artifacts import rollback_model
+
+    cfg = load_partner_config(config)
+    key_path = model_key or config.resolve().parent / "credentials" / "model-signing.pub"
+    try:
+        loaded = serialization.load_pem_public_key(key_path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise FedPersonaError(f"{key_path}: not the federation's model-signing public key ({exc})") from None
+    raw = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    chosen = rollback_model(Path(cfg.state_dir) / "model", version=version, public_key=raw)
+    console.print(f"reinstalled model {chosen} in {Path(cfg.state_dir) / 'model'}; the replaced one is in the history")
+
+
+@app.command()
+def serve(
+    artifacts: Path = typer.Option(..., help="A model folder (RUN_DIR/model) or a folder of them."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8443, help="Port to listen on."),
+    tls_cert: Path | None = typer.Option(None, help="TLS certificate (PEM); with --tls-key serves HTTPS."),
+    tls_key: Path | None = typer.Option(None, help="TLS private key (PEM)."),
+    token_file: Path | None = typer.Option(None, help="File holding a bearer token required on /v1 (mode 0600)."),
+) -> None:
+    """Serve signed global models read-only over HTTP(S)."""
+    from fedpersona.deploy.registry import serve_registry
+
+    serve_registry(artifacts, host=host, port=port, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file)
