@@ -21,7 +21,8 @@ from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import layout_of
 from fedpersona.data.schema import load_schema
 from fedpersona.federation.messages import encode_arrays
-from fedpersona.federation.secagg import SecAggParams, VectorLayout, modulus_bits_for, share_keys, start_round
+from fedpersona.federation.secagg import SecAggParams, modulus_bits_for, share_keys, start_round
+from fedpersona.federation.secure_round import VectorLayout
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.scopes import parameter_scope
 

@@ -13,15 +13,8 @@ from opacus.validators import ModuleValidator
 from fedpersona.config.settings import ModelSettings
 from fedpersona.errors import ConfigError
 from fedpersona.federation.partner import PartnerData, build_model
-from fedpersona.model.encoder import (
-    SCOPES,
-    PersonaEncoder,
-    ScalarStats,
-    _at_least_one,
-    parameter_scope,
-    random_keep,
-    token_presence,
-)
+from fedpersona.model.encoder import PersonaEncoder, ScalarStats, _at_least_one, random_keep, token_presence
+from fedpersona.model.scopes import SCOPES, parameter_scope
 
 
 def test_model_passes_opacus_validator(small_data: PartnerData, model_cfg: ModelSettings) -> None:
