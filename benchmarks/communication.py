@@ -19,7 +19,7 @@ from flwr.common.secure_aggregation.crypto.shamir import create_shares
 
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import layout_of
-from fedpersona.data.schema import load_schema
+from fedpersona.data.schema_reader import load_schema
 from fedpersona.federation.messages import encode_arrays
 from fedpersona.federation.secagg import SecAggParams, modulus_bits_for, share_keys, start_round
 from fedpersona.federation.secure_round import VectorLayout

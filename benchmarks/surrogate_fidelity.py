@@ -29,7 +29,7 @@ from sklearn.cluster import KMeans
 from benchmarks.workload import standardised_columns
 from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
-from fedpersona.data.schema import load_schema
+from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all

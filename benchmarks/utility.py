@@ -41,7 +41,7 @@ from sklearn.preprocessing import StandardScaler
 from benchmarks.workload import federate
 from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
-from fedpersona.data.schema import load_schema
+from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import load_table
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all

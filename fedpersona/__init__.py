@@ -40,7 +40,7 @@ _PUBLIC = {
     "PrivacySettings": "fedpersona.config.settings",
     "TrainingSettings": "fedpersona.config.settings",
     "Schema": "fedpersona.data.schema",
-    "load_schema": "fedpersona.data.schema",
+    "load_schema": "fedpersona.data.schema_reader",
     "Table": "fedpersona.data.tables",
     "load_table": "fedpersona.data.tables",
     "featurize": "fedpersona.data.features",
@@ -75,7 +75,8 @@ __all__ = [
 if TYPE_CHECKING:
     from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
     from fedpersona.data.features import featurize
-    from fedpersona.data.schema import Schema, load_schema
+    from fedpersona.data.schema import Schema
+    from fedpersona.data.schema_reader import load_schema
     from fedpersona.data.tables import Table, load_table
     from fedpersona.errors import (
         ConfigError,

@@ -91,7 +91,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedpersona.config.settings import PrivacySettings, Scenario, TrainingSettings, sample_rate_for
 from fedpersona.data.features import FeatureLayout, FeatureTensors, featurize
-from fedpersona.data.schema import Schema, parse_schema, slot_id
+from fedpersona.data.schema import Schema, slot_id
+from fedpersona.data.schema_reader import parse_schema
 from fedpersona.data.tables import validate_frame
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator

@@ -22,7 +22,7 @@ import numpy as np
 
 from fedpersona.config.files import dump_toml, load_scenario
 from fedpersona.config.settings import Scenario, SiloGroup
-from fedpersona.data.schema import load_schema
+from fedpersona.data.schema_reader import load_schema
 from fedpersona.errors import ConfigError
 
 __all__ = ["SimulationResult", "materialize_partners", "prepare_run_dir", "simulate"]

@@ -126,7 +126,7 @@ def test_adapter_feeds_numbers_centred_and_scaled_by_their_typical_range() -> No
     import pandas as pd
 
     from fedpersona.data.features import featurize
-    from fedpersona.data.schema import parse_schema
+    from fedpersona.data.schema_reader import parse_schema
     from fedpersona.data.tables import validate_frame
 
     schema = parse_schema(

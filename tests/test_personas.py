@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.surrogate_fidelity import DATA, PRIMARY, encoder_personas, primary_table
 from benchmarks.surrogate_fidelity import fidelity as surrogate_fidelity
-from fedpersona.data.schema import parse_schema
+from fedpersona.data.schema_reader import parse_schema
 from fedpersona.data.synthetic import SyntheticSilo, generate_silo
 from fedpersona.data.tables import Table, validate_frame
 from fedpersona.personas.cards import Effect, PersonaCard, hit_rate_at_k, persona_cards

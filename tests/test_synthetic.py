@@ -27,8 +27,8 @@ from fedpersona.data.schema import (
     Schema,
     SequenceFeature,
     TextFeature,
-    load_schema,
 )
+from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.synthetic import (
     ARCHETYPES,
     TARGET_LABEL_RATES,

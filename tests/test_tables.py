@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from fedpersona.data.drafting import infer_schema
-from fedpersona.data.schema import Schema, load_schema, parse_schema
+from fedpersona.data.schema import Schema
+from fedpersona.data.schema_reader import load_schema, parse_schema
 from fedpersona.data.tables import Table, load_table, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
 

@@ -127,7 +127,7 @@ def schema_check(
     data: Path = typer.Option(..., help="CSV (also .gz) or Parquet file."),
 ) -> None:
     """Validate a data file against a schema; lists every problem at once."""
-    from fedpersona.data.schema import load_schema
+    from fedpersona.data.schema_reader import load_schema
     from fedpersona.data.tables import load_table
 
     table = load_table(load_schema(schema), data)
@@ -163,7 +163,7 @@ def privacy_plan(
     kmeans_noise: float = typer.Option(10.0, min=0.01, help="Noise multiplier of each clustering release."),
 ) -> None:
     """Noise multiplier and epsilon per round, and the clustering reserve, before anything runs."""
-    from fedpersona.privacy.planner import plan_table
+    from fedpersona.budget import plan_table
 
     for title, lines in plan_table(
         config, rounds=rounds, rows=rows, kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise
@@ -180,7 +180,7 @@ def privacy_plan(
 @privacy_app.command("ledger")
 def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state folder.")) -> None:
     """What a partner has spent, entry by entry, and what is left."""
-    from fedpersona.privacy.planner import ledger_table
+    from fedpersona.budget import ledger_table
 
     title, lines = ledger_table(state_dir)
     console.print(title)

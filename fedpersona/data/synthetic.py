@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from fedpersona.data.schema import KINDS, Schema, parse_schema
+from fedpersona.data.schema import KINDS, Schema
+from fedpersona.data.schema_reader import parse_schema
 
 if TYPE_CHECKING:
     from fedpersona.data.tables import Table

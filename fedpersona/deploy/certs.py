@@ -32,7 +32,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpersona.errors import ConfigError
@@ -45,7 +45,6 @@ __all__ = [
     "init_federation",
     "load_node_private_key",
     "load_node_public_key",
-    "load_signing_public_key",
     "partner_keys",
 ]
 
@@ -230,20 +229,6 @@ def partner_keys(name: str, *, out: str | Path, curve: str = "p384") -> PartnerK
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_all([(keys.private_key, private, 0o600), (keys.public_key, public + f" {name}\n".encode(), 0o644)])
     return keys
-
-
-def load_signing_public_key(path: str | Path) -> bytes:
-    """The federation's model-signing public key (PEM file) as the raw 32 bytes Ed25519 uses."""
-    path = Path(path)
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: the model-signing public key does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"{path}: the model-signing key must be Ed25519, got {type(key).__name__}")
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")

@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpersona.config.files import load_federation_config
-from fedpersona.config.settings import (
-    FederationConfig,
-)
+from fedpersona.config.settings import FederationConfig
 from fedpersona.deploy.certs import load_node_public_key
 from fedpersona.deploy.processes import (
     ProcessSupervisor,

@@ -172,7 +172,7 @@ def start_partner(
     check = check_partner(config, ca=ca, key=key)
     cfg = check.config
     if model_key is not None:
-        from fedpersona.deploy.certs import load_signing_public_key
+        from fedpersona.model.artifacts import load_signing_public_key
 
         load_signing_public_key(model_key)  # a ConfigError now rather than a refused model later
     else:

@@ -253,7 +253,7 @@ class FetchedModel:
 
 
 def _public_key(key: bytes | str | Path) -> bytes:
-    from fedpersona.deploy.certs import load_signing_public_key
+    from fedpersona.model.artifacts import load_signing_public_key
 
     if isinstance(key, bytes):
         if len(key) == 32:

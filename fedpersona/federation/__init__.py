@@ -2,4 +2,16 @@
 aggregation, the coordinator"s checkpoint, the partner"s round functions, the ClientApp and the
 ServerApp."""
 
-__all__ = ["aggregation", "checkpoint", "client_app", "messages", "partner", "secagg", "server_app"]
+__all__ = [
+    "aggregation",
+    "checkpoint",
+    "client_app",
+    "messages",
+    "partner",
+    "publishing",
+    "roster",
+    "rounds",
+    "secagg",
+    "secure_round",
+    "server_app",
+]

@@ -425,8 +425,7 @@ def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
 
 def _final_model(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Verify the signed final model against the federation's key and install it locally."""
-    from fedpersona.deploy.certs import load_signing_public_key
-    from fedpersona.model.artifacts import FILES, install_model
+    from fedpersona.model.artifacts import FILES, install_model, load_signing_public_key
 
     key_path = context.node_config.get("model-public-key")
     if not key_path:

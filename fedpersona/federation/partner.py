@@ -30,7 +30,8 @@ from fedpersona.config.files import load_plan as load_plan_file
 from fedpersona.config.files import save_plan
 from fedpersona.config.settings import ModelSettings, PartnerConfig, PrivacyPlan, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
-from fedpersona.data.schema import Schema, SequenceFeature, load_schema
+from fedpersona.data.schema import Schema, SequenceFeature
+from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import ConfigError, PrivacyLedgerError
 from fedpersona.model.encoder import PersonaEncoder

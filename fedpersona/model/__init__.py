@@ -2,4 +2,4 @@
 DP-SGD training, held-out evaluation, inference (loading a model, assigning personas), and
 the signed model artifact."""
 
-__all__ = ["artifacts", "encoder", "evaluation", "inference", "training"]
+__all__ = ["artifacts", "encoder", "evaluation", "inference", "scopes", "training"]

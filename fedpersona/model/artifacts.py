@@ -23,13 +23,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedpersona.errors import FedPersonaError
+from fedpersona.errors import ConfigError, FedPersonaError
 
 __all__ = [
     "ArtifactError",
     "artifact_files",
     "generate_signing_key",
     "install_model",
+    "load_signing_public_key",
     "model_versions",
     "rollback_model",
     "save_model",
@@ -277,3 +278,17 @@ def rollback_model(folder: str | Path, *, version: str | None = None, public_key
     _swap_in(folder, staging)
     shutil.rmtree(history / chosen)
     return chosen
+
+
+def load_signing_public_key(path: str | Path) -> bytes:
+    """The federation's model-signing public key (PEM file) as the raw 32 bytes Ed25519 uses."""
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the model-signing public key does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{path}: the model-signing key must be Ed25519, got {type(key).__name__}")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)

@@ -2,4 +2,4 @@
 coordinator and by every transport-free caller) and the persona cards a partner writes for its
 own users."""
 
-__all__ = ["cards", "clustering"]
+__all__ = ["cards", "clustering", "columns", "schedule", "surrogate"]

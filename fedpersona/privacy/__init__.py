@@ -2,4 +2,4 @@
 partner"s append-only ledger, the one privacy planner (the plan a user reads is the plan that
 runs), and the release manifest that lists everything a partner may send."""
 
-__all__ = ["accounting", "manifest", "planner", "randomness"]
+__all__ = ["accounting", "ledger", "manifest", "planner", "randomness"]

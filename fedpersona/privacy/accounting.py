@@ -14,8 +14,6 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 
-from opacus.accountants import create_accountant
-
 __all__ = ["compute_epsilon", "merge_history", "rdp_order_notice_silenced"]
 
 
@@ -23,6 +21,8 @@ def compute_epsilon(history: list[tuple[float, float, int]], *, delta: float, ac
     """Epsilon of the composition of subsampled-Gaussian runs ``(sigma, q, steps)``."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant  # here: the coordinator never needs Opacus or torch
+
     acc = create_accountant(accountant)
     acc.history = merge_history(history)
     with rdp_order_notice_silenced():

@@ -26,7 +26,7 @@ from opacus.optimizers import DPOptimizer
 from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.data.features import featurize
-from fedpersona.data.schema import parse_schema
+from fedpersona.data.schema_reader import parse_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import DataError, FedPersonaError, SchemaError
 from fedpersona.federation.client_app import build_client_app

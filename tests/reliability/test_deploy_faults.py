@@ -195,12 +195,12 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     from fedpersona.config.files import dump_toml
     from fedpersona.config.settings import PrivacySettings
     from fedpersona.data.synthetic import generate_frame
-    from fedpersona.deploy.certs import init_federation, load_signing_public_key, partner_keys
+    from fedpersona.deploy.certs import init_federation, partner_keys
     from fedpersona.deploy.partner_site import supernode_command
     from fedpersona.deploy.processes import alive, descendants
     from fedpersona.deploy.registry import RegistryError, fetch_model
     from fedpersona.federation.checkpoint import load_checkpoint
-    from fedpersona.model.artifacts import ArtifactError
+    from fedpersona.model.artifacts import ArtifactError, load_signing_public_key
     from fedpersona.privacy.ledger import PrivacyLedger
     from tests.test_deployment import _free_port, _stop
 

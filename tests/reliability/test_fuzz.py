@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 
 from fedpersona.config.files import load_federation_config, load_partner_config, load_scenario
 from fedpersona.data.features import featurize, layout_of
-from fedpersona.data.schema import KINDS, load_schema, parse_schema
+from fedpersona.data.schema import KINDS
+from fedpersona.data.schema_reader import load_schema, parse_schema
 from fedpersona.data.tables import load_table, read_frame, validate_frame
 from fedpersona.errors import FedPersonaError
 from fedpersona.federation.aggregation import ScopedAggregator
