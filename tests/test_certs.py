@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedpersona.deploy.certs import init_federation, load_node_public_key, load_signing_public_key, partner_keys
+from fedpersona.deploy.certs import init_federation, load_node_public_key, partner_keys
 from fedpersona.errors import ConfigError
+from fedpersona.model.artifacts import load_signing_public_key
 
 
 def _mode(path: Path) -> int:

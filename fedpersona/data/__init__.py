@@ -3,4 +3,4 @@ drafting a schema from a file, aggregating event logs to one row per user, the p
 featurization, and the built-in synthetic silos. Nothing here knows about privacy budgets,
 models or the federation; everything above reads its data through it."""
 
-__all__ = ["cells", "drafting", "events", "features", "schema", "synthetic", "tables"]
+__all__ = ["cells", "drafting", "events", "features", "schema", "schema_reader", "synthetic", "tables"]
