@@ -40,14 +40,11 @@ def infer(
     embedding: bool = typer.Option(False, help="Also write each user's embedding."),
 ) -> None:
     """Assign personas to a partner's users, entirely at the partner."""
-    import numpy as np
-    import torch
     from rich.progress import Progress
 
     from fedpersona.config.files import load_partner_config
-    from fedpersona.federation.partner import partner_schema
-    from fedpersona.model.artifacts import verify_model
-    from fedpersona.model.inference import infer_file
+    from fedpersona.federation.partner import infer_users
+    from fedpersona.model.artifacts import load_signing_public_key
 
     cfg = load_partner_config(config)
     key_bytes = None
@@ -71,13 +68,7 @@ def infer(
             "you made yourself.[/bold red]"
         )
     if public_key is not None:
-        from cryptography.hazmat.primitives import serialization
-
-        try:
-            loaded = serialization.load_pem_public_key(public_key.read_bytes())
-        except (OSError, ValueError) as exc:
-            raise FedPersonaError(f"{public_key}: not a PEM public key ({exc})") from None
-        key_bytes = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        key_bytes = load_signing_public_key(public_key)
     if model.startswith(("http://", "https://")):
         from fedpersona.deploy.registry import fetch_model
 
@@ -93,31 +84,12 @@ def infer(
         ).path
     else:
         folder = Path(model)
-    arrays, card = verify_model(folder, public_key=key_bytes)
-    if not card.get("prototypes"):
-        raise FedPersonaError(f"{folder}: the model carries no persona prototypes (the run clustered no personas)")
-    schema = partner_schema(cfg)
-    local_adapter = None
-    slot = f"{cfg.kind}:{schema.fingerprint()}"
-    if not any(name.startswith(slot + "/") for name in arrays):
-        local_path = Path(cfg.state_dir) / "local.pt"
-        if local_path.exists():
-            state = torch.load(local_path, map_location="cpu", weights_only=True)
-            local_adapter = {k: v.numpy() for k, v in state.items() if k.startswith("adapter.")}
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("assigning personas", total=None)
-        summary = infer_file(
-            arrays=arrays,
-            card=card,
-            schema=schema,
-            prototypes=np.asarray(card["prototypes"], dtype=np.float64),
-            data_path=data,
-            out_path=out,
-            chunk_rows=chunk_rows,
-            include_embedding=embedding,
-            local_adapter=local_adapter,
-            progress=lambda rows: progress.update(task, completed=rows),
-        )
+        summary = infer_users(
+            cfg, model=folder, public_key=key_bytes, data_path=data, out_path=out, chunk_rows=chunk_rows,
+            include_embedding=embedding, progress=lambda rows: progress.update(task, completed=rows),
+        )  # fmt: skip
     console.print(f"wrote {summary.rows} users in {summary.chunks} chunk(s) to {summary.path}")
 
 

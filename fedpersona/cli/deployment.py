@@ -10,7 +10,6 @@ import typer
 from rich.table import Table as RichTable
 
 from fedpersona.cli.app import app, certs_app, console, number_text, partner_app, server_app_cli
-from fedpersona.errors import FedPersonaError
 
 __all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_start"]
 
@@ -175,18 +174,11 @@ def partner_rollback(
     ),
 ) -> None:
     """Reinstall a model the installed one replaced (after it is verified again)."""
-    from cryptography.hazmat.primitives import serialization
-
     from fedpersona.config.files import load_partner_config
-    from fedpersona.model.artifacts import rollback_model
+    from fedpersona.model.artifacts import load_signing_public_key, rollback_model
 
     cfg = load_partner_config(config)
-    key_path = model_key or config.resolve().parent / "credentials" / "model-signing.pub"
-    try:
-        loaded = serialization.load_pem_public_key(key_path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise FedPersonaError(f"{key_path}: not the federation's model-signing public key ({exc})") from None
-    raw = loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    raw = load_signing_public_key(model_key or config.resolve().parent / "credentials" / "model-signing.pub")
     chosen = rollback_model(Path(cfg.state_dir) / "model", version=version, public_key=raw)
     console.print(f"reinstalled model {chosen} in {Path(cfg.state_dir) / 'model'}; the replaced one is in the history")
 

@@ -30,15 +30,16 @@ from fedpersona.config.files import load_plan as load_plan_file
 from fedpersona.config.files import save_plan
 from fedpersona.config.settings import ModelSettings, PartnerConfig, PrivacyPlan, TrainingSettings
 from fedpersona.data.features import FeatureTensors, featurize
-from fedpersona.data.schema import Schema, SequenceFeature
+from fedpersona.data.schema import Schema, SequenceFeature, slot_id
 from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import ConfigError, PrivacyLedgerError
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import embed_all, evaluate
+from fedpersona.model.inference import InferenceSummary, assign_personas, infer_file, load_parameters
 from fedpersona.model.scopes import parameter_scope
 from fedpersona.model.training import LocalResult, pick_device, train_locally
-from fedpersona.personas.clustering import ClusterStats, charge_kmeans_round, local_cluster_stats, nearest_prototype
+from fedpersona.personas.clustering import ClusterStats, charge_kmeans_round, local_cluster_stats
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import make_plan
 from fedpersona.privacy.randomness import SecretRandomness
@@ -47,6 +48,7 @@ __all__ = [
     "PartnerData",
     "build_model",
     "evaluate_round",
+    "infer_users",
     "load_partner_data",
     "load_plan",
     "partner_schema",
@@ -281,11 +283,13 @@ def _atomic_write(path: Path, payload: bytes, *, replace: bool = True) -> None:
     tmp.replace(path)
 
 
-def _load_local(model: PersonaEncoder, state_dir: str) -> None:
+def _local_state(model: PersonaEncoder, state_dir: str) -> dict[str, torch.Tensor]:
+    """The partner's own parameters kept in ``state_dir/local.pt`` (none before its first round)."""
     path = Path(state_dir) / "local.pt"
-    if path.exists():
-        state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
-        model.load_state_dict(state, strict=False)
+    if not path.exists():
+        return {}
+    state = torch.load(path, map_location=next(model.parameters()).device, weights_only=True)
+    return dict(state)
 
 
 def _save_local(model: PersonaEncoder, state_dir: str, shared: set[str]) -> None:
@@ -307,20 +311,10 @@ def shared_names(model: PersonaEncoder, *, adapter_shared: bool) -> list[str]:
     return names
 
 
-def _apply_received(model: PersonaEncoder, received: dict[str, np.ndarray]) -> None:
-    state = model.state_dict()
-    for name, value in received.items():
-        if name not in state:
-            raise ConfigError(f"the server sent unknown parameter '{name}'")
-        if parameter_scope(name) == "local":
-            raise ConfigError(f"the server sent local parameter '{name}'")
-        if tuple(state[name].shape) != tuple(value.shape):
-            raise ConfigError(
-                f"parameter '{name}' has shape {tuple(value.shape)} from the server, "
-                f"{tuple(state[name].shape)} here: the model configurations differ"
-            )
-        state[name] = torch.from_numpy(np.array(value, copy=True)).to(state[name].device)
-    model.load_state_dict(state)
+def _with_received(model: PersonaEncoder, cfg: PartnerConfig, received: dict[str, np.ndarray]) -> PersonaEncoder:
+    """The partner's model: its own local parameters, then what the server sent (one loader,
+    :func:`fedpersona.model.inference.load_parameters`, checks names, scopes and shapes)."""
+    return load_parameters(model, received, local=_local_state(model, cfg.state_dir), source="the server's message")
 
 
 @dataclass(frozen=True)
@@ -349,8 +343,7 @@ def train_round(
     data = load_partner_data(cfg, device=device)
     plan = load_plan(cfg, data, training, num_rounds)
     model = build_model(data, model_cfg, seed=seed, device=device)
-    _load_local(model, cfg.state_dir)
-    _apply_received(model, received)
+    _with_received(model, cfg, received)
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy) if plan.private else None
     anchor = {k: torch.from_numpy(np.array(v)) for k, v in received.items()}
     # Secret randomness for the batches, the noise and the masks (never from the message).
@@ -392,8 +385,7 @@ def evaluate_round(
     device = pick_device(training.device)
     data = load_partner_data(cfg, device=device)
     model = build_model(data, model_cfg, seed=seed, device=device)
-    _load_local(model, cfg.state_dir)
-    _apply_received(model, received)
+    _with_received(model, cfg, received)
     metrics: dict[str, Any] = evaluate(
         model=model, train=data.train, test=data.test, personas=data.personas_test, seed=seed
     )
@@ -419,8 +411,7 @@ def _global_model(
     device = pick_device(training.device)
     data = load_partner_data(cfg, device=device)
     model = build_model(data, model_cfg, seed=seed, device=device)
-    _load_local(model, cfg.state_dir)
-    _apply_received(model, received)
+    _with_received(model, cfg, received)
     return data, model
 
 
@@ -476,9 +467,7 @@ def persona_round(
     from fedpersona.personas.cards import feature_profile, hit_rate_at_k, persona_cards
 
     data, model = _global_model(cfg, model_cfg, training, received, seed)
-    all_rows = featurize(data.table).to(data.train.tensors["scalar"].device)
-    z = embed_all(model, all_rows)
-    assignments = nearest_prototype(z, prototypes)
+    assignments, _, _ = assign_personas(model.cpu(), featurize(data.table), prototypes)
     k = int(prototypes.shape[0])
     category = None
     if cfg.kind == "ecommerce":
@@ -536,3 +525,40 @@ def _synthetic_personas(cfg: PartnerConfig) -> np.ndarray | None:
 
     mix = np.asarray(cfg.synthetic_mix) if cfg.synthetic_mix is not None else None
     return generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix).persona
+
+
+def infer_users(
+    cfg: PartnerConfig,
+    *,
+    model: str | Path,
+    public_key: bytes | None,
+    data_path: str | Path,
+    out_path: str | Path,
+    chunk_rows: int = 100_000,
+    include_embedding: bool = False,
+    progress: Any = None,
+) -> InferenceSummary:
+    """Assign personas to a file of this partner's users with a verified model folder.
+
+    The model is verified against ``public_key`` (the federation's; ``None`` only for a folder
+    the user made, with ``--no-verify``). A partner whose adapter never left it (its schema
+    differs from its kind's) uses its own from ``state_dir/local.pt``.
+    """
+    from fedpersona.model.artifacts import ArtifactError, verify_model
+
+    arrays, card = verify_model(model, public_key=public_key)
+    if not card.get("prototypes"):
+        raise ArtifactError(f"{model}: the model carries no persona prototypes (the run clustered no personas)")
+    schema = partner_schema(cfg)
+    slot = slot_id(schema.kind, schema.fingerprint())
+    local_adapter = None
+    if not any(name.startswith(slot + "/") for name in arrays):
+        path = Path(cfg.state_dir) / "local.pt"
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            local_adapter = {k: v.numpy() for k, v in state.items() if k.startswith("adapter.")}
+    return infer_file(
+        arrays=arrays, card=card, schema=schema, prototypes=np.asarray(card["prototypes"], dtype=np.float64),
+        data_path=data_path, out_path=out_path, chunk_rows=chunk_rows, include_embedding=include_embedding,
+        local_adapter=local_adapter, progress=progress,
+    )  # fmt: skip

@@ -57,6 +57,7 @@ __all__ = [
     "assign_personas",
     "infer_file",
     "load_encoder",
+    "load_parameters",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,48 @@ class InferenceSummary:
     counts: tuple[int, ...]  # users per persona
 
 
+def load_parameters(
+    model: PersonaEncoder,
+    shared: Mapping[str, Any],
+    *,
+    local: Mapping[str, Any] | None = None,
+    source: str = "the model",
+    require_shared: bool = False,
+) -> PersonaEncoder:
+    """Load ``local`` parameters (the partner's own: heads, an unshared adapter) and then the
+    ``shared`` ones (trunk, the slot's adapter) into ``model``: the one way any fedpersona
+    code loads weights into an encoder. Names are checked against the model, shared ones
+    against their scope (a local parameter never arrives from ``source``), shapes against the
+    configuration; with ``require_shared`` every shared parameter must be present. Every problem
+    is listed in one :class:`~fedpersona.errors.ConfigError`.
+    """
+    state = model.state_dict()
+    problems = []
+    unknown = sorted(name for name in [*shared, *(local or {})] if name not in state)
+    if unknown:
+        problems.append(f"{source} holds parameter(s) this encoder does not have: {', '.join(unknown[:5])}")
+    private = sorted(name for name in shared if name in state and parameter_scope(name) == "local")
+    if private:
+        problems.append(f"{source} sent local parameter(s) {', '.join(private[:5])}")
+    if require_shared:
+        wanted = [n for n in state if parameter_scope(n) != "local" and n not in shared and n not in (local or {})]
+        if wanted:
+            problems.append(f"{source} lacks parameter(s) {', '.join(wanted[:5])}")
+    for name, value in [*(local or {}).items(), *shared.items()]:
+        if name in state and tuple(np.shape(value)) != tuple(state[name].shape):
+            problems.append(
+                f"parameter '{name}' has shape {tuple(np.shape(value))} in {source} but {tuple(state[name].shape)} "
+                "here: the model configurations differ"
+            )
+    if problems:
+        raise ConfigError("cannot load the persona model: " + "; ".join(problems))
+    for name, value in [*(local or {}).items(), *shared.items()]:
+        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+        state[name] = tensor.to(device=state[name].device, dtype=state[name].dtype).clone()
+    model.load_state_dict(state)
+    return model
+
+
 def load_encoder(
     *,
     arrays: Mapping[str, np.ndarray],
@@ -85,58 +128,31 @@ def load_encoder(
     """The partner's encoder from a model artifact (``arrays, card = verify_model(folder)``).
 
     Builds ``PersonaEncoder(layout_of(schema), ModelSettings(**card["model"]))`` and loads the
-    trunk (keys ``trunk.*``) and the adapter of the schema's slot (:func:`~fedpersona.data.schema.slot_id`)
-    (keys ``<slot>/adapter.*``). A partner whose adapter was never shared (its schema differs
-    from its kind's) passes its own as ``local_adapter`` (keys ``adapter.*``). Raises
-    :class:`~fedpersona.errors.ConfigError` when a parameter is missing or has another shape.
+    trunk (keys ``trunk.*``) and the adapter of the schema's slot
+    (:func:`~fedpersona.data.schema.slot_id`, keys ``<slot>/adapter.*``) with
+    :func:`load_parameters`. A partner whose adapter was never shared (its schema differs from
+    its kind's) passes its own as ``local_adapter`` (keys ``adapter.*``).
     """
     section = card.get("model")
     if not isinstance(section, Mapping):
         raise ConfigError("the model card has no 'model' section with the encoder sizes")
-    try:
-        config = ModelSettings(**section)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"the model card's 'model' section is not a valid encoder configuration ({exc})") from None
+    config = ModelSettings.checked(**section)
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's RNG as it was
         model = PersonaEncoder(layout_of(schema), config)
     slot = slot_id(schema.kind, schema.fingerprint())
-    found: dict[str, np.ndarray] = {}
-    for name, value in arrays.items():
-        if name.startswith("trunk."):
-            found[name] = value
-        elif name.startswith(slot + "/"):
-            found[name[len(slot) + 1 :]] = value
-    for name, value in (local_adapter or {}).items():
-        if not name.startswith("adapter."):
-            raise ConfigError(f"local_adapter holds '{name}', which is not an adapter parameter")
-        found[name] = value
-    state = model.state_dict()
-    wanted = [name for name in state if parameter_scope(name) != "local"]
-    problems = []
-    missing = [name for name in wanted if name not in found]
-    if any(name.startswith("adapter.") for name in missing):
+    shared = {name: value for name, value in arrays.items() if name.startswith("trunk.")}
+    shared.update({name[len(slot) + 1 :]: value for name, value in arrays.items() if name.startswith(slot + "/")})
+    bad = [name for name in local_adapter or {} if not name.startswith("adapter.")]
+    if bad:
+        raise ConfigError(f"local_adapter holds '{bad[0]}', which is not an adapter parameter")
+    if not any(n.startswith("adapter.") for n in shared) and not local_adapter:
         slots = sorted({name.split("/", 1)[0] for name in arrays if "/" in name})
-        problems.append(
-            f"the model holds no adapter for this schema's slot '{slot}' (slots in the model: "
-            f"{', '.join(slots) or 'none'}): the schema differs from the one trained with, or this "
+        raise ConfigError(
+            f"cannot load the persona model: the model holds no adapter for this schema's slot '{slot}' (slots in "
+            f"the model: {', '.join(slots) or 'none'}): the schema differs from the one trained with, or this "
             "partner's adapter stayed local (pass it as local_adapter)"
         )
-    if any(name.startswith("trunk.") for name in missing):
-        problems.append(f"the model lacks trunk parameter(s) {', '.join(n for n in missing if n.startswith('trunk.'))}")
-    unknown = sorted(name for name in found if name not in state)
-    if unknown:
-        problems.append(f"the model holds parameter(s) this encoder does not have: {', '.join(unknown[:5])}")
-    for name in wanted:
-        if name in found and tuple(np.shape(found[name])) != tuple(state[name].shape):
-            problems.append(
-                f"parameter '{name}' has shape {tuple(np.shape(found[name]))} in the model but "
-                f"{tuple(state[name].shape)} here (card model sizes: {section})"
-            )
-    if problems:
-        raise ConfigError("cannot load the persona model: " + "; ".join(problems))
-    for name in wanted:
-        state[name] = torch.as_tensor(np.asarray(found[name]), dtype=state[name].dtype).clone()
-    model.load_state_dict(state)
+    load_parameters(model, shared, local=local_adapter, require_shared=True)
     return model.eval()
 
 
