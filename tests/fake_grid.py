@@ -1,5 +1,9 @@
-"""An in-process stand-in for Flower's Grid and cheap scripted partners, to drive
+"""The one in-process stand-in for Flower's Grid, and cheap scripted partners, to drive
 :func:`fedpersona.federation.server_app.run_federation` round by round without Ray or processes.
+
+:class:`FakeGrid` delivers each message to a responder per node: a :class:`ScriptedPartner`, or
+fedpersona's real ClientApp on a partner's :class:`~flwr.app.Context`
+(:func:`client_app_nodes`, with :func:`partner_context` writing the partner's client.toml).
 
 A :class:`ScriptedPartner` answers like fedpersona's ClientApp (same record names and
 keys) with deterministic updates, so that two runs given the same messages end with the same
@@ -12,10 +16,11 @@ import hashlib
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.federation.messages import decode_arrays, encode_arrays
@@ -106,7 +111,28 @@ class ScriptedPartner:
         return Error(code=4001, reason=f"unexpected message {kind}")
 
 
-Responder = Callable[[Message], "RecordDict | Error | None"]
+Responder = Callable[[Message], "RecordDict | Error | Message | None"]
+Rewrite = Callable[[Message, Message], Message]
+
+
+def partner_context(folder: Path, node: int, config: dict[str, Any]) -> Context:
+    """A partner's client.toml in ``folder`` and the Context its SuperNode would give the ClientApp."""
+    from fedpersona.config.files import dump_toml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dump_toml(folder / "client.toml", config)
+    return Context(
+        run_id=1, node_id=node, node_config={"client-config": str(folder / "client.toml")},
+        state=RecordDict(), run_config={},
+    )  # fmt: skip
+
+
+def client_app_nodes(contexts: dict[int, Context]) -> dict[int, Responder]:
+    """fedpersona's real ClientApp, once per node, each with its own Context."""
+    from fedpersona.federation.client_app import build_client_app
+
+    app = build_client_app()
+    return {node: (lambda msg, ctx=ctx: app(msg, ctx)) for node, ctx in contexts.items()}
 
 
 class FakeGrid:
@@ -116,9 +142,14 @@ class FakeGrid:
     reply from the SuperLink's node id); a responder returning None sends no reply (lost).
     ``crash_at(kind, round)`` raises :class:`ServerCrash` when that message is about to go out
     after the partners already handled it (the ServerApp dies waiting for the replies).
+    ``lose`` lists ``(message type, node)`` pairs whose replies never arrive; ``rewrite(msg,
+    reply)`` may replace a reply before the server sees it (a hostile partner or network).
+    ``messages`` and ``replies`` keep every message sent and every reply delivered.
     """
 
-    def __init__(self, nodes: dict[int, Responder]) -> None:
+    def __init__(
+        self, nodes: dict[int, Responder], *, lose: Iterable[tuple[str, int]] = (), rewrite: Rewrite | None = None
+    ) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         # A ServerApp process has an identity (Flower sets it); Message() reads it.
@@ -130,6 +161,10 @@ class FakeGrid:
         self.sent: list[tuple[str, str, int]] = []  # (message type, group id, node)
         self.crash: tuple[str, str] | None = None
         self.before_send: Callable[[str, str], None] | None = None
+        self.lose = set(lose)
+        self.rewrite = rewrite
+        self.messages: list[Message] = []
+        self.replies: list[Message] = []
 
     def crash_at(self, kind: str, rnd: int) -> None:
         self.crash = (kind, str(rnd))
@@ -147,15 +182,20 @@ class FakeGrid:
             node = msg.metadata.dst_node_id
             kind, group = msg.metadata.message_type, msg.metadata.group_id
             self.sent.append((kind, group, node))
+            self.messages.append(msg)
             if node in self.offline or node not in self.nodes:
                 reply = Message(Error(code=NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=msg)
                 reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink made this reply
                 replies.append(reply)
                 continue
             out = self.nodes[node](msg)
-            if out is None:
+            if out is None or (kind, node) in self.lose:
                 continue
-            replies.append(Message(out, reply_to=msg))
+            reply = out if isinstance(out, Message) else Message(out, reply_to=msg)
+            if self.rewrite is not None:
+                reply = self.rewrite(msg, reply)
+            replies.append(reply)
+        self.replies.extend(replies)
         if messages and self.crash == (messages[0].metadata.message_type, messages[0].metadata.group_id):
             raise ServerCrash(f"the server died waiting for the {self.crash[0]} replies of round {self.crash[1]}")
         return replies

@@ -19,7 +19,6 @@ from flwr.app import Context, Message, RecordDict
 import fedpersona.federation.client_app as client_app
 import fedpersona.federation.secagg as secagg
 import fedpersona.federation.secure_round as secure_round
-from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import ScopedAggregator
@@ -39,6 +38,7 @@ from fedpersona.federation.secagg import (
 from fedpersona.federation.secure_round import SecureRound, VectorLayout, as_updates
 from fedpersona.federation.server_app import NothingTrained, ServerSettings, run_federation
 from fedpersona.privacy.manifest import ReleaseError, check_outgoing, parse_error_reason
+from tests.fake_grid import FakeGrid, client_app_nodes, partner_context
 
 PARAMS = SecAggParams(threshold=3, clipping_range=4.0, quantization_range=2**16, modulus_bits=32)
 TRUNK = {"trunk.w": (30, 40), "trunk.b": (40,)}
@@ -350,28 +350,9 @@ def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
-class FakeGrid:
-    """Delivers every message to an in-process ClientApp; loses the replies listed in ``lose``."""
-
-    def __init__(self, contexts: dict[int, Context], lose: Iterable[tuple[str, int]] = ()) -> None:
-        self.app = build_client_app()
-        self.contexts = contexts
-        self.lose = set(lose)
-        self.sent: list[Message] = []
-        self.received: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
-            if (msg.metadata.message_type, msg.metadata.dst_node_id) not in self.lose:
-                replies.append(reply)
-        self.received.extend(replies)
-        return replies
+def grid_of(contexts: dict[int, Context], lose: Iterable[tuple[str, int]] = ()) -> FakeGrid:
+    """The shared in-process grid with fedpersona's real ClientApp at every node."""
+    return FakeGrid(client_app_nodes(contexts), lose=lose)
 
 
 def _partners(tmp_path: Path, specs: list[tuple[str, str, int]], *, seeded: bool = False) -> dict[int, Context]:
@@ -385,8 +366,9 @@ def _partners(tmp_path: Path, specs: list[tuple[str, str, int]], *, seeded: bool
         privacy: dict[str, Any] = {"target_epsilon": 2.0, "delta": 1e-5, "accountant": "rdp"}
         if seeded:
             privacy["noise_seed"] = node
-        dump_toml(
-            folder / "client.toml",
+        contexts[node] = partner_context(
+            folder,
+            node,
             {
                 "partner": {"name": name, "kind": kind, "state_dir": "state"},
                 "data": {"synthetic_rows": rows, "synthetic_seed": node},
@@ -394,10 +376,6 @@ def _partners(tmp_path: Path, specs: list[tuple[str, str, int]], *, seeded: bool
                 "release": {"audit_log": True},
             },
         )
-        contexts[node] = Context(
-            run_id=1, node_id=node, node_config={"client-config": str(folder / "client.toml")},
-            state=RecordDict(), run_config={},
-        )  # fmt: skip
     return contexts
 
 
@@ -414,7 +392,7 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
 ) -> None:
     plain_run = tmp_path / "plain"
     # Seeded noise (an explicit, labelled option) makes the two runs draw the same noise.
-    run_federation(FakeGrid(_partners(plain_run, THREE, seeded=True)), _settings(plain_run))
+    run_federation(grid_of(_partners(plain_run, THREE, seeded=True)), _settings(plain_run))
     plain_model = np.load(plain_run / "model" / "weights.npz")
 
     sent_plain: dict[int, np.ndarray] = {}
@@ -427,10 +405,10 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
 
     monkeypatch.setattr(client_app, "encode_update", spy)
     secure_run = tmp_path / "secure"
-    grid = FakeGrid(_partners(secure_run, THREE, seeded=True))
+    grid = grid_of(_partners(secure_run, THREE, seeded=True))
     result = run_federation(grid, _settings(secure_run, secure_aggregation=True))
     assert result.rounds_completed == 1 and not result.aborted
-    types = [m.metadata.message_type for m in grid.sent]
+    types = [m.metadata.message_type for m in grid.messages]
     assert (
         types
         == ["query"] * 3
@@ -444,8 +422,8 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
     )
 
     # What reached the server: no plain arrays anywhere, masked vectors unlike the plain ones.
-    assert not any("arrays" in r.content for r in grid.received)
-    masked = [r.content["masked"]["vector"].numpy() for r in grid.received if "masked" in r.content]
+    assert not any("arrays" in r.content for r in grid.replies)
+    masked = [r.content["masked"]["vector"].numpy() for r in grid.replies if "masked" in r.content]
     assert len(masked) == 3 == len(sent_plain)
     for vector in masked:
         for plain in sent_plain.values():
@@ -469,15 +447,15 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
 def test_kmeans_statistics_are_summed_securely_when_secure_aggregation_is_on(tmp_path: Path) -> None:
     settings = {"personas": 2, "kmeans_rounds": 1, "kmeans_noise": 5.0}
     plain_run = tmp_path / "plain"
-    run_federation(FakeGrid(_partners(plain_run, THREE, seeded=True)), _settings(plain_run, **settings))
+    run_federation(grid_of(_partners(plain_run, THREE, seeded=True)), _settings(plain_run, **settings))
     secure_run = tmp_path / "secure"
-    grid = FakeGrid(_partners(secure_run, THREE, seeded=True))
+    grid = grid_of(_partners(secure_run, THREE, seeded=True))
     result = run_federation(grid, _settings(secure_run, secure_aggregation=True, **settings))
     assert result.rounds_completed == 1 and not result.aborted
-    types = [m.metadata.message_type for m in grid.sent]
+    types = [m.metadata.message_type for m in grid.messages]
     assert "query.kmeans" not in types and types.count("query.kmeans_secagg") == 3
     # No partner's own statistics reached the server: only masked vectors.
-    assert not any("stats" in r.content for r in grid.received)
+    assert not any("stats" in r.content for r in grid.replies)
     plain = json.loads((plain_run / "personas.json").read_text())
     secure = json.loads((secure_run / "personas.json").read_text())
     np.testing.assert_allclose(secure["prototypes"], plain["prototypes"], atol=1e-3)
@@ -490,24 +468,24 @@ def test_client_app_round_survives_one_dropout_and_aborts_on_two(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     one = tmp_path / "one"
-    grid = FakeGrid(_partners(one, THREE), lose=[("train.secagg", 12)])
+    grid = grid_of(_partners(one, THREE), lose=[("train.secagg", 12)])
     with caplog.at_level(logging.WARNING):
         result = run_federation(grid, _settings(one, secure_aggregation=True))
     assert result.rounds_completed == 1 and not result.aborted
     assert "1 partner(s) dropped after sharing keys" in caplog.text
-    unmask = [m for m in grid.sent if m.metadata.message_type == "query.secagg_unmask"]
+    unmask = [m for m in grid.messages if m.metadata.message_type == "query.secagg_unmask"]
     assert sorted(m.metadata.dst_node_id for m in unmask) == [11, 13]
     assert (one / "model" / "weights.npz").exists()
 
     caplog.clear()
     two = tmp_path / "two"
-    grid = FakeGrid(_partners(two, THREE), lose=[("train.secagg", 11), ("train.secagg", 12)])
+    grid = grid_of(_partners(two, THREE), lose=[("train.secagg", 11), ("train.secagg", 12)])
     with caplog.at_level(logging.ERROR), pytest.raises(NothingTrained) as failed:
         run_federation(grid, _settings(two, secure_aggregation=True))
     aborted = "only 1 partner(s) sent masked vectors, fewer than federation.secagg_threshold = 2"
     assert aborted in str(failed.value)
     assert aborted in caplog.text and "nothing is published" in caplog.text
-    assert not any(m.metadata.message_type in ("query.secagg_unmask", "evaluate") for m in grid.sent)
+    assert not any(m.metadata.message_type in ("query.secagg_unmask", "evaluate") for m in grid.messages)
     assert not (two / "model").exists()
     assert (two / "privacy.json").exists()  # the epsilon spent on the aborted round is still reported
 

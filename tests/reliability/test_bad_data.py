@@ -34,6 +34,7 @@ from fedpersona.federation.messages import encode_arrays, encode_settings
 from fedpersona.federation.server_app import ServerSettings, run_federation
 from fedpersona.model.encoder import PersonaEncoder, PersonaTrunk, random_keep, token_presence
 from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
+from tests.fake_grid import FakeGrid, client_app_nodes
 
 SCHEMA_DOC: dict[str, Any] = {
     "table": {"kind": "finance", "id": "ID", "min_rows": 3, "out_of_bounds": "reject"},
@@ -275,18 +276,6 @@ def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, 1)
 
 
-class _Grid:
-    def __init__(self, contexts: dict[int, Context]) -> None:
-        self.app = build_client_app()
-        self.contexts = contexts
-
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("_server_identity")
 def test_a_round_goes_on_without_partners_whose_silo_is_empty_or_too_small(
@@ -310,7 +299,7 @@ def test_a_round_goes_on_without_partners_whose_silo_is_empty_or_too_small(
     caplog.set_level(logging.ERROR, logger="fedpersona.federation.server_app")
     fed = FederationSettings(rounds=1, personas=0, min_partners=2)
     settings = ServerSettings(federation=fed, model=MODEL, training=TRAINING, run_dir=str(tmp_path / "run"))
-    result = run_federation(_Grid(contexts), settings)
+    result = run_federation(FakeGrid(client_app_nodes(contexts)), settings)
     assert result.rounds_completed == 1
     assert set(result.partners) == {"clinic-1", "clinic-2"}
     # The server learns the category of each refusal; what exactly is wrong stays at the partner.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,12 @@ import scipy.stats
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
-from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import decode_arrays, encode_arrays
 from fedpersona.federation.server_app import ServerSettings, run_federation
 from fedpersona.model.encoder import PersonaTrunk
+from tests.fake_grid import FakeGrid, client_app_nodes, partner_context
 
 MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
@@ -187,34 +186,27 @@ def _server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 Tamper = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-class TamperingGrid:
-    """Delivers messages to an in-process ClientApp; rewrites the train replies of the nodes
-    in ``tamper`` and keeps what every partner really sent, by node."""
+class TamperingGrid(FakeGrid):
+    """The shared in-process grid with the real ClientApp at every node; rewrites the train
+    replies of the nodes in ``tamper`` and keeps what every partner really sent, by node."""
 
     def __init__(self, contexts: dict[int, Context], tamper: dict[int, Tamper]) -> None:
-        self.app = build_client_app()
-        self.contexts = contexts
+        super().__init__(client_app_nodes(contexts), rewrite=self._tampered)
         self.tamper = tamper
         self.sent_arrays: dict[int, dict[str, np.ndarray]] = {}
 
-    def get_node_ids(self) -> list[int]:
-        return sorted(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            reply = self.app(msg, self.contexts[node])
-            has_arrays = not reply.has_error() and "arrays" in list(reply.content.array_records.keys())
-            if msg.metadata.message_type == "train" and has_arrays:
-                arrays = decode_arrays(reply.content["arrays"])
-                if node in self.tamper:
-                    arrays = self.tamper[node](arrays)
-                    content = RecordDict({"arrays": encode_arrays(arrays), "metrics": reply.content["metrics"]})
-                    reply = Message(content, reply_to=msg)
-                self.sent_arrays[node] = arrays
-            replies.append(reply)
-        return replies
+    def _tampered(self, msg: Message, reply: Message) -> Message:
+        node = msg.metadata.dst_node_id
+        has_arrays = not reply.has_error() and "arrays" in list(reply.content.array_records.keys())
+        if msg.metadata.message_type != "train" or not has_arrays:
+            return reply
+        arrays = decode_arrays(reply.content["arrays"])
+        if node in self.tamper:
+            arrays = self.tamper[node](arrays)
+            content = RecordDict({"arrays": encode_arrays(arrays), "metrics": reply.content["metrics"]})
+            reply = Message(content, reply_to=msg)
+        self.sent_arrays[node] = arrays
+        return reply
 
 
 def _partners(tmp_path: Path, names: list[str]) -> dict[int, Context]:
@@ -222,8 +214,9 @@ def _partners(tmp_path: Path, names: list[str]) -> dict[int, Context]:
     for node, name in enumerate(names, start=11):
         folder = tmp_path / name
         folder.mkdir(parents=True)
-        dump_toml(
-            folder / "client.toml",
+        contexts[node] = partner_context(
+            folder,
+            node,
             {
                 "partner": {"name": name, "kind": "health", "state_dir": "state"},
                 "data": {"synthetic_rows": 100, "synthetic_seed": node},
@@ -231,10 +224,6 @@ def _partners(tmp_path: Path, names: list[str]) -> dict[int, Context]:
                 "privacy": {"target_epsilon": "inf"},
             },
         )
-        contexts[node] = Context(
-            run_id=1, node_id=node, node_config={"client-config": str(folder / "client.toml")},
-            state=RecordDict(), run_config={},
-        )  # fmt: skip
     return contexts
 
 
@@ -428,15 +417,16 @@ def test_a_reply_missing_a_record_drops_its_sender_not_the_federation(
 ) -> None:
     contexts = _partners(tmp_path, ["clinic-1", "clinic-2", "broken"])
     grid = TamperingGrid(contexts, {})
-    deliver = grid.app
+    deliver = grid.nodes[13]
 
-    def app(msg: Message, context: Context) -> Message:
-        reply = deliver(msg, context)
-        if msg.metadata.message_type == "train" and context.node_id == 13:
+    def broken(msg: Message) -> Message:
+        reply = deliver(msg)
+        assert isinstance(reply, Message)
+        if msg.metadata.message_type == "train":
             return Message(RecordDict({kept: reply.content[kept]}), reply_to=msg)
         return reply
 
-    grid.app = app  # type: ignore[assignment]
+    grid.nodes[13] = broken
     caplog.set_level(logging.WARNING, logger="fedpersona.federation.server_app")
     result = run_federation(grid, _settings(tmp_path / "run"))
     assert result.rounds_completed == 1

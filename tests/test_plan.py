@@ -1,0 +1,136 @@
+"""The plan a user reads is the plan that runs, and a fixed plan is the one source of truth.
+
+``fedpersona privacy plan`` prints a plan; the partner fixes one at its first round
+(``state/plan.json``) and accounts with it. These tests read the printed numbers back and
+compare them with the plan the partner fixed, and check that a partner whose client.toml no
+longer says what its plan fixed refuses to work, naming each changed key.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedpersona.cli import app as cli
+from fedpersona.config.files import load_partner_config
+from fedpersona.config.settings import TrainingSettings
+from fedpersona.errors import ConfigError
+from fedpersona.federation.partner import load_partner_data, load_plan
+from fedpersona.privacy.accounting import compute_epsilon
+from fedpersona.privacy.planner import epsilon_schedule
+
+CLIENT = """\
+[partner]
+name = "clinic"
+kind = "health"
+state_dir = "state"
+
+[data]
+synthetic_rows = 250
+public_rows = 200
+
+[privacy]
+target_epsilon = {epsilon}
+delta = 1e-5
+{extra}
+"""
+
+
+def write_client(folder: Path, *, epsilon: float = 2.0, extra: str = "") -> Path:
+    path = folder / "client.toml"
+    path.write_text(CLIENT.format(epsilon=epsilon, extra=extra))
+    return path
+
+
+def printed_plan(path: Path, *, rounds: int, kmeans_rounds: int) -> tuple[float, float, int, list[float]]:
+    """Noise multiplier, sample rate, steps per round and cumulative epsilons as printed."""
+    done = CliRunner().invoke(
+        cli,
+        ["privacy", "plan", "--config", str(path), "--rounds", str(rounds), "--kmeans-rounds", str(kmeans_rounds)],
+        terminal_width=200,
+    )
+    assert done.exit_code == 0, done.output
+    sigma = float(re.search(r"noise multiplier ([0-9.]+)", done.output).group(1))  # type: ignore[union-attr]
+    q = float(re.search(r"sample rate ([0-9.]+)", done.output).group(1))  # type: ignore[union-attr]
+    steps = int(re.search(r"(\d+) steps/round", done.output).group(1))  # type: ignore[union-attr]
+    rows = [[cell.strip() for cell in line.split("\u2502")[1:-1]] for line in done.output.splitlines()]
+    cumulative = [float(row[2]) for row in rows if len(row) == 3 and re.fullmatch(r"[0-9.]+", row[2])]
+    return sigma, q, steps, cumulative
+
+
+@pytest.mark.parametrize(
+    ("planned", "kmeans_rounds"),
+    [(None, 0), (8, 0), (8, 6)],
+    ids=["federation-rounds", "planned-rounds-above-federation", "with-clustering-reserve"],
+)
+def test_printed_plan_equals_the_plan_the_partner_fixes(
+    tmp_path: Path, planned: int | None, kmeans_rounds: int
+) -> None:
+    extra = f"planned_rounds = {planned}" if planned else ""
+    path = write_client(tmp_path, extra=extra)
+    federation_rounds = 3
+    sigma, q, steps, cumulative = printed_plan(path, rounds=federation_rounds, kmeans_rounds=kmeans_rounds)
+
+    cfg = load_partner_config(path)
+    plan = load_plan(
+        cfg, load_partner_data(cfg), TrainingSettings(), rounds=federation_rounds,
+        kmeans_rounds=kmeans_rounds, kmeans_noise=10.0 if kmeans_rounds else None,
+    )  # fmt: skip
+    assert plan.noise_multiplier is not None
+    assert round(plan.noise_multiplier, 4) == sigma
+    assert round(plan.sample_rate, 5) == q
+    assert plan.steps_per_round == steps
+    assert plan.planned_rounds == (planned or federation_rounds)
+    assert plan.kmeans_rounds == kmeans_rounds
+    expected = [round(e, 4) for e in epsilon_schedule(plan)]
+    assert cumulative == expected
+    # The last printed epsilon is the whole plan's, by an independent composition of all steps.
+    if not kmeans_rounds:
+        total = compute_epsilon(
+            [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.planned_rounds)],
+            delta=1e-5, accountant="prv",
+        )  # fmt: skip
+        assert cumulative[-1] == pytest.approx(total, abs=1e-4)
+    assert cumulative[-1] <= 2.0 + 1e-9
+    # A plan for more rounds than the federation runs needs more noise than one for its rounds.
+    if planned:
+        (tmp_path / "short").mkdir()
+        short = load_partner_config(write_client(tmp_path / "short"))
+        shorter = load_plan(
+            short, load_partner_data(short), TrainingSettings(), rounds=federation_rounds,
+            kmeans_rounds=kmeans_rounds, kmeans_noise=10.0 if kmeans_rounds else None,
+        )  # fmt: skip
+        assert shorter.noise_multiplier is not None and shorter.noise_multiplier < plan.noise_multiplier
+
+    # Once fixed, `privacy plan` shows the fixed plan, whatever --rounds says now.
+    sigma_after, _, _, cumulative_after = printed_plan(path, rounds=1, kmeans_rounds=0)
+    assert (sigma_after, cumulative_after) == (sigma, cumulative)
+
+
+def test_a_partner_whose_settings_drift_from_its_fixed_plan_refuses_naming_each_key(tmp_path: Path) -> None:
+    path = write_client(tmp_path, extra="planned_rounds = 5\nmax_grad_norm = 1.0")
+    cfg = load_partner_config(path)
+    data = load_partner_data(cfg)
+    training = TrainingSettings(batch_size=32)
+    fixed = load_plan(cfg, data, training, rounds=5)
+    assert (Path(cfg.state_dir) / "plan.json").exists()
+
+    # Unchanged settings load the same plan (and a different federation round count is fine).
+    assert load_plan(load_partner_config(path), data, training, rounds=2) == fixed
+
+    write_client(tmp_path, epsilon=4.0, extra="planned_rounds = 7\nmax_grad_norm = 1.0")
+    with pytest.raises(ConfigError) as caught:
+        load_plan(load_partner_config(path), data, TrainingSettings(batch_size=64), rounds=5)
+    message = str(caught.value)
+    assert str(path) in message and "plan.json" in message
+    assert "privacy.target_epsilon: the plan has 2.0, now 4.0" in message
+    assert "privacy.planned_rounds: the plan has 5, client.toml 7" in message
+    assert "training.batch_size: the plan has 32, now 64" in message
+    assert "max_grad_norm" not in message  # unchanged keys are not named
+
+    # The plan on disk was not touched by the refused attempt.
+    write_client(tmp_path, extra="planned_rounds = 5\nmax_grad_norm = 1.0")
+    assert load_plan(load_partner_config(path), data, training, rounds=5) == fixed
