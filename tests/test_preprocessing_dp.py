@@ -308,8 +308,7 @@ def test_an_extreme_row_cannot_raise_the_sensitivity(kind: str) -> None:
     norms = grads.norm(dim=1)
     # Clipping must be active for the extreme row, or the check below would be vacuous.
     max_grad_norm = min(PrivacySettings().max_grad_norm, float(norms[ROW]) / 2)
-    clipped = norms * torch.clamp(max_grad_norm / norms, max=1.0)  # clip factor min(1, C / norm)
-    assert (clipped <= max_grad_norm * (1 + 1e-6)).all()
+    assert float(norms[ROW]) > max_grad_norm
 
     # Sensitivity as DP-SGD sees it: removing the extreme row moves Opacus' summed clipped
     # gradient by at most C (per-sample terms are independent: no batch statistics).

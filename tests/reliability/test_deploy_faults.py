@@ -339,7 +339,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         assert "continuing at round 2" in resumed_log
         # fedpersona's INFO lines from the ServerApp (shown by `flwr log`) are kept in the run folder.
         serverapp_log = (run_dir / "logs" / "serverapp.log").read_text()
-        assert "INFO fedpersona.federation.server_app: final model installed at 10 of 10 partner(s)" in serverapp_log
+        assert "INFO fedpersona.federation.publishing: final model installed at 10 of 10 partner(s)" in serverapp_log
         assert "ServerApp log: " in resumed_log
         superlink_log = (run_dir / "logs" / "superlink.log").read_text()
 

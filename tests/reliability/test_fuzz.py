@@ -6,18 +6,25 @@ artifacts folder.
 
 The profile is bounded (``max_examples``), has no deadline (a shared CI machine has slow
 moments) and is derandomized, so that CI runs the same examples every time.
+
+Each fuzzer counts its outcomes (:func:`tallied`): a generator whose inputs are all refused
+early would test only the first check, and one whose inputs are all accepted would test no
+error path, so each must reach both, with at least the share of accepted inputs it states.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import gzip
 import io
 import json
 import math
 import tempfile
 import tomllib
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -51,6 +58,33 @@ FUZZ = settings.get_profile("fedpersona-reliability")
 FAST = settings(FUZZ, max_examples=250)
 
 REPO = Path(__file__).resolve().parents[2]
+
+TALLY: dict[str, Counter[str]] = {}
+
+
+def tally(test: str, outcome: str) -> None:
+    """Count one generated input of ``test`` as "accepted" or "refused"."""
+    TALLY.setdefault(test, Counter())[outcome] += 1
+
+
+def tallied(min_accepted: float) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Run a fuzzer, then require that its inputs reached both outcomes, with at least
+    ``min_accepted`` of them accepted."""
+
+    def wrap(test: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(test)
+        def run(*args: Any, **kwargs: Any) -> None:
+            TALLY[test.__name__] = Counter()
+            test(*args, **kwargs)
+            counts = TALLY[test.__name__]
+            total = counts["accepted"] + counts["refused"]
+            assert total > 0 and counts["refused"] > 0, f"{test.__name__}: {dict(counts)}"
+            assert counts["accepted"] >= min_accepted * total, f"{test.__name__}: {dict(counts)}"
+
+        return run
+
+    return wrap
+
 
 # --------------------------------------------------------------------------- tables and schemas
 
@@ -115,12 +149,33 @@ def schema_docs(draw: st.DrawFn) -> dict[str, Any]:
     return doc
 
 
-def _columns_of(doc: dict[str, Any]) -> list[str]:
-    out = ["ID"] if doc["table"].get("id") else []
+def _columns_of(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every column the schema reads, with the spec of the feature (None for the id and labels)."""
+    out: list[tuple[str, dict[str, Any] | None]] = [("ID", {"type": "id"})] if doc["table"].get("id") else []
     for name, spec in doc["features"].items():
-        out.extend(spec.get("columns", [spec.get("column", name)]))
-    out.extend(doc.get("labels", {}))
+        out.extend((column, spec) for column in spec.get("columns", [spec.get("column", name)]))
+    out.extend((label, {"type": "label", **spec}) for label, spec in doc.get("labels", {}).items())
     return out
+
+
+@st.composite
+def typed_cell(draw: st.DrawFn, spec: dict[str, Any] | None, dirty: bool) -> str:
+    """A cell the feature can hold (so the featurizer is reached); in a dirty table, often any cell."""
+    if spec is None or (dirty and draw(st.integers(0, 3)) == 0):
+        return draw(CELL)
+    kind = spec["type"]
+    if kind == "id":
+        return f"user-{draw(st.integers(0, 10**9))}"  # (a repeated id is a refusal: the test still allows it)
+    if kind == "label":
+        return str(draw(st.sampled_from([*spec["positive"], "0", "no"])))
+    if kind in ("numeric", "sequence") and "bounds" in spec:
+        lo, hi = spec["bounds"]
+        return repr(draw(st.floats(lo, hi, allow_nan=False, allow_infinity=False)))
+    if kind == "boolean":
+        return draw(st.sampled_from(["yes", "no", "1", "0", "true", "False"]))
+    if spec.get("vocabulary"):
+        return str(draw(st.sampled_from(spec["vocabulary"])))
+    return draw(st.text(min_size=1, max_size=12).filter(str.strip))
 
 
 @st.composite
@@ -128,13 +183,16 @@ def frames(draw: st.DrawFn, doc: dict[str, Any]) -> pd.DataFrame:
     columns = _columns_of(doc)
     if draw(st.integers(0, 9)) == 0 and columns:  # now and then a column is missing
         columns.remove(draw(st.sampled_from(columns)))
-    columns += draw(st.lists(NAMES, max_size=1))  # and now and then an extra (or repeated) one
-    rows = draw(st.integers(0, 6))
+    if draw(st.integers(0, 9)) == 0:  # and now and then an extra (or repeated) one
+        columns.append((draw(NAMES), None))
+    rows = draw(st.integers(0, 8))
+    dirty = draw(st.booleans())
     data = {}
-    for i in range(len(columns)):
-        data[f"{i}"] = pd.Series(draw(st.lists(CELL, min_size=rows, max_size=rows)), dtype=object)
+    for i, (_, spec) in enumerate(columns):
+        cells = draw(st.lists(typed_cell(spec, dirty), min_size=rows, max_size=rows))
+        data[f"{i}"] = pd.Series(cells, dtype=object)
     frame = pd.DataFrame(data)
-    frame.columns = columns
+    frame.columns = [name for name, _ in columns]
     return frame
 
 
@@ -154,6 +212,7 @@ def _check_features(table: Any) -> None:
             assert int(tensors[f"text{i}"].max()) <= buckets
 
 
+@tallied(0.15)
 @FUZZ
 @given(data=st.data())
 def test_validate_and_featurize_generated_tables(data: st.DataObject) -> None:
@@ -161,14 +220,17 @@ def test_validate_and_featurize_generated_tables(data: st.DataObject) -> None:
     try:
         schema = parse_schema(doc, source="fuzz-schema")
     except FedPersonaError:
+        tally("test_validate_and_featurize_generated_tables", "refused")
         return
     frame = data.draw(frames(doc))
     try:
         table = validate_frame(schema, frame, source="fuzz.csv")
     except FedPersonaError:
+        tally("test_validate_and_featurize_generated_tables", "refused")
         return
     assert len(table) == len(frame)
     _check_features(table)
+    tally("test_validate_and_featurize_generated_tables", "accepted")
 
 
 def _as_file(frame: pd.DataFrame, fmt: str, folder: Path) -> Path:
@@ -182,6 +244,7 @@ def _as_file(frame: pd.DataFrame, fmt: str, folder: Path) -> Path:
     return path
 
 
+@tallied(0.15)
 @FUZZ
 @given(data=st.data(), fmt=st.sampled_from(["csv", "gzip", "parquet"]))
 def test_load_generated_files(data: st.DataObject, fmt: str) -> None:
@@ -189,6 +252,7 @@ def test_load_generated_files(data: st.DataObject, fmt: str) -> None:
     try:
         schema = parse_schema(doc, source="fuzz-schema")
     except FedPersonaError:
+        tally("test_load_generated_files", "refused")
         return
     frame = data.draw(frames(doc))
     with tempfile.TemporaryDirectory() as tmp:
@@ -199,10 +263,13 @@ def test_load_generated_files(data: st.DataObject, fmt: str) -> None:
         try:
             table = load_table(schema, path)
         except FedPersonaError:
+            tally("test_load_generated_files", "refused")
             return
         _check_features(table)
+        tally("test_load_generated_files", "accepted")
 
 
+@tallied(0.02)
 @FAST
 @given(
     content=st.one_of(
@@ -226,8 +293,10 @@ def test_read_arbitrary_bytes(content: bytes, suffix: str, delimiter: str, heade
             frame = read_frame(schema, path)
             table_ = validate_frame(schema, frame, source=str(path))
         except FedPersonaError:
+            tally("test_read_arbitrary_bytes", "refused")
             return
         _check_features(table_)
+        tally("test_read_arbitrary_bytes", "accepted")
 
 
 # --------------------------------------------------------------------------- TOML documents
@@ -330,6 +399,7 @@ def _usable_federation(fed: Any) -> None:
     assert isinstance(fed.round_timeout, int | float) and fed.round_timeout > 0
 
 
+@tallied(0.12)
 @FAST
 @given(doc=mutated(SCENARIO, SCENARIO_EXTRA))
 def test_scenario_loader_on_generated_documents(doc: dict[str, Any]) -> None:
@@ -340,10 +410,12 @@ def test_scenario_loader_on_generated_documents(doc: dict[str, Any]) -> None:
         try:
             scenario = load_scenario(path)
         except FedPersonaError:
+            tally("test_scenario_loader_on_generated_documents", "refused")
             return
         _usable_federation(scenario.federation)
         for silo in scenario.silos:
             assert isinstance(silo.seed, int) and isinstance(silo.name, str)
+            tally("test_scenario_loader_on_generated_documents", "accepted")
 
 
 PARTNER = {
@@ -356,6 +428,7 @@ PARTNER_EXTRA = [("data", "path"), ("data", "schema"), ("data", "public_rows"), 
                  ("release", "typo"), ("extra",)]  # fmt: skip
 
 
+@tallied(0.04)
 @FAST
 @given(doc=mutated(PARTNER, PARTNER_EXTRA))
 def test_partner_config_loader_on_generated_documents(doc: dict[str, Any]) -> None:
@@ -366,6 +439,7 @@ def test_partner_config_loader_on_generated_documents(doc: dict[str, Any]) -> No
         try:
             cfg = load_partner_config(path)
         except FedPersonaError:
+            tally("test_partner_config_loader_on_generated_documents", "refused")
             return
         # What the partner then relies on: typed values, and release switches that are real booleans.
         assert isinstance(cfg.share_eval_metrics, bool) and isinstance(cfg.audit_log, bool)
@@ -373,6 +447,7 @@ def test_partner_config_loader_on_generated_documents(doc: dict[str, Any]) -> No
         assert isinstance(cfg.synthetic_seed, int) and (cfg.public_rows is None or isinstance(cfg.public_rows, int))
         if cfg.synthetic_mix is not None:
             assert all(math.isfinite(x) and x >= 0 for x in cfg.synthetic_mix) and sum(cfg.synthetic_mix) > 0
+            tally("test_partner_config_loader_on_generated_documents", "accepted")
 
 
 FEDERATION = tomllib.loads((REPO / "server" / "federation.toml").read_text())
@@ -380,6 +455,7 @@ FEDERATION_EXTRA = [("server", "expected_partners"), ("federation", "robust_aggr
                     ("federation", "max_update_norm"), ("partners", 0, "typo"), ("partners",)]  # fmt: skip
 
 
+@tallied(0.08)
 @settings(FAST, report_multiple_bugs=False)
 @given(doc=mutated(FEDERATION, FEDERATION_EXTRA))
 def test_federation_config_loader_on_generated_documents(doc: dict[str, Any]) -> None:
@@ -390,8 +466,10 @@ def test_federation_config_loader_on_generated_documents(doc: dict[str, Any]) ->
         try:
             cfg = load_federation_config(path)
         except FedPersonaError:
+            tally("test_federation_config_loader_on_generated_documents", "refused")
             return
         _usable_federation(cfg.federation)
+        tally("test_federation_config_loader_on_generated_documents", "accepted")
 
 
 SCHEMA = tomllib.loads((REPO / "clients" / "finance" / "schema.toml").read_text())
@@ -399,6 +477,7 @@ SCHEMA_EXTRA = [("table", "delimiter"), ("table", "columns"), ("table", "header"
                 ("events",), ("events", "user"), ("features", "new"), ("labels", "new")]  # fmt: skip
 
 
+@tallied(0.06)
 @FAST
 @given(doc=mutated(SCHEMA, SCHEMA_EXTRA))
 def test_schema_loader_on_generated_documents(doc: dict[str, Any]) -> None:
@@ -409,14 +488,17 @@ def test_schema_loader_on_generated_documents(doc: dict[str, Any]) -> None:
         try:
             schema = load_schema(path)
         except FedPersonaError:
+            tally("test_schema_loader_on_generated_documents", "refused")
             return
         layout = layout_of(schema)
         assert layout.n_tokens == len(schema.features)
         for feat in schema.features:
             if hasattr(feat, "lo"):
                 assert math.isfinite(feat.lo) and math.isfinite(feat.hi) and math.isfinite(feat.hi - feat.lo)
+        tally("test_schema_loader_on_generated_documents", "accepted")
 
 
+@tallied(0.001)
 @FAST
 @given(content=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
 def test_config_loaders_on_arbitrary_bytes(content: bytes) -> None:
@@ -427,7 +509,9 @@ def test_config_loaders_on_arbitrary_bytes(content: bytes) -> None:
             try:
                 loader(path)
             except FedPersonaError:
-                pass
+                tally("test_config_loaders_on_arbitrary_bytes", "refused")
+            else:
+                tally("test_config_loaders_on_arbitrary_bytes", "accepted")
 
 
 # --------------------------------------------------------------------------- the model registry
@@ -476,6 +560,7 @@ SEGMENT = st.one_of(
     st.sampled_from(["..", ".", "%2e%2e", "%2E%2E%2F", "..%2f..%2fsecret.txt", "secret.txt", "card", "archive",
                      "latest", "v1", "models", "%00", "~", "//", "%2F", "card.json", "weights.npz", "....//"]),
     st.text(st.characters(codec="utf-8", exclude_characters="/?#"), max_size=12),
+    st.just("{version}"),  # the one real version, so that some requests reach a file
 )  # fmt: skip
 
 
@@ -491,6 +576,7 @@ def _check_answer(response: Any) -> None:
                 assert SECRET.encode() not in tar.extractfile(member).read()  # type: ignore[union-attr]
 
 
+@tallied(0.004)
 @FAST
 @given(
     segments=st.lists(SEGMENT, min_size=1, max_size=5),
@@ -509,20 +595,32 @@ def test_registry_answers_generated_requests_with_4xx_never_5xx_or_outside_files
 ) -> None:
     app, version = registry
     # Raw characters are percent-encoded (as any client must); "%2e%2e"-style segments stay as written.
-    path = prefix.replace("{version}", version) + "/".join(quote(s, safe="%~.") for s in segments)
+    path = prefix.replace("{version}", version) + "/".join(
+        version if s == "{version}" else quote(s, safe="%~.") for s in segments
+    )
     response = _request(app, method, path, {"Authorization": auth})
     _check_answer(response)
     if response.status_code == 200:
         assert (method in ("GET", "HEAD") and auth == f"Bearer {TOKEN}") or path.rstrip("/") == "/healthz"
+    tally(
+        "test_registry_answers_generated_requests_with_4xx_never_5xx_or_outside_files",
+        "accepted" if response.status_code == 200 else "refused",
+    )
 
 
+@tallied(0.3)
 @FUZZ
 @given(
-    headers=st.dictionaries(
-        st.text(st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"), min_size=1, max_size=20),
-        st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=2000),
-        max_size=20,
-    ),
+    headers=st.tuples(
+        st.dictionaries(
+            st.text(
+                st.characters(min_codepoint=33, max_codepoint=126, exclude_characters=":"), min_size=1, max_size=20
+            ),
+            st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=2000),
+            max_size=20,
+        ),
+        st.booleans(),  # half of the requests also carry the right token (other headers must not matter)
+    ).map(lambda drawn: {**drawn[0], "Authorization": f"Bearer {TOKEN}"} if drawn[1] else drawn[0]),
     route=st.sampled_from(
         ["/v1/models", "/v1/models/latest", "/v1/models/{version}/card", "/v1/models/{version}/archive"]
     ),
@@ -533,6 +631,7 @@ def test_registry_with_generated_headers(registry: Any, headers: dict[str, str],
     _check_answer(response)
     authorized = any(k.lower() == "authorization" and v == f"Bearer {TOKEN}" for k, v in headers.items())
     assert response.status_code == (200 if authorized else 401)
+    tally("test_registry_with_generated_headers", "accepted" if response.status_code == 200 else "refused")
 
 
 # --------------------------------------------------------------------------- regressions (one per bug found)
