@@ -112,3 +112,18 @@ def test_robust_trunk_aggregation_resists_one_hostile_partner(robust: str) -> No
     assert np.all(plain.trunk["trunk.w"] > 1e5)  # the plain mean is dragged away
     with pytest.raises(ConfigError, match="robust_aggregation"):
         ScopedAggregator(robust="mode")
+
+
+def test_the_model_does_not_depend_on_the_order_the_replies_arrived_in() -> None:
+    # Catastrophic cancellation: summed in arrival order, (1e20 + 1) - 1e20 is 0 but
+    # (1e20 - 1e20) + 1 is 1, so the order would show in the float32 model.
+    ups = [
+        PartnerUpdate(name, "shop:1", {"trunk.w": np.array([value, -value], dtype=np.float32)}, 100)
+        for name, value in (("a", 1e20), ("b", 1.0), ("c", -1e20))
+    ]
+    results = []
+    for order in ([0, 1, 2], [0, 2, 1], [1, 2, 0], [2, 1, 0]):
+        agg = ScopedAggregator(global_weighting="examples")
+        agg.aggregate([ups[i] for i in order])
+        results.append(agg.trunk["trunk.w"])
+    assert all(r.tobytes() == results[0].tobytes() for r in results[1:])

@@ -203,7 +203,11 @@ class ScopedAggregator:
         return out
 
     def aggregate(self, updates: list[PartnerUpdate]) -> None:
-        """Apply one round of updates, scope by scope."""
+        """Apply one round of updates, scope by scope.
+
+        The updates are taken in the order of their partners' names, not of arrival, so that
+        floating-point sums, and the model, do not depend on which reply came first."""
+        updates = sorted(updates, key=lambda u: u.partner)
         groups: dict[tuple[str, str | None], list[tuple[dict[str, np.ndarray], float]]] = {}
         global_weight = self.global_weights(updates)
         for upd in updates:
