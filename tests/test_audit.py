@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,10 +179,11 @@ def _audit(
     noise_scale: float, *, canaries: int = 1000, rounds: int = 3, seed: int = 0, accountant: str = "prv"
 ) -> AuditResult:
     scenario = load_scenario(default_scenario_path(), epsilon=CLAIM)
-    scenario = replace(
-        scenario,
-        federation=replace(scenario.federation, rounds=rounds),
-        privacy=replace(scenario.privacy, accountant=accountant),
+    scenario = scenario.model_copy(
+        update={
+            "federation": scenario.federation.replace(rounds=rounds),
+            "privacy": scenario.privacy.replace(accountant=accountant),
+        }
     )
     settings = AuditSettings(canaries=canaries, noise_scale=noise_scale)
     return run_audit(scenario=scenario, settings=settings, rng=np.random.default_rng(seed))
