@@ -1,68 +1,52 @@
-"""Empirical privacy audit: check a partner's claimed epsilon with one federated training run.
+"""Privacy audit of a partner's real training round: canaries, a one-run bound, mechanism checks.
 
-Method: Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023
-(arXiv:2305.08846). ``m`` canary users each go into the audited partner's table with probability
-1/2 (independent coin flips from an injected ``numpy.random.Generator``); one federated training
-runs; a score per canary gives ``k+`` guesses "included" (highest scores) and ``k-`` guesses
-"excluded" (lowest), with ``k+`` and ``k-`` fixed before the run; the number of right guesses
-gives a lower bound on epsilon at 95% confidence (:func:`epsilon_lower_bound`). If the pipeline
-is (eps, delta)-DP the bound exceeds eps with probability at most 5%, so a bound above the
-claim refutes the claim.
+The audit runs the partner's own round, :func:`fedpersona.federation.partner.train_round`, on a
+table written to disk and read back through the partner's ingestion (schema, validation, the
+keyed train/test split, the declared public row count, ``plan.json``, the ledger, the secret
+randomness, Opacus with the scenario's clipping mode, the real persona encoder). The one thing
+it adds is a set of *gradient canaries* (Nasr et al., "Tight Auditing of Differentially Private
+Machine Learning", USENIX Security 2023, section 3.2): ``m`` canary users, each put into the
+table with probability 1/2 (independent coin flips from an injected ``numpy.random.Generator``),
+whose per-sample gradient the audit sets to ``gain * max_grad_norm`` on one coordinate of its
+own, in an audit-only canary table next to the encoder, and zero everywhere else. Ordinary users
+keep their real gradients and give the canary table none. A canary's gradient therefore goes
+through the round's own per-sample norm, clipping, sum, noise and optimizer step; nothing about
+the guarantee is simulated.
 
-**The federation.** One audited partner and ``peers`` others (default 2) of one kind and one
-schema, so they share an adapter slot. Each trains every round with the real
-:func:`~fedpersona.model.training.train_locally` (Opacus DP-SGD, Poisson sampling, the noise multiplier
-:func:`~fedpersona.privacy.accounting.plan_noise` planned for the claim over all rounds, a ledger charged
-before each round); :class:`~fedpersona.federation.aggregation.ScopedAggregator` averages the replies, in
-process. ``[federation]``, ``[training]`` (except batch size and device) and ``[privacy]`` come
-from the scenario; its ``[model]`` and ``[[silos]]`` do not apply, and secure aggregation is not
-simulated (it limits what the server sees, not what the partner's guarantee covers).
+**Bound (Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023,
+arXiv:2305.08846).** The score of canary ``i`` is the sum over all steps of the privatised
+gradient of its coordinate, read just before the inner optimizer applies it (the ledger's epsilon
+covers the whole transcript of noisy gradients, so a white-box auditor may read all of it). The
+``k`` highest scores are guessed "included", the ``k`` lowest "excluded" (``k`` fixed before the
+run); the number of right guesses gives :func:`epsilon_lower_bound`. A correct pipeline stays
+below the claim with probability at least the confidence.
 
-**Data and canaries.** Tables take the real ingestion path (schema, validated table,
-:func:`~fedpersona.data.features.featurize`). The audit schema has four numbers with public bounds, a
-label, and a ``canary`` categorical whose public vocabulary is the ``m`` canary ids. Ordinary
-users have random numbers, a logistic label and no canary value. Canary ``i`` is an *indicator*
-canary: no numbers, canary value ``canary-i``, a random label.
+**Mechanism checks.** The bound needs many rounds to see a moderate error, so the audit also
+uses what it knows as the auditor (the coin flips and the plan) to check each part of the
+mechanism directly; any failed check is a *finding* and the verdict is "inconsistent":
 
-**The model.** :class:`CanaryProbe`, a logistic regression without intercept in the encoder's
-scopes: a global ``trunk`` (a weight per number) and a kind-scoped ``adapter`` (a weight per
-canary code, times a public gain), zero-initialised. A canary's per-sample gradient lies on its
-own adapter weight only (a "Dirac" canary, the strongest data canary for DP-SGD), and the gain
-makes it at least ``max_grad_norm``, so clipping leaves it at full sensitivity. The product's
-:class:`~fedpersona.model.encoder.PersonaEncoder` is not used: there a canary's own embedding row gets
-about 5% of its clipped gradient norm (the rest lands on shared weights), far too little to
-catch even a 5-fold noise error. So the audit checks the DP-SGD machinery (plan, accountant,
-ledger, Opacus noise, clipping, Poisson sampling) and the federated path, not the per-sample
-gradients of the encoder's own layers.
+- *Noise against clipping*: an excluded canary's score is pure noise, ``N(0, T (sigma C / B)^2)``
+  over ``T`` steps; an included one also holds ``C / B`` per step it was sampled (``q T`` on
+  average). So ``sd(excluded) * sqrt(T) * q / (mean(included) - mean(excluded))`` estimates the
+  noise multiplier the round really applied relative to the clipped signal; it must match the
+  planned ``sigma`` within ``max(4 standard errors, 10%)``. Noise scaled down, or clipping that
+  lets a canary's ``gain * C`` through, moves it by that factor.
+- *Accounting*: the ledger file is read (its JSON lines, not through the ledger class) and its
+  DP-SGD steps and epsilon must cover the steps the audit saw, with the plan's ``sigma`` and
+  ``q``, recomputed with the claimed accountant.
+- *Secret randomness*: round 1 is run again from a copy of the partner's state before round 1,
+  with the same data, settings and message. A round whose noise and batches are fresh secret
+  randomness releases different parameters; identical ones mean the randomness is a function of
+  what the coordinator knows (or of ``noise_seed``, which is labelled as such).
 
-**Scores (white-box).** The ledger's epsilon accounts for the whole DP-SGD transcript, every
-noisy gradient of every step, so the auditor may look at all of them. The *transcript* score of
-canary ``i`` is ``-sign(i) * sum over steps`` of the noisy gradient of its adapter weight, read
-just before the audited partner's optimizer applies it (``sign = +1`` for a positive label, -1
-for a negative one: the direction the canary pushes when it is trained on); it gives
-``epsilon_lower_bound``. The *releases* score uses only what the partner sends:
-``sign(i) * sum over rounds of (sent - received)`` of that weight; it gives
-``epsilon_lower_bound_releases``, which Adam's per-coordinate scaling makes weaker. Each bound
-holds at the stated confidence on its own; the verdict (``claim_refuted``) uses the first.
-Neither score sees the coin flips.
-
-**Guesses (pre-registered).** ``k+ = k- = round(guess_fraction * m)`` (default 10% of the
-canaries on each side), fixed before any audit from a simulation of the score distributions.
-Ties are broken by canary index.
-
-**Soundness details.** The theorem needs every output to be DP in each coin flip, so nothing
-else may depend on how many canaries were included. The batch size is ``B = max(m + 1, 64)``
-and the audited partner holds ``2B + 1`` ordinary users, so ``ceil(rows / B) = 3`` (hence the
-Poisson rate 1/3 and the step count) whatever the flips; its aggregation weight is its
-*declared* row count ``2B + 1 + m // 2``. Opacus divides the noisy sum by ``int(rows * q)``,
-which moves by about a percent with the flips; Adam is invariant to such a common scale, and
-the transcript score is scale-free across canaries, so neither bound is affected.
-
-**The test knob** ``noise_scale`` (1 = the correct pipeline): training uses the planned noise
-multiplier times ``noise_scale`` while the claim stays the planned target. The ledgers are
-opened with the budget that noise really spends (else they would, rightly, refuse round 1), and
-the audited ledger's final epsilon is reported as ``epsilon_ledger``. ``0`` trains without DP
-(``train_locally``'s non-private path: no clipping, no noise).
+**Soundness details.** Nothing a release depends on may depend on the coin flips except through
+the DP mechanism: the declared public row count is the ordinary users' training rows plus
+``m // 2``, and the batch size is a third of it (so the Poisson rate is 1/3 whatever the flips).
+Canary ids are chosen among those the partner's secret split key sends to the training side (the
+audit is run by the partner, on its own state folder). A one-partner federation: each round
+receives what the partner sent the round before (the guarantee is the partner's, whatever the
+server does with its releases). The batch size and device are the audit's; everything else
+(rounds, local epochs, learning rate, clipping mode, model, privacy) is the scenario's.
 """
 
 from __future__ import annotations
@@ -72,48 +56,42 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 from scipy import stats
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from fedpersona.config.settings import PrivacySettings, Scenario, TrainingSettings, sample_rate_for
-from fedpersona.data.features import FeatureLayout, FeatureTensors, featurize
-from fedpersona.data.schema import Schema, slot_id
-from fedpersona.data.schema_reader import parse_schema
-from fedpersona.data.tables import validate_frame
+from fedpersona.config.files import load_plan as load_plan_file
+from fedpersona.config.settings import PartnerConfig, PrivacyPlan, Scenario
+from fedpersona.data.synthetic import KINDS, generate_frame
 from fedpersona.errors import ConfigError
-from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
+from fedpersona.federation.partner import PartnerData, split_key, train_mask, train_round
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.model.training import train_locally
 from fedpersona.privacy.accounting import compute_epsilon
 from fedpersona.privacy.ledger import PrivacyLedger
-from fedpersona.privacy.planner import plan_noise
-from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
     "AUDIT_FILE",
     "AuditResult",
     "AuditSettings",
-    "CanaryProbe",
-    "ProbeConfig",
+    "CanaryModel",
     "audit_p_value",
-    "audit_schema",
     "check_out_dir",
     "epsilon_lower_bound",
     "guesses_from_scores",
+    "noise_ratio",
     "run_audit",
     "write_audit",
 ]
@@ -123,11 +101,9 @@ logger = logging.getLogger(__name__)
 AUDIT_FILE = "audit.json"
 CITATION = (
     "Steinke, Nasr & Jagielski, Privacy Auditing with One (1) Training Run, NeurIPS 2023 "
-    "(arXiv:2305.08846), Theorem 5.2 / Algorithm 2"
+    "(arXiv:2305.08846), Theorem 5.2 / Algorithm 2; gradient canaries as in Nasr et al., USENIX Security 2023"
 )
-_KIND = "finance"  # any kind works: every audit partner uses the same audit schema
-_NUMBERS = ("x1", "x2", "x3", "x4")
-_TRUE_WEIGHTS = np.array([3.0, -3.0, 1.5, 0.0])
+_CANARY_COLUMN = "audit_canary"
 
 
 # --- the bound ---------------------------------------------------------------------------------
@@ -206,37 +182,30 @@ class AuditSettings:
     """What to audit and how hard; validated on construction."""
 
     canaries: int = 1000
-    noise_scale: float = 1.0
+    rows: int = 2000
     guess_fraction: float = 0.1
     confidence: float = 0.95
-    peers: int = 2
     gain: float = 4.0
+    kind: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.canaries, bool) or not isinstance(self.canaries, int) or self.canaries < 10:
             raise ConfigError(f"audit canaries must be an integer >= 10, got {self.canaries!r}")
-        scale = self.noise_scale
-        if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-            raise ConfigError(f"audit noise_scale must be a finite number >= 0 (1 = as planned), got {scale!r}")
+        if isinstance(self.rows, bool) or not isinstance(self.rows, int) or self.rows < 100:
+            raise ConfigError(f"audit rows must be an integer >= 100 (ordinary users), got {self.rows!r}")
         if not isinstance(self.guess_fraction, int | float) or not 0 < self.guess_fraction <= 0.5:
             raise ConfigError(f"audit guess_fraction must be in (0, 0.5], got {self.guess_fraction!r}")
         if not isinstance(self.confidence, int | float) or not 0 < self.confidence < 1:
             raise ConfigError(f"audit confidence must be in (0, 1), got {self.confidence!r}")
-        if isinstance(self.peers, bool) or not isinstance(self.peers, int) or self.peers < 1:
-            raise ConfigError(f"audit peers must be an integer >= 1, got {self.peers!r}")
         if not isinstance(self.gain, int | float) or not self.gain >= 2:
-            # A canary's gradient is gain * max_grad_norm * |p - y|, and |p - y| starts at 1/2.
             raise ConfigError(f"audit gain must be >= 2 so canaries are clipped to full sensitivity, got {self.gain!r}")
+        if self.kind is not None and self.kind not in KINDS:
+            raise ConfigError(f"audit kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     @property
     def guesses_per_side(self) -> int:
         """``k+ = k-``, fixed by the settings before anything runs."""
         return max(1, round(self.guess_fraction * self.canaries))
-
-    @property
-    def batch_size(self) -> int:
-        """Large enough that the audited partner's Poisson rate ignores the coin flips."""
-        return max(self.canaries + 1, 64)
 
 
 @dataclass(frozen=True)
@@ -249,140 +218,134 @@ class AuditResult:
     canaries: int
     canaries_included: int
     guesses: int
-    guesses_positive: int
-    guesses_negative: int
     correct: int
-    correct_positive: int
-    correct_negative: int
-    epsilon_lower_bound_releases: float
-    correct_releases: int
-    noise_scale: float
     noise_multiplier_planned: float
-    noise_multiplier: float | None
-    epsilon_ledger: float | None
+    noise_multiplier_measured: float
+    noise_multiplier_stderr: float
+    steps_observed: int
+    steps_ledger: int
+    epsilon_observed: float
+    epsilon_ledger: float
+    replay_identical: bool
     delta: float
     accountant: str
     max_grad_norm: float
     sample_rate: float
-    steps: int
     rounds: int
-    partners: int
+    kind: str
+    grad_sample_mode: str
     seconds: float
+    findings: tuple[str, ...] = field(default_factory=tuple)
     method: str = CITATION
-    score: str = "transcript: -sign(label) * sum over steps of the canary weight's noisy gradient"
-    score_releases: str = "sign(label) * sum over rounds of (sent - received) of the canary weight"
 
     @property
     def claim_refuted(self) -> bool:
         """The lower bound exceeds the claim: at this confidence, the claimed epsilon is false."""
         return self.epsilon_lower_bound > self.epsilon_claimed
 
+    @property
+    def consistent(self) -> bool:
+        """No finding and no refutation."""
+        return not self.findings and not self.claim_refuted
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "claim_refuted": self.claim_refuted}
+        out = asdict(self)
+        out["findings"] = list(self.findings)
+        return {**out, "claim_refuted": self.claim_refuted, "consistent": self.consistent}
 
 
-# --- the probe model ---------------------------------------------------------------------------
+# --- the canaries ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
-    """The probe's public constants (``mask_rate`` is what ``train_locally`` reads)."""
+class CanaryModel(nn.Module):
+    """The partner's encoder plus an audit-only canary table, trained as one module.
 
-    gain: float = 4.0
-    mask_rate: float = 0.0
-
-
-class CanaryProbe(nn.Module):
-    """Logistic regression without intercept, in the encoder's scopes; owns its loss.
-
-    ``logit = trunk(numbers * kept) + gain * sum_c adapter(code_c) * kept_c``: ``trunk`` (scope
-    global) holds one weight per number, ``adapter`` (scope kind) one weight per categorical code.
+    ``forward`` returns the encoder's per-sample loss for ordinary rows and
+    ``scale * canary[code]`` for canary rows (``code = batch["audit_canary"]``, 0 = ordinary):
+    a canary's per-sample gradient is ``scale`` on its own coordinate and zero elsewhere; an
+    ordinary row's is the encoder's own. ``config`` is the encoder's (DP-SGD reads its mask rate).
     """
 
-    def __init__(self, layout: FeatureLayout, config: ProbeConfig) -> None:
+    def __init__(self, encoder: PersonaEncoder, canaries: int, scale: float) -> None:
         super().__init__()
-        self.layout = layout
-        self.config = config
-        self.trunk = nn.Linear(len(layout.scalar_names), 1, bias=False)
-        self.adapter = nn.Embedding(sum(layout.cat_cardinalities), 1)
-        nn.init.zeros_(self.trunk.weight)
-        nn.init.zeros_(self.adapter.weight)
+        self.encoder = encoder
+        self.config = encoder.config
+        self.canary = nn.Embedding(canaries + 1, 1)
+        nn.init.zeros_(self.canary.weight)
+        self.scale = float(scale)
 
     def forward(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-        """Per-sample loss ``(B,)``; ``keep`` (B, T) masks tokens as in the encoder."""
-        n_scalar = len(self.layout.scalar_names)
-        numbers = batch["scalar"] * keep[:, :n_scalar].to(batch["scalar"].dtype)  # (B, S)
-        codes = self.adapter(batch["cat"]).squeeze(-1)  # (B, C)
-        kept = keep[:, n_scalar : n_scalar + codes.shape[1]].to(codes.dtype)  # (B, C)
-        logit = self.trunk(numbers).squeeze(-1) + self.config.gain * (codes * kept).sum(1)  # (B,)
-        label = batch["labels"][:, 0]  # (B,), NaN = unknown
-        bce = F.binary_cross_entropy_with_logits(logit, torch.nan_to_num(label), reduction="none")
-        return bce * ~torch.isnan(label)
+        per_sample = self.encoder(batch, keep)
+        code = batch[_CANARY_COLUMN]
+        dirac = self.scale * self.canary(code).squeeze(-1).to(per_sample.dtype)
+        return torch.where(code > 0, dirac, per_sample)
 
 
-# --- data --------------------------------------------------------------------------------------
+class _Instrument:
+    """Wraps the round's encoder in a :class:`CanaryModel` and records its noisy gradients."""
+
+    def __init__(self, codes_by_id: dict[str, int], canaries: int, scale: float, cfg: PartnerConfig) -> None:
+        self.codes_by_id = codes_by_id
+        self.canaries = canaries
+        self.scale = scale
+        self.cfg = cfg
+        self.model: CanaryModel | None = None
+
+    def __call__(self, encoder: PersonaEncoder, data: PartnerData) -> nn.Module:
+        keys = [str(x) for x in data.table.ids]
+        in_train = train_mask(keys, split_key(self.cfg), self.cfg.test_fraction)
+        codes = np.array([self.codes_by_id.get(k, 0) for k, keep in zip(keys, in_train, strict=True) if keep])
+        device = data.train.tensors["scalar"].device
+        data.train.tensors[_CANARY_COLUMN] = torch.from_numpy(codes.astype(np.int64)).to(device)
+        self.model = CanaryModel(encoder, self.canaries, self.scale).to(device)
+        return self.model
 
 
-def audit_schema(canaries: int) -> Schema:
-    """The audit table's schema; the canary ids are its public vocabulary."""
-    doc = {
-        "table": {"kind": _KIND, "id": "user_id", "name": "privacy audit"},
-        "features": {
-            **{name: {"type": "numeric", "bounds": [0.0, 1.0]} for name in _NUMBERS},
-            "canary": {"type": "categorical", "vocabulary": _canary_ids(canaries), "unseen": "reject"},
-        },
-        "labels": {"label": {"positive": ["1"]}},
-    }
-    return parse_schema(doc, source="<audit schema>")
+@contextlib.contextmanager
+def _noisy_gradients(instrument: _Instrument, sink: list[np.ndarray]) -> Iterator[None]:
+    """Record the canary table's gradient just before each inner optimizer step.
+
+    Under Opacus that is the privatised gradient (clipped per-sample gradients summed, plus the
+    noise, over the expected batch size) as the inner optimizer is about to apply it. The hook is
+    process-wide, so it is registered only around one round and always removed.
+    """
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if isinstance(optimizer, DPOptimizer) or instrument.model is None:  # the outer one sees un-noised sums
+            return
+        weight = instrument.model.canary.weight
+        if weight.grad is not None and any(p is weight for group in optimizer.param_groups for p in group["params"]):
+            sink.append(weight.grad.detach()[1:, 0].double().cpu().numpy().copy())
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
-def _canary_ids(canaries: int) -> list[str]:
-    width = len(str(canaries - 1))
-    return [f"canary-{i:0{width}d}" for i in range(canaries)]
+def noise_ratio(scores: np.ndarray, included: np.ndarray, *, steps: int, sample_rate: float) -> tuple[float, float]:
+    """The noise multiplier the transcript shows, and its standard error.
 
-
-def _ordinary_frame(rows: int, prefix: str, rng: np.random.Generator) -> pd.DataFrame:
-    x = rng.random((rows, len(_NUMBERS)))
-    label = rng.random(rows) < 1.0 / (1.0 + np.exp(-(x @ _TRUE_WEIGHTS - 0.75)))
-    frame = pd.DataFrame({name: np.round(x[:, j], 4).astype(str) for j, name in enumerate(_NUMBERS)})
-    frame.insert(0, "user_id", [f"{prefix}-{i:06d}" for i in range(rows)])
-    frame["canary"] = ""
-    frame["label"] = np.where(label, "1", "0")
-    return frame
-
-
-def _canary_frame(ids: list[str], labels: np.ndarray) -> pd.DataFrame:
-    frame = pd.DataFrame({"user_id": ids, **{name: "" for name in _NUMBERS}})
-    frame["canary"] = ids
-    frame["label"] = np.where(labels == 1, "1", "0")
-    return frame
-
-
-def _featurized(schema: Schema, frame: pd.DataFrame, source: str) -> FeatureTensors:
-    return featurize(validate_frame(schema, frame.reset_index(drop=True), source=source))
+    ``sd(excluded) * sqrt(steps) * q / (mean(included) - mean(excluded))`` (see the module
+    docstring); the error is the delta method's for that ratio. ``(inf, inf)`` when included
+    canaries do not score above excluded ones.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    inc, exc = scores[included], scores[~included]
+    if len(inc) < 2 or len(exc) < 2:
+        raise ValueError("the noise check needs at least two included and two excluded canaries")
+    diff = float(inc.mean() - exc.mean())
+    sd = float(exc.std(ddof=1))
+    if diff <= 0:
+        return math.inf, math.inf
+    estimate = sd * math.sqrt(steps) * sample_rate / diff
+    se_diff = math.sqrt(inc.var(ddof=1) / len(inc) + exc.var(ddof=1) / len(exc))
+    relative = math.sqrt((se_diff / diff) ** 2 + 1.0 / (2.0 * (len(exc) - 1)))
+    return estimate, estimate * relative
 
 
 # --- the audit ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Partner:
-    name: str
-    data: FeatureTensors
-    declared_rows: int
-    model: CanaryProbe
-    ledger: PrivacyLedger | None
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """The claim's plan and what the pipeline actually runs under the ``noise_scale`` knob."""
-
-    sample_rate: float
-    steps: int  # over all rounds
-    planned: float
-    used: float | None  # None: non-private training
-    privacy: PrivacySettings  # the partners' settings (budget = what ``used`` really spends)
 
 
 def run_audit(
@@ -392,11 +355,12 @@ def run_audit(
     rng: np.random.Generator,
     workdir: str | Path | None = None,
 ) -> AuditResult:
-    """Run one audited federated training and bound the audited partner's epsilon.
+    """Audit one partner's real rounds (``scenario``'s rounds, training, model and privacy).
 
-    ``scenario.privacy.target_epsilon`` is the claim; it must be finite. All randomness comes
-    from ``rng``: the same seed gives the same result. The partners' ledgers go under
-    ``workdir`` (by default a temporary folder, removed afterwards).
+    ``scenario.privacy.target_epsilon`` is the claim; it must be finite. The coin flips, the
+    table and the canary ids come from ``rng``; the round's own DP randomness is the partner's
+    secret (so two audits differ in their scores, not in their conclusion). The partner's
+    state and table go under ``workdir`` (by default a temporary folder, removed afterwards).
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -406,188 +370,162 @@ def run_audit(
         with tempfile.TemporaryDirectory(prefix="fedpersona-audit-") as tmp:
             return run_audit(scenario=scenario, settings=settings, rng=rng, workdir=tmp)
     started = time.perf_counter()
+    work = Path(workdir)
     m, rounds, claim = settings.canaries, scenario.federation.rounds, scenario.privacy
-    training = scenario.training.replace(batch_size=settings.batch_size, device="cpu")
-    schema = audit_schema(m)
+    kind = settings.kind or scenario.silos[0].kind
+    if kind not in KINDS:
+        raise ConfigError(f"the audit generates a {kind!r} table, but only {', '.join(KINDS)} can be generated")
 
-    # Coins, canary labels, tables and seeds are drawn first, in a fixed order.
+    # Coins and the ordinary users first, in a fixed order.
     included = rng.random(m) < 0.5
-    labels = (rng.random(m) < 0.5).astype(np.int64)
-    base_rows = 2 * settings.batch_size + 1  # at the audited partner: ceil(rows / B) = 3 always
-    frames = [_ordinary_frame(base_rows, "audited", rng)]
-    frames += [_ordinary_frame(base_rows + m // 2, f"peer{p}", rng) for p in range(1, settings.peers + 1)]
-    seeds = rng.integers(0, 2**62, size=(rounds, settings.peers + 1))
-    ids = _canary_ids(m)
-    frames[0] = pd.concat([frames[0], _canary_frame([ids[i] for i in np.flatnonzero(included)], labels[included])])
-    tables = [_featurized(schema, frame, f"audit:{p}") for p, frame in enumerate(frames)]
+    frame, _ = generate_frame(kind, settings.rows, rng=rng)
 
-    plan = _plan(claim, training, tables, rounds, settings.noise_scale)
+    def partner(public_rows: int, state_dir: Path) -> PartnerConfig:
+        return PartnerConfig.model_validate(
+            {"name": "audited", "kind": kind, "schema": str(work / "schema.toml"), "data": str(work / "table.csv"),
+             "state_dir": str(state_dir), "privacy": claim, "public_rows": public_rows}
+        )  # fmt: skip
+
+    work.mkdir(parents=True, exist_ok=True)
+    schema_text = resources.files("fedpersona").joinpath("schemas", f"synthetic_{kind}.toml").read_text("utf-8")
+    (work / "schema.toml").write_text(schema_text, encoding="utf-8")
+    cfg = partner(2, work / "state")
+    key = split_key(cfg)
+    ordinary_train = int(train_mask([str(x) for x in frame["user_id"]], key, cfg.test_fraction).sum())
+    candidates = [f"audit-canary-{j:06d}" for j in range(20 * m + 100)]
+    on_train = train_mask(candidates, key, cfg.test_fraction)
+    ids = [c for c, t in zip(candidates, on_train, strict=True) if t][:m]
+    if len(ids) < m:
+        raise ConfigError(f"test_fraction {cfg.test_fraction} leaves too few training-side canary ids")
+    public_rows = ordinary_train + m // 2
+    cfg = partner(public_rows, work / "state")
+    canary_rows = frame.iloc[rng.integers(0, len(frame), size=m)].copy()
+    canary_rows["user_id"] = ids
+    table = pd.concat([frame, canary_rows[included]], ignore_index=True)
+    table = table.iloc[rng.permutation(len(table))]
+    table.to_csv(work / "table.csv", index=False)
+    training = scenario.training.replace(batch_size=math.ceil(public_rows / 3), device="cpu")
+    instrument = _Instrument({c: i + 1 for i, c in enumerate(ids)}, m, settings.gain * claim.max_grad_norm, cfg)
     logger.info(
-        "audit: %d canaries, claimed epsilon %g, planned noise %.4g, used %s",
-        m, claim.target_epsilon, plan.planned, plan.used,
-    )  # fmt: skip
-    probe = ProbeConfig(gain=settings.gain * claim.max_grad_norm)
-    private = plan.used is not None
-    partners = [
-        _Partner(
-            name=f"peer{p}" if p else "audited",
-            data=data,
-            declared_rows=len(data) if p else base_rows + m // 2,
-            model=CanaryProbe(data.layout, probe),
-            ledger=PrivacyLedger(Path(workdir) / f"partner{p}", settings=plan.privacy) if private else None,
-        )
-        for p, data in enumerate(tables)
-    ]
-    slot = slot_id(schema.kind, schema.fingerprint())
-    transcript, released = _federate(partners, slot, scenario, training, plan, seeds)
+        "audit: %d canaries (%d included), %d rounds, claimed epsilon %g",
+        m,
+        included.sum(),
+        rounds,
+        claim.target_epsilon,
+    )
 
-    sign = np.where(labels == 1, 1.0, -1.0)
+    def one_round(
+        config: PartnerConfig, received: dict[str, np.ndarray], rnd: int, sink: list[np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        with _noisy_gradients(instrument, sink):
+            outcome = train_round(
+                cfg=config, model_cfg=scenario.model, training=training, received=received, server_round=rnd,
+                num_rounds=rounds, adapter_shared=True, seed=scenario.federation.seed, instrument=instrument,
+            )  # fmt: skip
+        return outcome.arrays
+
+    before = work / "state-before-round-1"
+    shutil.copytree(cfg.state_dir, before)
+    transcript: list[np.ndarray] = []
+    received: dict[str, np.ndarray] = {}
+    first: dict[str, np.ndarray] = {}
+    for rnd in range(1, rounds + 1):
+        received = one_round(cfg, received, rnd, transcript)
+        first = first or received
+        logger.info("audit: round %d of %d done", rnd, rounds)
+    again = one_round(partner(public_rows, before), {}, 1, [])
+    replay_identical = all(np.array_equal(first[k], again[k]) for k in first)
+
+    plan = load_plan_file(Path(cfg.state_dir))
+    assert plan is not None and plan.noise_multiplier is not None
+    scores = np.sum(transcript, axis=0) if transcript else np.zeros(m)
     k = settings.guesses_per_side
-    truth = np.where(included, 1, -1)
-    guess = guesses_from_scores(-sign * transcript, positive=k, negative=k)
-    correct_pos = int(np.sum((guess == 1) & (truth == 1)))
-    correct_neg = int(np.sum((guess == -1) & (truth == -1)))
-    correct_releases = int(np.sum(guesses_from_scores(sign * released, positive=k, negative=k) == truth))
-
-    def bound(correct: int) -> float:
-        return epsilon_lower_bound(
-            canaries=m, guesses=2 * k, correct=correct, delta=claim.delta, confidence=settings.confidence
-        )
-
-    ledger = partners[0].ledger
+    guess = guesses_from_scores(scores, positive=k, negative=k)
+    correct = int(np.sum(guess == np.where(included, 1, -1)))
+    bound = epsilon_lower_bound(
+        canaries=m, guesses=2 * k, correct=correct, delta=claim.delta, confidence=settings.confidence
+    )
+    measured, stderr = noise_ratio(scores, included, steps=len(transcript), sample_rate=plan.sample_rate)
+    ledger_steps, ledger_eps = _read_ledger(Path(cfg.state_dir) / PrivacyLedger.FILE)
+    observed_eps = compute_epsilon(
+        [(plan.noise_multiplier, plan.sample_rate, len(transcript))], delta=claim.delta, accountant=claim.accountant
+    )
+    findings = _findings(
+        plan=plan, measured=measured, stderr=stderr, steps=len(transcript), ledger_steps=ledger_steps,
+        ledger_eps=ledger_eps, observed_eps=observed_eps, replay_identical=replay_identical, claim=claim.target_epsilon,
+    )  # fmt: skip
     return AuditResult(
         epsilon_claimed=float(claim.target_epsilon),
-        epsilon_lower_bound=bound(correct_pos + correct_neg),
+        epsilon_lower_bound=bound,
         confidence=settings.confidence,
         canaries=m,
         canaries_included=int(included.sum()),
         guesses=2 * k,
-        guesses_positive=k,
-        guesses_negative=k,
-        correct=correct_pos + correct_neg,
-        correct_positive=correct_pos,
-        correct_negative=correct_neg,
-        epsilon_lower_bound_releases=bound(correct_releases),
-        correct_releases=correct_releases,
-        noise_scale=float(settings.noise_scale),
-        noise_multiplier_planned=plan.planned,
-        noise_multiplier=plan.used,
-        epsilon_ledger=ledger.epsilon() if ledger is not None else None,
+        correct=correct,
+        noise_multiplier_planned=float(plan.noise_multiplier),
+        noise_multiplier_measured=measured,
+        noise_multiplier_stderr=stderr,
+        steps_observed=len(transcript),
+        steps_ledger=ledger_steps,
+        epsilon_observed=observed_eps,
+        epsilon_ledger=ledger_eps,
+        replay_identical=replay_identical,
         delta=claim.delta,
         accountant=claim.accountant,
         max_grad_norm=claim.max_grad_norm,
         sample_rate=plan.sample_rate,
-        steps=plan.steps,
         rounds=rounds,
-        partners=len(partners),
+        kind=kind,
+        grad_sample_mode=training.grad_sample_mode,
         seconds=round(time.perf_counter() - started, 3),
+        findings=tuple(findings),
     )
 
 
-def _plan(
-    claim: PrivacySettings, training: TrainingSettings, tables: list[FeatureTensors], rounds: int, scale: float
-) -> _Plan:
-    """Plan the claim's noise once (every partner has the same rate and steps by construction)."""
-    rates = {sample_rate_for(len(t), training.batch_size) for t in tables}
-    per_round = {training.steps_per_round(len(t)) for t in tables}
-    if len(rates) != 1 or len(per_round) != 1:
-        raise RuntimeError(f"audit partners differ in sample rate {rates} or steps per round {per_round}")
-    q, steps = rates.pop(), per_round.pop() * rounds
-    sigma = plan_noise(
-        target_epsilon=claim.target_epsilon, delta=claim.delta, sample_rate=q, steps=steps, accountant=claim.accountant
-    )
-    if scale == 0:
-        return _Plan(q, steps, sigma, None, claim.replace(target_epsilon=math.inf))
-    used = sigma * scale
-    spent = compute_epsilon([(used, q, steps)], delta=claim.delta, accountant=claim.accountant)
-    budget = max(claim.target_epsilon, spent * (1 + 1e-6))
-    return _Plan(q, steps, sigma, used, claim.replace(target_epsilon=budget))
+def _read_ledger(path: Path) -> tuple[int, float]:
+    """DP-SGD steps and the last epsilon in a ledger file, read as plain JSON lines."""
+    steps, epsilon = 0, 0.0
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                steps += int(entry["steps"]) if entry["mechanism"] == "dp-sgd" else 0
+                epsilon = max(epsilon, float(entry["epsilon_after"]))
+    return steps, epsilon
 
 
-def _federate(
-    partners: list[_Partner],
-    slot: str,
-    scenario: Scenario,
-    training: TrainingSettings,
-    plan: _Plan,
-    seeds: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """All rounds; returns per canary the audited partner's summed noisy gradients and its
-    summed release deltas (both of its canary adapter weights, canary ``i`` at code ``i + 1``)."""
-    federation = scenario.federation
-    aggregator = ScopedAggregator(optimizer=federation.server_optimizer, lr=federation.server_lr)
-    audited = partners[0].model.adapter.weight
-    rows = torch.arange(1, audited.shape[0])
-    gradients: list[np.ndarray] = []
-    released = np.zeros(len(rows))
-    for rnd in range(1, federation.rounds + 1):
-        received = aggregator.arrays_for(slot)
-        updates = []
-        for p, partner in enumerate(partners):
-            if received:
-                partner.model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in received.items()})
-            generator = SecretRandomness.from_seed(int(seeds[rnd - 1, p]))
-            if p == 0:
-                before = audited.detach()[rows, 0].double().numpy().copy()
-                with _noisy_gradients(audited, rows, gradients):
-                    _train(partner, training, plan, rnd, generator, received)
-                released += audited.detach()[rows, 0].double().numpy() - before
-            else:
-                _train(partner, training, plan, rnd, generator, received)
-            state = {k: v.detach().cpu().numpy().copy() for k, v in partner.model.state_dict().items()}
-            updates.append(PartnerUpdate(partner.name, slot, state, partner.declared_rows))
-        aggregator.aggregate(updates)
-        logger.info("audit: round %d of %d done", rnd, federation.rounds)
-    return np.sum(gradients, axis=0), released
-
-
-@contextlib.contextmanager
-def _noisy_gradients(weight: torch.Tensor, rows: torch.Tensor, sink: list[np.ndarray]) -> Iterator[None]:
-    """Record ``weight.grad[rows]`` just before each optimizer step that updates ``weight``.
-
-    Under Opacus that is the privatised gradient (clipped per-sample gradients summed, plus the
-    noise, over the expected batch size) as the inner Adam is about to apply it. The hook is
-    process-wide, so it is registered only around one ``train_locally`` call and always removed.
-    """
-
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if isinstance(optimizer, DPOptimizer):  # its own pre-step hook sees the un-noised gradient
-            return
-        if weight.grad is not None and any(p is weight for group in optimizer.param_groups for p in group["params"]):
-            sink.append(weight.grad.detach()[rows, 0].double().cpu().numpy().copy())
-
-    handle = register_optimizer_step_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _train(
-    partner: _Partner,
-    training: TrainingSettings,
-    plan: _Plan,
-    rnd: int,
-    generator: SecretRandomness,
-    received: dict[str, np.ndarray],
-) -> None:
-    with warnings.catch_warnings():
-        # As in partner.train_round: the hook notice for an Embedding fed integer ids is expected.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        train_locally(
-            # train_locally reads only ``config.mask_rate`` and a forward returning per-sample
-            # losses, which the probe provides.
-            model=cast(PersonaEncoder, partner.model),
-            data=partner.data,
-            settings=training,
-            privacy=plan.privacy,
-            noise_multiplier=plan.used,
-            ledger=partner.ledger,
-            round=rnd,
-            randomness=generator,
-            public_rows=partner.declared_rows,
-            anchor={k: torch.from_numpy(v.copy()) for k, v in received.items()},
+def _findings(
+    *,
+    plan: PrivacyPlan,
+    measured: float,
+    stderr: float,
+    steps: int,
+    ledger_steps: int,
+    ledger_eps: float,
+    observed_eps: float,
+    replay_identical: bool,
+    claim: float,
+) -> list[str]:
+    sigma = float(plan.noise_multiplier or 0.0)
+    out = []
+    if not abs(measured - sigma) <= max(4.0 * stderr, 0.1 * sigma):
+        out.append(
+            f"noise: the transcript shows a noise multiplier of {measured:.3g} (standard error {stderr:.2g}) "
+            f"relative to the clipped signal, the plan {sigma:.4g}: the noise or the clipping is not as accounted"
         )
+    if ledger_steps < steps or ledger_eps < observed_eps * (1 - 1e-6):
+        out.append(
+            f"accounting: the ledger holds {ledger_steps} DP-SGD steps and epsilon {ledger_eps:.4g}, but "
+            f"{steps} noisy steps ran, worth epsilon {observed_eps:.4g}: steps ran that were not charged"
+        )
+    if observed_eps > claim * (1 + 1e-6):
+        out.append(f"plan: the steps that ran are worth epsilon {observed_eps:.4g}, above the claim {claim:g}")
+    if replay_identical:
+        out.append(
+            "randomness: the same round on the same state and message released identical parameters: its "
+            "noise and batches are a function of what the coordinator knows (or of a declared noise_seed)"
+        )
+    return out
 
 
 # --- output ------------------------------------------------------------------------------------

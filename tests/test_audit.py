@@ -1,5 +1,6 @@
-"""The one-run privacy audit: the bound against hand-computed binomial values, the probe's canary
-gradient, and whole audits that must pass a correct pipeline and catch a broken one."""
+"""The privacy audit: the bound against hand-computed binomial values, the gradient canary and the
+noise check against simulations, and whole audits through the partner's real round that pass the
+correct pipeline and catch each of four broken ones (mutation tests)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,32 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from opacus.validators import ModuleValidator
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 
 from fedpersona.audit import (
     AUDIT_FILE,
     AuditResult,
     AuditSettings,
-    CanaryProbe,
-    ProbeConfig,
+    CanaryModel,
     audit_p_value,
-    audit_schema,
     epsilon_lower_bound,
     guesses_from_scores,
+    noise_ratio,
     run_audit,
 )
 from fedpersona.cli import main
 from fedpersona.config.files import load_scenario
-from fedpersona.data.features import featurize
-from fedpersona.data.tables import validate_frame
+from fedpersona.config.settings import ModelSettings
 from fedpersona.errors import ConfigError
-from fedpersona.model.encoder import random_keep, token_presence
+from fedpersona.federation.partner import load_partner_data
+from fedpersona.model import training
+from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.randomness import SecretRandomness
 from fedpersona.simulation import default_scenario_path
+from tests.conftest import partner_config
 
 CLAIM = 2.0
 
@@ -127,12 +130,11 @@ def test_guesses_take_the_top_and_bottom_scores_and_break_ties_by_index() -> Non
     [
         ("canaries", 5, "canaries must be an integer >= 10, got 5"),
         ("canaries", 10.5, "canaries must be an integer"),
-        ("noise_scale", -1.0, "noise_scale must be a finite number >= 0"),
-        ("noise_scale", math.nan, "noise_scale must be a finite number >= 0"),
+        ("rows", 50, "rows must be an integer >= 100"),
         ("guess_fraction", 0.6, r"guess_fraction must be in \(0, 0.5\]"),
         ("confidence", 1.0, r"confidence must be in \(0, 1\)"),
-        ("peers", 0, "peers must be an integer >= 1"),
         ("gain", 1.0, "gain must be >= 2"),
+        ("kind", "retail", "kind must be one of ecommerce, finance, health"),
     ],
 )
 def test_settings_name_the_valid_range(field: str, value: object, message: str) -> None:
@@ -143,95 +145,130 @@ def test_settings_name_the_valid_range(field: str, value: object, message: str) 
 def test_pre_registered_guess_counts() -> None:
     assert AuditSettings().guesses_per_side == 100
     assert AuditSettings(canaries=10).guesses_per_side == 1
-    assert AuditSettings().batch_size == 1001
 
 
-# --- the probe ---------------------------------------------------------------------------------
+# --- the canaries and the noise check ----------------------------------------------------------
 
 
-def test_probe_canary_gradient_lies_on_its_own_weight_at_full_sensitivity() -> None:
-    schema = audit_schema(20)
-    ordinary = pd.DataFrame({"user_id": [f"u{i}" for i in range(24)], "canary": "", "label": "0"})
-    for j, name in enumerate(("x1", "x2", "x3", "x4")):
-        ordinary[name] = [str((i * (j + 3)) % 10 / 10) for i in range(24)]
-    canary = pd.DataFrame({"user_id": ["c"], "x1": [""], "x2": [""], "x3": [""], "x4": [""]})
-    canary["canary"], canary["label"] = "canary-07", "1"
-    frame = pd.concat([ordinary, canary], ignore_index=True)
-    data = featurize(validate_frame(schema, frame, source="test"))
-    probe = CanaryProbe(data.layout, ProbeConfig(gain=4.0))
-    ModuleValidator.validate(probe, strict=True)
-    batch = data.batch(torch.tensor([24]))
-    keep = random_keep(token_presence(data.layout, batch), probe.config.mask_rate, torch.Generator().manual_seed(0))
-    probe(batch, keep).sum().backward()
-    adapter = probe.adapter.weight.grad
-    assert adapter is not None and probe.trunk.weight.grad is not None
-    assert float(probe.trunk.weight.grad.abs().sum()) == 0.0
-    nonzero = torch.nonzero(adapter[:, 0]).flatten().tolist()
-    assert nonzero == [8]  # vocabulary index 7, plus the "other" code 0
-    # d/dw BCE(gain * w, 1) at w = 0 is gain * (1/2 - 1): twice a clipping norm of 1.
-    assert float(adapter[8, 0]) == pytest.approx(-2.0)
+def test_canary_gradient_is_a_dirac_on_its_own_coordinate_and_ordinary_rows_keep_theirs(tmp_path: Path) -> None:
+    data = load_partner_data(partner_config(tmp_path, "finance", rows=60))
+    encoder = PersonaEncoder(data.train.layout, ModelSettings(token_dim=16, embed_dim=8, hidden=16, blocks=1))
+    model = CanaryModel(encoder, canaries=5, scale=4.0)
+    n = len(data.train)
+    codes = torch.zeros(n, dtype=torch.int64)
+    codes[3] = 2  # row 3 is canary 2
+    data.train.tensors["audit_canary"] = codes
+    batch = data.train.batch(torch.tensor([3]))
+    keep = random_keep(token_presence(data.train.layout, batch), 0.0, torch.Generator().manual_seed(0))
+    model(batch, keep).sum().backward()
+    grad = model.canary.weight.grad
+    assert grad is not None and torch.nonzero(grad[:, 0]).flatten().tolist() == [2]
+    assert float(grad[2, 0]) == pytest.approx(4.0)
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in encoder.parameters())
+    # An ordinary row: the encoder's own per-sample loss and gradient, none on the canary table.
+    model.zero_grad()
+    ordinary = data.train.batch(torch.tensor([0]))
+    keep = random_keep(token_presence(data.train.layout, ordinary), 0.0, torch.Generator().manual_seed(0))
+    loss = model(ordinary, keep)
+    assert float(loss.detach()[0]) == pytest.approx(float(encoder(ordinary, keep).detach()[0]))
+    loss.sum().backward()
+    assert model.canary.weight.grad is not None and float(model.canary.weight.grad.abs().sum()) == 0.0
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in encoder.parameters())
 
 
-# --- whole audits ------------------------------------------------------------------------------
+def test_noise_ratio_recovers_the_noise_multiplier_of_a_simulated_transcript() -> None:
+    rng = np.random.default_rng(0)
+    m, steps, q, sigma = 4000, 30, 1 / 3, 1.7
+    included = rng.random(m) < 0.5
+    sampled = rng.random((steps, m)) < q
+    scores = (sampled * included + rng.normal(0.0, sigma, size=(steps, m))).sum(axis=0) / 250.0  # / batch
+    estimate, stderr = noise_ratio(scores, included, steps=steps, sample_rate=q)
+    assert abs(estimate - sigma) < 4 * stderr and stderr < 0.1 * sigma
+    # Five times less noise, or a canary four times above the clip, shows at once.
+    weak, _ = noise_ratio(
+        (sampled * included + rng.normal(0.0, sigma / 5, size=(steps, m))).sum(axis=0), included, steps=steps,
+        sample_rate=q,
+    )  # fmt: skip
+    assert weak == pytest.approx(sigma / 5, rel=0.15)
+    unclipped, _ = noise_ratio(
+        (4 * sampled * included + rng.normal(0.0, sigma, size=(steps, m))).sum(axis=0), included, steps=steps,
+        sample_rate=q,
+    )  # fmt: skip
+    assert unclipped == pytest.approx(sigma / 4, rel=0.15)
 
 
-def _audit(
-    noise_scale: float, *, canaries: int = 1000, rounds: int = 3, seed: int = 0, accountant: str = "prv"
-) -> AuditResult:
+# --- whole audits through the partner's real round ---------------------------------------------
+
+
+def _audit(*, canaries: int = 300, rows: int = 800, rounds: int = 2, seed: int = 0) -> AuditResult:
     scenario = load_scenario(default_scenario_path(), epsilon=CLAIM)
-    scenario = scenario.model_copy(
-        update={
-            "federation": scenario.federation.replace(rounds=rounds),
-            "privacy": scenario.privacy.replace(accountant=accountant),
-        }
-    )
-    settings = AuditSettings(canaries=canaries, noise_scale=noise_scale)
+    scenario = scenario.model_copy(update={"federation": scenario.federation.replace(rounds=rounds)})
+    settings = AuditSettings(canaries=canaries, rows=rows, kind="finance")
     return run_audit(scenario=scenario, settings=settings, rng=np.random.default_rng(seed))
 
 
 @pytest.mark.slow
-def test_correct_pipeline_is_not_refuted() -> None:
-    result = _audit(1.0)
-    assert result.noise_multiplier == result.noise_multiplier_planned
-    assert result.epsilon_ledger is not None and result.epsilon_ledger <= CLAIM
-    assert result.guesses == 200 and 0 <= result.correct <= 200
-    assert result.epsilon_lower_bound <= CLAIM
-    assert result.epsilon_lower_bound_releases <= CLAIM
-    assert not result.claim_refuted
-
-
-@pytest.mark.slow
-def test_noise_divided_by_five_is_caught() -> None:
-    result = _audit(0.2)
-    assert result.noise_multiplier == pytest.approx(0.2 * result.noise_multiplier_planned)
-    assert result.epsilon_lower_bound > CLAIM
-    assert result.claim_refuted
-    # Whatever the claim, the bound never exceeds what the ledger really accounted.
-    assert result.epsilon_ledger is not None and result.epsilon_lower_bound <= result.epsilon_ledger
-
-
-@pytest.mark.slow
-def test_zero_noise_is_caught_with_every_guess_right() -> None:
-    result = _audit(0.0)
-    assert result.noise_multiplier is None and result.epsilon_ledger is None
-    assert result.correct == result.guesses
-    assert result.epsilon_lower_bound > CLAIM and result.claim_refuted
-
-
-@pytest.mark.slow
-def test_same_seed_same_audit_and_another_seed_another() -> None:
-    def public(result: AuditResult) -> dict[str, object]:
-        return {k: v for k, v in result.to_dict().items() if k != "seconds"}
-
-    # The RDP accountant only to keep this test quick; the random path is the same as with PRV.
-    first = _audit(1.0, canaries=60, rounds=1, seed=7, accountant="rdp")
-    assert public(first) == public(_audit(1.0, canaries=60, rounds=1, seed=7, accountant="rdp"))
-    other = _audit(1.0, canaries=60, rounds=1, seed=8, accountant="rdp")
-    assert (other.canaries_included, other.correct, other.correct_releases) != (
-        first.canaries_included,
-        first.correct,
-        first.correct_releases,
+def test_correct_pipeline_is_consistent() -> None:
+    result = _audit()
+    assert result.findings == () and result.consistent and not result.claim_refuted
+    assert result.epsilon_lower_bound <= CLAIM and result.guesses == 60
+    assert result.steps_observed == result.steps_ledger > 0
+    assert result.epsilon_ledger == pytest.approx(result.epsilon_observed, rel=1e-6)
+    assert result.epsilon_ledger <= CLAIM * (1 + 1e-6)
+    assert abs(result.noise_multiplier_measured - result.noise_multiplier_planned) <= max(
+        4 * result.noise_multiplier_stderr, 0.1 * result.noise_multiplier_planned
     )
+    assert not result.replay_identical and result.grad_sample_mode == "ghost"
+
+
+def _findings(result: AuditResult, topic: str) -> list[str]:
+    return [f for f in result.findings if f.startswith(topic + ":")]
+
+
+@pytest.mark.slow
+def test_mutation_noise_divided_by_five_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def weak_noise(optimizer: torch.optim.Optimizer, randomness: SecretRandomness) -> None:
+        def add_noise() -> None:
+            std = optimizer.noise_multiplier * optimizer.max_grad_norm / 5  # type: ignore[attr-defined]
+            for p in optimizer.params:  # type: ignore[attr-defined]
+                p.grad = (p.summed_grad + randomness.normal_like(p.summed_grad, std)).view_as(p)
+
+        optimizer.add_noise = add_noise  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(training, "_secret_noise", weak_noise)
+    result = _audit()
+    assert _findings(result, "noise") and not result.consistent
+    assert result.noise_multiplier_measured < 0.5 * result.noise_multiplier_planned
+
+
+@pytest.mark.slow
+def test_mutation_clipping_disabled_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_clipping(self: GradSampleModuleFastGradientClipping) -> torch.Tensor:
+        return torch.ones_like(self.get_norm_sample())
+
+    monkeypatch.setattr(GradSampleModuleFastGradientClipping, "get_clipping_coef", no_clipping)
+    result = _audit()
+    assert _findings(result, "noise") and not result.consistent
+    assert result.noise_multiplier_measured < 0.5 * result.noise_multiplier_planned
+
+
+@pytest.mark.slow
+def test_mutation_skipped_charge_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PrivacyLedger, "charge", lambda self, **kwargs: None)
+    monkeypatch.setattr(training, "check_accounting", lambda engine, ledger, delta: 0.0)
+    result = _audit()
+    assert _findings(result, "accounting") and not result.consistent
+    assert result.steps_ledger == 0 and result.epsilon_ledger == 0.0 and result.steps_observed > 0
+
+
+@pytest.mark.slow
+def test_mutation_public_seeding_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def public(cls: type[SecretRandomness], noise_seed: int | None, *labels: object) -> SecretRandomness:
+        return cls.from_seed(0, *labels)  # the federation seed and what the message says
+
+    monkeypatch.setattr(SecretRandomness, "for_mechanism", classmethod(public))
+    result = _audit()
+    assert result.replay_identical and _findings(result, "randomness") and not result.consistent
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -259,16 +296,17 @@ def _small_scenario(tmp_path: Path, extra: str = "") -> Path:
 def test_cli_writes_audit_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     code = _run_cli(
-        monkeypatch, "--scenario", str(_small_scenario(tmp_path)), "--canaries", "40", "--noise-scale", "0",
+        monkeypatch, "--scenario", str(_small_scenario(tmp_path)), "--canaries", "40", "--rows", "200",
         "--out", str(out),
     )  # fmt: skip
     assert code == 0
     doc = json.loads((out / AUDIT_FILE).read_text())
     assert doc["epsilon_claimed"] == 2.0 and doc["canaries"] == 40 and doc["confidence"] == 0.95
-    assert doc["noise_scale"] == 0.0 and doc["noise_multiplier"] is None
-    assert doc["accountant"] == "rdp" and doc["guesses"] == 8
-    assert doc["correct"] == doc["correct_positive"] + doc["correct_negative"] <= 8
+    assert doc["kind"] == "finance" and doc["rounds"] == 1
+    assert doc["accountant"] == "rdp" and doc["guesses"] == 8 and 0 <= doc["correct"] <= 8
+    assert doc["steps_observed"] == doc["steps_ledger"] > 0 and doc["replay_identical"] is False
     assert doc["claim_refuted"] == (doc["epsilon_lower_bound"] > 2.0)
+    assert doc["consistent"] == (not doc["findings"] and not doc["claim_refuted"])
     assert sorted(p.name for p in out.iterdir()) == [AUDIT_FILE]
 
 
@@ -277,8 +315,8 @@ def test_cli_writes_audit_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     [
         ["--canaries", "3"],
         ["--canaries", "many"],
-        ["--noise-scale", "-1"],
-        ["--noise-scale", "half"],
+        ["--rows", "10"],
+        ["--rows", "half"],
         ["--epsilon", "inf"],
         ["--epsilon", "-2"],
         ["--scenario", "missing.toml"],

@@ -18,9 +18,10 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -337,8 +338,14 @@ def train_round(
     num_rounds: int,
     adapter_shared: bool,
     seed: int,
+    instrument: Callable[[PersonaEncoder, PartnerData], torch.nn.Module] | None = None,
 ) -> RoundOutcome:
-    """One local round: load data and state, check the budget, train with DP-SGD, save."""
+    """One local round: load data and state, check the budget, train with DP-SGD, save.
+
+    ``instrument`` is for the privacy audit (:mod:`fedpersona.audit`) only: it wraps the model
+    that DP-SGD trains (to add canary gradients) and returns the module to train; everything
+    else - the data, plan, ledger, secret randomness, clipping and noise - is this round's own.
+    """
     device = pick_device(training.device)
     data = load_partner_data(cfg, device=device)
     plan = load_plan(cfg, data, training, num_rounds)
@@ -353,8 +360,9 @@ def train_round(
         # PyTorch notes that a backward hook fires on a module whose inputs need no gradient
         # (the first Embedding); it is expected with integer inputs and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        trained = model if instrument is None else cast(PersonaEncoder, instrument(model, data))
         result = train_locally(
-            model=model,
+            model=trained,
             data=data.train,
             settings=training,
             privacy=cfg.privacy,

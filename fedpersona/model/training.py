@@ -26,7 +26,7 @@ from fedpersona.privacy.accounting import merge_history, rdp_order_notice_silenc
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
-__all__ = ["LocalResult", "pick_device", "train_locally"]
+__all__ = ["LocalResult", "check_accounting", "pick_device", "train_locally"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,18 +161,28 @@ def train_locally(
         total += float(per_sample.detach().mean()) if len(index) else 0.0
     epsilon: float | None = None
     if engine is not None:
-        with rdp_order_notice_silenced():
-            epsilon = float(engine.get_epsilon(privacy.delta))
         assert ledger is not None
-        ledger_eps = ledger.epsilon()
-        if not math.isclose(epsilon, ledger_eps, rel_tol=1e-6, abs_tol=1e-9):
-            raise RuntimeError(
-                f"accountant ({epsilon}) and ledger ({ledger_eps}) disagree: steps were "
-                "taken that the ledger did not charge"
-            )
+        epsilon = check_accounting(engine, ledger, privacy.delta)
         train_model._close()  # type: ignore[operator]
     model.eval()
     return LocalResult(steps, q, noise_multiplier, epsilon, total / max(1, steps))
+
+
+def check_accounting(engine: PrivacyEngine, ledger: PrivacyLedger, delta: float) -> float:
+    """Epsilon of the steps Opacus took, refused unless the ledger charged the same.
+
+    Opacus' accountant records every noisy step it actually ran; the ledger holds what was
+    paid for before the round. They must agree, or a step ran that nobody paid for.
+    """
+    with rdp_order_notice_silenced():
+        epsilon = float(engine.get_epsilon(delta))
+    ledger_eps = ledger.epsilon()
+    if not math.isclose(epsilon, ledger_eps, rel_tol=1e-6, abs_tol=1e-9):
+        raise RuntimeError(
+            f"accountant ({epsilon}) and ledger ({ledger_eps}) disagree: "
+            "steps were taken that the ledger did not charge"
+        )
+    return epsilon
 
 
 def _privacy_engine(accountant: str) -> PrivacyEngine:
