@@ -17,6 +17,11 @@ kept as plain arrays (:class:`LinearScorer`, :class:`TreeScorer`) that score wit
 scikit-learn, so a saved model gives the same numbers after loading, whatever the installed
 scikit-learn.
 
+**Statistics of a score on the partner's rows**: :func:`auc`, the DeLong covariance of
+several AUCs (:func:`delong`, :func:`delong_difference`) and the one-sided Mann-Whitney U test
+(:func:`mann_whitney_greater`), used by the choice of the own best here and by the local
+model's selection and "cannot learn" detector (:mod:`fedpersona.model.stacking`).
+
 **Own personas.** :func:`own_personas` clusters the partner's rows by k-means on a given
 matrix (standardised), for an adjusted Rand index against ground truth or against the
 federated personas.
