@@ -186,7 +186,7 @@ def test_bad_inputs_are_listed_in_one_error() -> None:
     with pytest.raises(DataError) as caught:
         fit_own_models(x_enc=x_enc, x_raw=x_raw[:40], y=y, generator=np.random.default_rng(0))
     text = str(caught.value)
-    assert "y: labels must be 0, 1 or NaN" in text and "the first is row 7 with np.float64(2.0)" in text
+    assert "y: labels must be 0, 1 or NaN" in text and "the first is row 7 with 2.0" in text
     assert "x_raw: has 40 rows but y has 50" in text
     assert "x_enc: 1 missing value(s) (NaN), the first at (3, 2)" in text
     with pytest.raises(DataError, match=r"single class \(0 positive, 50 negative, 0 unlabelled\)"):

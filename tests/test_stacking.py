@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from fedpersona.errors import ConfigError, DataError
@@ -173,6 +174,19 @@ def test_detector_needs_five_rows_of_each_class_and_leaves_unlabelled_rows_out()
     assert five.signal and five.p_value == pytest.approx(1 / math.comb(105, 5), rel=1e-9)
     with pytest.raises(DataError, match="score: has 3 rows but y has 107"):
         detect_signal(y=y, score=score[:3])
+
+
+def test_detector_auc_and_p_value_on_the_labelled_rows_equal_scikit_learn_and_scipy() -> None:
+    rng = np.random.default_rng(8)
+    y = rng.integers(0, 2, 300).astype(float)
+    score = np.round(0.4 * y + rng.normal(size=300), 1)  # with ties: the normal approximation
+    y[rng.random(300) < 0.2] = np.nan  # unlabelled rows are left out of both numbers
+    known = ~np.isnan(y)
+    check = detect_signal(y=y, score=score)
+    assert check.auc == pytest.approx(roc_auc_score(y[known], score[known]), abs=1e-12)
+    expected = mannwhitneyu(score[known & (y == 1)], score[known & (y == 0)], alternative="greater").pvalue
+    assert check.p_value == pytest.approx(expected, rel=1e-9)
+    assert (check.positives, check.negatives) == (int((y == 1).sum()), int((y == 0).sum()))
 
 
 # ----------------------------------------------------------------------------- selection and audit

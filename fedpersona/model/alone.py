@@ -26,13 +26,18 @@ model's selection and "cannot learn" detector (:mod:`fedpersona.model.stacking`)
 matrix (standardised), for an adjusted Rand index against ground truth or against the
 federated personas.
 
-**Privacy.** Nothing here is differentially private, and nothing needs to be: everything is
-fitted on the partner's own rows, inside the partner, and nothing here is sent anywhere. This
-is what the partner could do without the federation at all. An auditor would call it a leak
-only if its outputs (models, cross-validated AUCs, assignments) were sent to the coordinator;
-no function here does that, and the release manifest lists none of them. The randomness
-(folds, k-means starts, the boosting's validation split) is an ordinary injected generator:
-no release depends on it, so it need not be secret.
+**Privacy: what may leave the silo.** Nothing here is differentially private, and nothing
+needs to be: everything is fitted on the partner's own rows, inside the partner, and no
+function here sends anything. This is what the partner could do without the federation at
+all. Nothing of the own models ever leaves the partner: no coefficient, tree, score,
+prediction or persona assignment. The only things that may leave are aggregate evaluation
+metrics (e.g. a cross-validated AUC over the partner's rows), and only as opt-in metrics: keys
+the release manifest (:mod:`fedpersona.privacy.manifest`) declares ``opt-in`` ("NOT DP"),
+sent only when the partner sets ``release.share_eval_metrics = true``; the ClientApp refuses
+any other key. An auditor would call it a leak if anything else from here reached the
+coordinator, or if such a metric were sent without that switch. The randomness (folds,
+k-means starts, the boosting's validation split) is an ordinary injected generator: no DP
+release depends on it, so it need not be secret.
 """
 
 from __future__ import annotations
@@ -302,7 +307,7 @@ def check_inputs(
         first = int(np.flatnonzero(bad)[0])
         problems.append(
             f"y: labels must be 0, 1 or NaN (unlabelled); {int(bad.sum())} row(s) are not, the first is row {first} "
-            f"with {y_arr[first]!r}"
+            f"with {y_arr[first].item()!r}"
         )
     for name, arr, ndim, nan_ok in (
         ("x_enc", x_enc, 2, False),
@@ -521,8 +526,8 @@ class OwnModels:
     """The partner's own best label model and how it was chosen.
 
     ``cv_auc`` holds each candidate's cross-validated AUC on the partner's rows; ``best`` is the
-    higher (``own_lr`` on a tie) and ``model`` is it refitted on all labelled rows. These AUCs and
-    the model stay inside the partner (see the module docstring).
+    higher (``own_lr`` on a tie) and ``model`` is it refitted on all labelled rows. The model
+    never leaves the partner; the AUCs only as opt-in evaluation metrics (module docstring).
     """
 
     cv_auc: Mapping[str, float]

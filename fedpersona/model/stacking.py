@@ -40,14 +40,18 @@ score labelled "unverified".
 **Why this need not be differentially private** (what an auditor should accept). The
 partner's guarantee covers what it releases to the federation: the noisy updates of the
 federated model, all finished before anything here runs; the federated model they use is
-already released, so using it is post-processing. The local model, its candidates' AUCs, the
-audit and the verdict never leave the partner and feed no later release. The local model is
-exactly as private as the own-columns model the partner may fit anyway from the same rows
-(:mod:`fedpersona.model.alone`), and what the partner does with its own predictions for its
-own users is governed by its own data policy. Two conditions keep this true:
+already released, so using it is post-processing. Nothing of the local model ever leaves the
+partner (its arrays, its candidates' scores, its predictions, the saved file) and nothing of it
+feeds a later DP release. The local model is exactly as private as the own-columns model the
+partner may fit anyway from the same rows (:mod:`fedpersona.model.alone`), and what the
+partner does with its own predictions for its own users is governed by its own data policy.
+Two conditions keep this true:
 
-1. the verdicts and AUCs (:class:`LocalModelReport`) are never sent to the coordinator,
-   unless through a DP mechanism charged to the partner's privacy ledger;
+1. the aggregate evaluation metrics of :class:`LocalModelReport` (AUCs, p-values, the verdict)
+   leave the partner only as opt-in metrics: keys the release manifest
+   (:mod:`fedpersona.privacy.manifest`) declares ``opt-in`` ("NOT DP"), sent only when the
+   partner sets ``release.share_eval_metrics = true`` (the ClientApp refuses any other key),
+   or else through a DP mechanism charged to the partner's privacy ledger;
 2. the federated model is never retrained on anything the stacker chose (that would be a new
    release, with its own ledger entry).
 
@@ -128,7 +132,8 @@ class Detection:
     """The detector's verdict on one score: is its AUC significantly above 0.5?
 
     ``p_value`` and ``auc`` are None when the rows held fewer than ``min_per_class`` of a class
-    (nothing can be told: "no signal"). Stays inside the partner (module docstring, condition 1).
+    (nothing can be told: "no signal"). Leaves the partner only as an opt-in evaluation metric
+    (module docstring, condition 1).
     """
 
     signal: bool
@@ -308,11 +313,12 @@ def fed_first_choice(*, y: np.ndarray, oof: Mapping[str, np.ndarray]) -> tuple[d
 # ----------------------------------------------------------------------------- report and model
 @dataclass(frozen=True)
 class LocalModelReport:
-    """How the partner's local model was chosen. It never leaves the partner.
+    """How the partner's local model was chosen: aggregate evaluation metrics, no model.
 
-    Sending any of it (AUCs, p-values, the verdict) to the coordinator would release facts about
-    the partner's labels that no DP mechanism covers: it may leave only through a DP mechanism
-    charged to the partner's privacy ledger (module docstring, condition 1).
+    Sending any of it (AUCs, p-values, the verdict) to the coordinator releases facts about the
+    partner's labels that no DP mechanism covers: it may leave only as opt-in evaluation metrics
+    (``release.share_eval_metrics = true``, declared "NOT DP" in the release manifest) or through
+    a DP mechanism charged to the partner's privacy ledger (module docstring, condition 1).
 
     - ``rows`` = ``positives`` + ``negatives``: labelled rows used; ``unlabelled``: rows left out.
     - ``cv_folds`` x ``cv_repeats``; ``cv_auc``: every candidate's cross-validated AUC (empty
