@@ -1,5 +1,7 @@
 """The persona encoder and how it learns and runs: the encoder and its parameter scopes, local
 DP-SGD training, held-out evaluation, inference (loading a model, assigning personas), and
-the signed model artifact."""
+the signed model artifact. Beside it, at each partner and never sent anywhere: what the
+partner gets alone from its own rows (own label models, own personas), and its local model
+on top of the federated score, with the "cannot learn" detector that guards what it serves."""
 
-__all__ = ["artifacts", "encoder", "evaluation", "inference", "scopes", "training"]
+__all__ = ["alone", "artifacts", "encoder", "evaluation", "inference", "scopes", "stacking", "training"]
