@@ -25,7 +25,17 @@ import numpy as np
 
 from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
-__all__ = ["SUMMARY_COLUMNS", "heatmap_png", "load_run", "local_profiles", "plot_png", "summary_rows", "write_report"]
+__all__ = [
+    "BASELINE_COLUMNS",
+    "SUMMARY_COLUMNS",
+    "baseline_rows",
+    "heatmap_png",
+    "load_run",
+    "local_profiles",
+    "plot_png",
+    "summary_rows",
+    "write_report",
+]
 
 SUMMARY_COLUMNS = (
     ("partner", "partner"),
@@ -37,6 +47,33 @@ SUMMARY_COLUMNS = (
     ("reconstruction_error", "recon. error"),
     ("ari", "ARI"),
 )
+
+
+BASELINE_COLUMNS = (
+    ("partner", "partner"),
+    ("kind", "kind"),
+    ("alone_auc", "alone: own model AUC"),
+    ("local_auc", "with the federation: local model AUC"),
+    ("auc_gain", "gain"),
+    ("alone_ari", "alone: own k-means ARI"),
+    ("ari", "with the federation: persona ARI"),
+)
+BASELINE_TEXT = (
+    "What each partner gets alone from its own columns (its own logistic regression or gradient "
+    "boosting, chosen by cross-validation on its training rows; its own k-means), beside what it "
+    "gets with the federation (its local model on its own columns and the federated score; the "
+    "federated embedding's personas), all on its held-out rows."
+)
+
+
+def baseline_rows(final: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The partners whose last evaluation carries the honest baseline, with the AUC gain."""
+    out = []
+    for row in final:
+        if "alone_auc" in row or "alone_ari" in row:
+            gain = float(row.get("local_auc", math.nan)) - float(row.get("alone_auc", math.nan))
+            out.append({**row, "auc_gain": gain})
+    return out
 
 
 def load_run(run_dir: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -192,6 +229,20 @@ def write_report(run_dir: str | Path) -> Path:
         + "</tr>"
         for r in final
     )
+    baseline = baseline_rows(final)
+    baseline_html = ""
+    if baseline:
+        b_head = "".join(f"<th>{html.escape(label)}</th>" for _, label in BASELINE_COLUMNS)
+        b_body = "".join(
+            "<tr>"
+            + "".join(f"<td>{html.escape(_cell(r.get(k, math.nan)))}</td>" for k, _ in BASELINE_COLUMNS)
+            + "</tr>"
+            for r in baseline
+        )
+        baseline_html = (
+            f"<h2>Alone or with the federation</h2><p>{html.escape(BASELINE_TEXT)}</p>"
+            f"<table><tr>{b_head}</tr>{b_body}</table>"
+        )
     priv_rows = "".join(
         f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(p['kind']))}</td>"
         f"<td>{html.escape(_cell(p.get('epsilon')))}</td><td>{html.escape(str(p.get('target_epsilon')))}</td>"
@@ -257,6 +308,7 @@ figure {{ display: inline-block; margin: 0.5em; }}
 {banner}
 <h2>Partners after the last round</h2>
 <table><tr>{head}</tr>{body}</table>
+{baseline_html}
 <h2>Privacy spent</h2>
 <table><tr><th>partner</th><th>kind</th><th>epsilon</th><th>target</th><th>delta</th>
 <th>noise</th><th>sample rate</th><th>steps</th><th>accountant</th></tr>{priv_rows}</table>
@@ -281,6 +333,12 @@ figure {{ display: inline-block; margin: 0.5em; }}
             + " | ".join(_cell(r.get(k) if k == "epsilon" else r.get(k, math.nan)) for k, _ in SUMMARY_COLUMNS)
             + " |"
         )
+    if baseline:
+        md += ["", "## Alone or with the federation", "", BASELINE_TEXT, ""]
+        md.append("| " + " | ".join(label for _, label in BASELINE_COLUMNS) + " |")
+        md.append("|" + "---|" * len(BASELINE_COLUMNS))
+        for r in baseline:
+            md.append("| " + " | ".join(_cell(r.get(k, math.nan)) for k, _ in BASELINE_COLUMNS) + " |")
     if personas:
         md += [
             "",

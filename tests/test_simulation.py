@@ -88,6 +88,14 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     by_partner = {r["partner"]: r for r in rows if r["round"] == 2}
     first = {r["partner"]: r for r in rows if r["round"] == 1}
     assert all(by_partner[p]["epsilon"] > first[p]["epsilon"] for p in by_partner)
+    # The honest baseline: at the last evaluation only, every partner's own model beside its
+    # local model with the federation, on its held-out rows.
+    assert not any("alone_auc" in r for r in first.values())
+    for row in by_partner.values():
+        assert 0.5 < row["alone_auc"] <= 1.0 and 0.0 <= row["local_auc"] <= 1.0
+        assert -1.0 <= row["alone_ari"] <= 1.0
+    assert "alone (own columns) or with the federation" in done.stdout
+    assert "## Alone or with the federation" in (out / "report.md").read_text()
 
     privacy = json.loads((out / "privacy.json").read_text())["partners"]
     assert set(privacy) == {"bank-1", "clinic-1", "shop-1", "shop-2"}

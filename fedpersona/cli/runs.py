@@ -103,6 +103,16 @@ def simulate(
             ]
         )
     console.print(table)
+    from fedpersona.report import BASELINE_COLUMNS, baseline_rows
+
+    baseline = baseline_rows(summary_rows(result.rows))
+    if baseline:
+        alone = RichTable(title="alone (own columns) or with the federation, on held-out rows")
+        for _, label in BASELINE_COLUMNS:
+            alone.add_column(label, justify="right")
+        for row in baseline:
+            alone.add_row(*[number_text(row.get(key, math.nan)) for key, _ in BASELINE_COLUMNS])
+        console.print(alone)
     if any(p.get("private") is False for p in result.privacy["partners"].values()):
         console.print("[bold red]NOT PRIVATE: this run used no differential privacy.[/bold red]")
     if any(p.get("noise_seeds_known") for p in result.privacy["partners"].values()):

@@ -372,6 +372,7 @@ def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         received=arrays_of(msg),
         server_round=int(config["round"]),
         seed=int(config["seed"]),
+        baseline=bool(config.get("baseline", False)) and int(config["round"]) >= int(config["num_rounds"]),
     )
     public: dict[str, Any] = {}
     if cfg.share_eval_metrics:

@@ -388,14 +388,19 @@ def evaluate_round(
     received: dict[str, np.ndarray],
     server_round: int,
     seed: int,
+    baseline: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate the received global model with this partner's local heads; log locally."""
+    """Evaluate the received global model with this partner's local heads; log locally.
+
+    ``baseline``: also what the partner gets alone from its own columns, beside its local
+    model with the federation (:mod:`fedpersona.model.evaluation`).
+    """
     device = pick_device(training.device)
     data = load_partner_data(cfg, device=device)
     model = build_model(data, model_cfg, seed=seed, device=device)
     _with_received(model, cfg, received)
     metrics: dict[str, Any] = evaluate(
-        model=model, train=data.train, test=data.test, personas=data.personas_test, seed=seed
+        model=model, train=data.train, test=data.test, personas=data.personas_test, seed=seed, baseline=baseline
     )
     metrics["epsilon"] = spent_epsilon(cfg)
     record = {"round": server_round, "partner": cfg.name, "kind": cfg.kind, **metrics}

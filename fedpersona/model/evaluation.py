@@ -3,6 +3,25 @@
 All metrics are computed locally. They leave the partner only if its configuration says
 ``share_eval_metrics = true`` (the simulation's default, where one owner plays every partner);
 they are not differentially private and the release manifest says so.
+
+**The honest baseline** (``baseline=True``, the final evaluation): what the partner gets alone
+from its own columns beside what it gets with the federation, both on its held-out rows:
+
+- ``alone_auc``: its own best of logistic regression and gradient boosting on its own columns
+  (chosen by cross-validation on its training rows, :func:`fedpersona.model.alone.fit_own_models`);
+- ``local_auc``: its local model with the federation (:func:`fedpersona.model.stacking.fit_local_model`:
+  the federated score, blends and stacks of it with its own columns, and its own models, chosen
+  fed-first by cross-validation and audited on held-back rows; a federated score that shows no
+  signal there is replaced by the partner's own model, so the federation never makes a
+  partner's served score worse than what cross-validation says it can do alone);
+- ``alone_ari`` (synthetic tables): k-means on its own standardised columns against the ground
+  truth, beside ``ari`` of the federated embedding.
+
+"Own columns" are the featurized table: numbers (missing as 0 with a presence flag for the
+linear model, NaN for the trees) and categorical codes (one-hot for the linear model, codes
+for the trees). These models are fitted on the partner's own rows, inside the partner, and are
+not DP: nothing of them leaves the partner, only the three aggregate metrics above, and only
+as opt-in evaluation metrics (see :mod:`fedpersona.model.alone`).
 """
 
 from __future__ import annotations
@@ -19,9 +38,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 from fedpersona.data.features import FeatureTensors
+from fedpersona.model.alone import fit_own_models, own_personas
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.model.stacking import fit_local_model
 
-__all__ = ["embed_all", "evaluate"]
+__all__ = ["embed_all", "evaluate", "own_columns"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +76,7 @@ def evaluate(
     test: FeatureTensors,
     personas: np.ndarray | None = None,
     seed: int = 0,
+    baseline: bool = False,
 ) -> dict[str, float]:
     """Label AUC, linear-probe AUC, masked reconstruction error and (synthetic) ARI.
 
@@ -62,6 +84,7 @@ def evaluate(
     - ``probe_auc``: a logistic regression fitted on frozen train embeddings, scored on test.
     - ``reconstruction_error``: mean loss on test features hidden with a fixed-seed mask.
     - ``ari``: k-means on the test embeddings against the ground-truth personas.
+    - with ``baseline``: ``alone_auc``, ``local_auc`` and ``alone_ari`` (module docstring).
     """
     model.eval()
     metrics: dict[str, float] = {}
@@ -90,4 +113,60 @@ def evaluate(
         if k >= 2 and len(test) > k:
             labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(z_test)
             metrics["ari"] = float(adjusted_rand_score(personas, labels))
+            if baseline:
+                own = own_personas(x=own_columns(test)[0], k=k, generator=np.random.default_rng(seed))
+                metrics["alone_ari"] = float(adjusted_rand_score(personas, own))
+    if baseline and test.layout.label_names:
+        metrics.update(_label_baseline(model, train, test, seed))
     return metrics
+
+
+def own_columns(data: FeatureTensors) -> tuple[np.ndarray, np.ndarray]:
+    """The partner's own columns as ``(x_enc, x_raw)``: numbers and categorical codes.
+
+    ``x_enc`` (linear models, k-means): numbers in [0, 1] with missing as 0, a presence flag
+    per number, a one-hot block per categorical column. ``x_raw`` (trees): numbers with NaN
+    for missing, categorical codes as numbers (NaN for missing).
+    """
+    t = {k: v.cpu().numpy() for k, v in data.tensors.items() if k in ("scalar", "scalar_present", "cat", "cat_present")}
+    present = t["scalar_present"].astype(bool)
+    numbers = np.where(present, t["scalar"], 0.0).astype(np.float64)
+    raw = [np.where(present, t["scalar"], np.nan).astype(np.float64)]
+    enc = [numbers, present.astype(np.float64)]
+    offsets, sizes = data.layout.cat_offsets, data.layout.cat_cardinalities
+    for j, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
+        codes = t["cat"][:, j] - offset
+        here = t["cat_present"][:, j].astype(bool) & (codes >= 0) & (codes < size)
+        block = np.zeros((len(codes), size))
+        block[np.flatnonzero(here), codes[here]] = 1.0
+        enc.append(block)
+        raw.append(np.where(here, codes, np.nan).astype(np.float64)[:, None])
+    return np.concatenate(enc, axis=1), np.concatenate(raw, axis=1)
+
+
+def _label_baseline(model: PersonaEncoder, train: FeatureTensors, test: FeatureTensors, seed: int) -> dict[str, float]:
+    """``alone_auc`` and ``local_auc`` on the test rows (module docstring)."""
+    y_train = train.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
+    y_test = test.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
+    known = ~np.isnan(y_train)
+    positives = int(np.nansum(y_train))
+    if min(positives, int(known.sum()) - positives) < 10:
+        return {}  # too few labelled rows of a class for cross-validation
+    enc_train, raw_train = own_columns(train)
+    enc_test, raw_test = own_columns(test)
+    device = train.tensors["scalar"].device
+
+    def fed(data: FeatureTensors) -> np.ndarray:
+        z = torch.from_numpy(embed_all(model, data)).to(device)
+        with torch.no_grad():
+            return model.label_logits(z)[:, 0].cpu().numpy().astype(np.float64)
+
+    generator = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        own = fit_own_models(x_enc=enc_train, x_raw=raw_train, y=y_train, generator=generator)
+        local = fit_local_model(x_enc=enc_train, x_raw=raw_train, fed_logit=fed(train), y=y_train, generator=generator)
+    return {
+        "alone_auc": _auc(y_test, own.predict(x_enc=enc_test, x_raw=raw_test)),
+        "local_auc": _auc(y_test, local.predict(x_enc=enc_test, x_raw=raw_test, fed_logit=fed(test))),
+    }

@@ -156,6 +156,9 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("evaluate", "metrics", "probe_auc", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "reconstruction_error", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "ari", "opt-in", "held-out metric on synthetic ground truth, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "alone_auc", "opt-in", "held-out AUC of the partner's own model, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "local_auc", "opt-in", "held-out AUC, local model with the federation, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "alone_ari", "opt-in", "own k-means on synthetic ground truth, NOT DP"),
 )
 
 
