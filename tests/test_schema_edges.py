@@ -7,11 +7,17 @@ number, inside the bounds.
 
 from __future__ import annotations
 
+import math
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from fedpersona.data.drafting import infer_schema
 from fedpersona.data.schema import KINDS, NumericFeature, Schema, SequenceFeature
 from fedpersona.data.schema_reader import load_schema, parse_schema
 from fedpersona.data.synthetic import synthetic_schema
@@ -144,3 +150,35 @@ def test_every_number_of_the_main_schemas_declares_edges(schema: Schema) -> None
 def test_every_shipped_schema_loads(path: Path) -> None:
     schema = load_schema(path)
     assert schema.kind == path.parent.name
+
+
+# --- drafting: edges only as a commented-out suggestion --------------------------------------
+
+
+def test_a_drafted_schema_declares_no_edges_until_the_steward_uncomments_them(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 400
+    frame = pd.DataFrame(
+        {
+            "spend": np.round(rng.lognormal(3, 1.5, size=n), 2),
+            "age": rng.integers(21, 88, size=n),
+            "score": rng.choice([1, 2, 3, 4, 5], size=n),
+        }
+    )
+    path = tmp_path / "customers.csv"
+    frame.to_csv(path, index=False)
+    text = infer_schema(path, kind="ecommerce")
+    assert "remove the `#` only once you declare them public" in text
+    assert not re.search(r"^edges", text, re.MULTILINE)  # no active edges line
+    suggested = re.findall(r"^# edges = (\[[^\]]*\])  # DRAFTED FROM THIS FILE", text, re.MULTILINE)
+    assert len(suggested) == 3
+    drafted = parse_schema(tomllib.loads(text), source="draft.toml")
+    assert all(f.edges is None for f in numbers_of(drafted))
+    accepted = parse_schema(tomllib.loads(re.sub(r"^# (edges = )", r"\1", text, flags=re.MULTILINE)), source="a")
+    by_name = {f.name: f for f in numbers_of(accepted)}
+    assert by_name["score"].edges == (1.5, 2.5, 3.5, 4.5)  # midway between the codes seen
+    for feat in by_name.values():
+        assert feat.edges is not None and feat.lo < feat.edges[0] and feat.edges[-1] < feat.hi
+    for edge in by_name["spend"].edges or ():
+        mantissa = edge / 10 ** math.floor(math.log10(edge))
+        assert min(abs(mantissa - m) for m in (1, 2, 5)) < 1e-9, edge  # a round number, 1, 2 or 5 x 10^k
