@@ -6,18 +6,18 @@ Command (one core; the table is generated and validated first, only ``dense_view
     OMP_NUM_THREADS=1 python -m benchmarks.featurize --rows 20000
 
 Measured 2026-12-03 with the first command on the project's shared 2-core machine (Python
-3.11, one thread, load average about 17 from other jobs, so these are lower bounds; best of 5),
+3.11, one thread, load average about 20 from other jobs, so these are lower bounds; best of 5),
 100,000 rows:
 
 =======================================  =====================  =======  =========
 schema                                   persona + label cols   seconds     rows/s
 =======================================  =====================  =======  =========
-ecommerce, numbers only (10 features)    10 + 83                  0.073  1,374,934
-health, numbers only (12 features)       12 + 90                  0.083  1,203,361
-finance, numbers only (7 features)       19 + 156                 0.187    533,452
-finance, full schema (12 features)       41 + 214                 0.302    331,074
-ecommerce, full schema (16 features)     99 + 289                 0.399    250,826
-health, full schema (21 features)        31 + 115                 0.145    691,882
+ecommerce, numbers only (10 features)    10 + 83                  0.070  1,434,542
+health, numbers only (12 features)       12 + 90                  0.090  1,114,006
+finance, numbers only (7 features)       19 + 156                 0.152    656,417
+ecommerce, full schema (16 features)     99 + 172                 0.287    348,078
+finance, full schema (12 features)       41 + 178                 0.274    364,888
+health, full schema (21 features)        31 + 109                 0.140    714,138
 =======================================  =====================  =======  =========
 
 The numbers-only schemas keep the synthetic schema's numbers and numeric sequences (with their

@@ -19,7 +19,7 @@ import pytest
 
 from fedpersona.data import dense
 from fedpersona.data.dense import DenseLayout, DenseViews, dense_layout, dense_views, ngram_hashes, token_hashes
-from fedpersona.data.schema import KINDS, CategoricalFeature, Schema, SequenceFeature, TextFeature
+from fedpersona.data.schema import KINDS, CategoricalFeature, NumericFeature, Schema, SequenceFeature, TextFeature
 from fedpersona.data.schema_reader import load_schema, parse_schema
 from fedpersona.data.synthetic import generate_silo, synthetic_schema
 from fedpersona.data.tables import Table, validate_frame
@@ -95,15 +95,16 @@ def test_layout_names_every_column_and_its_feature() -> None:
     assert layout.label_columns == (
         "AGE:0..25", "AGE:25..50", "AGE:50..100", "AGE:absent",
         "VISITS:0..9", "VISITS:9..99", "VISITS:99..1000", "VISITS:absent",
-        "OWNER", "OWNER:absent", "PLAN=basic", "PLAN=gold", "PLAN=<other>",
-        *(f"CITY#{k}" for k in range(8)), *(f"NOTE#{k}" for k in range(64)),
-        "B1", "B1:absent", "B2", "B2:absent",
-        *(f"{s}={w}" for s in ("S1", "S2", "S3") for w in ("paid", "late", "<other>")),
+        "OWNER", "PLAN=basic", "PLAN=gold", "PLAN=<other>", *(f"NOTE#{k}" for k in range(64)),
+        "B1", "B1:absent", "B2", "B2:absent", "STATUS=paid", "STATUS=late", "STATUS=<other>",
     )  # fmt: skip
     assert layout.persona_features[:6] == ("AGE", "VISITS", "OWNER", "PLAN", "PLAN", "PLAN")
-    assert layout.label_block("CITY") == slice(13, 21)
-    assert layout.persona_block("CITY") == slice(0, 0)  # a hashed category has no persona columns
+    assert layout.label_features[:9] == ("AGE",) * 4 + ("VISITS",) * 4 + ("OWNER",)
+    assert layout.label_features[-7:] == ("BILL",) * 4 + ("STATUS",) * 3
+    assert layout.persona_block("CITY") == layout.label_block("CITY") == slice(0, 0)  # hashed: left out
     assert layout.persona_block("BILL") == slice(70, 73)
+    assert layout.label_block("NOTE") == slice(12, 76)
+    assert (layout.persona_width, layout.label_width) == (76, 83)
 
 
 def test_persona_view_by_hand() -> None:
@@ -139,26 +140,36 @@ def test_label_view_by_hand() -> None:
     layout = views.layout
     col = {name: j for j, name in enumerate(layout.label_columns)}
     third = math.log(10) / math.log(1001)  # the edges 9 and 99 on VISITS's log scale
-    paris = word_hash("paris", "CITY") % 8
-    rome = word_hash("rome", "CITY") % 8
-    expected_rows: list[dict[str, float]] = [
-        {"AGE:0..25": 1.0, "AGE:25..50": (0.4 - 0.25) / 0.25, "VISITS:0..9": 1.0, "VISITS:9..99": 1.0,
-         "OWNER": 1.0, "PLAN=gold": 1.0, f"CITY#{paris}": 1.0, "B1": 0.3, "B2:absent": 1.0,
-         "S1=paid": 1.0, "S2=late": 1.0, "S3=paid": 1.0},
-        {"AGE:absent": 1.0, "OWNER:absent": 1.0, "PLAN=<other>": 1.0, "B1": 1.0,
-         "S1=<other>": 0.0},
+    assert (third, 2 * third) == pytest.approx((1 / 3, 2 / 3), abs=1e-4)  # VISITS = 99 ends the 2nd piece
+    # PLE pieces and absent flags of the numbers, before centring (every one of their columns - 0.5)
+    numbers: list[dict[str, float]] = [
+        {"AGE:0..25": 1.0, "AGE:25..50": (40 - 25) / 25, "VISITS:0..9": 1.0, "VISITS:9..99": 1.0,
+         "B1": 0.3, "B2:absent": 1.0},
+        {"AGE:absent": 1.0, "B1": 1.0},  # VISITS = 0 and B2 = 0: every piece 0, present
         {"AGE:0..25": 1.0, "AGE:25..50": 1.0, "AGE:50..100": 1.0, "VISITS:0..9": 1.0, "VISITS:9..99": 1.0,
-         "VISITS:99..1000": 1.0, f"CITY#{rome}": 1.0, "B1:absent": 1.0, "B2:absent": 1.0, "S1=late": 1.0},
+         "VISITS:99..1000": 1.0, "B1:absent": 1.0, "B2:absent": 1.0},
     ]  # fmt: skip
     red, shoes = unigram_column("red", "NOTE", 64, 64), unigram_column("shoes", "NOTE", 64, 64)
-    expected_rows[0][f"NOTE#{red}"] = 2 / math.sqrt(5)
-    expected_rows[0][f"NOTE#{shoes}"] = 1 / math.sqrt(5)
-    assert (third, 2 * third) == pytest.approx((1 / 3, 2 / 3), abs=1e-4)  # VISITS = 99 ends the 2nd piece
-    for i, expected in enumerate(expected_rows):
-        want = np.zeros(layout.label_width)
-        for name, value in expected.items():
+    # every other feature: its persona encoding (booleans +-0.5, one-hot x 0.5, text x 2, profile x 1.5)
+    others: list[dict[str, float]] = [
+        {"OWNER": 0.5, "PLAN=gold": 0.5, f"NOTE#{red}": 2.0 * 2 / math.sqrt(5), f"NOTE#{shoes}": 2.0 / math.sqrt(5),
+         "STATUS=paid": 1.5 * 2 / math.sqrt(5), "STATUS=late": 1.5 / math.sqrt(5)},
+        {"PLAN=<other>": 0.5},
+        {"OWNER": -0.5, "STATUS=late": 1.5},
+    ]  # fmt: skip
+    is_number = np.isin(np.array(layout.label_features), ["AGE", "VISITS", "BILL"])
+    assert is_number.sum() == 4 + 4 + 4
+    for i in range(3):
+        want = np.where(is_number, -0.5, 0.0)
+        for name, value in numbers[i].items():
+            want[col[name]] += value
+        for name, value in others[i].items():
             want[col[name]] = value
-        np.testing.assert_allclose(views.label[i], want - 0.5, atol=TOL, err_msg=f"row {i}")
+        np.testing.assert_allclose(views.label[i], want, atol=TOL, err_msg=f"row {i}")
+        for feature in ("OWNER", "PLAN", "NOTE", "STATUS"):  # the same numbers as the persona view, exactly
+            assert np.array_equal(
+                views.label[i, layout.label_block(feature)], views.persona[i, layout.persona_block(feature)]
+            )
 
 
 def test_labels_never_enter_the_views() -> None:
@@ -287,12 +298,23 @@ def test_layout_matches_the_views_for_every_shipped_schema(schema: Schema) -> No
     ):
         assert len(set(columns)) == len(columns), "column names are unique"
         assert set(features) <= names
-    assert set(layout.label_features) == names  # every feature reaches the label view
-    hashed = {f.name for f in schema.features if getattr(f, "vocabulary", 0) is None and getattr(f, "buckets", None)}
-    assert set(layout.persona_features) == names - hashed  # hashed categories stay out of the personas
+    numbers = {
+        f.name for f in schema.features
+        if isinstance(f, NumericFeature) or (isinstance(f, SequenceFeature) and f.element == "numeric")
+    }  # fmt: skip
+    hashed = {
+        f.name for f in schema.features
+        if isinstance(f, CategoricalFeature | SequenceFeature) and f.name not in numbers and f.vocabulary is None
+    }  # fmt: skip
+    assert set(layout.persona_features) == set(layout.label_features) == names - hashed
     assert np.isfinite(views.persona).all() and np.isfinite(views.label).all()
     assert np.abs(views.persona).max() <= 6.0 + TOL
-    assert views.label.min() >= -0.5 - TOL and views.label.max() <= 0.5 + TOL
+    is_number = np.isin(np.array(layout.label_features), sorted(numbers))
+    assert np.abs(views.label[:, is_number]).max() <= 0.5 + TOL  # PLE pieces and flags, centred
+    for feature in names - hashed - numbers:  # everything else: the persona encoding, bit for bit
+        assert np.array_equal(
+            views.label[:, layout.label_block(feature)], views.persona[:, layout.persona_block(feature)]
+        )
 
 
 @pytest.mark.parametrize("schema", all_schemas(), ids=lambda s: f"{s.kind}:{s.name}")
@@ -316,20 +338,6 @@ def test_synthetic_views_are_row_local_across_kinds() -> None:
         whole = dense_views(table)
         again = dense_views(table.take(np.arange(299, -1, -1)))
         assert np.array_equal(again.persona, whole.persona[::-1]) and np.array_equal(again.label, whole.label[::-1])
-
-
-def test_hashed_categories_use_the_keyed_hash_of_each_value() -> None:
-    schema = synthetic_schema("ecommerce")
-    table = generate_silo("ecommerce", 200, seed=4).table
-    views = dense_views(table)
-    block = views.layout.label_block("region")
-    hot = views.label[:, block] > 0
-    present = np.array([v is not None for v in table.columns["region"]])
-    assert (hot.sum(axis=1) == present).all()
-    for i in np.flatnonzero(present)[:20]:
-        feat = next(f for f in schema.features if f.name == "region")
-        assert isinstance(feat, CategoricalFeature) and feat.buckets is not None
-        assert int(np.flatnonzero(hot[i])[0]) == word_hash(str(table.columns["region"][i]), "region") % feat.buckets
 
 
 # --- the front door checks its input ---------------------------------------------------------

@@ -3,12 +3,26 @@
 Each row of a validated :class:`~fedpersona.data.tables.Table` becomes
 
 - a **persona view**, the input of the DP-PCA personas: every number standardised by its
-  public ``typical`` range, booleans and one-hot categories at reduced weight, a text as an
-  L2-normalised bag of hashed word n-grams, a sequence as its standardised steps plus their
-  mean (numbers) or as its category profile (categories); and
-- a **label view**, the input of the DP logistic regression: every number as a piecewise-linear
-  encoding over its public ``edges`` plus an "absent" flag, booleans 0/1 plus "absent", one-hot
-  categories (every step of a sequence on its own), the same text bag; all centred by 0.5.
+  public ``typical`` range (centre: the range's middle; spread: its width / 3.29, the width of a
+  normal's middle 90%; both on the number's own scale) and clipped to +-6; booleans +-0.5;
+  categories with a vocabulary one-hot x 0.5; hashed categories left out; a text as the
+  L2-normalised bag of its hashed word n-grams folded to at most 64 columns, x 2; a numeric
+  sequence as its standardised steps, each / sqrt(L) for L steps, plus their mean; a
+  categorical sequence as its L2-normalised category profile (counts over the steps) x 1.5; and
+- a **label view**, the input of the DP logistic regression: every number (and every step of a
+  numeric sequence) as a piecewise-linear encoding (PLE, Gorishniy et al. 2022, "On Embeddings
+  for Numerical Features in Tabular Deep Learning") over its public ``edges`` plus an "absent"
+  flag, those columns centred by subtracting 0.5; every other feature exactly as in the persona
+  view (hashed categories left out of both).
+
+PLE: with cut points ``c0 = lo < c1 < ... < cT = hi`` (the bounds around the edges, on the
+number's own scale: ``log1p`` of the offset from ``lo`` for a ``log = true`` number), piece ``t``
+of a value ``x`` is ``clip((x - c[t-1]) / (c[t] - c[t-1]), 0, 1)``: 1 for the pieces below ``x``,
+0 above it, the fraction in between. A number without edges is one piece (its scaled value). A
+missing value has every piece 0 and the absent flag 1 (before centring).
+
+Missing values elsewhere are 0 in both views (no boolean, no category, no word); the label
+view's absent flags are the only missing-value indicators.
 
 Labels never enter either view. :func:`dense_layout` names every column of both views and the
 schema feature it comes from, from the schema alone; :func:`dense_views` computes them.
@@ -16,7 +30,8 @@ schema feature it comes from, from the schema alone; :func:`dense_views` compute
 *Could an auditor call this a leak?* No. Each output row is a fixed function of that one input
 row and of the schema, whose bounds, typical ranges, edges, vocabularies, bucket counts and
 weights are public by declaration; the hash is keyed by the feature's (public) name only.
-Nothing is fitted on the rows: no mean, scale, vocabulary or norm is computed over a column,
+Nothing data-dependent is fitted: no mean, scale, quantile, edge, vocabulary or norm is
+computed over a column,
 so adding or removing a user changes no other user's vector (featurizing a row alone gives the
 same vector as featurizing it inside any table). The views never leave the partner; what leaves
 is a DP release computed from them, and the row-wise map is what bounds each user's share.
@@ -28,7 +43,7 @@ every ASCII character that is not a letter or a digit; each piece is lower-cased
 BLAKE2b(word in UTF-8, key = feature name in UTF-8, first 64 bytes). The n-gram of words with
 hashes ``t1..tn`` hashes to ``fmix(g ^ n)`` where ``g = t1``, then ``g = g * MIX + tj`` modulo
 2**64, and ``fmix`` is the SplitMix64 finaliser; its column is ``(hash mod buckets) mod
-min(buckets, 64)``. A hashed category hashes like a word, to ``hash mod buckets``.
+min(buckets, 64)``.
 The implementation cuts and counts on the whole column at once (bytes in numpy, unique pieces
 via Arrow) and hashes each distinct piece once; no Python runs per row.
 """
@@ -103,9 +118,10 @@ TYPICAL_SDS = 2.0 * NormalDist().inv_cdf(0.95)
 TEXT_WIDTH = 64
 
 # --- label view ---------------------------------------------------------------------------------
-# Every label-view input lies in [0, 1]; subtracting the public 0.5 centres it, so the zero-
-# initialised logistic regression starts from a symmetric point and DP-SGD's noisy steps move
-# the bias and the weights independently.
+# The pieces and the absent flag of a number lie in [0, 1]; subtracting the public 0.5 centres
+# them (a value in the middle of its edges and a missing one are both balanced around 0), so
+# the bias of the logistic regression does not have to absorb each number's offset. The other
+# features keep their persona encoding, which is already centred (booleans) or sparse.
 LABEL_CENTRE = 0.5
 
 OTHER = "<other>"  # the column name suffix of the "not in the vocabulary" code
@@ -126,9 +142,10 @@ class DenseLayout:
 
     ``*_columns`` name each column (``"Age"``, ``"Month=Feb"``, ``"Month=<other>"``,
     ``"note#17"``, ``"BILL_AMT1:1000..5000"``, ``"BILL_AMT1:absent"``); ``*_features`` name the
-    schema feature each column comes from. A feature's columns are contiguous, in schema order.
-    Sequence steps are named by their column, so the names follow the partner's file while the
-    positions follow the schema fingerprint.
+    schema feature each column comes from (its source). A hashed category has no column. A
+    feature's columns are contiguous, in schema order. Numeric sequence steps are named by their
+    column, so the names follow the partner's file while the positions follow the schema
+    fingerprint.
     """
 
     persona_columns: tuple[str, ...]
@@ -230,32 +247,21 @@ def _number_part(feat: NumericFeature | SequenceFeature) -> _Part:
     return _Part(feat, tuple(persona), tuple(label), cuts, centre, spread)
 
 
-def _category_names(vocabulary: tuple[str, ...] | None, buckets: int | None) -> list[str]:
-    if vocabulary is not None:
-        return [f"={word}" for word in vocabulary] + [f"={OTHER}"]
-    return [f"#{k}" for k in range(buckets or 0)]
-
-
 def _plan(schema: Schema) -> list[_Part]:
     parts: list[_Part] = []
     for feat in schema.features:
         if isinstance(feat, NumericFeature) or (isinstance(feat, SequenceFeature) and feat.element == "numeric"):
             parts.append(_number_part(feat))
         elif isinstance(feat, BooleanFeature):
-            parts.append(_Part(feat, (feat.name,), (feat.name, f"{feat.name}:absent")))
-        elif isinstance(feat, CategoricalFeature):
-            names = _category_names(feat.vocabulary, feat.buckets)
-            persona = tuple(feat.name + s for s in names) if feat.vocabulary is not None else ()
-            parts.append(_Part(feat, persona, tuple(feat.name + s for s in names), width=feat.cardinality))
+            parts.append(_Part(feat, (feat.name,), (feat.name,)))
         elif isinstance(feat, TextFeature):
             width = min(TEXT_WIDTH, feat.buckets)
             bag = tuple(f"{feat.name}#{k}" for k in range(width))
             parts.append(_Part(feat, bag, bag, width=width))
-        else:  # a categorical sequence
-            names = _category_names(feat.vocabulary, feat.buckets)
-            persona = tuple(feat.name + s for s in names) if feat.vocabulary is not None else ()
-            label = tuple(col + s for col in feat.columns for s in names)
-            parts.append(_Part(feat, persona, label, width=feat.cardinality))
+        elif feat.vocabulary is not None:  # a category, or a sequence of them, with a vocabulary
+            names = tuple(f"{feat.name}={word}" for word in (*feat.vocabulary, OTHER))
+            parts.append(_Part(feat, names, names, width=feat.cardinality))
+        # a hashed category carries no similarity a linear model or a mixture could use: left out
     return parts
 
 
@@ -299,7 +305,6 @@ def dense_views(table: Table, *, threads: int = 1) -> DenseViews:
             _encode(part, columns, p_out, l_out)
             p_at += len(part.persona)
             l_at += len(part.label)
-        label[rows] -= LABEL_CENTRE
 
     starts = range(0, n, _CHUNK_ROWS)
     if threads == 1 or len(starts) == 1:
@@ -315,37 +320,29 @@ def dense_views(table: Table, *, threads: int = 1) -> DenseViews:
 def _encode(part: _Part, columns: list[np.ndarray], p_out: np.ndarray, l_out: np.ndarray) -> None:
     """Write one feature's columns of a block of rows into both views (zeros on entry)."""
     feat = part.feature
+    if isinstance(feat, NumericFeature) or (isinstance(feat, SequenceFeature) and feat.element == "numeric"):
+        _encode_numbers(part, feat, np.stack(columns, axis=1).astype(np.float64), p_out, l_out)
+        return
     if isinstance(feat, BooleanFeature):
         values = columns[0].astype(np.float64)
-        present = ~np.isnan(values)
-        p_out[:, 0] = np.where(present, PERSONA_BOOLEAN * (2.0 * values - 1.0), 0.0)
-        l_out[:, 0] = np.where(present, values, 0.0)
-        l_out[:, 1] = ~present
+        p_out[:, 0] = np.where(np.isnan(values), 0.0, PERSONA_BOOLEAN * (2.0 * values - 1.0))
     elif isinstance(feat, TextFeature):
         rows, hashes = ngram_hashes(columns[0], key=feat.name, ngrams=feat.ngrams, max_tokens=feat.max_tokens)
         cols = ((hashes % np.uint64(feat.buckets)) % np.uint64(part.width)).astype(np.int64)
-        values = _bag(rows, cols, len(columns[0]), part.width)
-        p_out[rows, cols] = PERSONA_TEXT * values
-        l_out[rows, cols] = values
-    elif isinstance(feat, CategoricalFeature) or (isinstance(feat, SequenceFeature) and feat.element != "numeric"):
-        n, width = len(columns[0]), part.width
-        all_rows, all_codes = [], []
-        for step, values in enumerate(columns):
-            codes = _codes(values, key=feat.name, vocabulary=feat.vocabulary, buckets=feat.buckets)
-            rows = np.flatnonzero(codes >= 0)
-            l_out[rows, step * width + codes[rows]] = 1.0  # one-hot per step
-            all_rows.append(rows)
-            all_codes.append(codes[rows])
-        if feat.vocabulary is None:
-            return  # a hashed category carries no similarity the personas could use
+        p_out[rows, cols] = PERSONA_TEXT * _bag(rows, cols, len(columns[0]), part.width)
+    else:  # a category, or a sequence of them, with a vocabulary (the plan leaves hashed ones out)
+        assert isinstance(feat, CategoricalFeature | SequenceFeature) and feat.vocabulary is not None
+        codes = [_codes(values, vocabulary=feat.vocabulary) for values in columns]
         if isinstance(feat, CategoricalFeature):
-            p_out[all_rows[0], all_codes[0]] = PERSONA_CATEGORY
+            rows = np.flatnonzero(codes[0] >= 0)
+            p_out[rows, codes[0][rows]] = PERSONA_CATEGORY
         else:  # the profile: how often each category occurs among the present steps
-            rows, codes = np.concatenate(all_rows), np.concatenate(all_codes)
-            p_out[rows, codes] = PERSONA_PROFILE * _bag(rows, codes, n, width)
-    else:
-        assert isinstance(feat, NumericFeature | SequenceFeature)  # by the plan
-        _encode_numbers(part, feat, np.stack(columns, axis=1).astype(np.float64), p_out, l_out)
+            stacked = np.concatenate(codes)
+            step_rows = np.tile(np.arange(len(columns[0]), dtype=np.int64), len(columns))
+            here = stacked >= 0
+            rows, found = step_rows[here], stacked[here]
+            p_out[rows, found] = PERSONA_PROFILE * _bag(rows, found, len(columns[0]), part.width)
+    l_out[:] = p_out  # every feature but a number keeps its persona encoding
 
 
 def _encode_numbers(
@@ -372,6 +369,7 @@ def _encode_numbers(
         else:
             l_out[:, at] = np.where(here, value, 0.0)
         l_out[:, at + per_step - 1] = ~here
+    l_out -= LABEL_CENTRE
 
 
 def _bag(rows: np.ndarray, cols: np.ndarray, n: int, width: int) -> np.ndarray:
@@ -384,17 +382,12 @@ def _bag(rows: np.ndarray, cols: np.ndarray, n: int, width: int) -> np.ndarray:
     return counts / np.sqrt(squares[rows])
 
 
-def _codes(values: np.ndarray, *, key: str, vocabulary: tuple[str, ...] | None, buckets: int | None) -> np.ndarray:
-    """Codes of an object array of category strings (``None`` = missing -> -1): the vocabulary
-    index, ``len(vocabulary)`` for any other value; or the value's hash bucket. Each distinct
-    value is looked up once."""
+def _codes(values: np.ndarray, *, vocabulary: tuple[str, ...]) -> np.ndarray:
+    """Codes of an object array of category strings: the vocabulary index, ``len(vocabulary)``
+    for any other value, -1 for missing (``None``). Each distinct value is looked up once."""
     codes, uniques = pd.factorize(values)
-    if vocabulary is not None:
-        index = {word: i for i, word in enumerate(vocabulary)}
-        mapped = np.array([index.get(str(u), len(vocabulary)) for u in uniques], dtype=np.int64)
-    else:
-        assert buckets is not None  # guaranteed by the schema reader
-        mapped = (token_hashes([str(u) for u in uniques], key=key) % np.uint64(buckets)).astype(np.int64)
+    index = {word: i for i, word in enumerate(vocabulary)}
+    mapped = np.array([index.get(str(u), len(vocabulary)) for u in uniques], dtype=np.int64)
     return np.append(mapped, -1)[codes]  # code -1 (missing) picks the -1
 
 
