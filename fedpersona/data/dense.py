@@ -126,7 +126,6 @@ LABEL_CENTRE = 0.5
 
 OTHER = "<other>"  # the column name suffix of the "not in the vocabulary" code
 _CHUNK_ROWS = 32_768  # rows featurized together: bounds the working memory (a bag is rows x 64)
-_MASK64 = (1 << 64) - 1
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant (the golden ratio), as in SplitMix64
 _FMIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _FMIX2 = np.uint64(0x94D049BB133111EB)
