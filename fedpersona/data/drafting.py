@@ -1,7 +1,16 @@
 """``fedpersona schema infer``: a draft schema from a local file, for a data steward to review.
 
 Nothing drafted here is used until a steward accepts it and declares it public: the header of
-the draft says what publishing each bound, typical range and vocabulary reveals.
+the draft says what publishing each bound, typical range, edge list and vocabulary reveals, and
+every ``typical`` and ``edges`` line drafted from the file's own distribution says so where it
+stands. Training never reads a file to fill them in: only a schema a steward accepted counts.
+
+``edges`` are drafted only as a commented-out suggestion (``# edges = [...]``): a draft accepted
+as it stands declares no edges, so no cut point taken from this file's distribution becomes
+public unless the steward removes the ``#`` on purpose. The suggestion is this file's deciles
+moved to round numbers (or, for a few integer codes, midway between codes seen in at least 5
+rows), which says roughly where the file's users lie; published thresholds are the better
+choice, and the header says so.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ _ID_NAME = re.compile(r"id|.*[^A-Za-z]id|.*Id|.*ID", re.IGNORECASE)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DATE = r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}(?:[ T][\d:.]+)?"
 _RARE = 5  # categories seen in fewer rows are left out of a drafted vocabulary
+_DRAFTED = "# DRAFTED FROM THIS FILE: review before use"
 
 
 def infer_schema(
@@ -97,6 +107,13 @@ def infer_schema(
         "# A number's `typical` range (this file's 5th to 95th percentile, rounded) centres the",
         "# model's input: it tells the federation where most of your users lie. Replace it with",
         "# published statistics, or delete the line to keep that private.",
+        "# A number's `edges` cut it into pieces for the label model. They are only SUGGESTED, as a",
+        "# commented-out line (this file's deciles moved to round numbers; for a few integer codes,",
+        "# midway between the codes seen in at least 5 rows): they say where your users lie. Prefer",
+        "# published thresholds (clinical cut-offs, codebook levels) and round numbers (powers of two",
+        "# for counts, 1k/5k/10k for money); remove the `#` only once you declare them public.",
+        "# `typical` and `edges` lines are DRAFTED FROM THIS FILE: review before use. Nothing fills",
+        "# them in from your data at training time.",
         f"# Columns that look like ids: {quoted(id_like) or 'none'}.",
         "",
         "[table]",
@@ -145,7 +162,13 @@ def _draft_feature(col: str, series: pd.Series, na_values: frozenset[str], max_c
         body = f'type = "numeric"\nbounds = [{number_text(lo)}, {number_text(hi)}]\nlog = {"true" if log else "false"}'
         typical = _draft_typical(numbers, lo, hi) if len(counts) > 2 else None
         if typical is not None:
-            body += f"\ntypical = [{number_text(typical[0])}, {number_text(typical[1])}]"
+            body += (
+                f"\ntypical = [{number_text(typical[0])}, {number_text(typical[1])}]  {_DRAFTED} (5th-95th percentile)"
+            )
+        edges, how = _draft_edges(numbers, lo, hi, log=log, integral=integral) if len(counts) > 2 else ((), "")
+        if edges:
+            suggestion = ", ".join(number_text(e) for e in edges)
+            body += f"\n# edges = [{suggestion}]  {_DRAFTED} ({how}); a suggestion: declare public to use"
     elif len(counts) <= max_categories:
         common = [v for v in sorted(counts.index, key=_sort_key) if counts[v] >= _RARE]
         if len(common) < len(counts):
@@ -196,6 +219,40 @@ def _draft_typical(numbers: np.ndarray, lo: float, hi: float) -> tuple[float, fl
     p5, p95 = np.quantile(numbers, [0.05, 0.95])
     low, high = max(lo, _round_sig(float(p5), math.floor)), min(hi, _round_sig(float(p95), math.ceil))
     return (low, high) if low < high else None
+
+
+def _draft_edges(
+    numbers: np.ndarray, lo: float, hi: float, *, log: bool, integral: bool
+) -> tuple[tuple[float, ...], str]:
+    """Cut points strictly inside ``(lo, hi)`` drafted from this file, and how: midway between
+    the values of a column of at most 20 integer codes (those seen in at least 5 rows, so that a
+    rare value is not published), else its deciles moved to round numbers (1, 2 or 5 times a power
+    of ten for a log-scaled column; multiples of a round step for a linear one). A draft: the
+    steward replaces them with published thresholds or keeps the round numbers."""
+    distinct, counts = np.unique(numbers, return_counts=True)
+    if integral and len(distinct) <= 20:
+        common = distinct[counts >= _RARE]
+        cuts, how = (common[:-1] + common[1:]) / 2.0, "midway between the codes seen"
+    else:
+        deciles = np.quantile(numbers, np.linspace(0.1, 0.9, 9))
+        how = "deciles, rounded"
+        if log:
+            cuts = np.array([_round_125(float(x)) for x in deciles])
+        else:
+            p5, p95 = np.quantile(numbers, [0.05, 0.95])
+            step = _round_125(max(float(p95 - p5), 1e-12) / 10.0)
+            cuts = np.round(deciles / step) * step
+    cleaned = {float(f"{c:.12g}") for c in cuts if lo < c < hi}  # without binary noise such as 0.30000000000000004
+    return tuple(sorted(cleaned)), how
+
+
+def _round_125(x: float) -> float:
+    """The nearest of 1, 2 and 5 times a power of ten to ``|x|`` (on a log scale), sign kept."""
+    if x == 0:
+        return 0.0
+    scale = 10.0 ** math.floor(math.log10(abs(x)))
+    mantissa = min((1.0, 2.0, 5.0, 10.0), key=lambda m: abs(math.log(abs(x) / (m * scale))))
+    return math.copysign(float(f"{mantissa * scale:.12g}"), x)
 
 
 def _round_sig(x: float, rounding: Callable[[float], float]) -> float:

@@ -24,6 +24,7 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     bounds = [0, 30]
     log = true
     typical = [0, 8]              # optional: about the middle 90% of users (public knowledge)
+    edges = [1, 2, 4, 8, 16]      # optional: public cut points, strictly inside the bounds
 
     [features.Month]
     type = "categorical"
@@ -41,7 +42,7 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     [features.bill]
     type = "sequence"
     columns = ["BILL_AMT1", "BILL_AMT2"]
-    element = "numeric"           # numeric (bounds, log, typical) | categorical (vocabulary or buckets)
+    element = "numeric"           # numeric (bounds, log, typical, edges) | categorical (vocabulary or buckets)
     bounds = [-200000, 1000000]
 
     [labels.Revenue]
@@ -117,7 +118,10 @@ class NumericFeature:
 
     ``typical`` (optional, public) is the range that holds about the middle 90% of users,
     from domain knowledge such as published statistics; the encoder centres and scales its
-    input by it (see :func:`fedpersona.data.features.layout_of`).
+    input by it (see :func:`fedpersona.data.features.layout_of`). ``edges`` (optional, public)
+    are cut points strictly inside the bounds, in the column's own units, such as published
+    clinical thresholds or round numbers; the label view of :mod:`fedpersona.data.dense`
+    encodes the number piecewise-linearly between them.
     """
 
     name: str
@@ -128,6 +132,7 @@ class NumericFeature:
     missing: MissingPolicy = "drop"
     type: Literal["numeric"] = "numeric"
     typical: tuple[float, float] | None = None
+    edges: tuple[float, ...] | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -208,6 +213,7 @@ class SequenceFeature:
     missing: MissingPolicy = "drop"
     type: Literal["sequence"] = "sequence"
     typical: tuple[float, float] | None = None  # numeric steps only, as for NumericFeature
+    edges: tuple[float, ...] | None = None  # numeric steps only, as for NumericFeature
 
     @property
     def cardinality(self) -> int:
@@ -284,11 +290,13 @@ class Schema:
         return tuple(dict.fromkeys(cols))
 
     def fingerprint(self) -> str:
-        """Hash of everything that shapes the feature adapter (types, bounds, vocabularies).
+        """Hash of everything that shapes the feature adapter (types, bounds, vocabularies,
+        typical ranges, edges).
 
         Two partners of one kind share (average) their adapter only when their fingerprints
         are equal. Label columns and file-format details do not change the adapter's shape,
-        so they are left out.
+        so they are left out. A typical range or edges change what each input means, so they
+        enter it when declared.
         """
         spec = {
             "kind": self.kind,
@@ -306,9 +314,10 @@ def _feature_spec(feat: Feature) -> dict[str, Any]:
             out[key] = list(value) if isinstance(value, tuple) else value
     if isinstance(feat, SequenceFeature):
         out["steps"] = len(feat.columns)
-    typical = getattr(feat, "typical", None)
-    if typical is not None:  # only when declared, so older fingerprints stay valid
-        out["typical"] = list(typical)
+    for key in ("typical", "edges"):  # only when declared, so older fingerprints stay valid
+        value = getattr(feat, key, None)
+        if value is not None:
+            out[key] = list(value)
     return out
 
 

@@ -1,13 +1,14 @@
 """Reading a schema file: TOML in, a validated :class:`~fedpersona.data.schema.Schema` out.
 
 :func:`load_schema` reads a file; :func:`parse_schema` checks a parsed document. Every problem
-of a schema (an unknown key, bounds that are not numbers, a typical range outside the bounds,
-a vocabulary with duplicates, an unknown aggregate ...) is collected and raised at once as one
+of a schema (an unknown key, bounds that are not numbers, a typical range or edges outside the
+bounds, a vocabulary with duplicates, an unknown aggregate ...) is collected and raised at once as one
 :class:`~fedpersona.errors.SchemaError` naming the file and each key.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import tomllib
 from pathlib import Path
@@ -43,13 +44,13 @@ _TABLE_KEYS = {
 }  # fmt: skip
 _TOP_KEYS = {"table", "features", "labels", "events"}
 _FEATURE_KEYS: dict[str, set[str]] = {
-    "numeric": {"type", "column", "bounds", "log", "typical", "missing"},
+    "numeric": {"type", "column", "bounds", "log", "typical", "edges", "missing"},
     "categorical": {"type", "column", "vocabulary", "buckets", "unseen", "missing"},
     "boolean": {"type", "column", "true_values", "false_values", "missing"},
     "text": {"type", "column", "buckets", "ngrams", "max_tokens", "missing"},
     "sequence": {
-        "type", "columns", "element", "bounds", "log", "typical", "vocabulary", "buckets", "unseen",
-        "missing",
+        "type", "columns", "element", "bounds", "log", "typical", "edges", "vocabulary", "buckets",
+        "unseen", "missing",
     },
 }  # fmt: skip
 _EVENT_KEYS = {"user", "time", "time_format", "reference", "aggregate"}
@@ -233,6 +234,47 @@ def _typical(
     return None
 
 
+def _edges(
+    where: str, spec: dict[str, Any], bounds: tuple[float, float], problems: list[str]
+) -> tuple[float, ...] | None:
+    """The optional ``edges = [e1, e2, ...]`` of a number: finite, strictly increasing, strictly
+    inside the bounds (an edge on a bound would cut off an empty piece). A bad list gets one
+    problem that says what is wrong with it first and then what is expected."""
+    if "edges" not in spec:
+        return None
+    value = spec["edges"]
+    lo, hi = bounds
+    numbers = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    if not isinstance(value, list):
+        what = "it is not a list"
+    elif not value:
+        what = "it is empty"
+    elif not numbers:
+        what = "not every entry is a number"
+    elif not all(math.isfinite(v) for v in value):
+        what = "it holds " + ", ".join(str(v) for v in value if not math.isfinite(v))
+    elif not all(a < b for a, b in itertools.pairwise(value)):
+        a, b = next((a, b) for a, b in itertools.pairwise(value) if not a < b)
+        what = f"it is not strictly increasing ({_plain(a)} then {_plain(b)})"
+    elif not lo < value[0] or not value[-1] < hi:
+        outside = [v for v in value if not lo < v < hi]
+        verb = "is" if len(outside) == 1 else "are"
+        what = f"{', '.join(_plain(v) for v in outside)} {verb} on or outside the bounds"
+    else:
+        return tuple(float(v) for v in value)
+    problems.append(
+        f"{where}.edges: {what}. Expected a non-empty list of finite numbers, strictly increasing and strictly "
+        f"between the bounds {_plain(lo)} and {_plain(hi)} (public cut points in the column's units, e.g. round "
+        f"numbers or published thresholds), got {value!r}"
+    )
+    return None
+
+
+def _plain(x: float) -> str:
+    """A bound as written in a schema: ``2000000``, not ``2e+06``."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
 def _vocab_or_buckets(
     where: str, spec: dict[str, Any], problems: list[str]
 ) -> tuple[tuple[str, ...] | None, int | None]:
@@ -294,7 +336,8 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         if bounds is None:
             return None
         typical = _typical(where, spec, bounds, problems)
-        return NumericFeature(name, column, bounds[0], bounds[1], log, missing, typical=typical)
+        edges = _edges(where, spec, bounds, problems)
+        return NumericFeature(name, column, bounds[0], bounds[1], log, missing, typical=typical, edges=edges)
     if ftype == "categorical":
         vocab, buckets = _vocab_or_buckets(where, spec, problems)
         if vocab is None and buckets is None:
@@ -339,12 +382,15 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         if bounds is None:
             return None
         typical = _typical(where, spec, bounds, problems)
+        edges = _edges(where, spec, bounds, problems)
         return SequenceFeature(
-            name, tuple(columns), "numeric", bounds[0], bounds[1], log, missing=missing, typical=typical
+            name, tuple(columns), "numeric", bounds[0], bounds[1], log, missing=missing, typical=typical, edges=edges
         )
     if element == "categorical":
         if "typical" in spec:
             problems.append(f"{where}.typical is for numbers; a categorical sequence has no typical range")
+        if "edges" in spec:
+            problems.append(f"{where}.edges are for numbers; a categorical sequence has no edges")
         vocab, buckets = _vocab_or_buckets(where, spec, problems)
         if vocab is None and buckets is None:
             return None
