@@ -180,3 +180,17 @@ def test_an_empty_poisson_batch_still_takes_its_noisy_step(
     )
     assert result.epsilon == pytest.approx(expected, rel=1e-9)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_round_accounting_compares_histories_and_reads_the_ledgers_epsilon(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from fedpersona.model.training import check_accounting
+
+    ledger = PrivacyLedger(tmp_path / "state", settings=PrivacySettings(target_epsilon=3.0))
+    entry = ledger.charge(round=1, mechanism="dp-sgd", noise_multiplier=1.5, sample_rate=0.1, steps=20)
+    engine = SimpleNamespace(accountant=SimpleNamespace(history=[(1.5, 0.1, 12), (1.5, 0.1, 8)]))
+    assert check_accounting(engine, ledger, 1e-5) == entry.epsilon_after  # type: ignore[arg-type]
+    engine.accountant.history.append((1.5, 0.1, 1))  # one step nobody paid for
+    with pytest.raises(RuntimeError, match="did not charge"):
+        check_accounting(engine, ledger, 1e-5)  # type: ignore[arg-type]

@@ -627,3 +627,39 @@ def test_layout_centres_and_scales_by_the_typical_range() -> None:
     assert kids == (0.0, 1.0) and owner == (0.0, 1.0)
     ((c_bill, s_bill),) = layout.seq_num_standard
     assert c_bill == pytest.approx(0.2) and s_bill == pytest.approx(0.2 / (2 * z90), rel=1e-4)
+
+
+def test_partner_data_is_read_once_per_process_and_again_when_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import torch
+
+    from fedpersona.config.settings import PartnerConfig, PrivacySettings
+    from fedpersona.data.synthetic import generate_silo
+    from fedpersona.federation import partner
+
+    silo = generate_silo("finance", 120, seed=4)
+    table = tmp_path / "users.csv"
+    silo.frame.to_csv(table, index=False)
+    schema = tmp_path / "schema.toml"
+    from importlib import resources
+
+    schema.write_text(resources.files("fedpersona").joinpath("schemas", "synthetic_finance.toml").read_text())
+    cfg = PartnerConfig.model_validate(
+        {"name": "bank", "kind": "finance", "data": str(table), "schema": str(schema),
+         "state_dir": str(tmp_path / "state"), "privacy": PrivacySettings(target_epsilon=3.0), "public_rows": 100}
+    )  # fmt: skip
+    reads = []
+    real = partner.read_partner_data
+    monkeypatch.setattr(partner, "read_partner_data", lambda c, device=None: reads.append(1) or real(c, device=device))
+    first = partner.load_partner_data(cfg)
+    first.train.tensors["extra"] = torch.zeros(1)  # a caller's addition stays with that caller
+    second = partner.load_partner_data(cfg)
+    assert len(reads) == 1 and "extra" not in second.train.tensors
+    assert torch.equal(first.train.tensors["scalar"], second.train.tensors["scalar"])
+    silo.frame.iloc[:60].to_csv(table, index=False)  # the partner's table changes
+    os.utime(table, ns=(1, 1))
+    third = partner.load_partner_data(cfg)
+    assert len(reads) == 2 and len(third.train) + len(third.test) == 60

@@ -53,6 +53,7 @@ __all__ = [
     "load_partner_data",
     "load_plan",
     "partner_schema",
+    "read_partner_data",
     "train_round",
 ]
 
@@ -79,7 +80,54 @@ def partner_schema(cfg: PartnerConfig) -> Schema:
     return synthetic_schema(cfg.kind)
 
 
+_DATA_CACHE: dict[tuple[object, ...], PartnerData] = {}
+_DATA_CACHE_SIZE = 4
+
+
 def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None) -> PartnerData:
+    """The partner's featurized, split table, loaded once per process (:func:`read_partner_data`).
+
+    Every Flower message a partner answers needs the table; in one process (a simulation's
+    actor, a long-lived SuperNode's ClientApp process) it is read and featurized once and kept
+    in memory, keyed by what it is made of: the table file's path, size and modification time
+    (or the synthetic recipe), the schema file's, the split key, the test fraction and the
+    device. A changed file or setting loads afresh. Each call gets its own tensor dictionaries,
+    so whatever a caller adds to them stays with that caller. The cache is the partner's own
+    process memory: nothing of it leaves the partner.
+    """
+    key = _data_key(cfg, device)
+    cached = _DATA_CACHE.get(key)
+    if cached is None:
+        cached = read_partner_data(cfg, device=device)
+        while len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
+            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
+        _DATA_CACHE[key] = cached
+    return PartnerData(
+        schema=cached.schema,
+        train=FeatureTensors(cached.train.layout, dict(cached.train.tensors)),
+        test=FeatureTensors(cached.test.layout, dict(cached.test.tensors)),
+        personas_test=cached.personas_test,
+        table=cached.table,
+    )
+
+
+def _data_key(cfg: PartnerConfig, device: torch.device | None) -> tuple[object, ...]:
+    def stamp(path: str | None) -> tuple[object, ...]:
+        if path is None:
+            return (None,)
+        try:
+            info = Path(path).stat()
+        except OSError:
+            return (path, None)  # reading it will raise the user-facing error
+        return (str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+
+    mix = tuple(cfg.synthetic_mix) if cfg.synthetic_mix is not None else None
+    synthetic = (cfg.kind, cfg.synthetic_rows, cfg.synthetic_seed, mix) if cfg.data is None else None
+    secret = hashlib.sha256(split_key(cfg)).hexdigest()
+    return (stamp(cfg.data), stamp(cfg.schema_path), synthetic, secret, cfg.test_fraction, str(device))
+
+
+def read_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None) -> PartnerData:
     """Load, validate and featurize the partner's table, then split it row by row.
 
     Each user goes to the test rows when a keyed hash of its id falls below
