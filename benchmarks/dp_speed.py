@@ -18,24 +18,28 @@ steps, and the tables give the median of the per-step times over the repeats. Th
 two fixed costs (the Poisson draw and the noise) are timed alone as well.
 
 Measured on 2026-12-03 with ``python -m benchmarks.dp_speed --quick`` (CPU, 1 torch thread,
-2 cores shared with other jobs: load average 17 before, 28 after, so single numbers are noisy;
-the ratios come from interleaved modes). Median µs per step, ratio to the non-private step:
+2 cores shared with other jobs, load average 6.2 before and 5.1 after; the ratios come from
+interleaved modes, yet repeated runs moved them by up to ~0.3). Median µs per step, ratio to
+the non-private step:
 
-=============  =====  ===========  =============  ============  ============  ============
-model          batch  non-private  clipping only  engine DP     Opacus hooks  Opacus ghost
-=============  =====  ===========  =============  ============  ============  ============
-Linear(300,2)    512  1651         1621 (0.98x)   2590 (1.57x)  5807 (3.5x)   4796 (2.9x)
-Linear(300,2)   4096  6632         7899 (1.19x)   10143 (1.53x) 27922 (4.2x)  17312 (2.6x)
-MLP (64)         512  3073         4864 (1.58x)   12552 (4.1x)  136869 (45x)  9884 (3.2x)
-MLP (64)        4096  35833        38236 (1.07x)  45196 (1.26x) 1491802 (42x) 61620 (1.7x)
-=============  =====  ===========  =============  ============  ============  ============
+=============  =====  ===========  =============  =============  =============  ============
+model          batch  non-private  clipping only  engine DP      Opacus hooks   Opacus ghost
+=============  =====  ===========  =============  =============  =============  ============
+Linear(300,2)    512  1395         1387 (0.99x)   2303 (1.65x)   4132 (3.0x)    4363 (3.1x)
+Linear(300,2)   4096  4249         4650 (1.09x)   7894 (1.86x)   20040 (4.7x)   16943 (4.0x)
+MLP (64)         512  3834         3423 (0.89x)   8799 (2.29x)   130284 (34x)   8178 (2.1x)
+MLP (64)        4096  14312        14630 (1.02x)  18002 (1.26x)  513275 (36x)   15416 (1.1x)
+=============  =====  ===========  =============  =============  =============  ============
 
-The clipping itself meets the 1.5x target for the label model (0.98x-1.19x). The whole DP
-step lands at ~1.55x there because of its two fixed costs, both in
-:class:`~fedpersona.privacy.randomness.SecretRandomness` (ChaCha20, four Box-Muller draws per
-coordinate): the secret Poisson draw (100-440 µs) and the secret noise (280-500 µs for the
-label model's 602 parameters, 7-10 ms for the MLP's 19,394, which dominates the MLP at batch
-512). The engine is 2-4x faster than Opacus' ghost clipping and 3-40x faster than its hooks.
+The clipping itself meets the 1.5x target (0.89x-1.09x; two earlier runs, before the norms
+took one fused pass, at load averages 17-28 and 6-9 gave 0.98x-1.58x and 1.17x-1.61x). The
+whole DP step does not everywhere (1.26x-2.29x
+here; 1.53x-1.57x for the label model in the first run): on top of the clipping it draws the
+Poisson batch and the noise from :class:`~fedpersona.privacy.randomness.SecretRandomness`
+(ChaCha20, four Box-Muller draws per coordinate: 150-290 µs for the label model's 602
+parameters, 2-4 ms for the MLP's 19,394) and gathers a sorted Poisson index (slower than a
+random one at small batches). The engine is 1.1-4x faster than Opacus' ghost clipping except for
+the MLP at batch 512 (where the secret noise dominates), and 3-36x faster than its hooks.
 """
 
 from __future__ import annotations
