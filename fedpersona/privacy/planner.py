@@ -14,28 +14,34 @@ before a run is the plan the run fixes (``tests/test_privacy.py`` checks the two
   round(1 / sample_rate)``.
 - the DP-SGD noise multiplier: the smallest that keeps the composition of all DP-SGD steps
   and the reserved clustering releases within ``target_epsilon`` (:func:`plan_with_reserve`;
-  :func:`plan_noise` without clustering). Both re-check their answer with the accountant the
-  ledger will use, so a plan never overshoots.
+  :func:`plan_noise` without clustering).
 
+:func:`plan_split` plans the releases of the learning redesign: one Gram release and
+``n_em`` EM steps for the personas (plain Gaussian mechanisms) and DP-SGD, sharing one budget.
 :func:`epsilon_schedule` gives the cumulative epsilon after each round (and after the
 clustering reserve); :mod:`fedpersona.budget` shows plans and ledgers.
+
+Every noise comes from :func:`~fedpersona.privacy.noise_search.smallest_noise`: checked with
+the accountant the ledger charges with (it never overshoots), tight, and cached.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-
-from opacus.accountants.utils import get_noise_multiplier
+from dataclasses import dataclass
 
 from fedpersona.config.settings import ACCOUNTANTS, PrivacyPlan, PrivacySettings, TrainingSettings, sample_rate_for
 from fedpersona.errors import ConfigError
-from fedpersona.privacy.accounting import compute_epsilon, rdp_order_notice_silenced
+from fedpersona.privacy.accounting import analytic_gaussian_noise, compute_epsilon
+from fedpersona.privacy.noise_search import TIGHTNESS, NoiseSearch, smallest_noise
 
 __all__ = [
+    "BudgetSplit",
     "epsilon_schedule",
     "make_plan",
     "plan_noise",
+    "plan_split",
     "plan_with_reserve",
     "reserve_share",
 ]
@@ -108,26 +114,14 @@ def epsilon_schedule(plan: PrivacyPlan) -> list[float]:
 
 
 def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Smallest noise multiplier whose epsilon after ``steps`` steps stays <= the target."""
-    if steps < 1:
+    """Smallest noise multiplier whose epsilon after ``steps`` steps stays <= the target
+    (within :data:`TIGHTNESS` below it)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"the plan needs at least one step, got {steps}")
-    with rdp_order_notice_silenced():
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.005,
-            )
-        )
-    # Independent re-check with the same accountant: the plan must never overshoot.
-    reached = compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
-    while reached > target_epsilon:
-        sigma *= 1.001
-        reached = compute_epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant)
-    return sigma
+    _check_plan_args(target_epsilon, delta, sample_rate, steps, 0, 1.0, accountant)
+    return smallest_noise(
+        NoiseSearch("sgd", float(target_epsilon), float(delta), accountant, (), float(sample_rate), steps, TIGHTNESS)
+    )
 
 
 def plan_with_reserve(
@@ -139,60 +133,38 @@ def plan_with_reserve(
     kmeans_rounds: int,
     kmeans_noise: float,
     accountant: str,
-    rtol: float = 1e-3,
+    rtol: float = TIGHTNESS,
 ) -> float:
     """DP-SGD noise multiplier such that DP-SGD plus the clustering stays within the target.
 
     The composition is ``sgd_steps`` Poisson-subsampled Gaussian steps at ``sgd_sample_rate``
     and ``kmeans_rounds`` Gaussian releases of noise multiplier ``kmeans_noise`` (q = 1),
     accounted with :func:`~fedpersona.privacy.accounting.compute_epsilon`, exactly as the
-    ledger will account them. A geometric bisection narrows the noise to within ``rtol``
-    (relative) and returns the upper end, whose epsilon was checked to be <= the target (in
-    both orders of composition, which the ledger may record either way): the plan never
-    overshoots. Raises :class:`~fedpersona.errors.ConfigError` when the clustering alone
-    already reaches the target.
+    ledger will account them (in any order: the accountant composes the merged multiset). The
+    answer's epsilon lies in ``[target * (1 - rtol), target]``. Raises
+    :class:`~fedpersona.errors.ConfigError` when the clustering alone already reaches the target.
     """
     _check_plan_args(target_epsilon, delta, sgd_sample_rate, sgd_steps, kmeans_rounds, kmeans_noise, accountant)
     if not 0 < rtol < 0.1:
         raise ConfigError(f"rtol must be in (0, 0.1), got {rtol!r}")
-    clustering = [(float(kmeans_noise), 1.0, int(kmeans_rounds))] if kmeans_rounds else []
-    reserved = compute_epsilon(clustering, delta=delta, accountant=accountant)
+    clustering = ((float(kmeans_noise), 1.0, int(kmeans_rounds)),) if kmeans_rounds else ()
+    reserved = compute_epsilon(list(clustering), delta=delta, accountant=accountant)
     if reserved >= target_epsilon:
         raise ConfigError(
             f"{kmeans_rounds} clustering round(s) with noise multiplier {kmeans_noise:g} alone spend epsilon "
             f"{reserved:.4f}, not below the target {target_epsilon:g}: raise privacy.target_epsilon, the "
             "clustering noise, or lower the number of clustering rounds"
         )
-
-    def epsilon(sigma: float) -> float:
-        return compute_epsilon(
-            [(sigma, float(sgd_sample_rate), int(sgd_steps)), *clustering], delta=delta, accountant=accountant
-        )
-
-    lo, hi = 0.0, 1.0
-    while epsilon(hi) > target_epsilon:
-        lo, hi = hi, hi * 2.0
-        if hi > 1e4:
-            raise ConfigError(f"no DP-SGD noise multiplier up to 1e4 keeps epsilon within {target_epsilon:g}")
-    if lo == 0.0:  # 1.0 was already enough: search downwards for an over-budget lower end
-        lo = hi / 2.0
-        while lo > 0.05 and epsilon(lo) <= target_epsilon:
-            lo, hi = lo / 2.0, lo
-    while hi / lo > 1.0 + rtol:
-        mid = math.sqrt(lo * hi)
-        if epsilon(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    reversed_history = [*clustering, (hi, float(sgd_sample_rate), int(sgd_steps))]
-    while max(epsilon(hi), compute_epsilon(reversed_history, delta=delta, accountant=accountant)) > target_epsilon:
-        hi *= 1.001  # the two orders of composition differ in the last digits
-        reversed_history[-1] = (hi, float(sgd_sample_rate), int(sgd_steps))
+    search = NoiseSearch(
+        "sgd", float(target_epsilon), float(delta), accountant, clustering, float(sgd_sample_rate), int(sgd_steps),
+        float(rtol),
+    )  # fmt: skip
+    sigma = smallest_noise(search)
     logger.info(
         "planned DP-SGD noise %.4f with %d clustering round(s) at noise %g reserved (epsilon %.4f of %g)",
-        hi, kmeans_rounds, kmeans_noise, reserved, target_epsilon,
+        sigma, kmeans_rounds, kmeans_noise, reserved, target_epsilon,
     )  # fmt: skip
-    return hi
+    return sigma
 
 
 def reserve_share(
@@ -250,4 +222,180 @@ def _check_plan_args(
         raise ConfigError("cannot plan the privacy budget: " + "; ".join(problems))
 
 
-# --- the two CLI views --------------------------------------------------------------------------
+# --- the budget split of the learning redesign ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BudgetSplit:
+    """A partner's releases under one (epsilon, delta) budget, as its ledger will charge them.
+
+    ``gram_noise``: the noise multiplier of the one Gram release (L2 sensitivity normalised to
+    1; ledger entry ``(gram_noise, 1.0, 1)``); ``em_noise``: that of each of the
+    ``em_releases`` EM releases (each ``(em_noise, 1.0, 1)``); ``sgd_noise``: DP-SGD's, over
+    ``sgd_steps`` steps at ``sgd_sample_rate``. ``history`` is the ledger's history merged
+    (the per-release and per-round entries the ledger records merge to it) and ``epsilon``
+    its epsilon under ``accountant``, at most ``target_epsilon``. ``persona_share`` is the
+    share the personas were given (1.0 without DP-SGD: they take the whole budget). Public
+    numbers only: functions of the budget and the announced releases.
+    """
+
+    target_epsilon: float
+    delta: float
+    accountant: str
+    persona_share: float
+    gram_share: float
+    em_releases: int
+    gram_noise: float | None
+    em_noise: float | None
+    sgd_noise: float | None
+    sgd_sample_rate: float | None
+    sgd_steps: int | None
+    history: tuple[tuple[float, float, int], ...]
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("gram_noise", "em_noise", "sgd_noise"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                problems.append(f"{name} must be a finite number > 0 or None, got {value!r}")
+        if (self.gram_noise is None) != (self.persona_share == 0):
+            problems.append("gram_noise is set exactly when persona_share > 0")
+        if (self.em_noise is None) != (self.persona_share == 0 or self.em_releases == 0):
+            problems.append("em_noise is set exactly when there are persona releases and em_releases > 0")
+        if (self.sgd_noise is None) != (self.sgd_sample_rate is None) or (self.sgd_noise is None) != (
+            self.sgd_steps is None
+        ):
+            problems.append("sgd_noise, sgd_sample_rate and sgd_steps are set together")
+        if not self.history:
+            problems.append("history is empty")
+        if not self.epsilon <= self.target_epsilon:
+            problems.append(f"epsilon {self.epsilon!r} is above the target {self.target_epsilon!r}")
+        if problems:
+            raise ValueError("invalid budget split: " + "; ".join(problems))
+
+
+def plan_split(
+    *,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    persona_share: float,
+    em_releases: int,
+    gram_share: float = 0.3,
+    sgd_sample_rate: float | None = None,
+    sgd_steps: int | None = None,
+    tightness: float = TIGHTNESS,
+) -> BudgetSplit:
+    """Share one (epsilon, delta) budget between the persona releases and DP-SGD.
+
+    ``s_total`` is the noise of ONE Gaussian mechanism that is (target_epsilon, delta)-DP (the
+    analytic Gaussian mechanism, :func:`~fedpersona.privacy.accounting.analytic_gaussian_noise`).
+    The personas get the part ``p = persona_share`` of its precision: ``s_p = s_total /
+    sqrt(p)``, ``gram_noise = s_p / sqrt(g)`` and ``em_noise = s_p * sqrt(n_em / (1 - g))``
+    with ``g = gram_share``, so that ``1 / s_p^2 = 1 / gram_noise^2 + n_em / em_noise^2``: the
+    Gram release and the EM steps compose exactly into one Gaussian mechanism of noise ``s_p``
+    (with ``em_releases = 0`` the Gram release is that mechanism). DP-SGD then gets the
+    smallest noise that keeps the whole composition, as the accountant computes it, within the
+    target (epsilon in ``[target * (1 - tightness), target]``).
+
+    Without DP-SGD (``sgd_sample_rate`` None) the personas take the whole budget (``p`` is
+    then 1): the accountant's epsilon of their releases is checked and, when it is above the
+    target (PRV adds up to 0.01 to the exact Gaussian epsilon), all their noises are scaled up
+    by the smallest common factor that brings it within. ``persona_share = 0`` means no
+    persona releases: DP-SGD alone, as :func:`plan_noise`.
+    """
+    sgd = sgd_sample_rate is not None
+    problems = _split_problems(
+        target_epsilon, delta, accountant, persona_share, em_releases, gram_share, sgd_sample_rate, sgd_steps, tightness
+    )
+    if problems:
+        raise ConfigError("cannot split the privacy budget: " + "; ".join(problems))
+    common = dict(target_epsilon=float(target_epsilon), delta=float(delta), accountant=accountant)
+    sgd_fields = dict(sgd_sample_rate=sgd_sample_rate, sgd_steps=sgd_steps)
+    if persona_share == 0:
+        assert sgd_sample_rate is not None and sgd_steps is not None  # checked above
+        alone = smallest_noise(
+            NoiseSearch(
+                "sgd", float(target_epsilon), float(delta), accountant, (), sgd_sample_rate, sgd_steps, tightness
+            )
+        )
+        only: tuple[tuple[float, float, int], ...] = ((alone, float(sgd_sample_rate), int(sgd_steps)),)
+        return BudgetSplit(
+            **common, persona_share=0.0, gram_share=float(gram_share), em_releases=int(em_releases),  # type: ignore[arg-type]
+            gram_noise=None, em_noise=None, sgd_noise=alone, **sgd_fields,  # type: ignore[arg-type]
+            history=only, epsilon=compute_epsilon(list(only), delta=delta, accountant=accountant),
+        )  # fmt: skip
+    share = float(persona_share) if sgd else 1.0
+    s_p = analytic_gaussian_noise(epsilon=target_epsilon, delta=delta) / math.sqrt(share)
+    gram = s_p if em_releases == 0 else s_p / math.sqrt(gram_share)
+    em = None if em_releases == 0 else s_p * math.sqrt(em_releases / (1 - gram_share))
+    persona: tuple[tuple[float, float, int], ...] = ((gram, 1.0, 1),)
+    if em is not None:
+        persona += ((em, 1.0, int(em_releases)),)
+    reached = compute_epsilon(list(persona), delta=delta, accountant=accountant)
+    sigma: float | None = None
+    if sgd:
+        assert sgd_sample_rate is not None and sgd_steps is not None
+        if reached >= target_epsilon:
+            raise ConfigError(
+                f"persona_share {persona_share:g} leaves no budget for DP-SGD: the persona releases alone spend "
+                f"epsilon {reached:.4f} of {target_epsilon:g} under the {accountant} accountant; lower persona_share"
+            )
+        search = NoiseSearch(
+            "sgd", float(target_epsilon), float(delta), accountant, persona, float(sgd_sample_rate), int(sgd_steps),
+            tightness,
+        )  # fmt: skip
+        sigma = smallest_noise(search)
+        history: tuple[tuple[float, float, int], ...] = (*persona, (sigma, float(sgd_sample_rate), int(sgd_steps)))
+    else:
+        if reached > target_epsilon:
+            scale = NoiseSearch("scale", float(target_epsilon), float(delta), accountant, persona, 1.0, 1, tightness)
+            factor = smallest_noise(scale)
+            gram, em = gram * factor, (em * factor if em is not None else None)
+            persona = tuple((noise * factor, q, n) for noise, q, n in persona)
+        history = persona
+    return BudgetSplit(
+        **common, persona_share=share, gram_share=float(gram_share), em_releases=int(em_releases),  # type: ignore[arg-type]
+        gram_noise=gram, em_noise=em, sgd_noise=sigma, **sgd_fields,  # type: ignore[arg-type]
+        history=history, epsilon=compute_epsilon(list(history), delta=delta, accountant=accountant),
+    )  # fmt: skip
+
+
+def _split_problems(
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    persona_share: float,
+    em_releases: int,
+    gram_share: float,
+    sgd_sample_rate: float | None,
+    sgd_steps: int | None,
+    tightness: float,
+) -> list[str]:
+    problems = []
+    if not (isinstance(target_epsilon, int | float) and math.isfinite(target_epsilon) and target_epsilon > 0):
+        problems.append(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    if not (isinstance(delta, int | float) and 0 < delta < 1):
+        problems.append(f"delta must be in (0, 1), got {delta!r}")
+    if accountant not in ACCOUNTANTS:
+        problems.append(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    if not (isinstance(persona_share, int | float) and 0 <= persona_share <= 1):
+        problems.append(f"persona_share must be in [0, 1], got {persona_share!r}")
+    if isinstance(em_releases, bool) or not isinstance(em_releases, int) or em_releases < 0:
+        problems.append(f"em_releases must be an integer >= 0, got {em_releases!r}")
+    if not (isinstance(gram_share, int | float) and 0 < gram_share < 1):
+        problems.append(f"gram_share must be in (0, 1), got {gram_share!r}")
+    if not (isinstance(tightness, int | float) and 0 < tightness < 0.1):
+        problems.append(f"tightness must be in (0, 0.1), got {tightness!r}")
+    if (sgd_sample_rate is None) != (sgd_steps is None):
+        problems.append("give DP-SGD's sgd_sample_rate and sgd_steps together, or neither")
+    if sgd_sample_rate is not None and not (isinstance(sgd_sample_rate, int | float) and 0 < sgd_sample_rate <= 1):
+        problems.append(f"sgd_sample_rate must be in (0, 1], got {sgd_sample_rate!r}")
+    if sgd_steps is not None and (isinstance(sgd_steps, bool) or not isinstance(sgd_steps, int) or sgd_steps < 1):
+        problems.append(f"sgd_steps must be an integer >= 1, got {sgd_steps!r}")
+    if persona_share == 0 and sgd_sample_rate is None:
+        problems.append("persona_share 0 and no DP-SGD: there is nothing to plan")
+    if persona_share == 1 and sgd_sample_rate is not None:
+        problems.append("persona_share 1 leaves no budget for DP-SGD: lower it, or plan without DP-SGD")
+    return problems
