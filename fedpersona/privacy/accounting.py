@@ -11,7 +11,7 @@ refused by the settings. Neighbouring tables differ by adding or removing one us
 **The numerics are Opacus' (1.6) accountants', computed faster.** :func:`compute_epsilon`
 runs the same algorithms with the same parameters, vectorised, and agrees with Opacus'
 ``PRVAccountant`` / ``RDPAccountant`` to ~1e-10 relative (``tests/test_planning.py`` pins
-this on a grid; the DP-SGD loop compares the two to 1e-6 after every round):
+this on a grid, and the cross-check tests compare it with Google's PLD):
 
 - ``rdp``: Rényi DP of the sampled Gaussian mechanism (Mironov, Talwar & Zhang 2019,
   arXiv:1908.10530, section 3.3) at Opacus' 151 default orders, the integer-order sum and the

@@ -25,6 +25,7 @@ Two levels:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -273,12 +274,29 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     def supernode_pids(name: str) -> list[int]:
         return [pid for pid in [procs[name].pid, *descendants(procs[name].pid)] if "flower-supernode" in _cmdline(pid)]
 
+    def activity() -> int:
+        """Bytes written so far by every process of the test (logs and partners' state)."""
+        total = 0
+        for folder in (logs, tmp_path / "clients", run_dir):
+            for path in folder.rglob("*") if folder.exists() else ():
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size if path.is_file() else 0
+        return total
+
     def wait(predicate: object, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
+        """Wait while the federation makes progress: ``timeout`` seconds without any process
+        writing anything fails (a loaded machine is slow, not stuck), one hour in all."""
+        began = time.monotonic()
+        deadline, seen, checked = began + timeout, activity(), began
         while not predicate():  # type: ignore[operator]
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now - checked > 5.0:
+                checked, current = now, activity()
+                if current != seen:
+                    seen, deadline = current, now + timeout
+            if now > deadline or now - began > 3600.0:
                 tails = {p.name: p.read_text()[-1500:] for p in logs.glob("server*.log")}
-                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; {tails}")
+                raise AssertionError(f"no progress for {timeout:.0f}s while waiting for {what}; {tails}")
             time.sleep(0.05)
 
     settings = PrivacySettings(**privacy)  # type: ignore[arg-type]
