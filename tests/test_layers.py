@@ -122,3 +122,17 @@ def test_the_command_line_starts_without_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert done.stdout.strip() == "[]", done.stdout[:500]
+
+
+def test_version_names_the_installed_packages_without_importing_them() -> None:
+    from importlib.metadata import version
+
+    code = (
+        "import sys\nfrom fedpersona.cli import main\nsys.argv = ['fedpersona', '--version']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'opacus', 'flwr')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    first, loaded = done.stdout.strip().splitlines()[0], done.stdout.strip().splitlines()[-1]
+    assert first.startswith(f"fedpersona {version('fedpersona')} (flwr {version('flwr')}, opacus {version('opacus')}")
+    assert f"torch {version('torch')}" in first and loaded == "[]"

@@ -21,6 +21,7 @@ __all__ = [
     "privacy_app",
     "schema_app",
     "server_app_cli",
+    "version_text",
 ]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -37,6 +38,37 @@ app.add_typer(partner_app, name="partner")
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+def version_text() -> str:
+    """``fedpersona X (flwr A, opacus B, torch C, python D)``: read from the installed
+    packages' metadata, so nothing heavy is imported."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    parts = ", ".join(f"{name} {installed(name)}" for name in ("flwr", "opacus", "torch"))
+    return f"fedpersona {installed('fedpersona')} ({parts}, python {platform.python_version()})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(version_text(), highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the installed versions and exit."
+    ),
+) -> None:
+    """The ``fedpersona`` command line. Exit codes: 0 success, 2 user error, 1 internal failure."""
 
 
 def number_text(value: Any, digits: int = 3) -> str:
