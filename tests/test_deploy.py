@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -208,3 +209,32 @@ def test_supervisor_stops_a_child_and_its_children(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_partner_check_says_what_is_spent_and_whether_another_round_fits(tmp_path: Path) -> None:
+    from fedpersona.config.files import load_partner_config
+    from fedpersona.config.settings import TrainingSettings
+    from fedpersona.federation.partner import load_partner_data, load_plan
+    from fedpersona.privacy.ledger import PrivacyLedger
+    from fedpersona.privacy.planner import epsilon_schedule
+
+    path, ca, key = _partner(tmp_path)
+    assert check_partner(path, ca=ca, key=key, rounds=2).budget_text() is None  # nothing spent yet
+    cfg = load_partner_config(path)
+    plan = load_plan(cfg, load_partner_data(cfg), TrainingSettings(), 2)  # fixed as at a first round
+    assert plan.noise_multiplier is not None
+    ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
+    ledger.charge(round=1, mechanism="dp-sgd", noise_multiplier=plan.noise_multiplier,
+                  sample_rate=plan.sample_rate, steps=plan.steps_per_round)  # fmt: skip
+    one = check_partner(path, ca=ca, key=key)
+    schedule = epsilon_schedule(plan)
+    assert one.rounds_spent == 1 and one.epsilon_spent == pytest.approx(schedule[0], rel=1e-9)
+    assert one.next_round_epsilon == pytest.approx(schedule[1], rel=1e-6)
+    text = one.budget_text()
+    assert text is not None and f"{schedule[0]:.4f} of 2 spent ({2 - schedule[0]:.4f} left)" in text
+    assert "1 training round(s) of 2 planned" in text and "DOES NOT FIT" not in text
+    ledger.charge(round=2, mechanism="dp-sgd", noise_multiplier=plan.noise_multiplier,
+                  sample_rate=plan.sample_rate, steps=plan.steps_per_round)  # fmt: skip
+    spent = check_partner(path, ca=ca, key=key)
+    assert spent.rounds_spent == 2 and spent.next_round_epsilon == math.inf
+    assert "ANOTHER TRAINING ROUND DOES NOT FIT" in (spent.budget_text() or "")

@@ -112,6 +112,10 @@ def partner_check(
             f"target epsilon {cfg.privacy.target_epsilon:g}"
             + (f", cumulative epsilon {eps} (the last after persona clustering, if any)" if eps else "")
         )
+    budget = result.budget_text()
+    if budget is not None:
+        fits = result.next_round_epsilon is None or result.next_round_epsilon <= cfg.privacy.target_epsilon
+        console.print(budget if fits else f"[bold red]{budget}[/bold red]")
 
 
 @partner_app.command("start")

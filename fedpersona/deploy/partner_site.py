@@ -16,6 +16,7 @@ process it started, waiting a bounded time before killing.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,30 @@ class PartnerCheck:
     planned_rounds: int | None
     epsilon_per_round: tuple[float, ...]
     plan_source: str
+    epsilon_spent: float | None = None  # from the ledger; None: no ledger yet (or not private)
+    rounds_spent: int = 0  # DP-SGD rounds the ledger holds
+    next_round_epsilon: float | None = None  # what one more planned round would bring the ledger to
+
+    def budget_text(self) -> str | None:
+        """One line on the budget spent and whether another training round fits; None when
+        nothing has been spent yet."""
+        target = self.config.privacy.target_epsilon
+        if self.epsilon_spent is None:
+            return None
+        line = (
+            f"budget: epsilon {self.epsilon_spent:.4f} of {target:g} spent ({target - self.epsilon_spent:.4f} left) "
+            f"over {self.rounds_spent} training round(s)"
+            + (f" of {self.planned_rounds} planned" if self.planned_rounds else "")
+        )
+        if self.next_round_epsilon is not None and self.next_round_epsilon > target * (1 + 1e-9):
+            line += (
+                f"; ANOTHER TRAINING ROUND DOES NOT FIT (it would reach epsilon {self.next_round_epsilon:.4f}): "
+                "this partner will refuse to train in any further run. The budget is for the partner's "
+                "lifetime; rehearse with a separate state folder (and synthetic rows), never this one"
+            )
+        elif self.next_round_epsilon is not None:
+            line += f"; the next training round would bring it to {self.next_round_epsilon:.4f}"
+        return line
 
 
 def check_partner(
@@ -64,6 +89,7 @@ def check_partner(
     0 = none), whose reserve the noise is planned around; the last epsilon is after clustering.
     """
     from fedpersona.federation.partner import load_partner_data, public_rows_of
+    from fedpersona.privacy.ledger import PrivacyLedger
     from fedpersona.privacy.planner import epsilon_schedule, make_plan
 
     cfg = load_partner_config(config)
@@ -109,7 +135,23 @@ def check_partner(
                 kmeans_rounds=releases, kmeans_noise=fed.kmeans_noise if releases else None,
             )  # fmt: skip
             sigma, eps = plan.noise_multiplier, epsilon_schedule(plan)
+    spent: float | None = None
+    done, following = 0, None
+    if cfg.privacy.private and fixed is not None and (state / PrivacyLedger.FILE).exists():
+        ledger = PrivacyLedger(state, settings=cfg.privacy)
+        spent = ledger.epsilon()
+        done = sum(1 for e in ledger.entries if e.mechanism == "dp-sgd")
+        if fixed.noise_multiplier is not None:
+            over = done >= fixed.planned_rounds
+            following = (
+                math.inf
+                if over
+                else ledger.would_reach(fixed.noise_multiplier, fixed.sample_rate, fixed.steps_per_round)
+            )
     return PartnerCheck(
+        epsilon_spent=spent,
+        rounds_spent=done,
+        next_round_epsilon=following,
         config=cfg,
         rows=len(data.table),
         train_rows=len(data.train),
@@ -171,6 +213,9 @@ def start_partner(
     """
     check = check_partner(config, ca=ca, key=key)
     cfg = check.config
+    budget = check.budget_text()
+    if budget is not None:
+        report(f"partner {cfg.name}: {budget}")
     if model_key is not None:
         from fedpersona.model.artifacts import load_signing_public_key
 
