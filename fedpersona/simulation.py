@@ -25,7 +25,7 @@ from fedpersona.config.settings import Scenario, SiloGroup
 from fedpersona.data.schema_reader import load_schema
 from fedpersona.errors import ConfigError
 
-__all__ = ["SimulationResult", "materialize_partners", "prepare_run_dir", "simulate"]
+__all__ = ["SimulationResult", "materialize_partners", "prepare_run_dir", "ray_init_args", "simulate"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,10 +196,16 @@ def simulate(
     on_round: Callable[[int, list[dict[str, Any]]], None] | None = None,
     on_start: Callable[[Scenario, Path, list[str]], None] | None = None,
     reproducible_noise: bool | None = None,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Run a scenario end to end and return the final per-partner rows.
 
     ``reproducible_noise`` (when given) overrides ``[simulation] reproducible_noise``.
+    ``ray_address`` attaches the simulation to a running Ray cluster (``ray start --head`` on
+    one machine, ``ray start --address HEAD:6379`` on the others) instead of starting Ray on
+    this machine, for federations larger than one machine: the partners' actors then run on
+    every node, so fedpersona must be installed on each and the run folder must be on storage
+    every node reads and writes at the same path (each partner's state and ledger live there).
     """
     from flwr.simulation import run_simulation
 
@@ -232,15 +238,7 @@ def simulate(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     backend = {
         "client_resources": {"num_cpus": sim.cpus_per_partner, "num_gpus": sim.gpus_per_partner},
-        "init_args": {
-            # Ray's session files go to fedpersona's cache, not /tmp (a short path: Ray's
-            # sockets live there and Unix socket paths are limited to about 100 bytes).
-            "_temp_dir": str(ray_cache_dir()),
-            "num_cpus": os.cpu_count() or 1,
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": True,
-        },
+        "init_args": ray_init_args(ray_address),
     }
     flwr_logger = logging.getLogger("flwr")
     notice = _DeprecationNoticeFilter()
@@ -265,6 +263,22 @@ def simulate(
 
     write_report(run_dir)
     return SimulationResult(run_dir, rows, privacy, time.monotonic() - started)
+
+
+def ray_init_args(address: str | None) -> dict[str, Any]:
+    """``ray.init`` arguments: a local Ray sized to this machine, or an existing cluster.
+
+    Connecting to a cluster takes its resources as they are (Ray refuses ``num_cpus`` then),
+    and its session files stay where the cluster keeps them.
+    """
+    common = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    if address is not None:
+        if not address.strip():
+            raise ConfigError("--ray-address is empty; give HOST:PORT of the Ray head (or 'auto')")
+        return {"address": address.strip(), **common}
+    # Ray's session files go to fedpersona's cache, not /tmp (a short path: Ray's sockets live
+    # there and Unix socket paths are limited to about 100 bytes).
+    return {"_temp_dir": str(ray_cache_dir()), "num_cpus": os.cpu_count() or 1, **common}
 
 
 def _hand_out_model_key(run_dir: Path, partners: list[str]) -> None:

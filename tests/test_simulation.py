@@ -208,3 +208,32 @@ def test_budget_veto_drops_a_partner_and_the_run_goes_on(tmp_path: Path) -> None
     assert {r["partner"] for r in rows if r["round"] == 2} == {"clinic-1", "shop-1", "shop-2"}
     for name in ("clinic-1", "shop-1", "shop-2"):
         assert "dropped" not in privacy[name] and privacy[name]["epsilon"] <= 2.0
+
+
+def test_ray_address_attaches_to_a_cluster_instead_of_starting_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flwr.simulation
+
+    from fedpersona.errors import ConfigError
+    from fedpersona.simulation import ray_init_args, simulate
+
+    local = ray_init_args(None)
+    assert local["num_cpus"] >= 1 and "_temp_dir" in local and "address" not in local
+    cluster = ray_init_args(" 10.0.0.5:6379 ")
+    assert cluster["address"] == "10.0.0.5:6379" and "num_cpus" not in cluster and "_temp_dir" not in cluster
+    with pytest.raises(ConfigError, match="--ray-address is empty"):
+        ray_init_args("  ")
+    seen: dict[str, object] = {}
+
+    def fake_run_simulation(**kwargs: object) -> None:
+        seen.update(kwargs)
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(SCENARIO)
+    with pytest.raises(RuntimeError, match="did not finish"):  # the fake runs nothing
+        simulate(scenario_path=scenario, out=tmp_path / "run", ray_address="auto")
+    backend = seen["backend_config"]
+    assert isinstance(backend, dict) and backend["init_args"]["address"] == "auto"
+    assert seen["num_supernodes"] == 4

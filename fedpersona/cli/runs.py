@@ -29,6 +29,12 @@ def simulate(
         "value in OUT/eps-<value>/, then OUT/sweep.json, sweep.csv and report.html.",
     ),
     verbose: bool = typer.Option(False, help="Show Flower's and Ray's own logs."),
+    ray_address: str | None = typer.Option(
+        None,
+        envvar="FEDPERSONA_RAY_ADDRESS",
+        help="Run on an existing Ray cluster (HOST:PORT of its head, or 'auto') instead of a local Ray; "
+        "the run folder must be on storage every node shares.",
+    ),
     reproducible_noise: bool = typer.Option(
         False,
         help="Derive every partner's DP noise from the federation seed: a reproducible run that is "
@@ -44,6 +50,8 @@ def simulate(
     if sweep_epsilon is not None:
         if eps is not None:
             raise FedPersonaError("--epsilon and --sweep-epsilon exclude each other; give one of them")
+        if ray_address is not None:
+            raise FedPersonaError("--ray-address runs one simulation; run the sweep's epsilons one by one with it")
         _sweep(sweep_epsilon, scenario=scenario, rounds=rounds, out=out)
         return
 
@@ -83,6 +91,7 @@ def simulate(
         on_round=on_round,
         on_start=on_start,
         reproducible_noise=reproducible_noise or None,
+        ray_address=ray_address,
     )
     from fedpersona.report import SUMMARY_COLUMNS, summary_rows
 
