@@ -90,13 +90,19 @@ class SecretRandomness:
         return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * _MANTISSA
 
     def normal(self, shape: tuple[int, ...] | int, std: float = 1.0) -> np.ndarray:
-        """Gaussian noise N(0, std^2) of ``shape`` (float64): the sum of four Box-Muller
-        draws divided by two, against floating-point attacks (see the module docstring)."""
+        """Gaussian noise N(0, std^2) of ``shape`` (float64): the sum of four independent
+        standard Gaussians divided by two, against floating-point attacks (see the module
+        docstring). Each Box-Muller pair ``(u1, u2)`` gives two independent Gaussians,
+        ``r cos(2 pi u2)`` and ``r sin(2 pi u2)``; both are used, so four Gaussians cost four
+        uniforms (two pairs)."""
         size = int(np.prod(shape))
         total = np.zeros(size)
-        for _ in range(4):
+        for _ in range(2):
             u1, u2 = self.uniform(size), self.uniform(size)
-            total += np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * math.pi * u2)
+            radius = np.sqrt(-2.0 * np.log(u1))
+            angle = 2.0 * math.pi * u2
+            total += radius * np.cos(angle)
+            total += radius * np.sin(angle)
         return (total * (0.5 * float(std))).reshape(shape)
 
     def normal_like(self, reference: torch.Tensor, std: float) -> torch.Tensor:
