@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import typer
@@ -36,7 +37,9 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(server_app_cli, name="server")
 app.add_typer(partner_app, name="partner")
 
-console = Console()
+# Piped into a file or a log collector, rich would assume 80 columns and cut partner names and
+# kinds in the tables; a wide fixed width keeps every cell whole there (a terminal keeps its own).
+console = Console(width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
