@@ -216,6 +216,8 @@ def simulate(
     scenario = load_scenario(path, rounds=rounds, epsilon=epsilon)
     if reproducible_noise is not None:
         scenario = scenario.replace(simulation=scenario.simulation.replace(reproducible_noise=reproducible_noise))
+    if scenario.federation.baseline is None:  # a simulation shows the honest baseline unless told not to
+        scenario = scenario.replace(federation=scenario.federation.replace(baseline=True))
     run_dir = prepare_run_dir(out).resolve()
     started = time.monotonic()
     try:

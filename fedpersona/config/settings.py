@@ -214,8 +214,9 @@ class FederationSettings(Settings):
     round_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)
     evaluate_every: int = Field(1, ge=1)  # the last round is always evaluated
     # At the last evaluation each partner also scores what it gets alone from its own columns
-    # (fedpersona.model.evaluation, "the honest baseline"); costs some seconds per partner.
-    baseline: bool = True
+    # (fedpersona.model.evaluation, "the honest baseline"). It costs each partner some CPU
+    # seconds (cross-validated own models): None = on in a simulation, off in a deployment.
+    baseline: bool | None = None
     secure_aggregation: bool = False
     secagg_threshold: int | None = Field(None, ge=2)  # None: a strict majority of each round
     secagg_clipping_range: float = Field(8.0, gt=0, allow_inf_nan=False)

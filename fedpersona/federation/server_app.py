@@ -181,7 +181,7 @@ class _Run:
         return encode_settings(
             self.settings.model, self.settings.training, num_rounds=self.fed.rounds, seed=self.fed.seed,
             kmeans_rounds=self.fed.kmeans_releases, kmeans_noise=float(self.fed.kmeans_noise),
-            baseline=self.fed.baseline, **extra,
+            baseline=bool(self.fed.baseline), **extra,
         )  # fmt: skip
 
     def _load_or_start(self, checkpoint: Checkpoint | None) -> Checkpoint:
