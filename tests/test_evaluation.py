@@ -13,9 +13,10 @@ from sklearn.metrics import roc_auc_score
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import FeatureLayout, FeatureTensors
 from fedpersona.federation.partner import load_partner_data
-from fedpersona.model.alone import fit_own_models
+from fedpersona.model.alone import draw_seed, fit_linear, fit_trees
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.model.evaluation import evaluate, own_columns
+from fedpersona.model.evaluation import embed_all, evaluate, own_columns
+from fedpersona.model.stacking import fit_local_model
 from tests.conftest import partner_config
 
 
@@ -48,14 +49,23 @@ def test_baseline_fits_on_training_rows_and_scores_held_out_rows(tmp_path: Path,
     metrics = evaluate(
         model=model, train=data.train, test=data.test, personas=data.personas_test, seed=3, baseline=True
     )
-    # The same own model, recomputed here: fitted on the training rows, scored on the test rows.
+    # The same own model, recomputed here from the building blocks: the own best as the local
+    # model's cross-validation chose it, fitted on the training rows, scored on the test rows.
     enc_train, raw_train = own_columns(data.train)
     enc_test, raw_test = own_columns(data.test)
     y_train = data.train.tensors["labels"][:, 0].numpy().astype(np.float64)
     y_test = data.test.tensors["labels"][:, 0].numpy().astype(np.float64)
-    own = fit_own_models(x_enc=enc_train, x_raw=raw_train, y=y_train, generator=np.random.default_rng(3))
-    known = ~np.isnan(y_test)
-    expected = roc_auc_score(y_test[known], own.predict(x_enc=enc_test, x_raw=raw_test)[known])
+    generator = np.random.default_rng(3)
+    fed = model.label_logits(torch.from_numpy(embed_all(model, data.train)))[:, 0].detach().numpy().astype(np.float64)
+    local = fit_local_model(x_enc=enc_train, x_raw=raw_train, fed_logit=fed, y=y_train, generator=generator)
+    known = ~np.isnan(y_train)
+    if local.report.own_best == "own_lr":
+        score = fit_linear(enc_train[known], y_train[known].astype(np.int64)).score(enc_test)
+    else:
+        trees = fit_trees(raw_train[known], y_train[known].astype(np.int64), seed=draw_seed(generator))
+        score = trees.score(raw_test)
+    labelled = ~np.isnan(y_test)
+    expected = roc_auc_score(y_test[labelled], score[labelled])
     assert metrics["alone_auc"] == pytest.approx(expected, abs=1e-12)
     assert metrics["alone_auc"] > 0.7  # the synthetic labels follow the columns
     # An untrained federated model carries no signal: the local model falls back towards the

@@ -8,7 +8,8 @@ they are not differentially private and the release manifest says so.
 from its own columns beside what it gets with the federation, both on its held-out rows:
 
 - ``alone_auc``: its own best of logistic regression and gradient boosting on its own columns
-  (chosen by cross-validation on its training rows, :func:`fedpersona.model.alone.fit_own_models`);
+  (chosen by cross-validation on its training rows: the folds of the local model's choice
+  below, so the own models are cross-validated once), refitted on all its training rows;
 - ``local_auc``: its local model with the federation (:func:`fedpersona.model.stacking.fit_local_model`:
   the federated score, blends and stacks of it with its own columns, and its own models, chosen
   fed-first by cross-validation and audited on held-back rows; a federated score that shows no
@@ -38,7 +39,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 from fedpersona.data.features import FeatureTensors
-from fedpersona.model.alone import fit_own_models, own_personas
+from fedpersona.model.alone import draw_seed, fit_linear, fit_trees, own_personas
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
 from fedpersona.model.stacking import fit_local_model
 
@@ -164,9 +165,18 @@ def _label_baseline(model: PersonaEncoder, train: FeatureTensors, test: FeatureT
     generator = np.random.default_rng(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        own = fit_own_models(x_enc=enc_train, x_raw=raw_train, y=y_train, generator=generator)
         local = fit_local_model(x_enc=enc_train, x_raw=raw_train, fed_logit=fed(train), y=y_train, generator=generator)
+        # The partner's own best (LR or HGB, as cross-validated on the same folds inside the
+        # local model's choice), refitted on all its labelled training rows.
+        best = local.report.own_best
+        if best == "own_lr":
+            alone = fit_linear(enc_train[known], y_train[known].astype(np.int64)).score(enc_test)
+        elif best == "own_hgb":
+            trees = fit_trees(raw_train[known], y_train[known].astype(np.int64), seed=draw_seed(generator))
+            alone = trees.score(raw_test)
+        else:
+            return {}
     return {
-        "alone_auc": _auc(y_test, own.predict(x_enc=enc_test, x_raw=raw_test)),
+        "alone_auc": _auc(y_test, alone),
         "local_auc": _auc(y_test, local.predict(x_enc=enc_test, x_raw=raw_test, fed_logit=fed(test))),
     }
