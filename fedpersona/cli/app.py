@@ -37,9 +37,11 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(server_app_cli, name="server")
 app.add_typer(partner_app, name="partner")
 
-# Piped into a file or a log collector, rich would assume 80 columns and cut partner names and
-# kinds in the tables; a wide fixed width keeps every cell whole there (a terminal keeps its own).
-console = Console(width=None if sys.stdout.isatty() else 200)
+# Piped into a file or a log collector, rich would assume 80 columns: it would cut partner names
+# and kinds in the tables and break long lines mid-phrase. There, tables get 200 columns and a
+# line of text is never wrapped (a terminal keeps its own width and wrapping).
+_PIPED = not sys.stdout.isatty()
+console = Console(width=200 if _PIPED else None, soft_wrap=_PIPED)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
