@@ -92,8 +92,11 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     # local model with the federation, on its held-out rows.
     assert not any("alone_auc" in r for r in first.values())
     for row in by_partner.values():
-        assert 0.5 < row["alone_auc"] <= 1.0 and 0.0 <= row["local_auc"] <= 1.0
+        assert 0.0 <= row["alone_auc"] <= 1.0 and 0.0 <= row["local_auc"] <= 1.0
         assert -1.0 <= row["alone_ari"] <= 1.0
+    # The bank's labels follow its columns: its own model is far above chance (a 240-row shop's
+    # may sit at chance on its 60 held-out rows).
+    assert by_partner["bank-1"]["alone_auc"] > 0.7
     assert "alone (own columns) or with the federation" in done.stdout
     assert "## Alone or with the federation" in (out / "report.md").read_text()
 
