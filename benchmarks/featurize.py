@@ -33,10 +33,9 @@ import dataclasses
 import functools
 import json
 import os
-import time
-from collections.abc import Callable
 from typing import Any
 
+from benchmarks.workload import best_time
 from fedpersona.data.dense import dense_views
 from fedpersona.data.schema import KINDS, NumericFeature, SequenceFeature
 from fedpersona.data.synthetic import generate_silo
@@ -65,7 +64,7 @@ def run(*, quick: bool = True, rows: int | None = None) -> dict[str, Any]:
         full = generate_silo(kind, n, seed=0).table
         for name, table in ((f"{kind}, numbers only", numbers_only(full)), (f"{kind}, full schema", full)):
             views = dense_views(table)  # also warms the caches
-            seconds = _best(functools.partial(dense_views, table), REPEATS)
+            seconds = best_time(functools.partial(dense_views, table), REPEATS)
             width = f"{views.layout.persona_width} + {views.layout.label_width}"
             features = len(table.schema.features)
             table_rows.append([f"{name} ({features} features)", width, round(seconds, 3), round(n / seconds)])
@@ -81,16 +80,6 @@ def run(*, quick: bool = True, rows: int | None = None) -> dict[str, Any]:
         ],
         "notes": [f"Best (minimum) of {REPEATS} runs; the table is generated and validated before timing."],
     }
-
-
-def _best(work: Callable[[], object], repeats: int) -> float:
-    """The shortest wall time of ``repeats`` runs (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,14 +5,13 @@ vs the encoder's forward pass alone, on synthetic e-commerce users and the defau
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks.workload import best_time
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.features import featurize, layout_of
 from fedpersona.data.schema import slot_id
@@ -51,17 +50,17 @@ def run(*, quick: bool) -> dict[str, Any]:
                 data_path=source, out_path=Path(folder) / "personas.csv", batch_size=BATCH,
             )  # fmt: skip
 
-        end_to_end = _best(end_to_end_run, repeats)
+        end_to_end = best_time(end_to_end_run, repeats)
     features = featurize(validate_frame(schema, frame, source="benchmark"))
-    prepare = _best(lambda: featurize(validate_frame(schema, frame, source="benchmark")), repeats)
-    assign = _best(lambda: assign_personas(model, features, prototypes, batch_size=BATCH), repeats)
+    prepare = best_time(lambda: featurize(validate_frame(schema, frame, source="benchmark")), repeats)
+    assign = best_time(lambda: assign_personas(model, features, prototypes, batch_size=BATCH), repeats)
 
     @torch.no_grad()
     def forward_run() -> None:
         for first in range(0, users, BATCH):
             model.embed(features.batch(torch.arange(first, min(users, first + BATCH))))
 
-    forward = _best(forward_run, repeats)
+    forward = best_time(forward_run, repeats)
     timings = [
         ("infer_file end to end (CSV in, CSV out)", end_to_end),
         ("validate + featurize (in memory)", prepare),
@@ -81,13 +80,3 @@ def run(*, quick: bool) -> dict[str, Any]:
         "notes": [f"Best (minimum) of {repeats} runs of each stage; files in a temporary folder on local disk."],
         "data": {"users": users, "csv_bytes": size, "seconds": dict(timings)},
     }
-
-
-def _best(work: Callable[[], object], repeats: int) -> float:
-    """The shortest wall time of ``repeats`` runs (the least disturbed by other load)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)

@@ -9,6 +9,7 @@ import functools
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,16 @@ def time_epoch(data: FeatureTensors, *, mode: str, batch_size: int, device: str 
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     return EpochTiming(mode, batch_size, len(data), result.steps, seconds)
+
+
+def best_time(work: Callable[[], object], repeats: int) -> float:
+    """The shortest wall time of ``repeats`` runs (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def median(values: list[float]) -> float:

@@ -140,13 +140,7 @@ def privacy_plan(
     for title, lines in plan_table(
         config, rounds=rounds, rows=rows, kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise
     ):
-        console.print(title)
-        table = RichTable()
-        for col in lines[0]:
-            table.add_column(col, justify="right")
-        for line in lines[1:]:
-            table.add_row(*line)
-        console.print(table)
+        _print_table(title, lines)
 
 
 @privacy_app.command("ledger")
@@ -154,7 +148,11 @@ def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state
     """What a partner has spent, entry by entry, and what is left."""
     from fedpersona.budget import ledger_table
 
-    title, lines = ledger_table(state_dir)
+    _print_table(*ledger_table(state_dir))
+
+
+def _print_table(title: str, lines: list[list[str]]) -> None:
+    """A title, then a right-aligned table whose first line is the header."""
     console.print(title)
     table = RichTable()
     for col in lines[0]:

@@ -34,6 +34,7 @@ __all__ = [
     "read_toml",
     "save_plan",
     "validated",
+    "write_durably",
 ]
 
 
@@ -167,13 +168,26 @@ def load_plan(state_dir: str | Path) -> PrivacyPlan | None:
 
 def save_plan(state_dir: str | Path, plan: PrivacyPlan) -> None:
     """Write ``state_dir/plan.json`` through a fsync'd temporary file."""
-    import os
-
     path = Path(state_dir) / PLAN
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(PLAN + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(json.dumps(plan.model_dump(mode="json"), indent=2))
+    write_durably(path, json.dumps(plan.model_dump(mode="json"), indent=2).encode("utf-8"))
+
+
+def write_durably(path: str | Path, payload: bytes) -> Path:
+    """Replace ``path`` with ``payload`` so that a crash leaves the old file or the new one:
+    an fsync'd temporary file beside it, renamed over it, then the folder fsync'd."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
-    tmp.replace(path)
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fedpersona.config.files import write_durably
 from fedpersona.errors import ConfigError
 
 __all__ = [
@@ -147,18 +147,7 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         entries[_PROTOTYPES] = np.asarray(checkpoint.prototypes, dtype=np.float64)
     buffer = io.BytesIO()
     np.savez(buffer, **entries)  # type: ignore[arg-type]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(buffer.getvalue())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    return write_durably(path, buffer.getvalue())
 
 
 def load_checkpoint(run_dir: str | Path, *, settings: tuple[Any, Any, Any] | None = None) -> Checkpoint | None:

@@ -61,9 +61,9 @@ ordinary generator: no release depends on it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from fedpersona.config.files import write_durably
 from fedpersona.errors import ConfigError, DataError
 from fedpersona.model.alone import (
     OWN_CANDIDATES,
@@ -589,18 +590,9 @@ def save_local_model(*, state_dir: str | Path, label: str, model: LocalModel) ->
     }
     arrays = {} if fitted.model is None else {f"model.{k}": v for k, v in fitted.model.to_arrays().items()}
     arrays["meta"] = np.frombuffer(json.dumps(meta, allow_nan=False).encode(), dtype=np.uint8)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)  # type: ignore[arg-type]
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return write_durably(path, buffer.getvalue())
 
 
 def load_local_model(*, state_dir: str | Path, label: str) -> LocalModel:
