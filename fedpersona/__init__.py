@@ -10,7 +10,7 @@ application   ``cli``, ``simulation``, ``sweep``, ``report``, ``audit``
 deploy        coordinator, partner site, credentials, processes, model registry
 federation    messages, aggregation, secure aggregation, checkpoint, partner, ClientApp,
               ServerApp (glue, roster, rounds, publishing)
-personas      DP k-means (one schedule), persona cards
+personas      DP-PCA + DP-EM personas per kind (one protocol), persona cards
 model         encoder and scopes, DP training, evaluation, inference, signed artifacts
 privacy       secret randomness, accounting, ledger, the one planner, release manifest
 data          schema, tables, drafting, event logs, features, synthetic silos

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from fedpersona.config.files import load_partner_config, load_plan, load_scenario, read_toml
-from fedpersona.config.settings import PrivacyPlan, PrivacySettings, SiloGroup, TrainingSettings
+from fedpersona.config.settings import FederationSettings, PrivacyPlan, PrivacySettings, SiloGroup, TrainingSettings
 from fedpersona.errors import ConfigError
 from fedpersona.privacy.accounting import compute_epsilon
 from fedpersona.privacy.ledger import PrivacyLedger
@@ -38,15 +38,16 @@ def _block(title: str, plan: PrivacyPlan) -> tuple[str, Lines]:
     lines: Lines = [["round", "epsilon this round", "cumulative epsilon"]]
     prev = 0.0
     for r, e in enumerate(eps, start=1):
-        clustering = plan.kmeans_rounds and r == len(eps)
-        label = f"personas ({plan.kmeans_rounds} DP k-means rounds)" if clustering else str(r)
+        clustering = plan.persona_releases and r == len(eps)
+        label = f"personas ({plan.persona_releases} releases)" if clustering else str(r)
         finite = math.isfinite(e)
         lines.append([label, f"{e - prev:.4f}" if finite else "inf", f"{e:.4f}" if finite else "inf"])
         prev = e
-    if plan.kmeans_rounds and plan.private and len(eps) >= 2 and math.isfinite(eps[-1]):
+    if plan.persona_releases and plan.private and len(eps) >= 2 and math.isfinite(eps[-1]):
         head += (
-            f"; {100 * (eps[-1] - eps[-2]) / eps[-1]:.0f}% of the final epsilon is reserved for persona "
-            f"clustering (noise {plan.kmeans_noise:g})"
+            f"; personas: {100 * plan.persona_share:.0f}% of the budget (one Gram release at noise "
+            f"{plan.gram_noise:.3f}, {plan.persona_releases - 1} EM steps at noise {plan.em_noise:.3f}; "
+            f"{100 * (eps[-1] - eps[-2]) / eps[-1]:.0f}% of the final epsilon is spent after the last round)"
         )
     return head, lines
 
@@ -56,14 +57,15 @@ def plan_table(
     *,
     rounds: int | None,
     rows: int | None,
-    kmeans_rounds: int | None = None,
-    kmeans_noise: float | None = None,
+    persona_releases: int | None = None,
+    persona_share: float | None = None,
     training: TrainingSettings | None = None,
 ) -> list[tuple[str, Lines]]:
     """One table per silo group (scenario) or for the partner (client.toml).
 
-    A scenario's ``[federation]`` says whether personas are clustered (and with what noise);
-    for a partner's client.toml the federation announces it, so the caller passes it here,
+    A scenario's ``[federation]`` says whether there are personas (and their share of the
+    budget); for a partner's client.toml the federation announces it (default: fedpersona's
+    federation defaults), so the caller passes it here,
     with the federation's ``training`` settings (default: fedpersona's defaults). A partner
     whose plan is already fixed (``state/plan.json``) is shown that plan.
     """
@@ -75,8 +77,8 @@ def plan_table(
             n = rows or _group_rows(group, scenario.simulation.test_fraction)
             plan = make_plan(
                 privacy=scenario.privacy.replace(**(group.privacy or {})), training=scenario.training, public_rows=n,
-                rounds=scenario.federation.rounds, kmeans_rounds=scenario.federation.kmeans_releases,
-                kmeans_noise=scenario.federation.kmeans_noise,
+                rounds=scenario.federation.rounds, persona_releases=scenario.federation.persona_releases,
+                persona_share=scenario.federation.persona_share,
             )  # fmt: skip
             out.append(_block(f"silo {group.name} (per partner, about)", plan))
         return out
@@ -92,9 +94,11 @@ def plan_table(
             declared = public_rows_of(cfg, load_partner_data(cfg))
         if rounds is None and cfg.privacy.planned_rounds is None:
             raise ConfigError(f"{path}: give --rounds, the number of rounds the federation plans")
+        fed = FederationSettings()
         plan = make_plan(
             privacy=cfg.privacy, training=training or TrainingSettings(), public_rows=declared, rounds=rounds or 1,
-            kmeans_rounds=kmeans_rounds or 0, kmeans_noise=kmeans_noise if kmeans_rounds else None,
+            persona_releases=fed.persona_releases if persona_releases is None else persona_releases,
+            persona_share=fed.persona_share if persona_share is None else persona_share,
         )  # fmt: skip
         return [_block(f"partner {cfg.name}", plan)]
     raise ConfigError(f"{path}: neither a scenario ([[silos]]) nor a partner config ([partner])")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.federation.messages import decode_arrays, encode_arrays
@@ -29,6 +29,26 @@ NODE_UNAVAILABLE = 5  # flwr.common.constant.ErrorCode.NODE_UNAVAILABLE
 
 MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
 TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
+
+
+PERSONA_WIDTH = 6
+
+
+def _release(x: np.ndarray, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A noiseless persona release of rows ``x`` for the request in ``config`` and ``arrays``."""
+    from fedpersona.personas.mixture import stats_release
+    from fedpersona.personas.protocol import personas_from_arrays
+    from fedpersona.personas.space import gram_release
+
+    if config["persona.kind"] == "gram":
+        clip, offset = float(config["persona.row_clip"]), float(config["persona.offset"])
+        return {"gram": gram_release(x, clip=clip, offset=offset, noise_multiplier=0.0, randomness=None)}
+    space, mixture = personas_from_arrays(arrays, metric=str(config["persona.metric"]))
+    stats = stats_release(
+        space.embed(x), mixture, soft=bool(config["persona.soft"]), z_clip=space.z_clip, noise_multiplier=0.0,
+        count_noise=float(config["persona.count_noise"]), randomness=None,
+    )  # fmt: skip
+    return {"counts": stats.counts, "sums": stats.sums}
 
 
 class ServerCrash(RuntimeError):
@@ -63,8 +83,15 @@ class ScriptedPartner:
             "rows": self.train_rows, "private": True, "epsilon": self.epsilon,
             "noise_multiplier": 1.0, "sample_rate": 0.1, "steps_per_round": 3, "planned_rounds": 3,
             "target_epsilon": 3.0, "delta": 1e-5, "accountant": "prv", "max_grad_norm": 1.0,
-            "share_eval_metrics": False,
+            "share_eval_metrics": False, "persona_width": PERSONA_WIDTH, "gram_noise": 0.0, "em_noise": 0.0,
         }  # fmt: skip
+
+    def rows(self) -> np.ndarray:
+        """Its persona view: four groups in PERSONA_WIDTH columns, the same for every run."""
+        rng = np.random.default_rng(_seed(self.name, "rows"))
+        centres = np.random.default_rng(_seed(self.kind, "centres")).normal(0, 2.0, (4, PERSONA_WIDTH))
+        groups = rng.integers(0, 4, self.train_rows)
+        return centres[groups] + rng.normal(0, 0.3, (self.train_rows, PERSONA_WIDTH))
 
     def update(self, received: dict[str, np.ndarray], rnd: int) -> dict[str, np.ndarray]:
         out = {
@@ -94,14 +121,10 @@ class ScriptedPartner:
             return RecordDict({"arrays": encode_arrays(arrays), "metrics": MetricRecord(metrics)})
         if kind in ("evaluate", "query.status"):
             return RecordDict({"metrics": MetricRecord({"epsilon": self.epsilon})})
-        if kind == "query.kmeans":
+        if kind == "query.persona_release":
             self.charged.append(rnd)
-            centres = msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64)
-            rng = np.random.default_rng(_seed(self.name, "kmeans", rnd))
-            counts = rng.integers(20, 40, len(centres)).astype(np.float32)
-            sums = (counts[:, None] * (centres + rng.normal(0, 0.05, centres.shape))).astype(np.float32)
-            stats = ArrayRecord({"sums": Array(sums), "counts": Array(counts)})
-            return RecordDict({"stats": stats, "metrics": MetricRecord({"noise_std": 0.0, "epsilon": self.epsilon})})
+            released = _release(self.rows(), config, decode_arrays(msg.content.array_records["persona"]))
+            return RecordDict({"release": encode_arrays(released), "metrics": MetricRecord({"epsilon": self.epsilon})})
         if kind == "query.personas":
             return RecordDict({"metrics": MetricRecord({"epsilon": self.epsilon})})
         if kind == "query.final_model":

@@ -68,28 +68,22 @@ def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
                 ),
             ]
         )  # fmt: skip
-    generator = np.random.default_rng(3)
-    generator.normal(size=5)
+    runs = {"ecommerce:f": {"position": 2, "candidates": rng.normal(size=(6, 8)).tolist()}}
     saved = Checkpoint(
-        fingerprint="abc", stage="kmeans", round=4, evaluated=True, kmeans_done=2, arrays=agg.get_state(),
-        prototypes=rng.normal(size=(6, 8)), kmeans_rng=generator.bit_generator.state,
-        partners={"a": {"node_id": 7, "epsilon": 1.25}}, extra={"aggregated": ["a"]},
+        fingerprint="abc", stage="personas", round=4, evaluated=True, persona_done=2, arrays=agg.get_state(),
+        persona_runs=runs, partners={"a": {"node_id": 7, "epsilon": 1.25}}, extra={"aggregated": ["a"]},
     )  # fmt: skip
     save_checkpoint(tmp_path, saved)
     assert not list((tmp_path / "state").glob("*.tmp"))
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None
-    assert (loaded.stage, loaded.round, loaded.kmeans_done, loaded.partners, loaded.extra) == (
-        "kmeans", 4, 2, saved.partners, saved.extra,
+    assert (loaded.stage, loaded.round, loaded.persona_done, loaded.partners, loaded.extra, loaded.persona_runs) == (
+        "personas", 4, 2, saved.partners, saved.extra, runs,
     )  # fmt: skip
     assert loaded.arrays.keys() == saved.arrays.keys()
     for name, value in saved.arrays.items():
         assert loaded.arrays[name].dtype == value.dtype
         np.testing.assert_array_equal(loaded.arrays[name], value)
-    np.testing.assert_array_equal(loaded.prototypes, saved.prototypes)
-    restored_rng = np.random.default_rng(0)
-    restored_rng.bit_generator.state = loaded.kmeans_rng
-    np.testing.assert_array_equal(restored_rng.normal(size=4), generator.normal(size=4))
 
     # A restored aggregator takes the next step exactly as the original one does.
     restored = ScopedAggregator(optimizer="fedadam", lr=0.1)
@@ -203,23 +197,24 @@ def test_a_crash_before_the_evaluation_resumes_with_it_not_with_training(tmp_pat
     assert sorted({r["round"] for r in rows}) == [1, 2] and len(rows) == 6
 
 
-def test_persona_clustering_resumes_mid_way_with_the_same_prototypes(tmp_path: Path) -> None:
-    personas = {"personas": 2, "kmeans_rounds": 4, "rounds": 1}
+def test_the_personas_resume_mid_way_and_end_where_an_uninterrupted_run_does(tmp_path: Path) -> None:
+    personas = {"personas": 2, "persona_steps": 4, "rounds": 1}  # 5 releases: rounds 2-6
     run_federation(FakeGrid(_partners()), _settings(tmp_path / "whole", **personas))  # type: ignore[arg-type]
 
     partners = _partners()
     grid = FakeGrid(partners)
-    grid.crash_at("query.kmeans", 1 + 3)  # the third k-means round (rounds are numbered after training)
+    grid.crash_at("query.persona_release", 1 + 3)  # the third release (rounds are numbered after training)
     with pytest.raises(ServerCrash):
         run_federation(grid, _settings(tmp_path / "crashed", **personas))  # type: ignore[arg-type]
     checkpoint = load_checkpoint(tmp_path / "crashed")
-    assert checkpoint is not None and (checkpoint.stage, checkpoint.kmeans_done) == ("kmeans", 2)
+    assert checkpoint is not None and (checkpoint.stage, checkpoint.persona_done) == ("personas", 2)
     grid = FakeGrid(partners)
     run_federation(grid, replace(_settings(tmp_path / "crashed", **personas), resume=True))  # type: ignore[arg-type]
-    assert grid.rounds_sent("train") == [] and grid.rounds_sent("query.kmeans") == [4, 5]
-    whole = json.loads((tmp_path / "whole" / "personas.json").read_text())
-    crashed = json.loads((tmp_path / "crashed" / "personas.json").read_text())
-    np.testing.assert_array_equal(np.array(crashed["prototypes"]), np.array(whole["prototypes"]))
+    assert grid.rounds_sent("train") == [] and grid.rounds_sent("query.persona_release") == [4, 5, 6]
+    whole, crashed = load_checkpoint(tmp_path / "whole"), load_checkpoint(tmp_path / "crashed")
+    assert whole is not None and crashed is not None and whole.personas is not None
+    assert sorted(whole.personas["slots"]) == ["ecommerce:f00d", "finance:f00d"]
+    assert crashed.personas == whole.personas
 
 
 def test_resuming_a_finished_run_only_delivers_the_model_again(tmp_path: Path) -> None:

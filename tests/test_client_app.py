@@ -196,37 +196,42 @@ def test_a_retried_round_draws_fresh_noise(tmp_path: Path) -> None:
     assert all(not np.array_equal(first[n], again[n]) for n in first)
 
 
-def test_the_coordinator_cannot_regenerate_the_kmeans_noise(tmp_path: Path) -> None:
+def test_the_coordinator_cannot_regenerate_the_persona_noise(tmp_path: Path) -> None:
     # The attack of the audit: seed a generator with what the server knows (federation seed,
-    # partner name, round), regenerate the k-means noise and subtract it. With public seeding
-    # this gave the exact integer counts; with secret randomness the residuals stay noise.
+    # partner name, round), regenerate the Gram release's noise and subtract it. With public
+    # seeding the offset entry would give gamma^2 x the exact row count; with secret randomness
+    # the residual stays noise.
     import hashlib
+    import json
 
     app = build_client_app()
     ctx = _context(_client_toml(tmp_path))
-    assert not app(_message("query", None, kmeans_rounds=1, kmeans_noise=5.0), ctx).has_error()
-    centres = np.eye(8, dtype=np.float32)[:4]
+    assert not app(_message("query", None, persona_releases=7, persona_share=0.6), ctx).has_error()
+    config = {"persona.kind": "gram", "persona.soft": False, "persona.metric": "euclid", "persona.row_clip": 5.0,
+              "persona.offset": 5.0, "persona.count_noise": 3.0, "persona.k": 0, "persona.dims": 0}  # fmt: skip
     content = RecordDict(
         {
-            "config": encode_settings(MODEL, TRAINING, num_rounds=2, seed=0, round=3, adapter_shared=True),
-            "arrays": encode_arrays(_trunk()),
-            "prototypes": encode_arrays({"centres": centres}),
+            "config": encode_settings(MODEL, TRAINING, num_rounds=2, seed=0, round=3, **config),
+            "persona": encode_arrays({}),
         }
     )
     metadata = Metadata(
         run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=7,
         reply_to_message_id="", group_id="3", created_at=time.time(), ttl=3600.0,
-        message_type="query.kmeans",
+        message_type="query.persona_release",
     )  # fmt: skip
     reply = app(make_message(metadata, content), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    counts = reply.content["stats"]["counts"].numpy().astype(np.float64)
-    std = float(reply.content["metrics"]["noise_std"])
-    digest = hashlib.sha256("/".join(str(p) for p in (0, "clinic-x", 3, "kmeans")).encode()).digest()
+    gram = reply.content["release"]["gram"].numpy().astype(np.float64)
+    plan = json.loads((tmp_path / "state" / "plan.json").read_text())
+    std = float(plan["gram_noise"]) * (5.0**2 + 5.0**2)
+    assert std > 0
+    entries = [json.loads(line) for line in (tmp_path / "state" / "ledger.jsonl").read_text().splitlines()]
+    assert [e["mechanism"] for e in entries] == ["dp-gram"]  # charged before it was computed
+    digest = hashlib.sha256("/".join(str(p) for p in (0, "clinic-x", 3, "dp-gram")).encode()).digest()
     public = np.random.default_rng(int.from_bytes(digest[:8], "little") & (2**62 - 1))
-    public.normal(0.0, std, size=(4, 8))  # the sums' noise was drawn first
-    guess = counts - public.normal(0.0, std, size=4)
-    assert np.max(np.abs(guess - np.round(guess))) > 1e-3  # not the exact counts
+    guess = (gram - public.normal(0.0, std, size=gram.shape))[-1] / 25.0  # the offset entry: gamma^2 n
+    assert abs(guess - round(guess)) > 1e-3  # not the exact row count
 
 
 def test_reproducible_noise_is_explicit_and_labelled(tmp_path: Path) -> None:

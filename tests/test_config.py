@@ -98,6 +98,6 @@ def test_partner_config_errors(tmp_path: Path) -> None:
 def test_settings_built_in_code_check_their_ranges() -> None:
     with pytest.raises(ConfigError, match=re.escape("model.mask_rate: must be < 1, got 1.5")):
         ModelSettings.checked(mask_rate=1.5)
-    with pytest.raises(ConfigError, match=re.escape("federation.kmeans_noise: must be a finite number")):
-        FederationSettings().replace(kmeans_noise=math.inf)
+    with pytest.raises(ConfigError, match=re.escape("federation.persona_share: must be a finite number")):
+        FederationSettings().replace(persona_share=math.inf)
     assert PrivacySettings().replace(target_epsilon="inf").private is False

@@ -156,13 +156,13 @@ def _partner(tmp_path: Path, **data: object) -> tuple[Path, Path, Path]:
 
 def test_partner_check_validates_data_and_plans_noise(tmp_path: Path) -> None:
     path, ca, key = _partner(tmp_path)
-    result = check_partner(path, ca=ca, key=key, rounds=4, kmeans_rounds=0)
+    result = check_partner(path, ca=ca, key=key, rounds=4, persona_releases=0)
     assert result.rows == 200 and 130 <= result.train_rows <= 190 and result.public_rows == 160
     assert result.noise_multiplier is not None and result.noise_multiplier > 0
     assert len(result.epsilon_per_round) == 4
     assert result.epsilon_per_round[-1] <= 2.0 + 1e-6
     assert list(result.epsilon_per_round) == sorted(result.epsilon_per_round)
-    # With persona clustering a reserve is kept: more noise in DP-SGD, one more epsilon (after clustering).
+    # With personas a share of the budget is kept for them: more noise in DP-SGD, one more epsilon (after them).
     clustered = check_partner(path, ca=ca, key=key, rounds=4)
     assert len(clustered.epsilon_per_round) == 5
     assert clustered.noise_multiplier is not None and clustered.noise_multiplier > result.noise_multiplier

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,13 +20,17 @@ from typer.testing import CliRunner
 from fedpersona.cli import app as cli
 from fedpersona.config.files import dump_toml
 from fedpersona.config.settings import ModelSettings
+from fedpersona.data.dense import dense_views
 from fedpersona.data.features import layout_of
-from fedpersona.data.schema import slot_id
+from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
+from fedpersona.data.tables import validate_frame
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model, verify_model
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.personas.clustering import init_prototypes
+from fedpersona.personas.mixture import Mixture
+from fedpersona.personas.protocol import PersonaResult, result_to_json
+from fedpersona.personas.space import fit_space, gram_release
 from fedpersona.privacy.manifest import ERROR_CODES
 
 MODEL = {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
@@ -52,13 +57,26 @@ def _publish(
     )
     public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     key_path.with_suffix(".pub").write_bytes(public)
-    prototypes = init_prototypes(4, MODEL["embed_dim"], generator=np.random.default_rng(1)).tolist()
     card = {
         "version": 1, "created": created or time.time(), "rounds": rounds, "model": dict(MODEL), "slots": [slot],
-        "prototypes": prototypes if personas else None,
+        "personas": {"k": 4, "method": "test", "slots": {slot: _personas(schema)}} if personas else None,
     }  # fmt: skip
     save_model(folder, arrays=arrays, card=card, key=key)  # type: ignore[arg-type]
     return folder
+
+
+def _personas(schema: Schema) -> dict[str, Any]:
+    """Released personas for ``schema``'s slot: a space from an exact Gram matrix of generated
+    rows and four random centres, as the model card carries them."""
+    table = validate_frame(schema, generate_frame(schema.kind, 300, rng=np.random.default_rng(5))[0], source="x")
+    x = dense_views(table).persona.astype(np.float64)
+    space = fit_space(
+        gram_release(x, clip=5.0, offset=5.0, noise_multiplier=0.0, randomness=None),
+        dim=x.shape[1], dims=4, row_clip=5.0, offset=5.0,
+    )  # fmt: skip
+    rng = np.random.default_rng(1)
+    mixture = Mixture(centres=rng.normal(0, 0.5, (4, 4)), weights=np.full(4, 0.25), covariance=np.eye(4))
+    return result_to_json(PersonaResult(space=space, mixture=mixture, shares=np.full(4, 0.25)))
 
 
 def _client(tmp_path: Path) -> Path:

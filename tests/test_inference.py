@@ -1,4 +1,5 @@
-"""Persona inference: streaming equals one pass, byte-identical reruns, nothing half-written."""
+"""Persona inference: streaming equals one pass, byte-identical reruns, the documented formula, nothing
+half-written."""
 
 from __future__ import annotations
 
@@ -9,23 +10,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from fedpersona.config.settings import ModelSettings
-from fedpersona.data.features import featurize, layout_of
+from fedpersona.data.dense import dense_views
+from fedpersona.data.features import layout_of
 from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
-from fedpersona.data.tables import validate_frame
+from fedpersona.data.tables import Table, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
+from fedpersona.federation.partner import assign_rows
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.model.inference import assign_personas, infer_file, load_encoder
-from fedpersona.personas.clustering import init_prototypes
+from fedpersona.model.inference import infer_file, load_encoder
+from fedpersona.personas.mixture import Mixture
+from fedpersona.personas.space import fit_space, gram_release
 
 ROWS = 1200
 MODEL = {"token_dim": 16, "embed_dim": 8, "hidden": 16, "blocks": 1, "mask_rate": 0.3}
+K, DIMS = 4, 5
 
 
 class Published:
-    """A global model as the server publishes it: trunk.* and <kind>:<fingerprint>/adapter.*."""
+    """A global model as the server publishes it: trunk.* and <kind>:<fingerprint>/adapter.*,
+    and released personas for the schema's slot (a space fitted on an exact Gram matrix of
+    other rows, and a mixture with random centres)."""
 
     def __init__(self, schema: Schema) -> None:
         torch.manual_seed(0)
@@ -39,7 +47,19 @@ class Published:
                 self.arrays[f"{slot}/{name}"] = value.numpy().copy()
         self.arrays["finance:0123456789abcdef/adapter.cat.weight"] = np.zeros((3, 16), np.float32)  # another slot
         self.card: dict[str, Any] = {"version": 1, "model": dict(MODEL), "slots": [slot]}
-        self.prototypes = init_prototypes(4, MODEL["embed_dim"], generator=np.random.default_rng(1))
+        other = validate_frame(schema, generate_frame("ecommerce", 800, rng=np.random.default_rng(9))[0], source="x")
+        x = dense_views(other).persona.astype(np.float64)
+        gram = gram_release(x, clip=5.0, offset=5.0, noise_multiplier=0.0, randomness=None)
+        self.space = fit_space(gram, dim=x.shape[1], dims=DIMS, row_clip=5.0, offset=5.0)
+        rng = np.random.default_rng(1)
+        self.mixture = Mixture(
+            centres=rng.normal(0, 0.5, (K, DIMS)), weights=np.array([0.1, 0.2, 0.3, 0.4]),
+            covariance=np.diag(self.space.spectrum) / 3.0,
+        )  # fmt: skip
+
+    def assign(self, table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hard, posterior, z = assign_rows(self.space, self.mixture, dense_views(table).persona)
+        return hard, posterior.astype(np.float32), z.astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +86,7 @@ def data(tmp_path: Path, frame: pd.DataFrame) -> Path:
 
 def run(published: Published, schema: Schema, data: Path, out: Path, **options: Any) -> Path:
     infer_file(
-        arrays=published.arrays, card=published.card, schema=schema, prototypes=published.prototypes,
-        data_path=data, out_path=out, **options,
+        schema=schema, assign=published.assign, k=K, dim=DIMS, data_path=data, out_path=out, **options,
     )  # fmt: skip
     return out
 
@@ -83,7 +102,7 @@ def test_streaming_in_chunks_writes_the_same_bytes_as_one_chunk(
         assert chunked.read_bytes() == whole.read_bytes()
     written = pd.read_csv(whole)
     assert list(written.columns[:6]) == ["user_id", "persona", "p_0", "p_1", "p_2", "p_3"]
-    assert list(written.columns[6:]) == [f"z_{j}" for j in range(8)]
+    assert list(written.columns[6:]) == [f"z_{j}" for j in range(DIMS)]
     assert len(written) == ROWS and written["user_id"].is_unique
 
 
@@ -109,30 +128,30 @@ def test_parquet_input_and_output_hold_the_same_assignments(
     assert one["p_0"].dtype == np.float32
 
 
-def test_file_output_equals_in_memory_assignment_and_the_softmax_formula(
+def test_file_output_equals_the_documented_formula(
     tmp_path: Path, published: Published, schema: Schema, data: Path, frame: pd.DataFrame
 ) -> None:
     out = pd.read_parquet(
         run(published, schema, data, tmp_path / "out.parquet", chunk_rows=333, include_embedding=True)
     )
-    model = load_encoder(arrays=published.arrays, card=published.card, schema=schema)
     table = validate_frame(schema, frame, source="memory")
-    hard, probs, z = assign_personas(model, featurize(table), published.prototypes, temperature=0.1)
-    np.testing.assert_array_equal(out["persona"].to_numpy(), hard)
-    np.testing.assert_array_equal(out[[f"p_{j}" for j in range(4)]].to_numpy(), probs)
-    np.testing.assert_array_equal(out[[f"z_{j}" for j in range(8)]].to_numpy(), z)
-    # Independent check of the documented formula: p = softmax(cos / 0.1), hard = argmax.
-    centres = published.prototypes / np.linalg.norm(published.prototypes, axis=1, keepdims=True)
-    cos = z.astype(np.float64) @ centres.T
-    expected = np.exp((cos - cos.max(1, keepdims=True)) / 0.1)
+    x = dense_views(table).persona.astype(np.float64)
+    # Independently: z = clip(V^T (clip(x, 5) - mean), z_clip); the posterior of a Gaussian
+    # mixture with one shared covariance (scipy's density), hard = its arg-max.
+    space, mixture = published.space, published.mixture
+    clipped = x * np.minimum(1.0, 5.0 / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300))
+    z = (clipped - space.mean) @ space.basis
+    z = z * np.minimum(1.0, space.z_clip / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-300))
+    log = np.stack(
+        [stats.multivariate_normal(c, mixture.covariance).logpdf(z) + np.log(w)
+         for c, w in zip(mixture.centres, mixture.weights, strict=True)], axis=1,
+    )  # fmt: skip
+    expected = np.exp(log - log.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)
-    np.testing.assert_allclose(probs, expected, atol=1e-5)
-    np.testing.assert_array_equal(hard, np.argmax(cos, axis=1))
-    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
-    # A lower temperature sharpens the probabilities but never changes the hard assignment.
-    hard_cold, probs_cold, _ = assign_personas(model, featurize(table), published.prototypes, temperature=0.01)
-    np.testing.assert_array_equal(hard_cold, hard)
-    assert np.all(probs_cold.max(1) >= probs.max(1) - 1e-6)
+    np.testing.assert_allclose(out[[f"z_{j}" for j in range(DIMS)]].to_numpy(), z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[[f"p_{j}" for j in range(K)]].to_numpy(), expected, atol=1e-5)
+    np.testing.assert_array_equal(out["persona"].to_numpy(), np.argmax(log, axis=1))
+    assert len(set(out["persona"])) >= 2  # the check means something: several personas are used
 
 
 def test_labels_are_not_needed_and_progress_is_reported(
@@ -142,8 +161,8 @@ def test_labels_are_not_needed_and_progress_is_reported(
     frame.drop(columns=["purchased"]).to_csv(path, index=False)
     seen: list[int] = []
     summary = infer_file(
-        arrays=published.arrays, card=published.card, schema=schema, prototypes=published.prototypes,
-        data_path=path, out_path=tmp_path / "out.csv", chunk_rows=500, progress=seen.append,
+        schema=schema, assign=published.assign, k=K, dim=DIMS, data_path=path, out_path=tmp_path / "out.csv",
+        chunk_rows=500, progress=seen.append,
     )  # fmt: skip
     assert seen == [500, 1000, 1200]
     assert (summary.rows, summary.chunks, sum(summary.counts)) == (ROWS, 3, ROWS)

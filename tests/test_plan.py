@@ -45,11 +45,20 @@ def write_client(folder: Path, *, epsilon: float = 2.0, extra: str = "") -> Path
     return path
 
 
-def printed_plan(path: Path, *, rounds: int, kmeans_rounds: int) -> tuple[float, float, int, list[float]]:
+def printed_plan(path: Path, *, rounds: int, persona_releases: int) -> tuple[float, float, int, list[float]]:
     """Noise multiplier, sample rate, steps per round and cumulative epsilons as printed."""
     done = CliRunner().invoke(
         cli,
-        ["privacy", "plan", "--config", str(path), "--rounds", str(rounds), "--kmeans-rounds", str(kmeans_rounds)],
+        [
+            "privacy",
+            "plan",
+            "--config",
+            str(path),
+            "--rounds",
+            str(rounds),
+            "--persona-releases",
+            str(persona_releases),
+        ],
         terminal_width=200,
     )
     assert done.exit_code == 0, done.output
@@ -62,38 +71,38 @@ def printed_plan(path: Path, *, rounds: int, kmeans_rounds: int) -> tuple[float,
 
 
 @pytest.mark.parametrize(
-    ("planned", "kmeans_rounds"),
-    [(None, 0), (8, 0), (8, 6)],
-    ids=["federation-rounds", "planned-rounds-above-federation", "with-clustering-reserve"],
+    ("planned", "persona_releases"),
+    [(None, 0), (8, 0), (8, 7)],
+    ids=["federation-rounds", "planned-rounds-above-federation", "with-personas"],
 )
 def test_printed_plan_equals_the_plan_the_partner_fixes(
-    tmp_path: Path, planned: int | None, kmeans_rounds: int
+    tmp_path: Path, planned: int | None, persona_releases: int
 ) -> None:
     extra = f"planned_rounds = {planned}" if planned else ""
     path = write_client(tmp_path, extra=extra)
     federation_rounds = 3
-    sigma, q, steps, cumulative = printed_plan(path, rounds=federation_rounds, kmeans_rounds=kmeans_rounds)
+    sigma, q, steps, cumulative = printed_plan(path, rounds=federation_rounds, persona_releases=persona_releases)
 
     cfg = load_partner_config(path)
     plan = load_plan(
         cfg, load_partner_data(cfg), TrainingSettings(), rounds=federation_rounds,
-        kmeans_rounds=kmeans_rounds, kmeans_noise=10.0 if kmeans_rounds else None,
+        persona_releases=persona_releases, persona_share=0.6,
     )  # fmt: skip
     assert plan.noise_multiplier is not None
     assert round(plan.noise_multiplier, 4) == sigma
     assert round(plan.sample_rate, 5) == q
     assert plan.steps_per_round == steps
     assert plan.planned_rounds == (planned or federation_rounds)
-    assert plan.kmeans_rounds == kmeans_rounds
+    assert plan.persona_releases == persona_releases
     expected = [round(e, 4) for e in epsilon_schedule(plan)]
     assert cumulative == expected
     # The last printed epsilon is the whole plan's, by an independent composition of all steps.
-    if not kmeans_rounds:
-        total = compute_epsilon(
-            [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.planned_rounds)],
-            delta=1e-5, accountant="prv",
-        )  # fmt: skip
-        assert cumulative[-1] == pytest.approx(total, abs=1e-4)
+    history = [(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round * plan.planned_rounds)]
+    if persona_releases:
+        assert plan.gram_noise is not None and plan.em_noise is not None
+        history += [(plan.gram_noise, 1.0, 1), (plan.em_noise, 1.0, persona_releases - 1)]
+    total = compute_epsilon(history, delta=1e-5, accountant="prv")
+    assert cumulative[-1] == pytest.approx(total, abs=1e-4)
     assert cumulative[-1] <= 2.0 + 1e-9
     # A plan for more rounds than the federation runs needs more noise than one for its rounds.
     if planned:
@@ -101,12 +110,12 @@ def test_printed_plan_equals_the_plan_the_partner_fixes(
         short = load_partner_config(write_client(tmp_path / "short"))
         shorter = load_plan(
             short, load_partner_data(short), TrainingSettings(), rounds=federation_rounds,
-            kmeans_rounds=kmeans_rounds, kmeans_noise=10.0 if kmeans_rounds else None,
+            persona_releases=persona_releases, persona_share=0.6,
         )  # fmt: skip
         assert shorter.noise_multiplier is not None and shorter.noise_multiplier < plan.noise_multiplier
 
     # Once fixed, `privacy plan` shows the fixed plan, whatever --rounds says now.
-    sigma_after, _, _, cumulative_after = printed_plan(path, rounds=1, kmeans_rounds=0)
+    sigma_after, _, _, cumulative_after = printed_plan(path, rounds=1, persona_releases=0)
     assert (sigma_after, cumulative_after) == (sigma, cumulative)
 
 

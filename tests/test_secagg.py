@@ -22,6 +22,7 @@ import fedpersona.federation.secure_round as secure_round
 from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
 from fedpersona.federation.aggregation import ScopedAggregator
+from fedpersona.federation.checkpoint import load_checkpoint
 from fedpersona.federation.client_app import build_client_app
 from fedpersona.federation.messages import encode_arrays, encode_settings
 from fedpersona.federation.secagg import (
@@ -444,8 +445,8 @@ def test_client_app_round_matches_plaintext_and_the_server_sees_only_masked_vect
     assert audit[3]["ledger_entry"] == 1
 
 
-def test_kmeans_statistics_are_summed_securely_when_secure_aggregation_is_on(tmp_path: Path) -> None:
-    settings = {"personas": 2, "kmeans_rounds": 1, "kmeans_noise": 5.0}
+def test_persona_releases_are_summed_securely_when_secure_aggregation_is_on(tmp_path: Path) -> None:
+    settings = {"personas": 2, "persona_steps": 3}  # the Gram release, 2 initialisation steps, 1 EM step
     plain_run = tmp_path / "plain"
     run_federation(grid_of(_partners(plain_run, THREE, seeded=True)), _settings(plain_run, **settings))
     secure_run = tmp_path / "secure"
@@ -453,15 +454,20 @@ def test_kmeans_statistics_are_summed_securely_when_secure_aggregation_is_on(tmp
     result = run_federation(grid, _settings(secure_run, secure_aggregation=True, **settings))
     assert result.rounds_completed == 1 and not result.aborted
     types = [m.metadata.message_type for m in grid.messages]
-    assert "query.kmeans" not in types and types.count("query.kmeans_secagg") == 3
-    # No partner's own statistics reached the server: only masked vectors.
-    assert not any("stats" in r.content for r in grid.replies)
-    plain = json.loads((plain_run / "personas.json").read_text())
-    secure = json.loads((secure_run / "personas.json").read_text())
-    np.testing.assert_allclose(secure["prototypes"], plain["prototypes"], atol=1e-3)
-    np.testing.assert_allclose(secure["shares_by_kind"]["health"], plain["shares_by_kind"]["health"], atol=1e-3)
+    assert "query.persona_release" not in types and types.count("query.persona_release_secagg") == 3 * 4
+    # No partner's own release reached the server: only masked vectors.
+    assert not any("release" in r.content for r in grid.replies)
+    plain, secure = load_checkpoint(plain_run), load_checkpoint(secure_run)
+    assert plain is not None and secure is not None and plain.personas and secure.personas
+    assert sorted(secure.personas["slots"]) == sorted(plain.personas["slots"])
+    for slot, released in plain.personas["slots"].items():
+        for name, value in released["arrays"].items():
+            np.testing.assert_allclose(secure.personas["slots"][slot]["arrays"][name], value, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(
+        secure.personas["shares_by_kind"]["health"], plain.personas["shares_by_kind"]["health"], atol=1e-3
+    )
     ledger = [json.loads(x) for x in (secure_run / "clinic-2" / "state" / "ledger.jsonl").read_text().splitlines()]
-    assert [e["mechanism"] for e in ledger] == ["dp-sgd", "dp-kmeans"]
+    assert [e["mechanism"] for e in ledger] == ["dp-sgd", "dp-gram", "dp-em", "dp-em", "dp-em"]
 
 
 def test_client_app_round_survives_one_dropout_and_aborts_on_two(

@@ -18,7 +18,7 @@ SCENARIO = """
 rounds = 2
 min_partners = 2
 personas = 4
-kmeans_rounds = 2
+persona_steps = 3
 [model]
 token_dim = 16
 embed_dim = 16
@@ -105,11 +105,11 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     for name, entry in privacy.items():
         assert entry["epsilon"] <= entry["target_epsilon"] == 2.0
         assert entry["accountant"] == "prv" and entry["noise_multiplier"] > 0
-        assert entry["epsilon"] > by_partner[name]["epsilon"]  # clustering spent the reserve
+        assert entry["epsilon"] > by_partner[name]["epsilon"]  # the persona releases spent their share
         ledger = out / "partners" / name / "state" / "ledger.jsonl"
         assert entry["epsilon"] == pytest.approx(json.loads(ledger.read_text().splitlines()[-1])["epsilon_after"])
         mechanisms = [json.loads(x)["mechanism"] for x in ledger.read_text().splitlines()]
-        assert mechanisms == ["dp-sgd", "dp-sgd", "dp-kmeans", "dp-kmeans"]
+        assert mechanisms == ["dp-sgd", "dp-sgd", "dp-gram", "dp-em", "dp-em", "dp-em"]
         cards = json.loads((out / "partners" / name / "state" / "personas.json").read_text())
         assert cards["k"] == 4 and len(cards["cards"]) == 4
         # the ledger follows the plan fixed before round 1, and privacy plan predicted it
@@ -125,7 +125,7 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
         assert entry["noise_multiplier"] == plan["noise_multiplier"]
     shown = _cli("privacy", "ledger", str(out / "partners" / "shop-1" / "state"), cwd=tmp_path)
     assert shown.returncode == 0 and "dp-sgd alone" in " ".join(shown.stdout.split())
-    assert "dp-kmeans alone" in " ".join(shown.stdout.split())
+    assert "dp-gram alone" in " ".join(shown.stdout.split()) and "dp-em alone" in " ".join(shown.stdout.split())
     personas = json.loads((out / "personas.json").read_text())
     assert personas["k"] == 4 and set(personas["shares_by_kind"]) == {"ecommerce", "finance", "health"}
     for shares in personas["shares_by_kind"].values():
@@ -135,7 +135,9 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
 
     arrays, card = verify_model(out / "model")
     assert card["rounds"] == 2 and set(card["partners"]) == set(privacy)
-    assert len(card["prototypes"]) == 4
+    assert card["personas"]["k"] == 4 and len(card["personas"]["slots"]) == 3
+    for released in card["personas"]["slots"].values():
+        assert len(released["shares"]) == 4 and released["kind"] in {"ecommerce", "finance", "health"}
     assert any(k.startswith("trunk.") for k in arrays)
     assert not any("head" in k for k in arrays)  # local heads never reach the server
     assert sum(k.startswith("ecommerce:") for k in arrays) > 0  # the shops' shared adapter

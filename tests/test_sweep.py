@@ -21,7 +21,7 @@ SCENARIO = """
 rounds = 1
 min_partners = 2
 personas = 4
-kmeans_rounds = 2
+persona_steps = 3
 [model]
 token_dim = 16
 embed_dim = 16

@@ -131,14 +131,18 @@ def privacy_plan(
     config: Path = typer.Option(..., help="A scenario or a partner's client.toml."),
     rounds: int | None = typer.Option(None, min=1, help="Planned rounds."),
     rows: int | None = typer.Option(None, min=2, help="Training rows (default: from the data)."),
-    kmeans_rounds: int = typer.Option(6, min=0, help="Persona-clustering rounds the federation announces (0: none)."),
-    kmeans_noise: float = typer.Option(10.0, min=0.01, help="Noise multiplier of each clustering release."),
+    persona_releases: int | None = typer.Option(
+        None, min=0, help="Persona releases the federation announces for a partner (default: 7; 0: none)."
+    ),
+    persona_share: float | None = typer.Option(
+        None, min=0.01, max=0.99, help="The personas' share of a partner's budget (default: 0.6)."
+    ),
 ) -> None:
-    """Noise multiplier and epsilon per round, and the clustering reserve, before anything runs."""
+    """Noise multipliers and epsilon per round, and the personas' share, before anything runs."""
     from fedpersona.budget import plan_table
 
     for title, lines in plan_table(
-        config, rounds=rounds, rows=rows, kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise
+        config, rounds=rounds, rows=rows, persona_releases=persona_releases, persona_share=persona_share
     ):
         _print_table(title, lines)
 

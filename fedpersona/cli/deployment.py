@@ -81,13 +81,15 @@ def partner_check(
     ca: Path | None = typer.Option(None, help="Federation CA (default: credentials/ca.pem beside client.toml)."),
     key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
     rounds: int | None = typer.Option(None, min=1, help="Rounds the federation plans (for the privacy plan)."),
-    kmeans_rounds: int | None = typer.Option(None, min=0, help="Persona-clustering rounds (default: federation's)."),
+    persona_releases: int | None = typer.Option(
+        None, min=0, help="Persona releases the federation announces (default: the federation default; 0: none)."
+    ),
 ) -> None:
     """Validate data, schema, privacy plan and credentials; nothing connects."""
     from fedpersona.deploy.partner_site import check_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
-    result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
+    result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, persona_releases=persona_releases)
     cfg = result.config
     console.print(
         f"partner {cfg.name} ({cfg.kind}): data OK, {result.rows} users ({result.train_rows} for training; "

@@ -188,7 +188,14 @@ class PrivacySettings(Settings):
 
 
 class FederationSettings(Settings):
-    """Round structure, server optimizer, persona clustering and secure aggregation.
+    """Round structure, server optimizer, the persona protocol and secure aggregation.
+
+    Personas (:mod:`fedpersona.personas.protocol`): ``personas`` of them per silo kind (0 = no
+    personas), found in a ``persona_dims``-dimensional DP-PCA space by ``persona_steps``
+    EM-type releases (2 initialisation steps, then EM) after one Gram release; the persona
+    releases get ``persona_share`` of each partner's budget (its share of the precision
+    ``1 / sigma^2`` of one equivalent Gaussian mechanism, :func:`fedpersona.privacy.planner.plan_split`),
+    DP-SGD the rest.
 
     ``secagg_threshold`` partners (by default a strict majority of each round's partners, the
     least partners accept) must survive every stage of a securely aggregated round or it
@@ -206,10 +213,10 @@ class FederationSettings(Settings):
     robust_aggregation: Literal["mean", "median", "trimmed_mean", "krum"] = "mean"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     max_update_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
-    personas: int = Field(8, ge=0)  # 0 = no clustering
-    persona_candidates: tuple[int, ...] = ()
-    kmeans_rounds: int = Field(6, ge=1)
-    kmeans_noise: float = Field(10.0, gt=0, allow_inf_nan=False)
+    personas: int = Field(8, ge=0)  # per kind; 0 = no personas
+    persona_dims: int = Field(10, ge=1)
+    persona_steps: int = Field(6, ge=3)
+    persona_share: float = Field(0.6, gt=0, lt=1, allow_inf_nan=False)
     seed: int = 0
     round_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)
     evaluate_every: int = Field(1, ge=1)  # the last round is always evaluated
@@ -222,20 +229,6 @@ class FederationSettings(Settings):
     secagg_clipping_range: float = Field(8.0, gt=0, allow_inf_nan=False)
     secagg_quantization_range: int = Field(2**16, ge=2, le=2**32)
 
-    @field_validator("persona_candidates", mode="before")
-    @classmethod
-    def _candidates(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            value = tuple(value)
-        if not isinstance(value, tuple) or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in value):
-            raise ValueError(
-                "must be a list of integers >= 2 (the numbers of personas to choose from, e.g. [4, 6, 8]; [] = use "
-                "federation.personas)"
-            )
-        if value and (len(set(value)) != len(value) or len(value) < 2):
-            raise ValueError("needs at least two different numbers")
-        return tuple(sorted(value))
-
     @model_validator(mode="after")
     def _threshold_fits(self) -> Self:
         t = self.secagg_threshold
@@ -247,13 +240,12 @@ class FederationSettings(Settings):
         return self
 
     @property
-    def kmeans_releases(self) -> int:
-        """Noisy k-means releases each partner makes (and plans for): the Lloyd rounds plus,
-        when K is chosen among ``persona_candidates``, one round per candidate; 0 when
-        ``personas = 0`` turns clustering off."""
+    def persona_releases(self) -> int:
+        """Noisy persona releases each partner makes (and plans for): the Gram release and
+        ``persona_steps`` EM-type steps; 0 when ``personas = 0`` turns personas off."""
         if self.personas == 0:
             return 0
-        return self.kmeans_rounds + len(self.persona_candidates)
+        return 1 + self.persona_steps
 
 
 class SimulationSettings(Settings):
@@ -540,7 +532,13 @@ class FederationConfig(Settings):
 
 class PrivacyPlan(Settings):
     """The noise plan a partner fixed at its first round (``state/plan.json``); public numbers
-    only, each a function of the partner's configuration and the federation's settings."""
+    only, each a function of the partner's configuration and the federation's settings.
+
+    ``noise_multiplier`` is DP-SGD's; with personas, ``persona_releases`` Gaussian releases
+    (q = 1) are reserved: one Gram release at ``gram_noise`` and ``persona_releases - 1``
+    EM-type steps at ``em_noise``, together ``persona_share`` of the budget
+    (:func:`fedpersona.privacy.planner.plan_split`).
+    """
 
     section: ClassVar[str] = "plan"
 
@@ -553,8 +551,10 @@ class PrivacyPlan(Settings):
     delta: float = Field(gt=0, lt=1.0)
     accountant: Literal["prv", "rdp"]
     max_grad_norm: float = Field(gt=0)
-    kmeans_rounds: int = Field(0, ge=0)
-    kmeans_noise: float | None = Field(None, gt=0)
+    persona_releases: int = Field(0, ge=0)  # the Gram release plus the EM-type steps
+    persona_share: float = Field(0.0, ge=0, lt=1)
+    gram_noise: float | None = Field(None, gt=0)
+    em_noise: float | None = Field(None, gt=0)
     public_rows: int = Field(ge=1)
     noise_seeded: bool = False
     batch_size: int = Field(64, ge=1)

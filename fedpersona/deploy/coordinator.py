@@ -71,7 +71,7 @@ def check_resume(cfg: FederationConfig) -> str:
     if checkpoint.stage == "train":
         done, total = checkpoint.round, cfg.federation.rounds
         return f"{done} of {total} rounds aggregated: continuing at round {done + 1}"
-    return f"training done; persona clustering continues ({checkpoint.stage}, {checkpoint.kmeans_done} k-means rounds)"
+    return f"training done; the personas continue ({checkpoint.stage}, {checkpoint.persona_done} persona releases done)"
 
 
 def _connect_host(host: str) -> str:

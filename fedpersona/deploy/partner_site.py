@@ -80,13 +80,13 @@ def check_partner(
     key: str | Path,
     rounds: int | None = None,
     training: TrainingSettings | None = None,
-    kmeans_rounds: int | None = None,
+    persona_releases: int | None = None,
 ) -> PartnerCheck:
     """Validate everything a partner will use before anything connects; raise once with all problems.
 
     The privacy plan is the one :func:`fedpersona.privacy.planner.plan_rows` computes: ``rounds`` DP-SGD
-    rounds, then ``kmeans_rounds`` persona-clustering rounds (default: the federation default;
-    0 = none), whose reserve the noise is planned around; the last epsilon is after clustering.
+    rounds, then ``persona_releases`` persona releases (default: the federation default;
+    0 = none), whose share of the budget the noise is planned around; the last epsilon is after them.
     """
     from fedpersona.federation.partner import load_partner_data, public_rows_of
     from fedpersona.privacy.ledger import PrivacyLedger
@@ -129,10 +129,10 @@ def check_partner(
         sigma, eps = None, []
         if planned is not None:
             fed = FederationSettings()  # the coordinator's defaults unless told otherwise
-            releases = fed.kmeans_releases if kmeans_rounds is None else kmeans_rounds
+            releases = fed.persona_releases if persona_releases is None else persona_releases
             plan = make_plan(
                 privacy=cfg.privacy, training=training, public_rows=declared, rounds=planned,
-                kmeans_rounds=releases, kmeans_noise=fed.kmeans_noise if releases else None,
+                persona_releases=releases, persona_share=fed.persona_share,
             )  # fmt: skip
             sigma, eps = plan.noise_multiplier, epsilon_schedule(plan)
     spent: float | None = None

@@ -1,11 +1,12 @@
 """The coordinator's checkpoint: where a federation stands, so that a restarted server continues it.
 
 One file, ``RUN_DIR/state/checkpoint.npz``, rewritten after every aggregation (each training
-round, each DP k-means round) and at each later stage. It holds the global arrays and the
-server optimizer's moments (:meth:`fedpersona.federation.aggregation.ScopedAggregator.get_state`), the
-current persona prototypes and the k-means generator, and a JSON document (the ``__meta__``
+round, each persona release) and at each later stage. It holds the global arrays and the
+server optimizer's moments (:meth:`fedpersona.federation.aggregation.ScopedAggregator.get_state`) and
+a JSON document (the ``__meta__``
 entry) with the stage, the last completed round, the per-partner facts the server keeps
-(slot, epsilon, steps, why a partner was dropped) and the settings that define the run.
+(slot, epsilon, steps, why a partner was dropped), the state of each slot's persona protocol
+(:meth:`fedpersona.personas.protocol.PersonaRun.state`) and the settings that define the run.
 
 Writes are atomic: a temporary file in the same folder, fsync'd, ``os.replace``'d over the
 old one, then the folder fsync'd; a crash leaves the old checkpoint or the new one, never a
@@ -14,8 +15,8 @@ differs; a setting a newer fedpersona added is accepted at its default) and a da
 with a :class:`CheckpointError` that says what to do, never a traceback.
 
 Stages, in order: ``train`` (``round`` training rounds aggregated; ``evaluated`` says whether
-the last one's evaluation rows are in metrics.jsonl), ``kmeans`` (``kmeans_done`` DP k-means
-rounds aggregated), ``clustered`` (the personas are final), ``done`` (model published and
+the last one's evaluation rows are in metrics.jsonl), ``personas`` (``persona_done`` persona
+releases absorbed), ``clustered`` (the personas are final), ``done`` (model published and
 delivered).
 """
 
@@ -47,10 +48,9 @@ __all__ = [
 ]
 
 CHECKPOINT = Path("state") / "checkpoint.npz"  # relative to the run folder
-STAGES = ("train", "kmeans", "clustered", "done")
-VERSION = 1
+STAGES = ("train", "personas", "clustered", "done")
+VERSION = 2
 _META = "__meta__"
-_PROTOTYPES = "__prototypes__"
 # Operational settings that may change between a crash and its resume without changing the run.
 _OPERATIONAL = {"federation": ("round_timeout", "evaluate_every"), "training": ("device",)}
 
@@ -109,10 +109,9 @@ class Checkpoint:
     stage: str = "train"
     round: int = 0
     evaluated: bool = True
-    kmeans_done: int = 0
+    persona_done: int = 0
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # ScopedAggregator.get_state()
-    prototypes: np.ndarray | None = None
-    kmeans_rng: dict[str, Any] | None = None  # numpy bit generator state
+    persona_runs: dict[str, dict[str, Any]] = field(default_factory=dict)  # slot -> PersonaRun state (JSON)
     personas: dict[str, Any] | None = None  # the final personas, from stage "clustered" on
     partners: dict[str, dict[str, Any]] = field(default_factory=dict)  # by partner name
     extra: dict[str, Any] = field(default_factory=dict)
@@ -134,8 +133,8 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
         "stage": checkpoint.stage,
         "round": checkpoint.round,
         "evaluated": checkpoint.evaluated,
-        "kmeans_done": checkpoint.kmeans_done,
-        "kmeans_rng": checkpoint.kmeans_rng,
+        "persona_done": checkpoint.persona_done,
+        "persona_runs": checkpoint.persona_runs,
         "personas": checkpoint.personas,
         "partners": checkpoint.partners,
         "extra": checkpoint.extra,
@@ -143,8 +142,6 @@ def save_checkpoint(run_dir: str | Path, checkpoint: Checkpoint) -> Path:
     }
     entries: dict[str, np.ndarray] = {f"a{i}": checkpoint.arrays[k] for i, k in enumerate(names)}
     entries[_META] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    if checkpoint.prototypes is not None:
-        entries[_PROTOTYPES] = np.asarray(checkpoint.prototypes, dtype=np.float64)
     buffer = io.BytesIO()
     np.savez(buffer, **entries)  # type: ignore[arg-type]
     return write_durably(path, buffer.getvalue())
@@ -168,17 +165,15 @@ def load_checkpoint(run_dir: str | Path, *, settings: tuple[Any, Any, Any] | Non
             meta = json.loads(bytes(npz[_META]).decode())
             names = list(meta["arrays"])
             arrays = {name: npz[f"a{i}"] for i, name in enumerate(names)}
-            prototypes = npz[_PROTOTYPES] if _PROTOTYPES in npz.files else None
         checkpoint = Checkpoint(
             fingerprint=str(meta["fingerprint"]),
             settings=dict(meta["settings"]),
             stage=str(meta["stage"]),
             round=int(meta["round"]),
             evaluated=bool(meta["evaluated"]),
-            kmeans_done=int(meta["kmeans_done"]),
+            persona_done=int(meta["persona_done"]),
             arrays=arrays,
-            prototypes=prototypes,
-            kmeans_rng=meta.get("kmeans_rng"),
+            persona_runs=dict(meta.get("persona_runs") or {}),
             personas=meta.get("personas"),
             partners=dict(meta.get("partners") or {}),
             extra=dict(meta.get("extra") or {}),

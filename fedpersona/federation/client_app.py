@@ -38,16 +38,17 @@ from flwr.clientapp import ClientApp
 from fedpersona.config.files import load_partner_config
 from fedpersona.config.settings import PartnerConfig
 from fedpersona.errors import ConfigError, FedPersonaError, PolicyRefusal, PrivacyBudgetExceeded, PrivacyLedgerError
-from fedpersona.federation.messages import arrays_of, config_of, decode_settings, encode_arrays
+from fedpersona.federation.messages import arrays_of, config_of, decode_arrays, decode_settings, encode_arrays
 from fedpersona.federation.partner import (
     RoundOutcome,
     build_model,
-    cluster_round,
     evaluate_round,
     load_partner_data,
     load_plan,
     partner_schema,
+    persona_release,
     persona_round,
+    persona_width,
     shared_names,
     spent_epsilon,
     train_round,
@@ -68,7 +69,7 @@ from fedpersona.federation.secagg import (
     start_round,
 )
 from fedpersona.model.training import pick_device
-from fedpersona.personas.clustering import ClusterStats
+from fedpersona.personas.space import packed_size
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.manifest import ERROR_CODES, audit_entry, check_outgoing, error_reason, write_audit
 
@@ -162,8 +163,8 @@ def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     data = load_partner_data(cfg, device=pick_device(training.device))
     plan = load_plan(
         cfg, data, training, rounds,
-        kmeans_rounds=int(config.get("kmeans_rounds", 0)),
-        kmeans_noise=float(config["kmeans_noise"]) if config.get("kmeans_rounds") else None,
+        persona_releases=int(config.get("persona_releases", 0)),
+        persona_share=float(config.get("persona_share", 0.0)),
     )  # fmt: skip
     schema = partner_schema(cfg)
     info: dict[str, Any] = {
@@ -184,6 +185,9 @@ def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
         "share_eval_metrics": cfg.share_eval_metrics,
         "noise_seeds_known": plan.noise_seeded,
         "require_secure_aggregation": cfg.require_secure_aggregation,
+        "persona_width": persona_width(cfg),
+        "gram_noise": plan.gram_noise or 0.0,
+        "em_noise": plan.em_noise or 0.0,
     }
     return RecordDict({"info": ConfigRecord(info)})
 
@@ -262,16 +266,16 @@ def _secrets(context: Context, config: dict[str, Any]) -> PartnerSecrets:
 
 def _secagg_setup(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Fresh key pairs for this round; reply with the public keys and the shapes of what this
-    partner will sum: its shared parameters, or (``secagg.purpose = "kmeans"``) the k-means
-    statistics."""
+    partner will sum: its shared parameters, or (``secagg.purpose = "personas"``) its persona
+    release (the Gram matrix of its slot's persona view, or the EM statistics)."""
     config = config_of(msg)
-    if config.get("secagg.purpose") == "kmeans":
-        k, dim = int(config["secagg.k"]), int(config["secagg.dim"])
-        shapes: dict[str, tuple[int, ...]] = {
-            "kmeans_total.sums": (k, dim),
-            "kmeans_total.counts": (k,),
-            "kmeans_kind.counts": (k,),
-        }
+    if config.get("secagg.purpose") == "personas":
+        shapes: dict[str, tuple[int, ...]] = {"persona_total.ones": (1,)}
+        if config["persona.kind"] == "gram":
+            shapes["persona_kind.gram"] = (packed_size(persona_width(cfg)),)
+        else:
+            k, dims = int(config["persona.k"]), int(config["persona.dims"])
+            shapes.update({"persona_kind.counts": (k,), "persona_kind.sums": (k, dims)})
     else:
         model_cfg, training = decode_settings(config)
         data = load_partner_data(cfg, device=pick_device(training.device))
@@ -338,16 +342,23 @@ def _secagg_train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordD
     return RecordDict({"masked": ArrayRecord({"vector": Array(masked)}), "metrics": metrics})
 
 
-def _secagg_kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    """One DP k-means release (charged first), sent only as a masked share of the sums."""
+def _release(msg: Message, cfg: PartnerConfig) -> dict[str, np.ndarray]:
+    config = config_of(msg)
+    _, training = decode_settings(config)
+    persona = msg.content.array_records["persona"] if "persona" in msg.content.array_records else None
+    return persona_release(
+        cfg=cfg, training=training, config=config, arrays=decode_arrays(persona) if persona is not None else {},
+        server_round=int(config["round"]),
+    )  # fmt: skip
+
+
+def _secagg_persona_release(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """One persona release (charged first), sent only as a masked share of its slot's sum."""
     secrets = _secagg_receive(msg, context)
-    stats = _cluster_stats(msg, cfg)
-    counts = stats.counts.astype(np.float64)
-    arrays = {"kmeans_total.sums": stats.sums, "kmeans_total.counts": counts, "kmeans_kind.counts": counts}
+    released = _release(msg, cfg)
+    arrays = {"persona_total.ones": np.ones(1), **{f"persona_kind.{k}": v for k, v in released.items()}}
     masked = _secagg_masked(context, secrets, config_of(msg), arrays, 1)
-    return RecordDict(
-        {"masked": ArrayRecord({"vector": Array(masked)}), "metrics": MetricRecord({"noise_std": stats.noise_std})}
-    )
+    return RecordDict({"masked": ArrayRecord({"vector": Array(masked)}), "metrics": MetricRecord({})})
 
 
 def _secagg_unmask(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
@@ -380,42 +391,25 @@ def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     return RecordDict({"metrics": MetricRecord(public)})
 
 
-def _kmeans(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    """One DP k-means release: noisy per-prototype sums and counts (charged first)."""
-    _refuse_plain(cfg, "k-means release")
-    stats = _cluster_stats(msg, cfg)
-    metrics: dict[str, Any] = {"noise_std": stats.noise_std}
-    sums = stats.sums.astype(np.float32)
-    counts = stats.counts.astype(np.float32)
+def _persona_release(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    """One persona release: a noisy Gram matrix or noisy EM statistics (charged first)."""
+    _refuse_plain(cfg, "persona release")
+    released = _release(msg, cfg)
     return RecordDict(
-        {"stats": ArrayRecord({"sums": Array(sums), "counts": Array(counts)}), "metrics": MetricRecord(metrics)}
-    )
-
-
-def _cluster_stats(msg: Message, cfg: PartnerConfig) -> ClusterStats:
-    config = config_of(msg)
-    model_cfg, training = decode_settings(config)
-    return cluster_round(
-        cfg=cfg,
-        model_cfg=model_cfg,
-        training=training,
-        received=arrays_of(msg),
-        prototypes=msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64),
-        server_round=int(config["round"]),
-        seed=int(config["seed"]),
+        {
+            "release": ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in released.items()}),
+            "metrics": MetricRecord({}),
+        }
     )
 
 
 def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
-    """Assign users to the global personas and write the persona cards locally."""
+    """Assign users to the slot's released personas and write the persona cards locally."""
     config = config_of(msg)
-    model_cfg, training = decode_settings(config)
     metrics = persona_round(
         cfg=cfg,
-        model_cfg=model_cfg,
-        training=training,
-        received=arrays_of(msg),
-        prototypes=msg.content.array_records["prototypes"]["centres"].numpy().astype(np.float64),
+        config=config,
+        arrays=decode_arrays(msg.content.array_records["persona"]),
         seed=int(config["seed"]),
     )
     public: dict[str, Any] = {}
@@ -453,8 +447,8 @@ def build_client_app(run_dir: str | None = None) -> ClientApp:
     client.query("secagg_share_keys")(_guarded(_secagg_share_keys, run_dir))
     client.train("secagg")(_guarded(_secagg_train, run_dir))
     client.query("secagg_unmask")(_guarded(_secagg_unmask, run_dir))
-    client.query("kmeans")(_guarded(_kmeans, run_dir))
-    client.query("kmeans_secagg")(_guarded(_secagg_kmeans, run_dir))
+    client.query("persona_release")(_guarded(_persona_release, run_dir))
+    client.query("persona_release_secagg")(_guarded(_secagg_persona_release, run_dir))
     client.query("personas")(_guarded(_personas, run_dir))
     client.query("final_model")(_guarded(_final_model, run_dir))
     client.query("status")(_guarded(_status, run_dir))

@@ -30,17 +30,20 @@ from sklearn.metrics import adjusted_rand_score
 from fedpersona.config.files import load_plan as load_plan_file
 from fedpersona.config.files import save_plan
 from fedpersona.config.settings import ModelSettings, PartnerConfig, PrivacyPlan, TrainingSettings
+from fedpersona.data.dense import DenseViews, dense_layout, dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import Schema, SequenceFeature, slot_id
 from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import Table, load_table
-from fedpersona.errors import ConfigError, PrivacyLedgerError
+from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.model.evaluation import embed_all, evaluate
-from fedpersona.model.inference import InferenceSummary, assign_personas, infer_file, load_parameters
+from fedpersona.model.evaluation import evaluate
+from fedpersona.model.inference import InferenceSummary, infer_file, load_parameters
 from fedpersona.model.scopes import parameter_scope
 from fedpersona.model.training import LocalResult, pick_device, train_locally
-from fedpersona.personas.clustering import ClusterStats, charge_kmeans_round, local_cluster_stats
+from fedpersona.personas.mixture import STATS_MECHANISM, Mixture, stats_release
+from fedpersona.personas.protocol import personas_from_arrays, result_from_json
+from fedpersona.personas.space import GRAM_MECHANISM, PersonaSpace, gram_release
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import make_plan
 from fedpersona.privacy.randomness import SecretRandomness
@@ -69,6 +72,13 @@ class PartnerData:
     test: FeatureTensors
     personas_test: np.ndarray | None
     table: Table
+    train_index: np.ndarray  # the table's training rows (the keyed split)
+    dense: DenseViews  # the public dense views of every row (fedpersona.data.dense)
+
+    @property
+    def persona_train(self) -> np.ndarray:
+        """The persona view of the training rows (float64): what the persona releases use."""
+        return np.asarray(self.dense.persona[self.train_index], dtype=np.float64)
 
 
 def partner_schema(cfg: PartnerConfig) -> Schema:
@@ -108,6 +118,8 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
         test=FeatureTensors(cached.test.layout, dict(cached.test.tensors)),
         personas_test=cached.personas_test,
         table=cached.table,
+        train_index=cached.train_index,
+        dense=cached.dense,
     )
 
 
@@ -162,6 +174,8 @@ def read_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
         test=test,
         personas_test=personas[test_idx] if personas is not None else None,
         table=table,
+        train_index=train_idx,
+        dense=dense_views(table),
     )
 
 
@@ -272,13 +286,13 @@ def load_plan(
     training: TrainingSettings,
     rounds: int,
     *,
-    kmeans_rounds: int = 0,
-    kmeans_noise: float | None = None,
+    persona_releases: int = 0,
+    persona_share: float = 0.0,
 ) -> PrivacyPlan:
     """The partner's plan: fixed in ``state/plan.json`` at its first round, made now otherwise.
 
     The plan comes from the one planner (:func:`fedpersona.privacy.planner.make_plan`) and
-    covers ALL planned rounds x local epochs x steps and the clustering reserve; it is never
+    covers ALL planned rounds x local epochs x steps and the persona releases; it is never
     re-made. ``plan.json`` is then the one source of truth for the partner's budget: when
     ``client.toml`` (or the federation's training settings) no longer say what the plan
     fixed, the partner refuses to work and names each key that changed, rather than account
@@ -303,7 +317,7 @@ def load_plan(
         return plan
     plan = make_plan(
         privacy=cfg.privacy, training=training, public_rows=public_rows_of(cfg, data), rounds=rounds,
-        kmeans_rounds=kmeans_rounds, kmeans_noise=kmeans_noise,
+        persona_releases=persona_releases, persona_share=persona_share,
     )  # fmt: skip
     if plan.private and plan.delta >= 1.0 / plan.public_rows:
         logger.warning(
@@ -400,6 +414,16 @@ def train_round(
     model = build_model(data, model_cfg, seed=seed, device=device)
     _with_received(model, cfg, received)
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy) if plan.private else None
+    if ledger is not None and plan.persona_releases:
+        done = sum(1 for e in ledger.entries if e.mechanism == "dp-sgd")
+        if done >= plan.planned_rounds:
+            # The plan keeps the rest of the budget for the persona releases: a training round
+            # past the planned ones would spend it, and the personas would then be refused.
+            raise PrivacyBudgetExceeded(
+                f"round {server_round}: this partner planned {plan.planned_rounds} DP-SGD round(s) and has run "
+                f"{done}; the rest of its budget is kept for the {plan.persona_releases} persona releases "
+                f"({Path(cfg.state_dir) / 'plan.json'})"
+            )
     anchor = {k: torch.from_numpy(np.array(v)) for k, v in received.items()}
     # Secret randomness for the batches, the noise and the masks (never from the message).
     attempt = len(ledger.entries) if ledger is not None else 0
@@ -476,49 +500,87 @@ def _global_model(
     return data, model
 
 
-def cluster_round(
+def persona_width(cfg: PartnerConfig) -> int:
+    """Columns of this partner's persona view: a function of its schema alone (public)."""
+    return dense_layout(partner_schema(cfg)).persona_width
+
+
+def persona_release(
     *,
     cfg: PartnerConfig,
-    model_cfg: ModelSettings,
     training: TrainingSettings,
-    received: dict[str, np.ndarray],
-    prototypes: np.ndarray,
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray],
     server_round: int,
-    seed: int,
-) -> ClusterStats:
-    """One federated DP k-means step: noisy per-prototype sums and counts of the training
-    rows' embeddings under the global model, charged to the ledger before it is computed."""
-    data, model = _global_model(cfg, model_cfg, training, received, seed)
+) -> dict[str, np.ndarray]:
+    """One release of the persona protocol (:mod:`fedpersona.personas.protocol`) from this
+    partner's training rows: its noisy Gram matrix (``persona.kind = "gram"``) or its noisy
+    EM statistics for the mixture in ``arrays`` (``"stats"``), charged to the ledger first.
+
+    The noise multiplier is the plan's (``gram_noise`` or ``em_noise``), never the message's;
+    the public constants the message carries (clips, offset, the count-noise weight, the
+    space and the mixture) only shape the release, and the noise is scaled to the same clips,
+    so no choice of them weakens the guarantee. The noise comes from the partner's secret
+    stream, keyed by the ledger entry, so a repeated request draws fresh noise.
+    """
+    data = load_partner_data(cfg)
     plan = load_plan(cfg, data, training, 1)
-    noise = 0.0
-    attempt = 0
+    kind = str(config["persona.kind"])
+    if kind not in ("gram", "stats"):
+        raise ValueError(f"unknown persona release {kind!r}")
+    mechanism = GRAM_MECHANISM if kind == "gram" else STATS_MECHANISM
+    noise, seq = 0.0, 0
     if plan.private:
-        if not plan.kmeans_noise:
+        planned = plan.gram_noise if kind == "gram" else plan.em_noise
+        if not plan.persona_releases or planned is None:
             raise ConfigError(
-                f"{cfg.name}: this partner's noise plan reserved no budget for persona clustering "
-                "(it was planned before the federation announced clustering); it refuses the release"
+                f"{cfg.name}: this partner's noise plan reserved no budget for personas (it was planned before "
+                "the federation announced them); it refuses the release"
             )
-        noise = float(plan.kmeans_noise)
-        attempt = charge_kmeans_round(
-            PrivacyLedger(cfg.state_dir, settings=cfg.privacy), round=server_round, noise_multiplier=noise
-        ).seq
-    z = embed_all(model, data.train)
+        noise = float(planned)
+        seq = (
+            PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
+            .charge(round=server_round, mechanism=mechanism, noise_multiplier=noise, sample_rate=1.0, steps=1)
+            .seq
+        )
     # The noise comes from the partner's secret stream, never from the message.
-    randomness = SecretRandomness.for_mechanism(cfg.privacy.noise_seed, cfg.name, "kmeans", server_round, attempt)
-    return local_cluster_stats(z, prototypes, noise_multiplier=noise, randomness=randomness)
+    randomness = SecretRandomness.for_mechanism(cfg.privacy.noise_seed, cfg.name, mechanism, server_round, seq)
+    x = data.persona_train
+    if kind == "gram":
+        packed = gram_release(
+            x, clip=float(config["persona.row_clip"]), offset=float(config["persona.offset"]),
+            noise_multiplier=noise, randomness=randomness if noise else None,
+        )  # fmt: skip
+        return {"gram": packed}
+    space, mixture = personas_from_arrays(arrays, metric=str(config["persona.metric"]))
+    stats = stats_release(
+        space.embed(x), mixture, soft=bool(config["persona.soft"]), z_clip=space.z_clip, noise_multiplier=noise,
+        count_noise=float(config["persona.count_noise"]), randomness=randomness if noise else None,
+    )  # fmt: skip
+    return {"counts": stats.counts, "sums": stats.sums}
+
+
+def assign_rows(space: PersonaSpace, mixture: Mixture, persona_view: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``(hard (n,), posterior (n, K), z (n, p))`` of every row of a persona view: a public
+    function of each row once the space and the mixture are released (free; stays here)."""
+    z = space.embed(np.asarray(persona_view, dtype=np.float64))
+    if not len(z):
+        return np.zeros(0, dtype=np.int64), np.zeros((0, mixture.k)), z
+    scores = mixture.log_posterior(z)
+    posterior = np.exp(scores - scores.max(axis=1, keepdims=True))
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    return scores.argmax(axis=1).astype(np.int64), posterior, z
 
 
 def persona_round(
     *,
     cfg: PartnerConfig,
-    model_cfg: ModelSettings,
-    training: TrainingSettings,
-    received: dict[str, np.ndarray],
-    prototypes: np.ndarray,
+    config: dict[str, Any],
+    arrays: dict[str, np.ndarray],
     seed: int,
     min_users: int = 10,
 ) -> dict[str, Any]:
-    """Assign every user to a persona and write this partner's persona cards, locally.
+    """Assign every user to a persona of its slot and write this partner's persona cards, locally.
 
     Nothing here is sent: the cards and the persona-by-feature profile (the heatmap of the
     run report; ``state_dir/personas.json``) and each user's persona
@@ -527,9 +589,10 @@ def persona_round(
     """
     from fedpersona.personas.cards import feature_profile, hit_rate_at_k, persona_cards
 
-    data, model = _global_model(cfg, model_cfg, training, received, seed)
-    assignments, _, _ = assign_personas(model.cpu(), featurize(data.table), prototypes)
-    k = int(prototypes.shape[0])
+    data = load_partner_data(cfg)
+    space, mixture = personas_from_arrays(arrays, metric=str(config.get("persona.metric", "tied")))
+    assignments = assign_rows(space, mixture, data.dense.persona)[0]
+    k = mixture.k
     category = None
     if cfg.kind == "ecommerce":
         category = next(
@@ -602,24 +665,41 @@ def infer_users(
     """Assign personas to a file of this partner's users with a verified model folder.
 
     The model is verified against ``public_key`` (the federation's; ``None`` only for a folder
-    the user made, with ``--no-verify``). A partner whose adapter never left it (its schema
-    differs from its kind's) uses its own from ``state_dir/local.pt``.
+    the user made, with ``--no-verify``). The partner's personas are those of its slot (its
+    kind and schema fingerprint): the released persona space and mixture, applied to each
+    row's public persona view (:func:`assign_rows`); no encoder runs.
     """
     from fedpersona.model.artifacts import ArtifactError, verify_model
 
-    arrays, card = verify_model(model, public_key=public_key)
-    if not card.get("prototypes"):
-        raise ArtifactError(f"{model}: the model carries no persona prototypes (the run clustered no personas)")
+    _, card = verify_model(model, public_key=public_key)
     schema = partner_schema(cfg)
     slot = slot_id(schema.kind, schema.fingerprint())
-    local_adapter = None
-    if not any(name.startswith(slot + "/") for name in arrays):
-        path = Path(cfg.state_dir) / "local.pt"
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            local_adapter = {k: v.numpy() for k, v in state.items() if k.startswith("adapter.")}
+    slots = (card.get("personas") or {}).get("slots") or {}
+    if not slots:
+        raise ArtifactError(f"{model}: the model carries no personas (the run found none)")
+    if slot not in slots:
+        kinds = ", ".join(sorted(str(v.get("label", k)) for k, v in slots.items()))
+        raise ArtifactError(
+            f"{model}: the model has no personas for this partner's schema ({schema.kind}, fingerprint "
+            f"{schema.fingerprint()[:12]}); it has personas for: {kinds}. Infer with the schema the federation "
+            "trained with"
+        )
+    try:
+        result = result_from_json(slots[slot])
+    except ValueError as exc:
+        raise ArtifactError(f"{model}: the personas of {slot} are damaged ({exc})") from None
+    layout = dense_layout(schema)
+    if layout.persona_width != result.space.dim:
+        raise ArtifactError(
+            f"{model}: the personas of {slot} expect {result.space.dim} persona columns, the schema gives "
+            f"{layout.persona_width}"
+        )
+
+    def assign(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hard, posterior, z = assign_rows(result.space, result.mixture, dense_views(table).persona)
+        return hard, posterior.astype(np.float32), z.astype(np.float32)
+
     return infer_file(
-        arrays=arrays, card=card, schema=schema, prototypes=np.asarray(card["prototypes"], dtype=np.float64),
-        data_path=data_path, out_path=out_path, chunk_rows=chunk_rows, include_embedding=include_embedding,
-        local_adapter=local_adapter, progress=progress,
+        schema=schema, assign=assign, k=result.mixture.k, dim=result.space.dims, data_path=data_path,
+        out_path=out_path, chunk_rows=chunk_rows, include_embedding=include_embedding, progress=progress,
     )  # fmt: skip

@@ -109,7 +109,9 @@ def publish(
         "rounds": rounds,
         "model": model.model_dump(),
         "slots": sorted(aggregator.adapters),
-        "prototypes": personas["prototypes"] if personas else None,
+        "personas": {"k": personas["k"], "method": personas["method"], "slots": personas["slots"]}
+        if personas
+        else None,
         "partners": {
             p.info["name"]: {
                 "kind": p.info["kind"],

@@ -1,10 +1,10 @@
 """The coordinator's exchanges of one round: training (plain or securely aggregated),
-evaluation, DP k-means releases (plain or securely summed) and the persona assignment.
+evaluation, the persona releases (plain or securely summed per slot) and the persona assignment.
 
 Each function sends one kind of message to the active partners (:mod:`fedpersona.federation.roster`),
 records what each reply says about its sender, and returns what the server may use: the
-screened updates of a training round, the rows of an evaluation, the noisy statistics of a
-k-means release. Secure aggregation runs the four exchanges of :mod:`fedpersona.federation.secagg`
+screened updates of a training round, the rows of an evaluation, the summed noisy releases of
+the persona protocol. Secure aggregation runs the four exchanges of :mod:`fedpersona.federation.secagg`
 (:func:`_secure_sum`), by default with a threshold of a strict majority of the round's partners.
 """
 
@@ -21,9 +21,10 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpersona.config.settings import FederationSettings
+from fedpersona.data.schema import slot_id
 from fedpersona.federation.aggregation import PartnerUpdate, ScopedAggregator
 from fedpersona.federation.checkpoint import Checkpoint
-from fedpersona.federation.messages import arrays_of, encode_arrays, metrics_of
+from fedpersona.federation.messages import arrays_of, decode_arrays, encode_arrays, metrics_of
 from fedpersona.federation.roster import Member, exchange, failed, reported_number, trained
 from fedpersona.federation.secagg import (
     SecAggParams,
@@ -35,16 +36,27 @@ from fedpersona.federation.secagg import (
     strict_majority,
 )
 from fedpersona.federation.secure_round import SecureRound, as_updates
-from fedpersona.personas.clustering import ClusterStats
-from fedpersona.personas.schedule import KMeansRun
+from fedpersona.personas.mixture import StepStats
+from fedpersona.personas.protocol import (
+    PersonaProtocol,
+    PersonaRequest,
+    PersonaRun,
+    request_arrays,
+    result_from_json,
+    result_to_json,
+    state_from_json,
+    state_to_json,
+)
 from fedpersona.privacy.manifest import parse_error_reason
 
 __all__ = [
-    "KMEANS_QUANTIZATION",
+    "PERSONA_QUANTIZATION",
     "cluster_personas",
     "evaluate",
     "model_messages",
     "persona_metrics",
+    "persona_slot",
+    "protocol_for",
     "train_plain",
     "train_secure",
 ]
@@ -57,11 +69,9 @@ def model_messages(
     active: dict[int, Member],
     config: Callable[..., ConfigRecord],
     rnd: int,
-    *,
-    prototypes: np.ndarray | None = None,
 ) -> dict[int, RecordDict]:
-    """Each active partner's view of the global model (trunk + its slot's adapter), the
-    round's config and, for the persona phases, the current prototypes."""
+    """Each active partner's view of the global model (trunk + its slot's adapter) and the
+    round's config."""
     contents = {}
     for n, p in active.items():
         record = RecordDict(
@@ -70,8 +80,6 @@ def model_messages(
                 "config": config(round=rnd, adapter_shared=p.slot is not None),
             }
         )
-        if prototypes is not None:
-            record["prototypes"] = encode_arrays({"centres": prototypes.astype(np.float32)})
         contents[n] = record
     return contents
 
@@ -284,94 +292,145 @@ def train_secure(
     return as_updates(trunk, adapters)
 
 
-KMEANS_QUANTIZATION = 2**20  # levels of a securely summed k-means statistic
+PERSONA_QUANTIZATION = 2**20  # levels of a securely summed persona statistic
 
 
-def _kmeans_secure(
-    grid: Grid,
-    aggregator: ScopedAggregator,
-    partners: dict[int, Member],
-    active: dict[int, Member],
-    rnd: int,
-    config: Callable[..., ConfigRecord],
-    fed: FederationSettings,
-    prototypes: np.ndarray,
-) -> tuple[list[ClusterStats], dict[str, np.ndarray], int]:
-    """One DP k-means round whose statistics the server sees only as sums: over every partner
-    (sums and counts) and per silo kind (counts, for the persona shares per kind).
+def persona_slot(member: Member) -> str:
+    """The persona slot of a partner: its kind and schema fingerprint (one persona space each)."""
+    return slot_id(str(member.info["kind"]), str(member.info["fingerprint"]))
 
-    Each partner adds its own Gaussian noise (charged to its ledger), so the securely summed
-    statistics carry the noise of every contributor: the result is one :class:`ClusterStats`
-    whose ``noise_std`` is ``sqrt(P) * kmeans_noise * sqrt(2)`` for ``P`` contributors.
-    Values are clipped to +-``4 * max(public_rows) + 100 * kmeans_noise`` (public numbers)
-    before quantization.
-    """
-    k, dim = prototypes.shape
-    largest = max(int(p.info["rows"]) for p in active.values())
-    clip = 4.0 * largest + 100.0 * float(fed.kmeans_noise)
 
-    def settings(n: int, **extra: Any) -> ConfigRecord:
-        return config(round=rnd, adapter_shared=active[n].slot is not None, **extra)
-
-    total, by_kind, sec = _secure_sum(
-        grid, partners, active, rnd, settings, fed,
-        purpose="kmeans",
-        members={n: str(p.info["kind"]) for n, p in active.items()},
-        global_shapes={"kmeans_total.counts": (k,), "kmeans_total.sums": (k, dim)},
-        weights=dict.fromkeys(active, 1),
-        largest_sum=len(active),
-        clipping_range=clip,
-        quantization_range=KMEANS_QUANTIZATION,
-        stage_type="query.kmeans_secagg",
-        payload=lambda n: {
-            "arrays": encode_arrays(aggregator.arrays_for(active[n].slot)),
-            "prototypes": encode_arrays({"centres": prototypes.astype(np.float32)}),
-        },
-        setup_extra={"secagg.k": int(k), "secagg.dim": int(dim)},
+def protocol_for(fed: FederationSettings, width: int) -> PersonaProtocol:
+    """The persona protocol's public constants for a slot whose persona view has ``width``
+    columns (the federation's settings; dims no more than the view's width)."""
+    em_steps = fed.persona_steps - 2
+    return PersonaProtocol(
+        k=fed.personas, dims=min(fed.persona_dims, width), init_steps=2, em_steps=em_steps,
+        hard_steps=min(2, em_steps),
     )  # fmt: skip
-    survivors = [sec.node[i] for i in sec.survivors]
-    contributors = len(survivors)
-    kinds = Counter(str(partners[n].info["kind"]) for n in survivors)
-    sums = total["kmeans_total.sums"].astype(np.float64) * contributors
-    counts = total["kmeans_total.counts"].astype(np.float64) * contributors
-    std = math.sqrt(contributors) * float(fed.kmeans_noise) * math.sqrt(2.0)
-    kind_counts = {
-        kind: values["kmeans_kind.counts"].astype(np.float64) * kinds[kind] for kind, values in by_kind.items()
+
+
+def _persona_config(request: PersonaRequest, protocol: PersonaProtocol) -> dict[str, Any]:
+    """What a partner needs besides the arrays to make its release (public constants)."""
+    metric = request.mixture.metric if request.mixture is not None else "euclid"
+    return {
+        "persona.kind": request.kind,
+        "persona.soft": bool(request.soft),
+        "persona.metric": metric,
+        "persona.row_clip": float(protocol.row_clip),
+        "persona.offset": float(protocol.offset),
+        "persona.count_noise": float(protocol.count_noise),
+        "persona.k": int(request.mixture.k) if request.mixture is not None else 0,
+        "persona.dims": int(request.space.dims) if request.space is not None else 0,
     }
-    return [ClusterStats(sums=sums, counts=counts, noise_std=std)], kind_counts, contributors
 
 
-def _kmeans_plain(
+def _persona_clip(request: PersonaRequest, protocol: PersonaProtocol, members: list[Member]) -> float:
+    """A public bound on any value of one partner's release, for quantization: ``4x`` the
+    largest declared row count times the largest term a user adds, plus a wide margin for
+    the noise (each partner's planned noise is public)."""
+    largest = max(int(p.info["rows"]) for p in members)
+    if request.kind == "gram":
+        noise = max(float(p.info.get("gram_noise", 0.0) or 0.0) for p in members)
+        scale = protocol.row_clip**2 + protocol.offset**2
+        return (4.0 * largest + 10.0 * noise + 1.0) * scale
+    assert request.space is not None
+    noise = max(float(p.info.get("em_noise", 0.0) or 0.0) for p in members)
+    z = max(1.0, request.space.z_clip)
+    return (4.0 * largest + 10.0 * noise * (protocol.count_noise + 1.0) * math.sqrt(2.0) + 1.0) * z
+
+
+def _release_of(arrays: dict[str, np.ndarray], request: PersonaRequest) -> np.ndarray | StepStats:
+    if request.kind == "gram":
+        return np.asarray(arrays["gram"], dtype=np.float64)
+    return StepStats(
+        counts=np.asarray(arrays["counts"], dtype=np.float64), sums=np.asarray(arrays["sums"], dtype=np.float64)
+    )
+
+
+def _personas_plain(
     grid: Grid,
-    aggregator: ScopedAggregator,
     partners: dict[int, Member],
     active: dict[int, Member],
     rnd: int,
     config: Callable[..., ConfigRecord],
     fed: FederationSettings,
-    prototypes: np.ndarray,
-) -> tuple[list[ClusterStats], dict[str, np.ndarray], int]:
-    """One DP k-means round with each partner's noisy statistics sent as they are."""
-    contents = model_messages(aggregator, active, config, rnd, prototypes=prototypes)
-    stats: list[ClusterStats] = []
-    kind_counts: dict[str, np.ndarray] = {}
-    for p, reply in exchange(grid, "query.kmeans", contents, str(rnd), fed.round_timeout, partners):
+    requests: dict[str, tuple[PersonaRequest, PersonaProtocol]],
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """One persona release with each partner's noisy release sent as it is; returns the sum
+    per slot and how many partners of each slot contributed."""
+    contents = {}
+    for n, p in active.items():
+        request, protocol = requests[persona_slot(p)]
+        contents[n] = RecordDict(
+            {
+                "config": config(round=rnd, **_persona_config(request, protocol)),
+                "persona": encode_arrays(request_arrays(request)),
+            }
+        )
+    totals: dict[str, Any] = {}
+    counts: Counter[str] = Counter()
+    for p, reply in exchange(grid, "query.persona_release", contents, str(rnd), fed.round_timeout, partners):
         if reply.has_error():
             failed(p, reply, rnd)
             continue
-        released = reply.content.array_records["stats"]
         metrics = metrics_of(reply)
         if "epsilon" in metrics:
             p.record_epsilon(rnd, float(metrics["epsilon"]))
-        one = ClusterStats(
-            sums=released["sums"].numpy().astype(np.float64),
-            counts=released["counts"].numpy().astype(np.float64),
-            noise_std=float(metrics.get("noise_std", 0.0)),
-        )
-        stats.append(one)
-        kind = str(p.info["kind"])
-        kind_counts[kind] = kind_counts.get(kind, np.zeros(one.k)) + one.counts
-    return stats, kind_counts, len(stats)
+        slot = persona_slot(p)
+        try:
+            released = _release_of(decode_arrays(reply.content.array_records["release"]), requests[slot][0])
+        except (KeyError, ValueError) as exc:
+            logger.warning("round %d: the persona release of %s is malformed (%s); left out", rnd, p.info["name"], exc)
+            continue
+        totals[slot] = released if slot not in totals else totals[slot] + released
+        counts[slot] += 1
+    return totals, dict(counts)
+
+
+def _personas_secure(
+    grid: Grid,
+    partners: dict[int, Member],
+    active: dict[int, Member],
+    rnd: int,
+    config: Callable[..., ConfigRecord],
+    fed: FederationSettings,
+    requests: dict[str, tuple[PersonaRequest, PersonaProtocol]],
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """One persona release whose statistics the server sees only as sums per slot (SecAgg+).
+
+    Each partner adds its own Gaussian noise (charged to its ledger) before masking, so the
+    sum of a slot carries the noise of every contributor of that slot. A slot with a single
+    partner is summed over that partner alone: its release is then seen as it is (it is DP
+    on its own; the secure sum adds nothing there). Values are clipped to a public bound
+    (:func:`_persona_clip`) before quantization.
+    """
+    slots = {n: persona_slot(p) for n, p in active.items()}
+    clip = max(_persona_clip(requests[s][0], requests[s][1], [p for n, p in active.items() if slots[n] == s])
+               for s in set(slots.values()))  # fmt: skip
+
+    def settings(n: int, **extra: Any) -> ConfigRecord:
+        request, protocol = requests[slots[n]]
+        return config(round=rnd, **_persona_config(request, protocol), **extra)
+
+    _, by_slot, sec = _secure_sum(
+        grid, partners, active, rnd, settings, fed,
+        purpose="personas",
+        members=dict(slots),
+        global_shapes={"persona_total.ones": (1,)},
+        weights=dict.fromkeys(active, 1),
+        largest_sum=len(active),
+        clipping_range=clip,
+        quantization_range=PERSONA_QUANTIZATION,
+        stage_type="query.persona_release_secagg",
+        payload=lambda n: {"persona": encode_arrays(request_arrays(requests[slots[n]][0]))},
+    )  # fmt: skip
+    survivors = Counter(slots[sec.node[i]] for i in sec.survivors)
+    totals: dict[str, Any] = {}
+    for slot, values in by_slot.items():
+        arrays = {k.split(".", 1)[1]: v.astype(np.float64) * survivors[slot] for k, v in values.items()}
+        totals[slot] = _release_of(arrays, requests[slot][0])
+    return totals, dict(survivors)
 
 
 def evaluate(
@@ -413,16 +472,23 @@ def evaluate(
 
 def persona_metrics(
     grid: Grid,
-    aggregator: ScopedAggregator,
     partners: dict[int, Member],
     personas: dict[str, Any],
     rnd: int,
     config: Callable[..., ConfigRecord],
 ) -> list[dict[str, Any]]:
-    """Ask each partner to assign its users and write its persona cards locally."""
-    prototypes = np.asarray(personas["prototypes"], dtype=np.float32)
-    active = {n: p for n, p in partners.items() if p.active}
-    contents = model_messages(aggregator, active, config, rnd, prototypes=prototypes)
+    """Ask each partner to assign its users to its slot's personas and write its persona
+    cards locally (a partner whose slot has no personas is not asked)."""
+    slots = personas.get("slots", {})
+    active = {n: p for n, p in partners.items() if p.active and persona_slot(p) in slots}
+    contents = {}
+    for n, p in active.items():
+        result = result_from_json(slots[persona_slot(p)])
+        request = PersonaRequest("stats", space=result.space, mixture=result.mixture)
+        contents[n] = RecordDict(
+            {"config": config(round=rnd, **{"persona.metric": result.mixture.metric}),
+             "persona": encode_arrays(request_arrays(request))}
+        )  # fmt: skip
     rows = []
     for p, reply in exchange(grid, "query.personas", contents, str(rnd), 3600, partners):
         if reply.has_error():
@@ -449,67 +515,104 @@ def persona_metrics(
 
 def cluster_personas(
     grid: Grid,
-    aggregator: ScopedAggregator,
     partners: dict[int, Member],
     fed: FederationSettings,
     config: Callable[..., ConfigRecord],
-    dim: int,
     *,
     checkpoint: Checkpoint | None = None,
     save: Callable[..., None] | None = None,
 ) -> dict[str, Any] | None:
-    """Federated DP k-means on the partners' embeddings, following the one schedule
-    (:class:`~fedpersona.personas.schedule.KMeansRun`) over Flower messages.
+    """The persona protocol (:mod:`fedpersona.personas.protocol`) over Flower messages: one
+    :class:`~fedpersona.personas.protocol.PersonaRun` per slot (kind and schema fingerprint),
+    all advancing together, one release per message round.
 
-    Each release is every active partner's noisy per-prototype sums and counts (charged to
-    its ledger first; with secure aggregation only their sums reach the server). After each
-    resumable release ``save`` checkpoints the run; a resumed run continues after
-    ``checkpoint.kmeans_done``. The persona shares per kind come from the last release's
-    noisy counts (post-processing).
+    Each release is every active partner's noisy Gram matrix or EM statistics for its slot
+    (charged to its ledger first; with secure aggregation only the slot's sums reach the
+    server). After each release ``save`` checkpoints every run's state; a resumed run
+    continues after ``checkpoint.persona_done`` releases. A slot that gets no contribution in
+    a release stops (its partners get no personas); the protocol stops when fewer than
+    ``min_partners`` partners contribute. Persona shares come from the last release's noisy
+    counts (post-processing).
     """
-    candidates = list(fed.persona_candidates)
-    run = KMeansRun(
-        k=fed.personas, rounds=fed.kmeans_rounds, dim=dim, generator=np.random.default_rng([fed.seed, 7]),
-        candidates=candidates,
-    )  # fmt: skip
-    if checkpoint is not None and checkpoint.stage == "kmeans" and checkpoint.prototypes is not None:
-        run.restore(
-            prototypes=checkpoint.prototypes, position=checkpoint.kmeans_done, rng_state=checkpoint.kmeans_rng,
-            choice=checkpoint.extra.get("k_choice"),
-        )  # fmt: skip
-    kind_counts: dict[str, np.ndarray] = {}
-    one_round = _kmeans_secure if fed.secure_aggregation else _kmeans_plain
-    while not run.done:
-        rnd = fed.rounds + 1 + run.position
-        active = {n: p for n, p in partners.items() if p.active}
+    active = {n: p for n, p in partners.items() if p.active}
+    widths: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    for p in active.values():
+        width = int(p.info.get("persona_width", 0) or 0)
+        if width < 1:
+            logger.warning("partner %s has no persona view (no column fits one); it gets no personas", p.info["name"])
+            continue
+        widths[persona_slot(p)] = width
+        kinds[persona_slot(p)] = str(p.info["kind"])
+    runs = {
+        slot: PersonaRun(protocol=protocol_for(fed, width), dim=width, seed=fed.seed, slot=slot)
+        for slot, width in sorted(widths.items())
+    }
+    if not runs:
+        logger.error("personas: no partner has a persona view")
+        return None
+    if checkpoint is not None and checkpoint.stage == "personas":
+        for slot, state in checkpoint.persona_runs.items():
+            if slot in runs:
+                runs[slot].restore(state_from_json(state))
+    one_round = _personas_secure if fed.secure_aggregation else _personas_plain
+    done = min(run.position for run in runs.values())
+    while not all(run.done for run in runs.values()):
+        rnd = fed.rounds + 1 + done
+        active = {n: p for n, p in partners.items() if p.active and persona_slot(p) in runs}
+        requests = {slot: (run.request(), run.protocol) for slot, run in runs.items()}
+        logger.info("personas: release %d of %d (%s) to %d partner(s)", done + 1,
+                    max(r.protocol.releases for r in runs.values()),
+                    ", ".join(sorted({r.kind for r, _ in requests.values()})), len(active))  # fmt: skip
         try:
-            released, kind_counts, contributors = one_round(
-                grid, aggregator, partners, active, rnd, config, fed, run.next_prototypes()
-            )
+            totals, contributors = one_round(grid, partners, active, rnd, config, fed, requests)
         except SecureAggregationError as exc:
-            logger.error("persona clustering stopped in round %d: %s", rnd, exc)
+            logger.error("personas stopped in round %d: %s", rnd, exc)
             return None
-        if contributors < fed.min_partners:
-            logger.error("persona clustering stopped: %d partner(s) replied in round %d", contributors, rnd)
+        if sum(contributors.values()) < fed.min_partners:
+            logger.error("personas stopped: %d partner(s) replied in round %d", sum(contributors.values()), rnd)
             return None
-        run.absorb(released)
-        if save is not None and run.resumable:
-            extra = {**checkpoint.extra, "k_choice": run.choice} if checkpoint is not None else {"k_choice": run.choice}
-            save(
-                stage="kmeans", kmeans_done=run.position, prototypes=run.prototypes,
-                kmeans_rng=run.rng.bit_generator.state, extra=extra,
-            )  # fmt: skip
-    shares = {kind: list(np.maximum(counts, 0.0)) for kind, counts in kind_counts.items()}
-    by_kind = {kind: [c / max(1e-9, sum(v)) for c in v] for kind, v in shares.items()}
-    present = {kind: [i for i, s in enumerate(v) if s >= 0.02] for kind, v in by_kind.items()}
-    logger.info("personas: %d prototypes after %d DP k-means rounds", len(run.prototypes), run.releases)
+        for slot in list(runs):
+            if slot not in totals:
+                logger.warning("personas of %s stopped: no partner of the slot replied in round %d", slot, rnd)
+                del runs[slot]
+                continue
+            try:
+                runs[slot].absorb(totals[slot])
+            except ValueError as exc:  # e.g. a Gram sum too noisy to hold a row
+                logger.warning("personas of %s stopped in round %d: %s", slot, rnd, exc)
+                del runs[slot]
+        if not runs:
+            logger.error("personas stopped: no slot is left")
+            return None
+        done += 1
+        if save is not None and not all(run.done for run in runs.values()):
+            save(stage="personas", persona_done=done,
+                 persona_runs={slot: state_to_json(run.state()) for slot, run in runs.items()})  # fmt: skip
+    results = {slot: run.result() for slot, run in runs.items()}
+    k = max(len(r.shares) for r in results.values())
+    labels = _kind_labels(results, kinds)
+    by_kind = {labels[slot]: [float(v) for v in r.shares] for slot, r in results.items()}
+    present = {label: [i for i, s in enumerate(v) if s >= 0.02] for label, v in by_kind.items()}
+    releases = max(run.protocol.releases for run in runs.values())
+    logger.info("personas: %d per kind for %d kind(s) after %d releases", k, len(results), releases)
     return {
-        "k": len(run.prototypes),
-        "k_choice": run.choice,
-        "rounds": run.releases,
-        "noise_multiplier": fed.kmeans_noise,
-        "prototypes": run.prototypes.astype(float).tolist(),
+        "k": k,
+        "rounds": releases,
+        "method": "DP-PCA (one Gram release) and DP-EM of a tied Gaussian mixture, per kind",
         "shares_by_kind": by_kind,
         "personas_by_kind": present,
-        "note": "shares come from DP-noised counts only (charged to every partner's ledger)",
+        "slots": {
+            slot: {**result_to_json(r), "kind": kinds[slot], "label": labels[slot]} for slot, r in results.items()
+        },
+        "note": "spaces, personas and shares come from DP-noised releases only (charged to every partner's ledger)",
+    }
+
+
+def _kind_labels(results: dict[str, Any], kinds: dict[str, str]) -> dict[str, str]:
+    """A readable name per slot: its kind, with the fingerprint's start when a kind has several."""
+    per_kind = Counter(kinds[slot] for slot in results)
+    return {
+        slot: kinds[slot] if per_kind[kinds[slot]] == 1 else f"{kinds[slot]} ({slot.rsplit(':', 1)[-1][:8]})"
+        for slot in results
     }

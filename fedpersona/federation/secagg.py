@@ -101,16 +101,17 @@ class SecureAggregationError(FedPersonaError):
 
 # --------------------------------------------------------------------------- parameters
 
-KMEANS_SCOPES = {"kmeans_total": "global", "kmeans_kind": "kind"}
-"""The securely summed k-means statistics: per-persona sums and counts over every partner
-(``kmeans_total.*``) and, per silo kind, the counts (``kmeans_kind.*``, a kind's slot)."""
+RELEASE_SCOPES = {"persona_total": "global", "persona_kind": "kind"}
+"""The securely summed persona releases: a slot's Gram matrix or EM statistics
+(``persona_kind.*``, the slot's segment) and a count of contributors over every partner
+(``persona_total.ones``)."""
 
 
 def vector_scope(name: str) -> str:
-    """The scope of a name in a secure vector: a model parameter's, or a k-means statistic's."""
+    """The scope of a name in a secure vector: a model parameter's, or a persona release's."""
     prefix = name.split(".", 1)[0]
-    if prefix in KMEANS_SCOPES:
-        return KMEANS_SCOPES[prefix]
+    if prefix in RELEASE_SCOPES:
+        return RELEASE_SCOPES[prefix]
     return parameter_scope(name)
 
 

@@ -20,8 +20,8 @@ from flwr.common.secure_aggregation.quantization import dequantize
 
 from fedpersona.federation.aggregation import PartnerUpdate
 from fedpersona.federation.secagg import (
-    KMEANS_SCOPES,
     MASK_INFO,
+    RELEASE_SCOPES,
     Placement,
     SecAggParams,
     SecureAggregationError,
@@ -170,7 +170,7 @@ class SecureRound:
         slot = self.slot_of[node]
         if len(mask_key) != 32 or len(share_key) != 32:
             raise SecureAggregationError("its public keys are not X25519 keys")
-        if any(name.split(".", 1)[0] not in {**SCOPES, **KMEANS_SCOPES} for name in shapes):
+        if any(name.split(".", 1)[0] not in {**SCOPES, **RELEASE_SCOPES} for name in shapes):
             raise SecureAggregationError("it names parameters of no declared scope")
         trunk = {n: s for n, s in shapes.items() if vector_scope(n) == "global"}
         adapter = {n: s for n, s in shapes.items() if vector_scope(n) == "kind"}

@@ -7,16 +7,16 @@ screened and aggregated by scope (:mod:`fedpersona.federation.rounds`), and ``ev
 messages collect the cumulative epsilon (and, where a partner opted in, its held-out metrics).
 A partner that replies with an error (e.g. its budget is spent) is logged and dropped; the run
 goes on while ``min_partners`` remain. Persona clustering follows the one schedule of
-:class:`~fedpersona.personas.schedule.KMeansRun`; the end of the run writes privacy.json,
+:class:`~fedpersona.personas.protocol.PersonaRun` per slot; the end of the run writes privacy.json,
 run.json and the signed model (:mod:`fedpersona.federation.publishing`). A run that trained
 nothing publishes nothing and fails with the reason.
 
-With ``secure_aggregation = true`` each round's ``train`` exchange (and each DP k-means
+With ``secure_aggregation = true`` each round's ``train`` exchange (and each persona
 release) becomes the four exchanges of :mod:`fedpersona.federation.secagg`, and the server
 sees only sums. A round that loses too many partners to unmask aborts: the server logs why,
 stops, and publishes no model of it.
 
-**Checkpoint and resume.** After every aggregation (each training round, each DP k-means
+**Checkpoint and resume.** After every aggregation (each training round, each persona
 round) and at each later stage the server writes ``RUN_DIR/state/checkpoint.npz``
 (:mod:`fedpersona.federation.checkpoint`). With ``resume`` a new run loads it, readmits the
 partners of the checkpoint by node id (a node id stands for a registered key) and asks them
@@ -180,7 +180,7 @@ class _Run:
     def config(self, **extra: Any) -> ConfigRecord:
         return encode_settings(
             self.settings.model, self.settings.training, num_rounds=self.fed.rounds, seed=self.fed.seed,
-            kmeans_rounds=self.fed.kmeans_releases, kmeans_noise=float(self.fed.kmeans_noise),
+            persona_releases=self.fed.persona_releases, persona_share=float(self.fed.persona_share),
             baseline=bool(self.fed.baseline), **extra,
         )  # fmt: skip
 
@@ -309,20 +309,17 @@ class _Run:
     def cluster(self) -> dict[str, Any] | None:
         """Persona clustering (when asked for and not yet done), then the partners' cards."""
         personas: dict[str, Any] | None = self.checkpoint.personas
-        if self.fed.personas > 0 and self.completed and self.checkpoint.stage in ("train", "kmeans"):
+        if self.fed.personas > 0 and self.completed and self.checkpoint.stage in ("train", "personas"):
             personas = rounds.cluster_personas(
-                self.grid, self.aggregator, self.partners, self.fed, self.config, self.settings.model.embed_dim,
-                checkpoint=self.checkpoint, save=self.save,
-            )  # fmt: skip
+                self.grid, self.partners, self.fed, self.config, checkpoint=self.checkpoint, save=self.save
+            )
             if personas is not None:
                 self.save(stage="clustered", personas=personas)
         if personas is not None and self.checkpoint.stage != "done":
-            rows = rounds.persona_metrics(
-                self.grid, self.aggregator, self.partners, personas, self.completed, self.config
-            )
+            rows = rounds.persona_metrics(self.grid, self.partners, personas, self.completed, self.config)
             self._append_metrics(rows)
             tmp = self.run_dir / "personas.json.tmp"
-            tmp.write_text(json.dumps({k: v for k, v in personas.items() if k != "centres"}, indent=2))
+            tmp.write_text(json.dumps({k: v for k, v in personas.items() if k != "slots"}, indent=2))
             tmp.replace(self.run_dir / "personas.json")
         return personas
 

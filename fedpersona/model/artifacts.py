@@ -217,9 +217,15 @@ def _no_improvement(card: dict[str, Any], installed: dict[str, Any] | None, fold
         return (
             f"the received model has {rounds} round(s), fewer than the {installed.get('rounds')} of the one in {folder}"
         )
-    if installed.get("prototypes") and not card.get("prototypes"):
+    if _persona_count(installed) and not _persona_count(card):
         return f"the received model carries no personas and the one in {folder} does"
     return ""
+
+
+def _persona_count(card: dict[str, Any]) -> int:
+    """Personas a model card carries, over all its slots (0 without)."""
+    slots = (card.get("personas") or {}).get("slots") or {}
+    return sum(len(slot.get("shares") or []) for slot in slots.values() if isinstance(slot, dict))
 
 
 def _swap_in(folder: Path, staging: Path) -> None:
@@ -236,7 +242,7 @@ def _swap_in(folder: Path, staging: Path) -> None:
 
 def model_versions(folder: str | Path) -> list[dict[str, Any]]:
     """The installed model and the ones it replaced, newest first: ``version``, ``path``,
-    ``rounds``, ``created``, ``personas`` (the number of prototypes, 0 without), ``installed``."""
+    ``rounds``, ``created``, ``personas`` (the number of personas over all kinds, 0 without), ``installed``."""
     folder = Path(folder)
     history = folder.with_name(folder.name + "-history")
     entries = [("installed", folder)] if folder.exists() else []
@@ -251,7 +257,7 @@ def model_versions(folder: str | Path) -> list[dict[str, Any]]:
                 "path": str(path),
                 "rounds": card.get("rounds"),
                 "created": card.get("created"),
-                "personas": len(card.get("prototypes") or []),
+                "personas": _persona_count(card),
                 "installed": version == "installed",
             }
         )

@@ -1,25 +1,22 @@
-"""Persona inference at a partner: the global model and prototypes applied to its own users.
+"""Persona inference at a partner: the released personas applied to its own users.
 
-:func:`load_encoder` builds the partner's encoder from a verified model artifact (the shared
-trunk plus the adapter of the partner's slot ``<kind>:<schema fingerprint>``; heads are not
-needed). :func:`assign_personas` embeds a featurized table and assigns every user to the
-nearest prototype. :func:`infer_file` does the same for a file of any size: it streams a
-CSV or Parquet file in chunks, validates each chunk against the schema, and writes one row
-per user (id, persona, probabilities, optionally the embedding) to CSV or Parquet through a
+:func:`infer_file` streams a CSV or Parquet file of any size in chunks, validates each chunk
+against the schema, assigns every user with the partner's assignment function (the released
+persona space and mixture applied to each row's public persona view:
+:func:`fedpersona.federation.partner.assign_rows`), and writes one row per user (id, persona,
+the posterior probabilities, optionally the persona embedding) to CSV or Parquet through a
 temporary file renamed at the end, so a failed run leaves nothing half-written.
 
-**Probabilities.** ``p_j = softmax_j(cos(z, c_j) / temperature)`` over the K prototypes.
-The temperature sets how peaked they are (cosines lie in [-1, 1]; at the default 0.1 a
-cosine 0.1 higher weighs e = 2.7 times more); as it goes to 0 they approach the hard
-assignment, which is always the arg-max (ties: the lowest index). They express nearness,
-not a calibrated likelihood.
+**Probabilities.** ``p_j`` is the posterior of persona ``j`` under the released mixture (a
+tied-covariance Gaussian mixture in the persona space); the hard assignment is its arg-max
+(ties: the lowest index).
 
-**Reproducibility.** Everything runs on the CPU in float32 with deterministic operations,
-and rows are encoded in micro-batches of exactly ``batch_size`` rows aligned to the global
-row number (partial batches are padded with copies of their own rows), so every row is
-computed in the same position of a batch of the same shape whatever the chunking: the
-output is bit-for-bit the same for any ``chunk_rows``, and two runs on one machine (same
-torch build and thread count) write identical bytes.
+**Reproducibility.** Rows are assigned in blocks of exactly :data:`BLOCK_ROWS` rows aligned to
+the global row number, so the output is the same for any ``chunk_rows``.
+
+:func:`load_encoder` builds the partner's encoder from a verified model artifact (the shared
+trunk plus the adapter of the partner's slot ``<kind>:<schema fingerprint>``) for the label
+heads and the audit.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import tempfile
 import zlib
@@ -44,17 +40,17 @@ import torch
 
 from fedpersona.config.settings import ModelSettings
 from fedpersona.data.cells import as_str
-from fedpersona.data.features import FeatureTensors, featurize, layout_of
+from fedpersona.data.features import layout_of
 from fedpersona.data.schema import Schema, slot_id
-from fedpersona.data.tables import check_file, read_frame, validate_frame
+from fedpersona.data.tables import Table, check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.scopes import parameter_scope
 
 __all__ = [
-    "DEFAULT_TEMPERATURE",
+    "BLOCK_ROWS",
+    "Assigner",
     "InferenceSummary",
-    "assign_personas",
     "infer_file",
     "load_encoder",
     "load_parameters",
@@ -62,7 +58,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURE = 0.1
 _PARQUET = (".parquet", ".pq")
 
 
@@ -156,37 +151,22 @@ def load_encoder(
     return model.eval()
 
 
-def assign_personas(
-    model: PersonaEncoder,
-    features: FeatureTensors,
-    prototypes: np.ndarray,
-    *,
-    batch_size: int = 1024,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(hard (n,) int64, probs (n, k) float32, z (n, d) float32)`` for every row of ``features``.
-
-    ``hard`` is the nearest prototype by cosine, ``probs`` the softmax of cosine / temperature
-    (see the module docstring), ``z`` the unit-norm embedding. Runs on the CPU.
-    """
-    return _encode(
-        model, features, _centres(prototypes, model), offset=0, batch_size=batch_size, temperature=temperature
-    )
+Assigner = Callable[[Table], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""A partner's persona assignment of a validated table: ``(hard (n,) int, probabilities (n, K),
+embedding (n, p))``, each row a function of that row alone (e.g.
+:func:`fedpersona.federation.partner.assign_rows` with the released personas)."""
 
 
 def infer_file(
     *,
-    arrays: Mapping[str, np.ndarray],
-    card: Mapping[str, Any],
     schema: Schema,
-    prototypes: np.ndarray,
+    assign: Assigner,
+    k: int,
+    dim: int,
     data_path: str | Path,
     out_path: str | Path,
     chunk_rows: int = 100_000,
-    batch_size: int = 1024,
-    temperature: float = DEFAULT_TEMPERATURE,
     include_embedding: bool = False,
-    local_adapter: Mapping[str, np.ndarray] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> InferenceSummary:
     """Assign a persona to every user of ``data_path`` and write them to ``out_path``.
@@ -195,26 +175,26 @@ def infer_file(
     ``chunk_rows`` rows at a time; each chunk is validated with
     :func:`~fedpersona.data.tables.validate_frame` (label columns are not needed; an error names
     the chunk's data rows, and row numbers inside it count from the chunk's first row), then
-    featurized, embedded and assigned. An event log is aggregated to one row per user first,
-    which needs the whole file in memory. Output columns: the id column (or ``row``), then
-    ``persona``, ``p_0 .. p_{k-1}`` and with ``include_embedding`` ``z_0 .. z_{d-1}``; the
-    format follows the suffix of ``out_path`` (``.csv``, ``.parquet`` or ``.pq``). The file is
-    written under a temporary name in the same folder and renamed when complete; on any error
-    the temporary file is removed and ``out_path`` is left as it was. ``progress`` is called
-    with the number of rows done after each chunk.
+    assigned by ``assign`` in blocks of :data:`BLOCK_ROWS` rows aligned to the global row
+    number, so every row is computed in the same position of a block of the same shape
+    whatever the chunking (the output is the same for any ``chunk_rows``). An event log is
+    aggregated to one row per user first, which needs the whole file in memory. Output
+    columns: the id column (or ``row``), then ``persona``, ``p_0 .. p_{k-1}`` and with
+    ``include_embedding`` ``z_0 .. z_{dim-1}``; the format follows the suffix of
+    ``out_path`` (``.csv``, ``.parquet`` or ``.pq``). The file is written under a temporary
+    name in the same folder and renamed when complete; on any error the temporary file is
+    removed and ``out_path`` is left as it was. ``progress`` is called with the number of
+    rows done after each chunk.
     """
     data_path, out_path = Path(data_path), Path(out_path)
     _check_int("chunk_rows", chunk_rows)
-    _check_int("batch_size", batch_size)
-    _check_temperature(temperature)
+    _check_int("k", k)
+    _check_int("dim", dim)
     suffix = out_path.suffix.lower()
     if suffix not in (".csv", *_PARQUET):
         raise ConfigError(f"{out_path}: the output must end in .csv, .parquet or .pq")
     if not out_path.parent.is_dir():
         raise ConfigError(f"{out_path}: the folder {out_path.parent} does not exist")
-    model = load_encoder(arrays=arrays, card=card, schema=schema, local_adapter=local_adapter)
-    centres = _centres(prototypes, model)
-    k, dim = centres.shape[0], int(model.config.embed_dim)
     id_name = schema.id_column or (schema.events.user if schema.events else None) or "row"
     columns = [id_name, "persona", *(f"p_{j}" for j in range(k))]
     columns += [f"z_{j}" for j in range(dim)] if include_embedding else []
@@ -235,9 +215,7 @@ def infer_file(
                 table = validate_frame(reading, frame, source=source)
                 ids = table.ids if schema.id_column or schema.events else _row_ids(rows, len(table))
                 _check_repeated(ids, seen, source, id_name, track=bool(schema.id_column or schema.events))
-                hard, probs, z = _encode(
-                    model, featurize(table), centres, offset=rows, batch_size=batch_size, temperature=temperature
-                )
+                hard, probs, z = _aligned(assign, table, offset=rows, k=k, dim=dim)
                 out = _frame(columns, ids, hard, probs, z if include_embedding else None)
                 if handle is not None:
                     out.to_csv(handle, header=chunks == 0, index=False, lineterminator="\n")
@@ -246,7 +224,7 @@ def infer_file(
                     if writer is None:
                         writer = stack.enter_context(pq.ParquetWriter(tmp, arrow.schema))
                     writer.write_table(arrow)
-                counts += np.bincount(hard, minlength=k)
+                counts += np.bincount(hard, minlength=k)[:k]
                 rows += len(table)
                 chunks += 1
                 logger.info("%s: %d rows assigned", data_path, rows)
@@ -263,57 +241,33 @@ def infer_file(
     return InferenceSummary(path=str(out_path), rows=rows, chunks=chunks, counts=tuple(int(c) for c in counts))
 
 
-# --- encoding ---------------------------------------------------------------------------------
+BLOCK_ROWS = 4096
 
 
-def _encode(
-    model: PersonaEncoder,
-    features: FeatureTensors,
-    centres: torch.Tensor,
-    *,
-    offset: int,
-    batch_size: int,
-    temperature: float,
+def _aligned(
+    assign: Assigner, table: Table, *, offset: int, k: int, dim: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hard assignments, probabilities and embeddings, in batches aligned to global rows."""
-    _check_int("batch_size", batch_size)
-    _check_temperature(temperature)
-    if next(model.parameters()).device.type != "cpu":
-        raise ValueError("persona inference runs on the CPU (for bit-for-bit reproducible output); move the model")
-    model.eval()
-    n = len(features)
-    k, dim = centres.shape[0], int(model.config.embed_dim)
+    """``assign`` over a chunk in blocks of :data:`BLOCK_ROWS` rows aligned to the global row
+    number (partial blocks padded with copies of their own rows), checked for shape."""
+    n = len(table)
     hard = np.zeros(n, dtype=np.int64)
     probs = np.zeros((n, k), dtype=np.float32)
     z_out = np.zeros((n, dim), dtype=np.float32)
-    tensors = features.to("cpu")
     start = 0
-    with torch.no_grad():
-        while start < n:
-            slot = (offset + start) % batch_size  # this row's position in its global batch
-            take = min(batch_size - slot, n - start)
-            rows = torch.arange(start, start + take)
-            index = torch.cat([rows[:1].repeat(slot), rows, rows[-1:].repeat(batch_size - slot - take)])
-            z = model.embed(tensors.batch(index)).to(torch.float32)  # (batch_size, d)
-            cos = z @ centres.T  # (batch_size, k)
-            p = torch.softmax(cos / temperature, dim=1)
-            window = slice(slot, slot + take)
-            hard[start : start + take] = torch.argmax(cos[window], dim=1).numpy()
-            probs[start : start + take] = p[window].numpy()
-            z_out[start : start + take] = z[window].numpy()
-            start += take
+    while start < n:
+        slot = (offset + start) % BLOCK_ROWS
+        take = min(BLOCK_ROWS - slot, n - start)
+        rows = np.arange(start, start + take)
+        index = np.concatenate([np.repeat(rows[:1], slot), rows, np.repeat(rows[-1:], BLOCK_ROWS - slot - take)])
+        h, p, z = assign(table.take(index))
+        if h.shape != (BLOCK_ROWS,) or p.shape != (BLOCK_ROWS, k) or z.shape != (BLOCK_ROWS, dim):
+            raise ValueError(f"the assignment returned shapes {h.shape}, {p.shape}, {z.shape} for {BLOCK_ROWS} rows")
+        window = slice(slot, slot + take)
+        hard[start : start + take] = h[window]
+        probs[start : start + take] = p[window]
+        z_out[start : start + take] = z[window]
+        start += take
     return hard, probs, z_out
-
-
-def _centres(prototypes: np.ndarray, model: PersonaEncoder) -> torch.Tensor:
-    centres = np.asarray(prototypes, dtype=np.float64)
-    dim = int(model.config.embed_dim)
-    if centres.ndim != 2 or centres.shape[0] < 1 or centres.shape[1] != dim:
-        raise ValueError(f"prototypes must have shape (k, {dim}) for this model, got {centres.shape}")
-    norms = np.linalg.norm(centres, axis=1, keepdims=True)
-    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-        raise ValueError("prototypes must be finite, non-zero vectors")
-    return torch.from_numpy((centres / norms).astype(np.float32))
 
 
 # --- reading and writing ----------------------------------------------------------------------
@@ -408,8 +362,3 @@ def _fsync(path: Path) -> None:
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")

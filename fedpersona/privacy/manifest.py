@@ -102,6 +102,9 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query", "info", "accountant", "public", "the partner's privacy config"),
     ReleaseItem("query", "info", "max_grad_norm", "public", "the partner's privacy config"),
     ReleaseItem("query", "info", "share_eval_metrics", "public", "the partner's release config"),
+    ReleaseItem("query", "info", "persona_width", "public", "columns of the persona view: from the schema alone"),
+    ReleaseItem("query", "info", "gram_noise", "public", _PLAN),
+    ReleaseItem("query", "info", "em_noise", "public", _PLAN),
     ReleaseItem("train", "arrays", "trunk.*", "dp", "DP-SGD update; ledger entry of this round"),
     ReleaseItem("train", "arrays", "adapter.*", "dp", "DP-SGD update; ledger entry of this round"),
     ReleaseItem("train", "metrics", "num-examples", "public", _ROWS),
@@ -109,10 +112,24 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("train", "metrics", "sample_rate", "public", _PLAN),
     ReleaseItem("train", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("evaluate", "metrics", "epsilon", "public", _EPS),
-    ReleaseItem("query.kmeans", "stats", "sums", "dp", "DP k-means: Gaussian noise, sensitivity sqrt(2); ledger entry"),
-    ReleaseItem("query.kmeans", "stats", "counts", "dp", "DP k-means: released with the sums, same entry"),
-    ReleaseItem("query.kmeans", "metrics", "noise_std", "public", "the planned noise (public plan)"),
-    ReleaseItem("query.kmeans", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem(
+        "query.persona_release",
+        "release",
+        "gram",
+        "dp",
+        "DP Gram matrix of the persona view: Gaussian noise, sensitivity C^2 + gamma^2; ledger entry dp-gram",
+    ),
+    ReleaseItem(
+        "query.persona_release",
+        "release",
+        "sums",
+        "dp",
+        "DP-EM statistics: Gaussian noise, joint sensitivity with the counts; ledger entry dp-em",
+    ),
+    ReleaseItem(
+        "query.persona_release", "release", "counts", "dp", "DP-EM statistics: released with the sums, same entry"
+    ),
+    ReleaseItem("query.persona_release", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.personas", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.personas", "metrics", "personas_found", "opt-in", "count of personas among the users, NOT DP"),
     ReleaseItem("query.personas", "metrics", "persona_ari", "opt-in", "ARI vs synthetic ground truth, NOT DP"),
@@ -132,13 +149,20 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query.secagg_setup", "secagg", "share_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "shapes", "trunk.*", "public", _SHAPES),
     ReleaseItem("query.secagg_setup", "shapes", "adapter.*", "public", _SHAPES),
-    ReleaseItem("query.secagg_setup", "shapes", "kmeans_total.*", "public", "k-means statistic shapes: (K, dim)"),
-    ReleaseItem("query.secagg_setup", "shapes", "kmeans_kind.*", "public", "k-means statistic shapes: (K, dim)"),
     ReleaseItem(
-        "query.kmeans_secagg", "masked", "vector", "dp", "masked, quantized DP k-means statistics; ledger entry"
+        "query.secagg_setup", "shapes", "persona_total.*", "public", "persona release shapes: from the schema and K"
     ),
-    ReleaseItem("query.kmeans_secagg", "metrics", "noise_std", "public", "the planned noise (public plan)"),
-    ReleaseItem("query.kmeans_secagg", "metrics", "epsilon", "public", _EPS),
+    ReleaseItem(
+        "query.secagg_setup", "shapes", "persona_kind.*", "public", "persona release shapes: from the schema and K"
+    ),
+    ReleaseItem(
+        "query.persona_release_secagg",
+        "masked",
+        "vector",
+        "dp",
+        "masked, quantized DP persona release (Gram or EM statistics); ledger entry",
+    ),
+    ReleaseItem("query.persona_release_secagg", "metrics", "epsilon", "public", _EPS),
     ReleaseItem("query.secagg_share_keys", "secagg", "destinations", "public", "indices of the round's partners"),
     ReleaseItem("query.secagg_share_keys", "secagg", "ciphertexts", "public", _SHARES + ", encrypted per recipient"),
     ReleaseItem(

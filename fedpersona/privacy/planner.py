@@ -12,14 +12,14 @@ before a run is the plan the run fixes (``tests/test_privacy.py`` checks the two
   then refuses any round past them), else the federation's rounds.
 - ``sample_rate = 1 / ceil(public_rows / batch_size)``, ``steps_per_round = local_epochs *
   round(1 / sample_rate)``.
-- the DP-SGD noise multiplier: the smallest that keeps the composition of all DP-SGD steps
-  and the reserved clustering releases within ``target_epsilon`` (:func:`plan_with_reserve`;
-  :func:`plan_noise` without clustering).
+- with personas (:mod:`fedpersona.personas.protocol`): one Gram release and ``n_em`` EM-type
+  releases (plain Gaussian mechanisms) get ``persona_share`` of the budget and DP-SGD the
+  smallest noise that keeps the whole composition within ``target_epsilon``
+  (:func:`plan_split`); without personas DP-SGD takes it all (:func:`plan_noise`).
 
-:func:`plan_split` plans the releases of the learning redesign: one Gram release and
-``n_em`` EM steps for the personas (plain Gaussian mechanisms) and DP-SGD, sharing one budget.
-:func:`epsilon_schedule` gives the cumulative epsilon after each round (and after the
-clustering reserve); :mod:`fedpersona.budget` shows plans and ledgers.
+:func:`epsilon_schedule` gives the
+cumulative epsilon after each round (and after the persona releases); :mod:`fedpersona.budget`
+shows plans and ledgers.
 
 Every noise comes from :func:`~fedpersona.privacy.noise_search.smallest_noise`: checked with
 the accountant the ledger charges with (it never overshoots), tight, and cached.
@@ -40,10 +40,9 @@ __all__ = [
     "BudgetSplit",
     "epsilon_schedule",
     "make_plan",
+    "persona_history",
     "plan_noise",
     "plan_split",
-    "plan_with_reserve",
-    "reserve_share",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,21 +56,27 @@ def make_plan(
     training: TrainingSettings,
     public_rows: int,
     rounds: int,
-    kmeans_rounds: int = 0,
-    kmeans_noise: float | None = None,
+    persona_releases: int = 0,
+    persona_share: float = 0.0,
 ) -> PrivacyPlan:
-    """The partner's plan from its public inputs (see the module docstring)."""
+    """The partner's plan from its public inputs (see the module docstring).
+
+    ``persona_releases`` (the Gram release and the EM-type steps the federation announces; 0
+    for none) get ``persona_share`` of the budget (:func:`plan_split`); DP-SGD the rest.
+    """
     rounds = privacy.planned_rounds or rounds
     q = sample_rate_for(public_rows, training.batch_size)
     steps = training.steps_per_round(public_rows)
     sigma: float | None = None
-    reserve = kmeans_rounds if kmeans_noise else 0
-    if privacy.private and reserve:
-        assert kmeans_noise is not None
-        sigma = plan_with_reserve(
-            target_epsilon=privacy.target_epsilon, delta=privacy.delta, sgd_sample_rate=q, sgd_steps=steps * rounds,
-            kmeans_rounds=reserve, kmeans_noise=kmeans_noise, accountant=privacy.accountant,
+    gram: float | None = None
+    em: float | None = None
+    if privacy.private and persona_releases:
+        split = plan_split(
+            target_epsilon=privacy.target_epsilon, delta=privacy.delta, accountant=privacy.accountant,
+            persona_share=persona_share, em_releases=persona_releases - 1, sgd_sample_rate=q,
+            sgd_steps=steps * rounds,
         )  # fmt: skip
+        sigma, gram, em = split.sgd_noise, split.gram_noise, split.em_noise
     elif privacy.private:
         sigma = plan_noise(
             target_epsilon=privacy.target_epsilon, delta=privacy.delta, sample_rate=q,
@@ -87,8 +92,10 @@ def make_plan(
         delta=privacy.delta,
         accountant=privacy.accountant,
         max_grad_norm=privacy.max_grad_norm,
-        kmeans_rounds=reserve,
-        kmeans_noise=kmeans_noise if reserve else None,
+        persona_releases=persona_releases,
+        persona_share=persona_share if persona_releases else 0.0,
+        gram_noise=gram,
+        em_noise=em,
         public_rows=public_rows,
         noise_seeded=privacy.noise_seed is not None,
         batch_size=training.batch_size,
@@ -96,9 +103,20 @@ def make_plan(
     )
 
 
+def persona_history(plan: PrivacyPlan) -> list[tuple[float, float, int]]:
+    """The ledger history of the plan's persona releases: ``(gram_noise, 1, 1)`` and
+    ``(em_noise, 1, persona_releases - 1)`` (empty without personas or privacy)."""
+    if not plan.private or not plan.persona_releases or plan.gram_noise is None:
+        return []
+    out = [(plan.gram_noise, 1.0, 1)]
+    if plan.persona_releases > 1 and plan.em_noise is not None:
+        out.append((plan.em_noise, 1.0, plan.persona_releases - 1))
+    return out
+
+
 def epsilon_schedule(plan: PrivacyPlan) -> list[float]:
-    """Cumulative epsilon after each planned round, then (with a clustering reserve) after it."""
-    extra = 1 if plan.kmeans_rounds else 0
+    """Cumulative epsilon after each planned round, then (with personas) after their releases."""
+    extra = 1 if plan.persona_releases else 0
     if not plan.private or plan.noise_multiplier is None:
         return [math.inf] * (plan.planned_rounds + extra)
     sgd = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -107,8 +125,7 @@ def epsilon_schedule(plan: PrivacyPlan) -> list[float]:
         for r in range(1, plan.planned_rounds + 1)
     ]
     if extra:
-        assert plan.kmeans_noise is not None
-        history = [(sgd[0], sgd[1], sgd[2] * plan.planned_rounds), (plan.kmeans_noise, 1.0, plan.kmeans_rounds)]
+        history = [(sgd[0], sgd[1], sgd[2] * plan.planned_rounds), *persona_history(plan)]
         out.append(compute_epsilon(history, delta=plan.delta, accountant=plan.accountant))
     return out
 
@@ -122,76 +139,6 @@ def plan_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps
     return smallest_noise(
         NoiseSearch("sgd", float(target_epsilon), float(delta), accountant, (), float(sample_rate), steps, TIGHTNESS)
     )
-
-
-def plan_with_reserve(
-    *,
-    target_epsilon: float,
-    delta: float,
-    sgd_sample_rate: float,
-    sgd_steps: int,
-    kmeans_rounds: int,
-    kmeans_noise: float,
-    accountant: str,
-    rtol: float = TIGHTNESS,
-) -> float:
-    """DP-SGD noise multiplier such that DP-SGD plus the clustering stays within the target.
-
-    The composition is ``sgd_steps`` Poisson-subsampled Gaussian steps at ``sgd_sample_rate``
-    and ``kmeans_rounds`` Gaussian releases of noise multiplier ``kmeans_noise`` (q = 1),
-    accounted with :func:`~fedpersona.privacy.accounting.compute_epsilon`, exactly as the
-    ledger will account them (in any order: the accountant composes the merged multiset). The
-    answer's epsilon lies in ``[target * (1 - rtol), target]``. Raises
-    :class:`~fedpersona.errors.ConfigError` when the clustering alone already reaches the target.
-    """
-    _check_plan_args(target_epsilon, delta, sgd_sample_rate, sgd_steps, kmeans_rounds, kmeans_noise, accountant)
-    if not 0 < rtol < 0.1:
-        raise ConfigError(f"rtol must be in (0, 0.1), got {rtol!r}")
-    clustering = ((float(kmeans_noise), 1.0, int(kmeans_rounds)),) if kmeans_rounds else ()
-    reserved = compute_epsilon(list(clustering), delta=delta, accountant=accountant)
-    if reserved >= target_epsilon:
-        raise ConfigError(
-            f"{kmeans_rounds} clustering round(s) with noise multiplier {kmeans_noise:g} alone spend epsilon "
-            f"{reserved:.4f}, not below the target {target_epsilon:g}: raise privacy.target_epsilon, the "
-            "clustering noise, or lower the number of clustering rounds"
-        )
-    search = NoiseSearch(
-        "sgd", float(target_epsilon), float(delta), accountant, clustering, float(sgd_sample_rate), int(sgd_steps),
-        float(rtol),
-    )  # fmt: skip
-    sigma = smallest_noise(search)
-    logger.info(
-        "planned DP-SGD noise %.4f with %d clustering round(s) at noise %g reserved (epsilon %.4f of %g)",
-        sigma, kmeans_rounds, kmeans_noise, reserved, target_epsilon,
-    )  # fmt: skip
-    return sigma
-
-
-def reserve_share(
-    *,
-    noise_multiplier: float,
-    delta: float,
-    sgd_sample_rate: float,
-    sgd_steps: int,
-    kmeans_rounds: int,
-    kmeans_noise: float,
-    accountant: str,
-) -> float:
-    """The share of the total epsilon that the clustering accounts for, in [0, 1).
-
-    Epsilons do not add up under composition, so the share is marginal: ``1 - eps(DP-SGD
-    alone) / eps(DP-SGD + clustering)``, both at the DP-SGD ``noise_multiplier`` (e.g. the one
-    :func:`plan_with_reserve` returned), i.e. the part of the budget dropping the clustering
-    would give back.
-    """
-    _check_plan_args(math.inf, delta, sgd_sample_rate, sgd_steps, kmeans_rounds, kmeans_noise, accountant)
-    if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
-        raise ConfigError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    sgd = [(float(noise_multiplier), float(sgd_sample_rate), int(sgd_steps))]
-    clustering = [(float(kmeans_noise), 1.0, int(kmeans_rounds))] if kmeans_rounds else []
-    alone = compute_epsilon(sgd, delta=delta, accountant=accountant)
-    total = compute_epsilon(sgd + clustering, delta=delta, accountant=accountant)
-    return min(max(1.0 - alone / total, 0.0), 1.0) if total > 0 else 0.0
 
 
 def _check_plan_args(

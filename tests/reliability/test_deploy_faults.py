@@ -441,7 +441,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         # It downloaded the model over TLS, verified it and cached it; this run clustered no
         # personas (personas = 0 keeps the test short), which infer then says in one line.
         assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
-        assert "the model carries no persona prototypes" in done.stderr
+        assert "the model carries no personas" in done.stderr
         cached = [p for p in (configs[clinic].parent / "state" / "models").iterdir() if p.is_dir()]
         assert len(cached) == 1 and verify_model(cached[0], public_key=public)[1]["rounds"] == 2
         assert not out.exists()  # nothing half-written
