@@ -11,7 +11,7 @@ from rich.table import Table as RichTable
 
 from fedpersona.cli.app import app, certs_app, console, number_text, partner_app, server_app_cli
 
-__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_start"]
+__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_kit", "server_start"]
 
 
 # --- deployment: credentials, coordinator, partners, model registry (fedpersona.deploy.certs/deploy/registry)
@@ -61,6 +61,35 @@ def server_start(
     code = start_server(config, resume=resume, report=_report)
     if code:
         sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
+
+
+@server_app_cli.command("kit")
+def server_kit(
+    config: Path = typer.Option(..., help="server/federation.toml (the partner must be listed in it)."),
+    partner: str = typer.Option(..., help="The partner's name, as in [[partners]]."),
+    out: Path = typer.Option(..., help="Folder for the kit; it is written to OUT/PARTNER/."),
+    superlink: str | None = typer.Option(None, help="HOST:PORT partners dial (default: [server] host and port)."),
+    kind: str | None = typer.Option(None, help="The partner's kind, when [[partners]] does not say it."),
+    schema: Path | None = typer.Option(None, help="The shared schema.toml of the partner's kind, to include."),
+    package: str | None = typer.Option(None, help="pip requirement to install (default: fedpersona==<this version>)."),
+    wheel: Path | None = typer.Option(None, help="A fedpersona wheel to include and install instead of --package."),
+    registry_url: str | None = typer.Option(None, help="The model registry's URL (fedpersona serve), if any."),
+    registry_token: Path | None = typer.Option(None, help="The registry's token file (0600), copied 0600."),
+) -> None:
+    """Make a partner's kit: CA, model key, client.toml, install commands (no private key of yours)."""
+    from fedpersona.deploy.kit import make_partner_kit
+
+    kit = make_partner_kit(
+        config=config, partner=partner, out=out, superlink=superlink, kind=kind, schema=schema,
+        package=package, wheel=wheel, registry_url=registry_url, registry_token=registry_token,
+    )  # fmt: skip
+    console.print(f"wrote the kit of partner {partner} to {kit.folder}: {', '.join(kit.files)}", highlight=False)
+    if not kit.key_registered:
+        console.print(
+            f"partner {partner}'s node public key is not here yet: it makes the key with `fedpersona certs partner "
+            f"{partner}` (INSTALL.md step 2) and sends you the .pub file for [[partners]]",
+            highlight=False,
+        )
 
 
 def _report(message: str) -> None:
