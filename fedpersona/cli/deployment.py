@@ -104,6 +104,34 @@ def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Pat
     return ca or folder / "ca.pem", key or folder / f"{cfg.name}.key"
 
 
+_REHEARSAL_HELP = (
+    "A trial run: synthetic rows drawn from the schema (never your data), with its own state folder and ledger "
+    "(rehearsal/ beside client.toml); the real budget is not touched."
+)
+
+
+def _rehearsal_config(config: Path) -> Path:
+    """Write rehearsal/ beside ``config`` and return its client.toml (credentials stay the real ones)."""
+    from fedpersona.deploy.rehearsal import prepare_rehearsal
+
+    prepared = prepare_rehearsal(config)
+    console.print(f"[bold]{prepared.text()}[/bold]", highlight=False)
+    return prepared.config
+
+
+def _print_real_budget(config: Path, *, rehearsal: bool) -> None:
+    """Say whether the real lifetime budget is untouched (always after a rehearsal's check)."""
+    from fedpersona.config.files import load_partner_config
+    from fedpersona.deploy.lifetime import lifetime_budget
+
+    cfg = load_partner_config(config)
+    budget = lifetime_budget(cfg.state_dir, settings=cfg.privacy)
+    if rehearsal or budget.untouched:
+        fits = budget.next_round_fits is not False
+        line = f"REAL {budget.text()}"
+        console.print(line if fits else f"[bold red]{line}[/bold red]", highlight=False)
+
+
 @partner_app.command("check")
 def partner_check(
     config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
@@ -111,11 +139,15 @@ def partner_check(
     key: Path | None = typer.Option(None, help="Node key (default: credentials/<name>.key beside client.toml)."),
     rounds: int | None = typer.Option(None, min=1, help="Rounds the federation plans (for the privacy plan)."),
     kmeans_rounds: int | None = typer.Option(None, min=0, help="Persona-clustering rounds (default: federation's)."),
+    rehearsal: bool = typer.Option(False, "--rehearsal", help=_REHEARSAL_HELP),
 ) -> None:
     """Validate data, schema, privacy plan and credentials; nothing connects."""
     from fedpersona.deploy.partner_site import check_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
+    real = config
+    if rehearsal:
+        config = _rehearsal_config(config)
     result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, kmeans_rounds=kmeans_rounds)
     cfg = result.config
     console.print(
@@ -145,6 +177,7 @@ def partner_check(
     if budget is not None:
         fits = result.next_round_epsilon is None or result.next_round_epsilon <= cfg.privacy.target_epsilon
         console.print(budget if fits else f"[bold red]{budget}[/bold red]")
+    _print_real_budget(real, rehearsal=rehearsal)
 
 
 @partner_app.command("start")
@@ -161,6 +194,7 @@ def partner_start(
         help="The federation's model-signing.pub, to verify the final model (default: credentials/ beside "
         "client.toml when there).",
     ),
+    rehearsal: bool = typer.Option(False, "--rehearsal", help=_REHEARSAL_HELP),
 ) -> None:
     """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
     from fedpersona.deploy.partner_site import start_partner
@@ -169,6 +203,10 @@ def partner_start(
     if model_key is None:
         default = config.resolve().parent / "credentials" / "model-signing.pub"
         model_key = default if default.exists() else None
+    if rehearsal:
+        real = config
+        config = _rehearsal_config(config)
+        _print_real_budget(real, rehearsal=True)
     code = start_partner(
         config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
         max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, report=_report,
