@@ -130,3 +130,15 @@ def test_check_and_ledger_say_what_is_left_of_the_real_budget_and_whether_the_ne
     rehearsal_state = tmp_path / "rehearsal" / "state"
     PrivacyLedger(rehearsal_state, settings=cfg.privacy).charge(round=1, mechanism="dp-sgd", **charge)
     assert lifetime_budget(state).entries == 2 and lifetime_budget(rehearsal_state).entries == 1
+
+
+def test_the_runbooks_lead_with_the_rehearsal_and_pin_a_cpu_torch() -> None:
+    partner = (REPO / "clients" / "README.md").read_text()
+    server = (REPO / "server" / "README.md").read_text()
+    for text in (partner, server):
+        assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in text
+        assert "pip install torch &&" not in text
+    assert partner.index("So rehearse first") < partner.index("## 1. Install")
+    assert partner.index("partner start --config client.toml --rehearsal") < partner.index("## 6. Start")
+    assert server.index("Rehearse first") < server.index("fedpersona server start --config server/federation.toml\n")
+    assert "fedpersona server kit --config server/federation.toml --partner bank-1" in server
