@@ -155,3 +155,17 @@ def test_kit_errors_name_what_to_fix(server: Path, tmp_path: Path) -> None:
             package="fedpersona==0.1.0",
         )  # fmt: skip
     assert not (tmp_path / "kits").exists() or not any((tmp_path / "kits").iterdir())
+
+
+def test_a_wheel_travels_in_the_kit_and_is_what_install_names(server: Path, tmp_path: Path) -> None:
+    wheel = tmp_path / "fedpersona-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"PK\x03\x04 a wheel")
+    kit = make_partner_kit(config=server / "federation.toml", partner="bank-1", out=tmp_path / "kits", wheel=wheel)
+    assert (kit.folder / wheel.name).read_bytes() == wheel.read_bytes()
+    install = (kit.folder / "INSTALL.md").read_text()
+    assert "pip install ./fedpersona-0.1.0-py3-none-any.whl\n" in install
+    with pytest.raises(ConfigError, match=r"--package and --wheel exclude each other"):
+        make_partner_kit(
+            config=server / "federation.toml", partner="clinic-1", out=tmp_path / "kits", wheel=wheel,
+            package="fedpersona==0.1.0",
+        )  # fmt: skip

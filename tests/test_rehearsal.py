@@ -64,7 +64,9 @@ def test_rows_drawn_from_a_schema_pass_that_schema(schema_path: Path, tmp_path: 
     assert again == text and other != text
 
 
-def test_a_rehearsal_never_reads_the_real_rows_nor_touches_the_real_state(tmp_path: Path) -> None:
+def test_a_rehearsal_never_reads_the_real_rows_nor_touches_the_real_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     schema = REPO / "clients" / "finance" / "schema.toml"
     missing = tmp_path / "never-read.csv"  # the real table: a rehearsal does not need it
     path, creds = _site(tmp_path, {"path": str(missing), "schema": str(schema), "public_rows": 1000})
@@ -79,6 +81,20 @@ def test_a_rehearsal_never_reads_the_real_rows_nor_touches_the_real_state(tmp_pa
     real = load_partner_config(path)
     assert cfg.state_dir == str(rehearsal / "state") and cfg.data == str(rehearsal / "synthetic.csv")
     assert cfg.schema_path == real.schema_path and cfg.privacy == real.privacy and cfg.name == real.name
+    # partner start --rehearsal runs the SuperNode on the rehearsal's client.toml with the real credentials.
+    import fedpersona.deploy.partner_site as site
+
+    started: dict[str, object] = {}
+
+    def fake_start(config: Path, **kwargs: object) -> int:
+        started.update(kwargs, config=config)
+        return 0
+
+    monkeypatch.setattr(site, "start_partner", fake_start)
+    out = _run(["partner", "start", "--config", str(path), *creds, "--rehearsal", "--superlink", "127.0.0.1:9093"])
+    assert started["config"] == rehearsal / "client.toml"
+    assert (started["ca"], started["key"]) == (Path(creds[1]), Path(creds[3]))
+    assert "REHEARSAL:" in out and f"REAL lifetime budget of {tmp_path / 'state'}: UNTOUCHED" in out
     # Without --rehearsal the real rows are read (and here they do not exist).
     done = CliRunner().invoke(cli, ["partner", "check", "--config", str(path), *creds])
     assert done.exit_code != 0 and "never-read.csv" in str(done.exception or done.output)
@@ -99,6 +115,8 @@ def test_check_and_ledger_say_what_is_left_of_the_real_budget_and_whether_the_ne
     from fedpersona.privacy.planner import epsilon_schedule
 
     path, creds = _site(tmp_path, {"synthetic_rows": 200})
+    out = _run(["partner", "check", "--config", str(path), *creds])  # a real check: nothing spent yet
+    assert f"REAL lifetime budget of {tmp_path / 'state'}: UNTOUCHED (epsilon 0 of 2 spent" in out
     cfg = load_partner_config(path)
     plan = load_plan(cfg, load_partner_data(cfg), TrainingSettings(), 2)  # fixed as at a first round
     assert plan.noise_multiplier is not None

@@ -237,11 +237,12 @@ test_fraction = 0.2
 # public_rows = 10000            # FILL IN: your number of users, rounded (public: it sets your weight)
 
 [privacy]                        # your own budget, for the lifetime of state_dir; it always wins
-target_epsilon = {privacy.target_epsilon:g}
-delta = {privacy.delta:g}                     # below 1 / your number of users
-max_grad_norm = {privacy.max_grad_norm:g}
+target_epsilon = {float(privacy.target_epsilon)!r}
+delta = {float(privacy.delta)!r}                  # below 1 / your number of users
+max_grad_norm = {float(privacy.max_grad_norm)!r}
 accountant = {json.dumps(privacy.accountant)}
-planned_rounds = {cfg.federation.rounds}              # the federation's rounds; later rounds are refused
+# The federation's rounds: your whole budget is planned over them, and later rounds are refused.
+planned_rounds = {cfg.federation.rounds}
 
 [release]
 share_eval_metrics = false       # held-out metrics stay on site unless set to true
