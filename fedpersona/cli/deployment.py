@@ -174,6 +174,8 @@ def partner_check(
             + (f", cumulative epsilon {eps} (the last after persona clustering, if any)" if eps else "")
         )
     budget = result.budget_text()
+    if budget is not None and rehearsal:
+        budget = f"rehearsal (not your real budget) {budget}"
     if budget is not None:
         fits = result.next_round_epsilon is None or result.next_round_epsilon <= cfg.privacy.target_epsilon
         console.print(budget if fits else f"[bold red]{budget}[/bold red]")
