@@ -521,7 +521,7 @@ def test_infer_guesses_types_ids_and_round_bounds(tmp_path: Path) -> None:
     assert 0 <= low < high <= features["spend"]["bounds"][1]
     assert "where most of your users lie" in text
     assert features["spend"]["log"] is True
-    assert features["balance"]["bounds"] == [-20000, 80000]
+    assert features["balance"]["bounds"] == [-5000, 100000]  # 1, 2 or 5 x 10^k beyond -3313 and 71188 (+10 %)
     assert features["member"] == {"type": "boolean"}
     assert features["plan"]["vocabulary"] == ["basic", "gold", "platinum"]
     assert "diamond" not in text

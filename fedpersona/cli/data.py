@@ -149,10 +149,14 @@ def privacy_plan(
 
 @privacy_app.command("ledger")
 def privacy_ledger(state_dir: Path = typer.Argument(..., help="A partner's state folder.")) -> None:
-    """What a partner has spent, entry by entry, and what is left."""
+    """What a partner has spent, entry by entry, and what is left of its lifetime budget."""
     from fedpersona.budget import ledger_table
+    from fedpersona.deploy.lifetime import lifetime_budget
 
     _print_table(*ledger_table(state_dir))
+    budget = lifetime_budget(state_dir)
+    line = budget.text()
+    console.print(line if budget.next_round_fits is not False else f"[bold red]{line}[/bold red]", highlight=False)
 
 
 def _print_table(title: str, lines: list[list[str]]) -> None:

@@ -11,7 +11,7 @@ from rich.table import Table as RichTable
 
 from fedpersona.cli.app import app, certs_app, console, number_text, partner_app, server_app_cli
 
-__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_start"]
+__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_kit", "server_start"]
 
 
 # --- deployment: credentials, coordinator, partners, model registry (fedpersona.deploy.certs/deploy/registry)
@@ -63,6 +63,35 @@ def server_start(
         sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
 
 
+@server_app_cli.command("kit")
+def server_kit(
+    config: Path = typer.Option(..., help="server/federation.toml (the partner must be listed in it)."),
+    partner: str = typer.Option(..., help="The partner's name, as in [[partners]]."),
+    out: Path = typer.Option(..., help="Folder for the kit; it is written to OUT/PARTNER/."),
+    superlink: str | None = typer.Option(None, help="HOST:PORT partners dial (default: [server] host and port)."),
+    kind: str | None = typer.Option(None, help="The partner's kind, when [[partners]] does not say it."),
+    schema: Path | None = typer.Option(None, help="The shared schema.toml of the partner's kind, to include."),
+    package: str | None = typer.Option(None, help="pip requirement to install (default: fedpersona==<this version>)."),
+    wheel: Path | None = typer.Option(None, help="A fedpersona wheel to include and install instead of --package."),
+    registry_url: str | None = typer.Option(None, help="The model registry's URL (fedpersona serve), if any."),
+    registry_token: Path | None = typer.Option(None, help="The registry's token file (0600), copied 0600."),
+) -> None:
+    """Make a partner's kit: CA, model key, client.toml, install commands (no private key of yours)."""
+    from fedpersona.deploy.kit import make_partner_kit
+
+    kit = make_partner_kit(
+        config=config, partner=partner, out=out, superlink=superlink, kind=kind, schema=schema,
+        package=package, wheel=wheel, registry_url=registry_url, registry_token=registry_token,
+    )  # fmt: skip
+    console.print(f"wrote the kit of partner {partner} to {kit.folder}: {', '.join(kit.files)}", highlight=False)
+    if not kit.key_registered:
+        console.print(
+            f"partner {partner}'s node public key is not here yet: it makes the key with `fedpersona certs partner "
+            f"{partner}` (INSTALL.md step 2) and sends you the .pub file for [[partners]]",
+            highlight=False,
+        )
+
+
 def _report(message: str) -> None:
     console.print(message, soft_wrap=True, highlight=False)
 
@@ -75,6 +104,34 @@ def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Pat
     return ca or folder / "ca.pem", key or folder / f"{cfg.name}.key"
 
 
+_REHEARSAL_HELP = (
+    "A trial run: synthetic rows drawn from the schema (never your data), with its own state folder and ledger "
+    "(rehearsal/ beside client.toml); the real budget is not touched."
+)
+
+
+def _rehearsal_config(config: Path) -> Path:
+    """Write rehearsal/ beside ``config`` and return its client.toml (credentials stay the real ones)."""
+    from fedpersona.deploy.rehearsal import prepare_rehearsal
+
+    prepared = prepare_rehearsal(config)
+    console.print(f"[bold]{prepared.text()}[/bold]", highlight=False)
+    return prepared.config
+
+
+def _print_real_budget(config: Path, *, rehearsal: bool) -> None:
+    """Say whether the real lifetime budget is untouched (always after a rehearsal's check)."""
+    from fedpersona.config.files import load_partner_config
+    from fedpersona.deploy.lifetime import lifetime_budget
+
+    cfg = load_partner_config(config)
+    budget = lifetime_budget(cfg.state_dir, settings=cfg.privacy)
+    if rehearsal or budget.untouched:
+        fits = budget.next_round_fits is not False
+        line = f"REAL {budget.text()}"
+        console.print(line if fits else f"[bold red]{line}[/bold red]", highlight=False)
+
+
 @partner_app.command("check")
 def partner_check(
     config: Path = typer.Option(..., help="clients/<kind>/client.toml."),
@@ -84,11 +141,15 @@ def partner_check(
     persona_releases: int | None = typer.Option(
         None, min=0, help="Persona releases the federation announces (default: the federation default; 0: none)."
     ),
+    rehearsal: bool = typer.Option(False, "--rehearsal", help=_REHEARSAL_HELP),
 ) -> None:
     """Validate data, schema, privacy plan and credentials; nothing connects."""
     from fedpersona.deploy.partner_site import check_partner
 
     ca_path, key_path = _partner_paths(config, ca, key)
+    real = config
+    if rehearsal:
+        config = _rehearsal_config(config)
     result = check_partner(config, ca=ca_path, key=key_path, rounds=rounds, persona_releases=persona_releases)
     cfg = result.config
     console.print(
@@ -115,9 +176,12 @@ def partner_check(
             + (f", cumulative epsilon {eps} (the last after persona clustering, if any)" if eps else "")
         )
     budget = result.budget_text()
+    if budget is not None and rehearsal:
+        budget = f"rehearsal (not your real budget) {budget}"
     if budget is not None:
         fits = result.next_round_epsilon is None or result.next_round_epsilon <= cfg.privacy.target_epsilon
         console.print(budget if fits else f"[bold red]{budget}[/bold red]")
+    _print_real_budget(real, rehearsal=rehearsal)
 
 
 @partner_app.command("start")
@@ -134,6 +198,7 @@ def partner_start(
         help="The federation's model-signing.pub, to verify the final model (default: credentials/ beside "
         "client.toml when there).",
     ),
+    rehearsal: bool = typer.Option(False, "--rehearsal", help=_REHEARSAL_HELP),
 ) -> None:
     """Check everything, then run the partner's Flower SuperNode; Ctrl-C stops it."""
     from fedpersona.deploy.partner_site import start_partner
@@ -142,6 +207,10 @@ def partner_start(
     if model_key is None:
         default = config.resolve().parent / "credentials" / "model-signing.pub"
         model_key = default if default.exists() else None
+    if rehearsal:
+        real = config
+        config = _rehearsal_config(config)
+        _print_real_budget(real, rehearsal=True)
     code = start_partner(
         config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
         max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, report=_report,

@@ -37,6 +37,18 @@ __all__ = ["infer_schema"]
 logger = logging.getLogger(__name__)
 
 _ID_NAME = re.compile(r"id|.*[^A-Za-z]id|.*Id|.*ID", re.IGNORECASE)
+_UNNAMED = re.compile(r"Unnamed: \d+|")  # pandas' name for a column without a header: a saved index
+# Names of counts: a column of these seen only as 0 and 1 is still a count, not a yes/no.
+_COUNT_WORDS = frozenset(
+    {"n", "num", "number", "count", "cnt", "qty", "quantity", "total", "times", "kid", "kids", "kidhome", "teen",
+     "teens", "teenhome", "child", "children", "dependents", "visits", "purchases", "orders", "items", "calls"}
+)  # fmt: skip
+# Names of prediction targets: a yes/no column named so is drafted as the label, not as an input.
+_TARGET_WORDS = frozenset(
+    {"churn", "churned", "default", "target", "label", "outcome", "y", "class", "response", "converted",
+     "conversion", "exited", "attrition", "fraud", "revenue", "subscribed", "defaulted"}
+)  # fmt: skip
+_CODES = 20  # integer columns with at most this many values are offered as categorical codes
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _DATE = r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}(?:[ T][\d:.]+)?"
 _RARE = 5  # categories seen in fewer rows are left out of a drafted vocabulary
@@ -79,9 +91,17 @@ def infer_schema(
     na_values = frozenset(DEFAULT_NA)
     n = len(frame)
     id_column = next(
-        (c for c in names if _ID_NAME.fullmatch(c) and c != label and _is_unique(frame[c], na_values)),
+        (
+            c
+            for c in names
+            if (_ID_NAME.fullmatch(c) or _UNNAMED.fullmatch(c)) and c != label and _is_unique(frame[c], na_values)
+        ),
         None,
     )
+    suggested = None
+    if label is None:
+        targets = [c for c in names if c != id_column and _words(c) & _TARGET_WORDS and _yes_no(frame[c], na_values)]
+        label = suggested = targets[0] if targets else None
     blocks: list[str] = []
     id_like: list[str] = [id_column] if id_column else []
     for col in names:
@@ -115,6 +135,20 @@ def infer_schema(
         "# `typical` and `edges` lines are DRAFTED FROM THIS FILE: review before use. Nothing fills",
         "# them in from your data at training time.",
         f"# Columns that look like ids: {quoted(id_like) or 'none'}.",
+        "# Every `bounds` line is this file's range widened to round limits (flagged where it stands):",
+        "# replace it with the domain's limits (published ranges, codebook limits) before you accept it.",
+    ]
+    if id_column == "":
+        head += [
+            "# The column without a name is a saved row index (unique in every row): it is left out, and rows",
+            "# are numbered in file order. Give it a name and set table.id if it is a real user id.",
+        ]
+    if suggested is not None:
+        head += [
+            f"# Label: '{suggested}' is a yes/no column named like a target, so it is drafted under [labels],",
+            "# not as an input feature. If it is an input, move it to [features] (or name the label with --label).",
+        ]
+    head += [
         "",
         "[table]",
         f"kind = {json.dumps(kind)}",
@@ -146,20 +180,27 @@ def _draft_feature(col: str, series: pd.Series, na_values: frozenset[str], max_c
     numeric = bool(np.isfinite(numbers).all())
     unique = len(counts) == len(values) and len(values) >= 20
     spelled = set(DEFAULT_TRUE) | set(DEFAULT_FALSE)
-    if len(counts) <= 2 and all(v in spelled for v in counts.index):
+    count = numeric and bool(_words(col) & _COUNT_WORDS)
+    if len(counts) <= 2 and all(v in spelled for v in counts.index) and not count:
         return f'{key}\ntype = "boolean"', False
     notes: list[str] = []
+    after = ""
     if numeric:
         lo, hi = _nice_bounds(float(numbers.min()), float(numbers.max()))
         log = lo >= 0 and len(counts) > 2 and float(pd.Series(numbers).skew()) > 2.0
         integral = bool(np.all(numbers == np.round(numbers)))
         if len(counts) == 1:
             notes.append("a single value in this file: drop it unless it varies elsewhere")
-        elif integral and len(counts) <= 20:
-            notes.append(f"only {len(counts)} distinct integers: if they are codes, make it categorical")
+        elif count and len(counts) <= 2:
+            notes.append("only 0 and 1 in this file, but named like a count: kept a number, not a yes/no")
+        elif integral and len(counts) <= _CODES and not count:
+            after = _codes_block(col, key, counts)
         if unique and integral:
             notes.append("a different value in every row: an identifier? drop it or make it table.id")
-        body = f'type = "numeric"\nbounds = [{number_text(lo)}, {number_text(hi)}]\nlog = {"true" if log else "false"}'
+        body = (
+            f'type = "numeric"\nbounds = [{number_text(lo)}, {number_text(hi)}]  {_DRAFTED} (range widened to round '
+            f"limits): the domain's limits are better\nlog = {'true' if log else 'false'}"
+        )
         typical = _draft_typical(numbers, lo, hi) if len(counts) > 2 else None
         if typical is not None:
             body += (
@@ -189,7 +230,37 @@ def _draft_feature(col: str, series: pd.Series, na_values: frozenset[str], max_c
             notes.append("a different value in every row: an identifier? drop it or make it table.id")
         body = f'type = "categorical"\nbuckets = {buckets}'
     comments = "".join(f"# {col}: {note}\n" for note in notes)
-    return f"{comments}{key}\n{body}", unique and (not numeric or integral)
+    return f"{comments}{key}\n{body}{after}", unique and (not numeric or integral)
+
+
+def _codes_block(col: str, key: str, counts: pd.Series) -> str:
+    """A commented-out categorical alternative for a column of a few integers (codes such as
+    education levels), with a placeholder to name each code. Only codes seen in at least
+    ``_RARE`` rows are listed, as for any drafted vocabulary."""
+    codes = [canonical(v) for v in sorted(counts.index, key=_sort_key) if counts[v] >= _RARE]
+    if len(codes) < 2:
+        return ""
+    words = ", ".join(json.dumps(v) for v in codes)
+    names = ", ".join(f'{json.dumps(v)} = "?"' for v in codes)
+    return (
+        f"\n# {col}: only {len(counts)} distinct integers. If they are codes rather than amounts, replace the block"
+        f"\n# above with this one (remove the `#` of each line) and name every code from your codebook:"
+        f'\n# {key}\n# type = "categorical"\n# vocabulary = [{words}]\n# unseen = "other"'
+        f"\n# # what each code means (keep it a comment): {names}"
+    )
+
+
+def _words(name: str) -> set[str]:
+    """The lower-cased words of a column name (split at non-letters and at camel-case humps)."""
+    return {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)}
+
+
+def _yes_no(series: pd.Series, na_values: frozenset[str]) -> bool:
+    """Whether a column holds two values (at most), each a yes/no spelling such as 1/0 or yes/no."""
+    text, missing = text_cells(series, na_values)
+    values = set(text[~missing].unique())
+    spelled = {v.casefold() for v in (*DEFAULT_TRUE, *DEFAULT_FALSE)}
+    return 1 <= len(values) <= 2 and all(str(v).casefold() in spelled for v in values)
 
 
 def _draft_label(col: str, series: pd.Series, na_values: frozenset[str]) -> str:
@@ -264,14 +335,26 @@ def _round_sig(x: float, rounding: Callable[[float], float]) -> float:
 
 
 def _nice_bounds(lo: float, hi: float) -> tuple[float, float]:
-    """The observed range ``[lo, hi]`` widened by 10 % and rounded outward to round numbers."""
+    """The observed range ``[lo, hi]`` widened to limits that look like a domain's, not a file's.
+
+    A range that reaches down to (near) zero becomes ``[0, L]`` and one across zero ``[-M, L]``,
+    with ``L`` and ``M`` the next 1, 2 or 5 times a power of ten above the extremes plus 10 %
+    (an age up to 87 gives 100, a balance of -3,313 gives -5,000): such limits say little about
+    the largest or smallest value in the file. A range far from zero (years 1995..2019) is
+    rounded outward to a step one order of magnitude above its span (1900..2100).
+    """
     span = hi - lo
     if lo >= 0 and lo <= span:  # the range reaches down to (near) zero
         return 0.0, _nice_ceil(hi * 1.1) if hi > 0 else 1.0
+    if hi <= 0 and -hi <= span:  # it reaches up to (near) zero
+        return -_nice_ceil(-lo * 1.1) if lo < 0 else -1.0, 0.0
+    if lo < 0 < hi:
+        return -_nice_ceil(-lo * 1.1), _nice_ceil(hi * 1.1)
     span = span or abs(lo)
-    step = 10.0 ** math.floor(math.log10(span))
-    low = math.floor((lo - 0.1 * span) / step) * step
-    high = math.ceil((hi + 0.1 * span) / step) * step
+    step = 10.0 ** math.ceil(math.log10(span * 1.2))
+    low, high = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    if high - low < step:
+        high = low + step
     return (max(low, 0.0) if lo >= 0 else low), high
 
 

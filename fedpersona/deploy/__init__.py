@@ -2,4 +2,4 @@
 the run), the partner site (SuperNode), credentials, process supervision and the model
 registry."""
 
-__all__ = ["certs", "coordinator", "partner_site", "processes", "registry"]
+__all__ = ["certs", "coordinator", "kit", "lifetime", "partner_site", "processes", "registry", "rehearsal"]

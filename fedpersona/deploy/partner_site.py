@@ -66,7 +66,7 @@ class PartnerCheck:
             line += (
                 f"; ANOTHER TRAINING ROUND DOES NOT FIT (it would reach epsilon {self.next_round_epsilon:.4f}): "
                 "this partner will refuse to train in any further run. The budget is for the partner's "
-                "lifetime; rehearse with a separate state folder (and synthetic rows), never this one"
+                "lifetime; rehearse with `--rehearsal` (synthetic rows, a separate state folder), never with this one"
             )
         elif self.next_round_epsilon is not None:
             line += f"; the next training round would bring it to {self.next_round_epsilon:.4f}"
