@@ -173,3 +173,17 @@ def test_unlabelled_codes_are_shown_as_they_are() -> None:
     )
     assert cards[0].name == "SEX: 2" and cards[1].name == "SEX: 1"
     assert next(e for e in cards[0].features if e.feature == "SEX").label is None
+
+
+def test_a_group_of_codes_and_a_single_step_are_labelled_too() -> None:
+    from fedpersona.personas.cards import _labeller
+    from fedpersona.personas.columns import Column
+
+    table, _ = labelled_table()
+    named = _labeller(table)
+    values = np.zeros(len(table))
+    group = named(Column("pay", "category", values, value="-1, 1", group=True))
+    step = named(Column("p2", "category", values, value="0"))
+    other = named(Column("spend", "numeric", values))
+    assert (group.value, step.value, other.value) == ("paid duly, 1 month late", "revolving credit", None)
+    assert named(Column("SEX", "category", values, value="9")).value == "9"  # no label: as it is
