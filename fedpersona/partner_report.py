@@ -63,7 +63,11 @@ def load_partner_personas(state_dir: str | Path) -> tuple[dict[str, Any], list[i
             f"{path}: cannot read the persona cards ({exc}); expected the JSON a federation wrote"
         ) from None
     cards = doc.get("cards") if isinstance(doc, dict) else None
-    if not isinstance(cards, list) or not cards or not all(isinstance(c, dict) and "persona" in c for c in cards):
+    if (
+        not isinstance(cards, list)
+        or not cards
+        or not all(isinstance(c, dict) and isinstance(c.get("persona"), int) for c in cards)
+    ):
         raise DataError(
             f"{path}: expected an object with 'cards', a non-empty list of persona cards (as a federation writes "
             "them); this file has none. Run a federation first, then run fedpersona report on this folder again."
