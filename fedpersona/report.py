@@ -1,10 +1,19 @@
 """The run report: ``DIR/report.html`` (self-contained, plots inline) and ``DIR/report.md``.
 
-Built only from files in the run folder (metrics.jsonl, privacy.json, personas.json), so
-``fedpersona report DIR`` can rebuild it at any time. Everything from the server's side is a
-DP release or an opt-in evaluation metric; the one exception is marked in the report itself:
-the persona-by-feature heatmaps, read from the partners' own folders that a simulation run
-holds (see :func:`local_profiles`).
+The run report is built only from files in the run folder (metrics.jsonl, privacy.json,
+personas.json), so ``fedpersona report DIR`` can rebuild it at any time. Everything from the
+server's side is a DP release or an opt-in evaluation metric; the one exception is marked in the
+report itself: the persona-by-feature heatmaps, read from the partners' own folders that a
+simulation run holds (see :func:`local_profiles`).
+
+A partner's own persona report is :mod:`fedpersona.partner_report`.
+
+The reports warn when a segmentation is degenerate (:func:`federation_warnings`,
+:func:`partner_warnings`): one persona holds most users, or personas hold (almost) nobody.
+Each place judges only from what it already has: the coordinator from the DP-noised shares it
+released, a partner from its own assignments. No new statistic of anyone's rows leaves a silo.
+
+Files are written whole or not at all (a temporary file renamed over the old one).
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import html
 import io
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +33,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedpersona.config.files import write_durably
 from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
 __all__ = [
     "BASELINE_COLUMNS",
+    "DOMINANT_SHARE",
     "SUMMARY_COLUMNS",
+    "UNUSED_SHARE",
     "baseline_rows",
+    "federation_warnings",
     "heatmap_png",
     "load_run",
     "local_profiles",
+    "partner_warnings",
     "plot_png",
     "summary_rows",
+    "warnings_html",
+    "warnings_markdown",
     "write_report",
 ]
+
+DOMINANT_SHARE = 0.6
+"""A persona with more than this share of a kind's (or a partner's) users makes the segmentation
+degenerate: most users then get one and the same description, and the other personas describe
+a minority. Well over half is the point where "a persona" stops being a segment and becomes the
+population (the warning is for a collapse, such as every user landing in one persona, not for a
+large segment)."""
+
+UNUSED_SHARE = 0.02
+"""A persona under this share of the users everywhere is one that nobody uses: a prototype that
+no partner's users are near. The same 2% under which the coordinator leaves a persona out of a
+kind's ``personas_by_kind`` in personas.json."""
 
 SUMMARY_COLUMNS = (
     ("partner", "partner"),
@@ -162,8 +191,7 @@ def heatmap_png(doc: dict[str, Any]) -> str:
     ).T  # (rows, k)
     k = values.shape[1]
     fig, ax = plt.subplots(figsize=(1.6 + 0.55 * k, 1.0 + 0.26 * len(rows)), dpi=100)
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=-1.5, vmax=1.5, aspect="auto")
     ax.set_xticks(range(k), [f"P{p}" for p in range(k)], fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
@@ -254,8 +282,10 @@ def write_report(run_dir: str | Path) -> Path:
     personas_path = run_dir / "personas.json"
     persona_html = ""
     personas: dict[str, Any] = {}
+    warnings: list[str] = []
     if personas_path.exists():
         personas = json.loads(personas_path.read_text())
+        warnings = federation_warnings(personas)
         share_rows = "".join(
             f"<tr><td>{html.escape(kind)}</td>" + "".join(f"<td>{100 * s:.1f}%</td>" for s in shares) + "</tr>"
             for kind, shares in sorted(personas.get("shares_by_kind", {}).items())
@@ -275,7 +305,8 @@ def write_report(run_dir: str | Path) -> Path:
             "Shares per kind come from DP-noised counts only. Each partner's persona cards stay at the partner "
             "(<code>partners/&lt;name&gt;/state/personas.json</code> in a simulation).</p>"
             f"<table><tr><th>kind</th>{head_p}</tr>{share_rows}</table>"
-            "<table><tr><th>partner</th><th>personas among its users</th><th>surrogate fidelity</th>"
+            + warnings_html(warnings, "the shares above")
+            + "<table><tr><th>partner</th><th>personas among its users</th><th>surrogate fidelity</th>"
             "<th>ARI vs ground truth</th><th>persona top-3 hit rate</th><th>popularity top-3 hit rate</th>"
             f"</tr>{local}</table>"
             "<p>Hit rates (e-commerce): how often a user's most recent purchase category, hidden "
@@ -318,8 +349,7 @@ figure {{ display: inline-block; margin: 0.5em; }}
 {"".join(plots)}
 </body></html>
 """
-    out = run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
+    out = write_durably(run_dir / "report.html", page.encode("utf-8"))
     md = ["# fedpersona run report", ""]
     if any_public:
         md += ["**NOT PRIVATE**: at least one partner ran without differential privacy.", ""]
@@ -345,7 +375,8 @@ figure {{ display: inline-block; margin: 0.5em; }}
             f"{int(personas.get('k', 0))} global personas from {int(personas.get('rounds', 0))} rounds of "
             f"federated DP k-means.{_k_choice_text(personas)}",
         ]
-    (run_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+        md += warnings_markdown(warnings, "the released shares per kind")
+    write_durably(run_dir / "report.md", ("\n".join(md) + "\n").encode("utf-8"))
     return out
 
 
@@ -359,3 +390,95 @@ def _k_choice_text(personas: dict[str, Any]) -> str:
         f" K = {int(choice.get('k', 0))} was chosen among the candidates by the cosine Calinski-Harabasz "
         f"ratio of the noisy statistics (higher is better; {scores})."
     )
+
+
+# --- degenerate segmentations -----------------------------------------------------------------
+
+
+def federation_warnings(personas: Mapping[str, Any]) -> list[str]:
+    """Warnings about the global personas, from the coordinator's personas.json.
+
+    Judged from ``shares_by_kind`` alone: each kind's persona shares as the coordinator released
+    them, from DP-noised counts already charged to every partner's ledger. A noisy share can sit
+    a little off the true one, so a warning near a threshold is a hint, not a measurement.
+    """
+    raw = personas.get("shares_by_kind")
+    if not isinstance(raw, Mapping):
+        return []
+    shares = {str(kind): [float(s) for s in values] for kind, values in raw.items() if isinstance(values, list)}
+    out = [
+        f"one persona holds most users: P{p} has {_share(share)} of the {kind} users (more than "
+        f"{DOMINANT_SHARE:.0%}), so the personas hardly tell those users apart"
+        for kind, (p, share) in sorted(_dominant(shares).items())
+    ]
+    unused = _unused(shares)
+    if unused:
+        names = ", ".join(f"P{p}" for p in unused)
+        out.append(
+            f"{'a persona' if len(unused) == 1 else 'personas'} that no partner uses: {names} "
+            f"{'holds' if len(unused) == 1 else 'hold'} under {UNUSED_SHARE:.0%} of the users of every kind"
+        )
+    return out
+
+
+def partner_warnings(counts: Sequence[int]) -> list[str]:
+    """Warnings about a partner's own segmentation, from its users per persona (``counts[p]``,
+    from its own assignments). Local: the counts and the warnings stay at the partner."""
+    total = sum(counts)
+    if total <= 0:
+        return []
+    shares = {"": [c / total for c in counts]}
+    out = [
+        f"one persona holds most of your users: P{p} has {_share(share)} of them (more than {DOMINANT_SHARE:.0%}), "
+        "so the personas hardly tell your users apart"
+        for p, share in _dominant(shares).values()
+    ]
+    unused = _unused(shares)
+    if unused:
+        names = ", ".join(f"P{p}" for p in unused)
+        out.append(
+            f"{'a persona' if len(unused) == 1 else 'personas'} that your users do not use: {names} "
+            f"{'holds' if len(unused) == 1 else 'hold'} under {UNUSED_SHARE:.0%} of your users"
+        )
+    return out
+
+
+def _share(share: float) -> str:
+    """A share in whole percent, or to a tenth where whole percent would read as the threshold."""
+    return f"{share:.1%}" if f"{share:.0%}" == f"{DOMINANT_SHARE:.0%}" else f"{share:.0%}"
+
+
+def _dominant(shares: Mapping[str, list[float]]) -> dict[str, tuple[int, float]]:
+    """Each group whose largest persona holds more than DOMINANT_SHARE (with K >= 2 personas)."""
+    out = {}
+    for group, values in shares.items():
+        if len(values) >= 2 and sum(values) > 0:
+            p = int(np.argmax(values))
+            if values[p] / sum(values) > DOMINANT_SHARE:
+                out[group] = (p, values[p] / sum(values))
+    return out
+
+
+def _unused(shares: Mapping[str, list[float]]) -> list[int]:
+    """The personas under UNUSED_SHARE in every group that has users."""
+    groups = [v for v in shares.values() if sum(v) > 0]
+    if not groups:
+        return []
+    k = max(len(v) for v in groups)
+    return [p for p in range(k) if all(p >= len(v) or v[p] / sum(v) < UNUSED_SHARE for v in groups)]
+
+
+def warnings_html(warnings: list[str], source: str) -> str:
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return (
+        f"<div class='warn'>Degenerate segmentation (judged from {html.escape(source)} only):"
+        f"<ul>{items}</ul>Consider fewer personas, other features, or a check of the data.</div>"
+    )
+
+
+def warnings_markdown(warnings: list[str], source: str) -> list[str]:
+    if not warnings:
+        return []
+    return ["", f"**Degenerate segmentation** (judged from {source} only):", "", *(f"- {w}" for w in warnings)]

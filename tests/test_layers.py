@@ -14,7 +14,7 @@ PACKAGE = Path(fedpersona.__file__).resolve().parent
 
 # Lowest first; the application modules sit on top of everything.
 LAYERS = ("errors", "config", "data", "privacy", "model", "personas", "federation", "deploy", "application")
-APPLICATION = ("__init__", "__main__", "cli", "simulation", "sweep", "report", "audit", "budget")
+APPLICATION = ("__init__", "__main__", "cli", "simulation", "sweep", "report", "partner_report", "audit", "budget")
 
 
 def _module_name(path: Path) -> str:

@@ -145,6 +145,7 @@ def simulate(
     chosen = k_choice_line(result.run_dir)
     if chosen:
         console.print(chosen)
+    _print_warnings(result.run_dir)
     console.print(f"done in {result.seconds:.0f}s; report: {result.run_dir / 'report.html'}")
 
 
@@ -164,6 +165,21 @@ def k_choice_line(run_dir: Path) -> str | None:
         f"personas: K = {choice.get('k')} chosen among {among} from the noisy k-means statistics "
         "(scores in personas.json)"
     )
+
+
+def _print_warnings(run_dir: Path) -> None:
+    """The degenerate-segmentation warnings of a run, from the shares it released (personas.json)."""
+    import json
+
+    from fedpersona.report import federation_warnings
+
+    path = run_dir / "personas.json"
+    try:
+        personas = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return
+    for warning in federation_warnings(personas if isinstance(personas, dict) else {}):
+        console.print(f"[bold red]warning[/bold red]: {warning}", highlight=False)
 
 
 def _sweep(text: str, *, scenario: Path | None, rounds: int | None, out: Path | None) -> None:
@@ -197,20 +213,39 @@ def _sweep(text: str, *, scenario: Path | None, rounds: int | None, out: Path | 
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="A run folder.")) -> None:
-    """Rebuild report.html and report.md of a run folder (or of a sweep folder and its runs)."""
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder, a sweep folder or a partner's state folder."),
+) -> None:
+    """Rebuild report.html and report.md of a run folder (or of a sweep folder and its runs), or
+    write a partner's persona report (report.html, report.md) into its state folder."""
+    from fedpersona.partner_report import is_partner_state, write_partner_report
     from fedpersona.report import write_report
     from fedpersona.sweep import sweep_runs, write_sweep
 
-    if not (run_dir / "metrics.jsonl").exists() and run_dir.is_dir() and sweep_runs(run_dir):
+    if not run_dir.is_dir():
+        raise FedPersonaError(
+            f"{run_dir} does not exist or is not a folder: give a run folder, a sweep folder or a partner's "
+            "state folder"
+        )
+    if not (run_dir / "metrics.jsonl").exists() and sweep_runs(run_dir):
         for _, sub in sweep_runs(run_dir):
             write_report(sub)
         write_sweep(run_dir)
         console.print(f"wrote {run_dir / 'report.html'} and {run_dir / 'sweep.json'} (a sweep)")
         return
+    if is_partner_state(run_dir):
+        done = write_partner_report(run_dir)
+        console.print(f"wrote {done.html} and {done.markdown} (this partner's personas: local, never sent)")
+        for warning in done.warnings:
+            console.print(f"[bold red]warning[/bold red]: {warning}", highlight=False)
+        return
     if not (run_dir / "metrics.jsonl").exists():
-        raise FedPersonaError(f"{run_dir} is not a run folder (no metrics.jsonl) nor a sweep folder (no eps-*/)")
+        raise FedPersonaError(
+            f"{run_dir} is not a run folder (no metrics.jsonl), a sweep folder (no eps-*/) nor a partner's "
+            "state folder (no personas.json, plan.json or ledger.jsonl)"
+        )
     console.print(f"wrote {write_report(run_dir)}")
+    _print_warnings(run_dir)
 
 
 @app.command()

@@ -31,6 +31,11 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     vocabulary = ["Feb", "Mar"]   # or: buckets = 64 (hashed)
     unseen = "other"              # other | reject
 
+    [features.SEX]
+    type = "categorical"
+    vocabulary = [1, 2]
+    value_labels = {"1" = "male", "2" = "female"}   # optional: what each code means (public)
+
     [features.Weekend]
     type = "boolean"
 
@@ -42,7 +47,8 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     [features.bill]
     type = "sequence"
     columns = ["BILL_AMT1", "BILL_AMT2"]
-    element = "numeric"           # numeric (bounds, log, typical, edges) | categorical (vocabulary or buckets)
+    element = "numeric"           # numeric (bounds, log, typical, edges) | categorical (vocabulary or buckets,
+                                  # value_labels)
     bounds = [-200000, 1000000]
 
     [labels.Revenue]
@@ -54,6 +60,16 @@ The file format (see ``clients/*/schema.toml`` for complete examples)::
     time_format = "%Y%m%d"
     [events.aggregate.n_purchases]
     op = "count"
+
+**Value labels** (``value_labels``, on a categorical feature or a categorical sequence with a
+vocabulary) say in words what the codes of the vocabulary mean: persona cards, their surrogate
+rules and the partner's persona report write ``SEX: female`` instead of ``SEX: 2``. Each key is
+a code of the vocabulary (written as a TOML string, matched like the vocabulary, so ``"1"`` and
+``"1.0"`` are the same code); each value is a non-empty label, and no two codes share one. A
+code without a label, or a value outside the vocabulary, is shown as it is. Labels are public
+like the vocabulary (they come from the data's published description, never from the rows),
+cost no privacy budget, and change nothing the model computes: they are left out of the
+fingerprint, so two partners whose labels differ still share their adapter.
 """
 
 from __future__ import annotations
@@ -150,10 +166,15 @@ class CategoricalFeature:
     unseen: Literal["other", "reject"] = "other"
     missing: MissingPolicy = "drop"
     type: Literal["categorical"] = "categorical"
+    value_labels: tuple[tuple[str, str], ...] = ()  # (code, label) pairs, public; see the module docstring
 
     @property
     def columns(self) -> tuple[str, ...]:
         return (self.column,)
+
+    def label_of(self, code: str) -> str:
+        """The public label of a code, or the code itself when it has none."""
+        return _label_of(self.value_labels, code)
 
     @property
     def cardinality(self) -> int:
@@ -214,12 +235,22 @@ class SequenceFeature:
     type: Literal["sequence"] = "sequence"
     typical: tuple[float, float] | None = None  # numeric steps only, as for NumericFeature
     edges: tuple[float, ...] | None = None  # numeric steps only, as for NumericFeature
+    value_labels: tuple[tuple[str, str], ...] = ()  # categorical steps only, as for CategoricalFeature
 
     @property
     def cardinality(self) -> int:
         if self.vocabulary is not None:
             return len(self.vocabulary) + 1
         return self.buckets or 0
+
+    def label_of(self, code: str) -> str:
+        """The public label of a code, or the code itself when it has none."""
+        return _label_of(self.value_labels, code)
+
+
+def _label_of(labels: tuple[tuple[str, str], ...], code: str) -> str:
+    key = canonical(code)
+    return next((label for known, label in labels if known == key), code)
 
 
 Feature = NumericFeature | CategoricalFeature | BooleanFeature | TextFeature | SequenceFeature

@@ -2,7 +2,8 @@
 
 :func:`load_schema` reads a file; :func:`parse_schema` checks a parsed document. Every problem
 of a schema (an unknown key, bounds that are not numbers, a typical range or edges outside the
-bounds, a vocabulary with duplicates, an unknown aggregate ...) is collected and raised at once as one
+bounds, a vocabulary with duplicates, a value label for a code outside the vocabulary, an unknown
+aggregate ...) is collected and raised at once as one
 :class:`~fedpersona.errors.SchemaError` naming the file and each key.
 """
 
@@ -45,12 +46,12 @@ _TABLE_KEYS = {
 _TOP_KEYS = {"table", "features", "labels", "events"}
 _FEATURE_KEYS: dict[str, set[str]] = {
     "numeric": {"type", "column", "bounds", "log", "typical", "edges", "missing"},
-    "categorical": {"type", "column", "vocabulary", "buckets", "unseen", "missing"},
+    "categorical": {"type", "column", "vocabulary", "buckets", "unseen", "missing", "value_labels"},
     "boolean": {"type", "column", "true_values", "false_values", "missing"},
     "text": {"type", "column", "buckets", "ngrams", "max_tokens", "missing"},
     "sequence": {
         "type", "columns", "element", "bounds", "log", "typical", "edges", "vocabulary", "buckets",
-        "unseen", "missing",
+        "unseen", "missing", "value_labels",
     },
 }  # fmt: skip
 _EVENT_KEYS = {"user", "time", "time_format", "reference", "aggregate"}
@@ -300,6 +301,58 @@ def _vocab_or_buckets(
     return None, None
 
 
+def _value_labels(
+    where: str, spec: dict[str, Any], vocab: tuple[str, ...] | None, problems: list[str]
+) -> tuple[tuple[str, str], ...]:
+    """The optional ``value_labels = {"1" = "male", ...}`` of a category: each key a code of the
+    vocabulary, each value a non-empty label, no label given twice. Every bad entry is its own
+    problem, naming the code."""
+    if "value_labels" not in spec:
+        return ()
+    value = spec["value_labels"]
+    if not isinstance(value, dict) or not value:
+        problems.append(
+            f'{where}.value_labels must be a table of code = label, e.g. {{"1" = "male", "2" = "female"}}, '
+            f"got {value!r}"
+        )
+        return ()
+    if vocab is None:
+        problems.append(f"{where}.value_labels need a vocabulary: hashed buckets have no codes to name")
+        return ()
+    declared = ", ".join(vocab)
+    out: list[tuple[str, str]] = []
+    keys: list[str] = []  # each entry's code as written
+    owner: dict[str, str] = {}
+    for key, label in value.items():
+        code = canonical(key)
+        if code not in vocab:
+            problems.append(
+                f"{where}.value_labels: code {key!r} is not in the vocabulary ({declared}); "
+                "a label can only name a declared code"
+            )
+            continue
+        if not isinstance(label, str) or not label.strip():
+            problems.append(
+                f"{where}.value_labels: the label of code {key!r} must be a non-empty string, got {label!r}"
+            )
+            continue
+        text = label.strip()
+        first = next((written for written, (known, _) in zip(keys, out, strict=True) if known == code), None)
+        if first is not None:
+            problems.append(f"{where}.value_labels: {first!r} and {key!r} are the same code, labelled twice")
+            continue
+        if text in owner:
+            problems.append(
+                f"{where}.value_labels: codes {owner[text]!r} and {key!r} share the label {text!r}; "
+                "each code needs its own label"
+            )
+            continue
+        owner[text] = key
+        keys.append(key)
+        out.append((code, text))
+    return tuple(out)
+
+
 def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[str]) -> Feature | None:
     where = f"features.{name}"
     if not isinstance(spec, dict):
@@ -342,7 +395,8 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         vocab, buckets = _vocab_or_buckets(where, spec, problems)
         if vocab is None and buckets is None:
             return None
-        return CategoricalFeature(name, column, vocab, buckets, unseen, missing)
+        labels = _value_labels(where, spec, vocab, problems)
+        return CategoricalFeature(name, column, vocab, buckets, unseen, missing, value_labels=labels)
     if ftype == "boolean":
         tv = spec.get("true_values", list(DEFAULT_TRUE))
         fv = spec.get("false_values", list(DEFAULT_FALSE))
@@ -378,6 +432,8 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         return None
     element = spec.get("element", "numeric")
     if element == "numeric":
+        if "value_labels" in spec:
+            problems.append(f"{where}.value_labels name the codes of a category; a numeric sequence has none")
         bounds = _bounds(where, spec, problems)
         if bounds is None:
             return None
@@ -394,9 +450,10 @@ def _parse_feature(name: str, spec: Any, default_missing: str, problems: list[st
         vocab, buckets = _vocab_or_buckets(where, spec, problems)
         if vocab is None and buckets is None:
             return None
+        labels = _value_labels(where, spec, vocab, problems)
         return SequenceFeature(
             name, tuple(columns), "categorical", vocabulary=vocab, buckets=buckets,
-            unseen=unseen, missing=missing,
+            unseen=unseen, missing=missing, value_labels=labels,
         )  # fmt: skip
     problems.append(f"{where}.element must be 'numeric' or 'categorical', got {element!r}")
     return None

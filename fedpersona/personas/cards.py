@@ -26,6 +26,13 @@ persona (from :mod:`fedpersona.model.inference`); nothing on it is sent anywhere
   the silo's most popular); :func:`hit_rate_at_k` measures them against a popularity baseline;
 - a short generated **name** from the top features.
 
+**Value labels.** Where the schema declares public labels for a category's codes
+(``value_labels``, see :mod:`fedpersona.data.schema`), every text on a card says the label
+instead of the code: the name (``SEX: female``, not ``SEX: 2``), the effects, the surrogate's
+rules and the profile's rows; an effect and a category keep the code in ``value`` /
+``category`` and carry the label in ``label``. Labels come from the schema, not the rows, so
+they add nothing to what a card reveals.
+
 **Small cells are suppressed** (k-anonymity of every published number): a persona with fewer
 than ``min_users`` users is shown only as suppressed; a rate, lift or label rate is shown only
 when at least ``min_users`` of the persona's users have the attribute; a mean only when at
@@ -39,7 +46,8 @@ the persona shares a value.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -90,6 +98,7 @@ class Effect:
     strength: float | None  # standardised difference: the ranking key
     suppressed: bool
     text: str
+    label: str | None = None  # the public label of ``value``, when the schema declares one
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class CategoryLift:
     lift: float | None
     users: int | None
     suppressed: bool
+    label: str | None = None  # the public label of ``category``, when the schema declares one
 
 
 @dataclass(frozen=True)
@@ -187,19 +197,29 @@ def persona_cards(
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     columns = describable_columns(table, min_users)
+    named = _labeller(table)
     sizes = np.bincount(labels, minlength=k)
     shown = sizes >= min_users
     rules, fidelity = surrogate(
-        columns + step_columns(table, min_users), labels, k, max_depth=max_depth, min_users=min_users, rng=rng
+        [named(c) for c in columns + step_columns(table, min_users)],
+        labels,
+        k,
+        max_depth=max_depth,
+        min_users=min_users,
+        rng=rng,
     )
-    effects = [_effects(columns, labels == p, min_users) if shown[p] else [] for p in range(k)]
+    effects = [_effects(columns, labels == p, min_users, named) if shown[p] else [] for p in range(k)]
     rates = [_label_rates(table, labels == p, min_users) if shown[p] else () for p in range(k)]
     lifts: list[tuple[CategoryLift, ...]] = [()] * k
     recs: list[tuple[str, ...]] = [()] * k
     if category_feature is not None:
         matrix = _category_matrix(table, category_feature)
         stats = _CategoryStats.of(matrix, labels, k, min_users)
-        lifts = [stats.lifts(p)[:top_categories] if shown[p] else () for p in range(k)]
+        feat = _category_feature(table, category_feature)
+        lifts = [
+            tuple(_labelled_lift(c, feat) for c in stats.lifts(p)[:top_categories]) if shown[p] else ()
+            for p in range(k)
+        ]
         recs = [stats.recommend(p if shown[p] else None) for p in range(k)]
     names = _names(effects, shown, min_users)
     n = len(table)
@@ -260,12 +280,14 @@ def feature_profile(
     _check_positive("max_rows", max_rows)
     sizes = np.bincount(labels, minlength=k)
     columns = describable_columns(table, min_users)
+    named = _labeller(table)
     found: dict[str, list[float | None]] = {}
     order: list[tuple[bool, str]] = []  # (is a category, row name)
     for p in range(k):
-        effects = _effects(columns, labels == p, min_users) if sizes[p] >= min_users else []
+        effects = _effects(columns, labels == p, min_users, named) if sizes[p] >= min_users else []
         for effect in effects:
-            name = effect.feature if effect.kind != "category" else f"{effect.feature} = {effect.value}"
+            shown = effect.label or effect.value
+            name = effect.feature if effect.kind != "category" else f"{effect.feature} = {shown}"
             if name not in found:
                 found[name] = [None] * k
                 order.append((effect.kind == "category", name))
@@ -339,7 +361,36 @@ def hit_rate_at_k(
 # --- columns: the features as numbers ---------------------------------------------------------
 
 
-def _effects(columns: list[Column], member: np.ndarray, min_users: int) -> list[Effect]:
+def _labeller(table: Table) -> Callable[[Column], Column]:
+    """The columns as people read them: a category indicator whose codes have public labels
+    (``value_labels`` of the schema, also on each step of a categorical sequence) says the label
+    instead of the code; every other column is returned as it is."""
+    features: dict[str, CategoricalFeature | SequenceFeature] = {}
+    for feat in table.schema.features:
+        if isinstance(feat, CategoricalFeature | SequenceFeature) and feat.value_labels:
+            features[feat.name] = feat
+            if isinstance(feat, SequenceFeature):
+                features.update(dict.fromkeys(feat.columns, feat))
+
+    def named(col: Column) -> Column:
+        feat = features.get(col.feature)
+        if feat is None or col.kind != "category" or col.value is None:
+            return col
+        if col.group:  # "is one of 1, 3": the surrogate joins the values it groups
+            return replace(col, value=", ".join(feat.label_of(v) for v in col.value.split(", ")))
+        return replace(col, value=feat.label_of(col.value))
+
+    return named
+
+
+def _labelled_lift(lift: CategoryLift, feat: CategoricalFeature | SequenceFeature) -> CategoryLift:
+    label = feat.label_of(lift.category)
+    return replace(lift, label=label) if label != lift.category else lift
+
+
+def _effects(
+    columns: list[Column], member: np.ndarray, min_users: int, named: Callable[[Column], Column]
+) -> list[Effect]:
     out = []
     for col in columns:
         observed = ~np.isnan(col.values)
@@ -367,11 +418,12 @@ def _effects(columns: list[Column], member: np.ndarray, min_users: int) -> list[
         users = int(col.values[mine].sum())
         denominator = int(mine.sum())
         if users < min_users or denominator < min_users:
-            what = describe(col)
+            what = describe(named(col))
             out.append(_suppressed(col, f"{what}: fewer than {min_users} of the persona's users"))
             continue
         rate = users / denominator
         strength = (rate - silo_rate) / math.sqrt(silo_rate * (1.0 - silo_rate))
+        shown = named(col)
         if col.kind == "boolean":
             diff = rate - silo_rate
             text = (
@@ -381,8 +433,11 @@ def _effects(columns: list[Column], member: np.ndarray, min_users: int) -> list[
         else:
             lift = rate / silo_rate
             how = f"{lift:.1f}× more likely" if lift >= 1 else f"{lift:.2f}× as likely"
-            text = f"{how} to have {describe(col)} ({rate:.0%} vs {silo_rate:.0%} in the silo)"
-            out.append(Effect(col.feature, "category", col.value, users, rate, silo_rate, lift, strength, False, text))
+            text = f"{how} to have {describe(shown)} ({rate:.0%} vs {silo_rate:.0%} in the silo)"
+            label = shown.value if shown.value != col.value else None
+            out.append(
+                Effect(col.feature, "category", col.value, users, rate, silo_rate, lift, strength, False, text, label)
+            )
     return out
 
 
@@ -447,7 +502,7 @@ def _phrase(effect: Effect) -> str | None:
     if effect.kind == "boolean":
         return f"{effect.feature}" if (effect.effect or 0) > 0 else f"no {effect.feature}"
     if (effect.effect or 0) > 1:  # a category the persona has more often
-        return f"{effect.feature}: {effect.value}"
+        return f"{effect.feature}: {effect.label or effect.value}"
     return None
 
 
