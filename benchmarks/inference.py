@@ -14,7 +14,7 @@ from benchmarks.workload import best_time
 from fedpersona.data.dense import dense_views
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import Table, validate_frame
-from fedpersona.federation.partner import assign_rows
+from fedpersona.federation.partner_personas import assign_rows
 from fedpersona.model.inference import infer_file
 from fedpersona.personas.protocol import PersonaProtocol, federated_personas
 

@@ -85,23 +85,25 @@ BASELINE_COLUMNS = (
     ("local_auc", "with the federation: local model AUC"),
     ("auc_gain", "gain"),
     ("alone_ari", "alone: own k-means ARI"),
-    ("ari", "with the federation: persona ARI"),
+    ("persona_ari", "with the federation: persona ARI"),
 )
 BASELINE_TEXT = (
     "What each partner gets alone from its own columns (its own logistic regression or gradient "
     "boosting, chosen by cross-validation on its training rows; its own k-means), beside what it "
     "gets with the federation (its local model on its own columns and the federated score; the "
-    "federated embedding's personas), all on its held-out rows."
+    "federated personas of its kind, their ARI over all its rows), on its held-out rows."
 )
 
 
-def baseline_rows(final: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The partners whose last evaluation carries the honest baseline, with the AUC gain."""
+def baseline_rows(final: list[dict[str, Any]], personas: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The partners whose last evaluation carries the honest baseline, with the AUC gain and,
+    from the persona rows (:func:`persona_rows`), the ARI of the federated personas."""
+    ari = {r["partner"]: r["persona_ari"] for r in personas or [] if "persona_ari" in r}
     out = []
     for row in final:
         if "alone_auc" in row or "alone_ari" in row:
             gain = float(row.get("local_auc", math.nan)) - float(row.get("alone_auc", math.nan))
-            out.append({**row, "auc_gain": gain})
+            out.append({**row, "auc_gain": gain, "persona_ari": ari.get(row["partner"], math.nan)})
     return out
 
 
@@ -124,7 +126,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def persona_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each partner's persona-assignment row (after DP k-means), if the run clustered."""
+    """Each partner's persona-assignment row (after the persona protocol), if the run found personas."""
     return sorted((r for r in rows if r.get("phase") == "personas"), key=lambda r: r["partner"])
 
 
@@ -257,7 +259,7 @@ def write_report(run_dir: str | Path) -> Path:
         + "</tr>"
         for r in final
     )
-    baseline = baseline_rows(final)
+    baseline = baseline_rows(final, persona_rows(rows))
     baseline_html = ""
     if baseline:
         b_head = "".join(f"<th>{html.escape(label)}</th>" for _, label in BASELINE_COLUMNS)
@@ -300,8 +302,7 @@ def write_report(run_dir: str | Path) -> Path:
             for r in persona_rows(rows)
         )
         persona_html = (
-            f"<h2>Personas</h2><p>{int(personas.get('k', 0))} global personas from "
-            f"{int(personas.get('rounds', 0))} rounds of federated DP k-means.{_k_choice_text(personas)} "
+            f"<h2>Personas</h2><p>{html.escape(_persona_method(personas))} "
             "Shares per kind come from DP-noised counts only. Each partner's persona cards stay at the partner "
             "(<code>partners/&lt;name&gt;/state/personas.json</code> in a simulation).</p>"
             f"<table><tr><th>kind</th>{head_p}</tr>{share_rows}</table>"
@@ -372,23 +373,18 @@ figure {{ display: inline-block; margin: 0.5em; }}
     if personas:
         md += [
             "",
-            f"{int(personas.get('k', 0))} global personas from {int(personas.get('rounds', 0))} rounds of "
-            f"federated DP k-means.{_k_choice_text(personas)}",
+            _persona_method(personas),
         ]
         md += warnings_markdown(warnings, "the released shares per kind")
     write_durably(run_dir / "report.md", ("\n".join(md) + "\n").encode("utf-8"))
     return out
 
 
-def _k_choice_text(personas: dict[str, Any]) -> str:
-    """The sentence saying how K was chosen, when the federation chose it among candidates."""
-    choice = personas.get("k_choice")
-    if not isinstance(choice, dict) or not isinstance(choice.get("scores"), dict):
-        return ""
-    scores = ", ".join(f"{html.escape(str(k))}: {float(v):.3g}" for k, v in choice["scores"].items())
+def _persona_method(personas: dict[str, Any]) -> str:
+    """The sentence saying how the personas were found."""
     return (
-        f" K = {int(choice.get('k', 0))} was chosen among the candidates by the cosine Calinski-Harabasz "
-        f"ratio of the noisy statistics (higher is better; {scores})."
+        f"{int(personas.get('k', 0))} personas per silo kind from {int(personas.get('rounds', 0))} releases per "
+        f"partner: {personas.get('method', 'the persona protocol')}."
     )
 
 

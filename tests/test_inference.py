@@ -19,7 +19,7 @@ from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import Table, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.federation.partner import assign_rows
+from fedpersona.federation.partner_personas import assign_rows
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.inference import infer_file, load_encoder
 from fedpersona.personas.mixture import Mixture

@@ -43,7 +43,7 @@ def infer(
     from rich.progress import Progress
 
     from fedpersona.config.files import load_partner_config
-    from fedpersona.federation.partner import infer_users
+    from fedpersona.federation.partner_personas import infer_users
     from fedpersona.model.artifacts import load_signing_public_key
 
     cfg = load_partner_config(config)

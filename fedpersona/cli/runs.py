@@ -14,7 +14,7 @@ from rich.table import Table as RichTable
 from fedpersona.cli.app import app, console, number_text, parse_epsilon
 from fedpersona.errors import FedPersonaError
 
-__all__ = ["audit", "k_choice_line", "report", "simulate"]
+__all__ = ["audit", "report", "simulate"]
 
 
 @app.command()
@@ -112,9 +112,9 @@ def simulate(
             ]
         )
     console.print(table)
-    from fedpersona.report import BASELINE_COLUMNS, baseline_rows
+    from fedpersona.report import BASELINE_COLUMNS, baseline_rows, persona_rows
 
-    baseline = baseline_rows(summary_rows(result.rows))
+    baseline = baseline_rows(summary_rows(result.rows), persona_rows(result.rows))
     if baseline:
         alone = RichTable(title="alone (own columns) or with the federation, on held-out rows")
         for _, label in BASELINE_COLUMNS:
@@ -128,8 +128,6 @@ def simulate(
         from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
         console.print(f"[bold red]{KNOWN_SEEDS_LABEL.upper()} (--reproducible-noise)[/bold red]")
-    from fedpersona.report import persona_rows
-
     found = persona_rows(result.rows)
     if found:
 
@@ -138,33 +136,12 @@ def simulate(
             return f"{sum(vals) / len(vals):.3f}" if vals else "-"
 
         console.print(
-            f"personas: {len(found)} partners assigned their users to the global personas "
+            f"personas: {len(found)} partners assigned their users to their kind's personas "
             f"(mean surrogate fidelity {avg('surrogate_fidelity')}, mean ARI vs ground truth "
             f"{avg('persona_ari')}); cards stay at each partner, shares per kind in personas.json"
         )
-    chosen = k_choice_line(result.run_dir)
-    if chosen:
-        console.print(chosen)
     _print_warnings(result.run_dir)
     console.print(f"done in {result.seconds:.0f}s; report: {result.run_dir / 'report.html'}")
-
-
-def k_choice_line(run_dir: Path) -> str | None:
-    """The console line saying which K the run chose among its candidates, or None."""
-    import json
-
-    path = run_dir / "personas.json"
-    try:
-        choice = json.loads(path.read_text()).get("k_choice") if path.exists() else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(choice, dict) or not isinstance(choice.get("scores"), dict):
-        return None
-    among = ", ".join(str(k) for k in sorted(choice["scores"], key=int))
-    return (
-        f"personas: K = {choice.get('k')} chosen among {among} from the noisy k-means statistics "
-        "(scores in personas.json)"
-    )
 
 
 def _print_warnings(run_dir: Path) -> None:

@@ -8,6 +8,7 @@ __all__ = [
     "client_app",
     "messages",
     "partner",
+    "partner_personas",
     "publishing",
     "roster",
     "rounds",

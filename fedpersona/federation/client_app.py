@@ -46,13 +46,11 @@ from fedpersona.federation.partner import (
     load_partner_data,
     load_plan,
     partner_schema,
-    persona_release,
-    persona_round,
-    persona_width,
     shared_names,
     spent_epsilon,
     train_round,
 )
+from fedpersona.federation.partner_personas import persona_release, persona_round, persona_width
 from fedpersona.federation.secagg import (
     PartnerSecrets,
     Placement,

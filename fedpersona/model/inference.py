@@ -3,7 +3,7 @@
 :func:`infer_file` streams a CSV or Parquet file of any size in chunks, validates each chunk
 against the schema, assigns every user with the partner's assignment function (the released
 persona space and mixture applied to each row's public persona view:
-:func:`fedpersona.federation.partner.assign_rows`), and writes one row per user (id, persona,
+:func:`fedpersona.federation.partner_personas.assign_rows`), and writes one row per user (id, persona,
 the posterior probabilities, optionally the persona embedding) to CSV or Parquet through a
 temporary file renamed at the end, so a failed run leaves nothing half-written.
 
@@ -154,7 +154,7 @@ def load_encoder(
 Assigner = Callable[[Table], tuple[np.ndarray, np.ndarray, np.ndarray]]
 """A partner's persona assignment of a validated table: ``(hard (n,) int, probabilities (n, K),
 embedding (n, p))``, each row a function of that row alone (e.g.
-:func:`fedpersona.federation.partner.assign_rows` with the released personas)."""
+:func:`fedpersona.federation.partner_personas.assign_rows` with the released personas)."""
 
 
 def infer_file(
