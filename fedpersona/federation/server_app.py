@@ -98,9 +98,19 @@ class ServerSettings:
     training: TrainingSettings
     run_dir: str
     expected_partners: int | None = None
-    wait_timeout: float = 120.0
+    wait_timeout: float = 120.0  # the admission window (roster.AdmissionWindow) ...
+    wait_extension: float = 120.0  # ... extended this long after each partner that arrives ...
+    max_wait: float = 3600.0  # ... up to this many seconds in all
+    progress_every: float = 30.0  # seconds between "k of n partners connected" lines
     resume: bool = False  # continue from RUN_DIR/state/checkpoint.npz
     deliver_model: bool = False  # send the signed final model to every partner (deployments)
+
+    @property
+    def admission(self) -> roster.AdmissionWindow:
+        return roster.AdmissionWindow(
+            initial=self.wait_timeout, extension=self.wait_extension,
+            maximum=max(self.max_wait, self.wait_timeout), progress_every=self.progress_every,
+        )  # fmt: skip
 
 
 def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume: bool = False) -> ServerSettings:
@@ -112,6 +122,9 @@ def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume
         run_dir=run_dir or str(cfg.run_dir),
         expected_partners=cfg.server.expected_partners,
         wait_timeout=cfg.server.wait_timeout,
+        wait_extension=cfg.server.wait_extension,
+        max_wait=cfg.server.max_wait,
+        progress_every=cfg.server.progress_every,
         resume=resume,
         deliver_model=True,
     )
@@ -156,8 +169,11 @@ def _resume_point(run_dir: Path, settings: ServerSettings) -> Checkpoint | None:
 class _Run:
     """One federation run's state and its stages (admission, training, clustering, finish)."""
 
-    def __init__(self, grid: Grid, settings: ServerSettings, on_round: RoundCallback | None) -> None:
+    def __init__(
+        self, grid: Grid, settings: ServerSettings, on_round: RoundCallback | None, clock: roster.Clock | None = None
+    ) -> None:
         self.grid, self.settings, self.on_round = grid, settings, on_round
+        self.clock = clock or roster.Clock()
         self.fed = settings.federation
         self.run_dir = Path(settings.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,12 +234,23 @@ class _Run:
     def admit_everyone(self) -> None:
         """Wait for the partners, readmit the checkpoint's by node id, ask the others."""
         want = self.settings.expected_partners or self.fed.min_partners
-        nodes = roster.wait_for_nodes(self.grid, want, self.settings.wait_timeout)
+        window = self.settings.admission
+        arrived = roster.wait_for_nodes(self.grid, want, window, clock=self.clock)
+        nodes = arrived.nodes
         if len(nodes) < self.fed.min_partners:
             raise ConfigError(
-                f"only {len(nodes)} partner(s) connected within {self.settings.wait_timeout:.0f}s; "
-                f"federation.min_partners is {self.fed.min_partners}"
+                f"only {len(nodes)} of {want} partner(s) connected after waiting {arrived.waited:.0f}s "
+                f"(server.wait_timeout {window.initial:g}s, extended by server.wait_extension "
+                f"{window.extension:g}s after each arrival, at most server.max_wait {window.maximum:g}s); "
+                f"federation.min_partners is {self.fed.min_partners}. Check that the missing partners run "
+                "`fedpersona partner start` (their logs/supernode.log says why they cannot connect), or raise "
+                "server.wait_timeout"
             )
+        if len(nodes) < want:
+            logger.warning(
+                "starting with %d of %d expected partner(s) after %.0fs (federation.min_partners is %d)",
+                len(nodes), want, arrived.waited, self.fed.min_partners,
+            )  # fmt: skip
         fresh, known = not self.roster, set(self.roster)
         # A node id is a registered key, so a node of the checkpoint is that partner; it is
         # readmitted (or kept out) as the checkpoint says. Others are asked who they are.
@@ -360,10 +387,13 @@ class _Run:
         )
 
 
-def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None) -> FederationResult:
+def run_federation(
+    grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None, clock: roster.Clock | None = None
+) -> FederationResult:
     """Run (or, with ``settings.resume``, continue) the federation; writes metrics.jsonl,
-    privacy.json, run.json, model/ and state/checkpoint.npz in run_dir."""
-    run = _Run(grid, settings, on_round)
+    privacy.json, run.json, model/ and state/checkpoint.npz in run_dir. ``clock``: where the
+    wait for partners reads the time and sleeps (default: the system's)."""
+    run = _Run(grid, settings, on_round, clock)
     run.admit_everyone()
     run.train()
     personas = run.cluster()
