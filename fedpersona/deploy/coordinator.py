@@ -46,6 +46,7 @@ from fedpersona.deploy.processes import (
     wait_port,
 )
 from fedpersona.errors import ConfigError, FedPersonaError
+from fedpersona.federation.run_log import FEDERATION_LOG, LogFollower
 
 __all__ = ["check_resume", "stage_app", "start_server", "superlink_command"]
 
@@ -190,8 +191,12 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
             if resume:
                 _stop_previous_run(cfg.run_dir, home=home, report=report)
                 report(f"resuming {run_dir}: {where}")
+            progress = LogFollower(run_dir / FEDERATION_LOG)  # from its end: a resumed run's old lines stay
             run_id = _start_run(cfg, home=home, config=Path(cfg.source), report=report, resume=resume)
-            return _watch_run(run_id, home=home, superlink=superlink, signals=signals, report=report, run_dir=run_dir)
+            return _watch_run(
+                run_id, home=home, superlink=superlink, signals=signals, report=report, run_dir=run_dir,
+                progress=progress,
+            )  # fmt: skip
         except Stopped as stop:
             report(f"received {stop}; stopping the SuperLink and its children")
             return 130
@@ -333,10 +338,15 @@ def _watch_run(
     signals: StopSignals,
     report: Report,
     run_dir: Path,
+    progress: LogFollower | None = None,
     poll: float = 5.0,
 ) -> int:
+    """Wait for the run to finish, printing the ServerApp's progress (RUN_DIR/logs/federation.log:
+    each round, who replied, the end) as it comes; the exit code says how the run ended."""
     family: list[int] = []
     while True:
+        for line in progress.new_lines() if progress is not None else []:
+            report(line)
         if superlink.poll() is not None:
             # What the SuperLink had started (flower-superexec, the ServerApp) is orphaned now:
             # stop it, so that no ServerApp of this run writes to the run folder after a resume.
@@ -346,6 +356,8 @@ def _watch_run(
         family = descendants(superlink.pid)
         status = _run_status(run_id, home)
         if status.startswith("finished"):
+            for line in progress.new_lines() if progress is not None else []:
+                report(line)
             saved = _save_serverapp_log(run_id, home=home, run_dir=run_dir)
             if saved is not None:
                 report(f"ServerApp log: {saved}")

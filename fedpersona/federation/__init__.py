@@ -11,6 +11,7 @@ __all__ = [
     "publishing",
     "roster",
     "rounds",
+    "run_log",
     "secagg",
     "secure_round",
     "server_app",

@@ -200,10 +200,10 @@ def wait_for_nodes(grid: Grid, want: int, window: AdmissionWindow, *, clock: Clo
             return Arrivals(nodes, now - start, deadline - start)
         if new or now - last_report >= window.progress_every:
             last_report = now
+            extends = window.extension > 0 and deadline < start + window.maximum
             logger.info(
                 "%d of %d partners connected, waiting up to %.0fs more%s",
-                len(nodes), want, deadline - now,
-                " (each new partner extends the wait)" if window.extension and deadline < start + window.maximum else "",
+                len(nodes), want, deadline - now, " (each new partner extends the wait)" if extends else "",
             )  # fmt: skip
         clock.sleep(min(window.poll, max(0.0, deadline - now)))
 

@@ -59,7 +59,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpersona.config.files import load_scenario
 from fedpersona.config.settings import FederationConfig, FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
-from fedpersona.federation import publishing, roster, rounds
+from fedpersona.federation import publishing, roster, rounds, run_log
 from fedpersona.federation.aggregation import ScopedAggregator
 from fedpersona.federation.checkpoint import (
     CHECKPOINT,
@@ -311,6 +311,10 @@ class _Run:
                 )
                 logger.error("%s", self.stopped)
                 return
+            logger.info(
+                "round %d of %d: training with %d partner(s): %s",
+                rnd, fed.rounds, len(active), ", ".join(roster.names(active)),
+            )  # fmt: skip
             try:
                 updates = (rounds.train_secure if fed.secure_aggregation else rounds.train_plain)(
                     self.grid, self.aggregator, self.partners, active, rnd, self.config, fed
@@ -328,6 +332,7 @@ class _Run:
             used = {u.partner for u in updates} if not fed.secure_aggregation else set(roster.names(active))
             self.completed = rnd
             self.rounds_run.append(rnd)
+            _log_round(rnd, fed.rounds, active, used)
             extra = {**checkpoint.extra, "aggregated": sorted(used)}
             self.save(stage="train", round=rnd, evaluated=False, extra=extra)
             if self._due(rnd):
@@ -387,6 +392,32 @@ class _Run:
         )
 
 
+def _log_round(rnd: int, total: int, active: dict[int, Member], used: set[str]) -> None:
+    """``round 2 of 5 aggregated: 2 of 3 partner(s) replied: shop-1 (epsilon 1.20), ...; no reply: x``."""
+
+    def who(p: Member) -> str:
+        name = str(p.info["name"])
+        return f"{name} (epsilon {p.epsilon:.4g})" if p.epsilon is not None else name
+
+    replied = [who(p) for p in active.values() if p.info["name"] in used]
+    missing = sorted(str(p.info["name"]) for p in active.values() if p.info["name"] not in used)
+    logger.info(
+        "round %d of %d aggregated: %d of %d partner(s) replied: %s%s",
+        rnd, total, len(replied), len(active), ", ".join(replied),
+        f"; no reply: {', '.join(missing)}" if missing else "",
+    )  # fmt: skip
+
+
+def _log_end(run: _Run, delivered: list[str]) -> None:
+    model = run.run_dir / "model"
+    logger.info(
+        "run finished: %d of %d round(s) aggregated%s; model %s%s",
+        run.completed, run.fed.rounds, f" ({run.stopped})" if run.stopped else "", model,
+        f"; installed at {len(delivered)} partner(s): {', '.join(sorted(delivered))}"
+        if run.settings.deliver_model else "",
+    )  # fmt: skip
+
+
 def run_federation(
     grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None, clock: roster.Clock | None = None
 ) -> FederationResult:
@@ -398,6 +429,7 @@ def run_federation(
     run.train()
     personas = run.cluster()
     delivered = run.finish(personas)
+    _log_end(run, delivered)
     return FederationResult(
         rounds_completed=run.completed,
         partners={name: p.info for name, p in run.roster.items()},
@@ -447,6 +479,8 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
                 run_dir=str(context.run_config["run-dir"]),
                 resume=bool(context.run_config.get("resume", False)),
             )
+            # `server start` prints this file's lines as they come (each round, who replied, the end).
+            run_log.attach_log_file(Path(settings.run_dir) / run_log.FEDERATION_LOG)
         if settings is None:
             scenario = load_scenario(str(context.run_config["scenario"]))
             settings = ServerSettings(
