@@ -11,7 +11,7 @@ from rich.table import Table as RichTable
 
 from fedpersona.cli.app import app, certs_app, console, number_text, partner_app, server_app_cli
 
-__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_start"]
+__all__ = ["certs_init", "certs_partner", "certs_token", "partner_check", "partner_start", "serve", "server_start"]
 
 
 # --- deployment: credentials, coordinator, partners, model registry (fedpersona.deploy.certs/deploy/registry)
@@ -47,6 +47,20 @@ def certs_partner(
     console.print(
         f"wrote {keys.private_key} (keep it at the site, mode 0600) and {keys.public_key} "
         "(send it to the coordinator for server/federation.toml)"
+    )
+
+
+@certs_app.command("token")
+def certs_token(
+    out: Path = typer.Option(..., help="File for the registry's bearer token (e.g. server/registry.token)."),
+) -> None:
+    """Create a random bearer token for `fedpersona serve --token-file` (mode 0600, never overwritten)."""
+    from fedpersona.deploy.registry import make_token_file
+
+    path = make_token_file(out)
+    console.print(
+        f"wrote {path} (mode 0600): pass it to `fedpersona serve --token-file {path}` and give a copy to each "
+        "partner (their `fedpersona infer --token-file`)"
     )
 
 
@@ -190,7 +204,9 @@ def partner_rollback(
 @app.command()
 def serve(
     artifacts: Path = typer.Option(..., help="A model folder (RUN_DIR/model) or a folder of them."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on: loopback by default; 0.0.0.0 (every interface) to serve partners."
+    ),
     port: int = typer.Option(8443, help="Port to listen on."),
     tls_cert: Path | None = typer.Option(None, help="TLS certificate (PEM); with --tls-key serves HTTPS."),
     tls_key: Path | None = typer.Option(None, help="TLS private key (PEM)."),

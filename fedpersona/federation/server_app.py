@@ -104,6 +104,9 @@ class ServerSettings:
     progress_every: float = 30.0  # seconds between "k of n partners connected" lines
     resume: bool = False  # continue from RUN_DIR/state/checkpoint.npz
     deliver_model: bool = False  # send the signed final model to every partner (deployments)
+    # The federation's model-signing key (a deployment: CREDENTIALS/model-signing.key, never
+    # copied into the run folder); None: the run makes its own in RUN_DIR/keys (a simulation).
+    signing_key: str | None = None
 
     @property
     def admission(self) -> roster.AdmissionWindow:
@@ -127,6 +130,7 @@ def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume
         progress_every=cfg.server.progress_every,
         resume=resume,
         deliver_model=True,
+        signing_key=str(cfg.credentials / "model-signing.key"),
     )
 
 
@@ -176,6 +180,11 @@ class _Run:
         self.clock = clock or roster.Clock()
         self.fed = settings.federation
         self.run_dir = Path(settings.run_dir)
+        if settings.signing_key and not Path(settings.signing_key).exists():  # refuse now, not after the rounds
+            raise ConfigError(
+                f"{settings.signing_key}: the federation's model-signing key does not exist, so no model of this "
+                "run could be signed; server.credentials must name the folder `fedpersona certs init` wrote"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.aggregator = ScopedAggregator(
@@ -376,9 +385,11 @@ class _Run:
                 publishing.write_outcome(self.run_dir, status="failed", reason=reason, rounds=0, personas=False)
                 logger.error("no round completed (%s); nothing is published", reason)
                 raise NothingTrained(f"the federation trained nothing, so no model was published: {reason}")
+            signing_key = Path(self.settings.signing_key) if self.settings.signing_key else None
             publishing.publish(
-                self.run_dir, self.aggregator, self.roster, self.settings.model, self.completed, personas
-            )
+                self.run_dir, self.aggregator, self.roster, self.settings.model, self.completed, personas,
+                signing_key=signing_key,
+            )  # fmt: skip
             self.save(stage="done")
             publishing.write_outcome(
                 self.run_dir, status="completed", reason=self.stopped, rounds=self.completed,
