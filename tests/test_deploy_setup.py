@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from fedpersona.cli import app
