@@ -159,7 +159,13 @@ def test_a_partner_logs_each_message_answered_its_epsilon_and_the_end_of_the_run
 
 
 def _supernode(
-    tmp_path: Path, *, finish_at: float | None, exits: bool = False, max_restarts: int = 3
+    tmp_path: Path,
+    *,
+    finish_at: float | None,
+    exits: bool = False,
+    max_restarts: int = 3,
+    stop_after_run: bool = True,
+    script: str | None = None,
 ) -> tuple[int, list[str], list[float]]:
     activity = tmp_path / "state" / "logs" / "activity.log"
     activity.parent.mkdir(parents=True)
@@ -178,11 +184,12 @@ def _supernode(
     def reachable(address: str) -> bool:
         return finish_at is not None and clock[0] < finish_at
 
-    script = "import sys; sys.exit(3)" if exits else "import time; time.sleep(600)"
+    script = script or ("import sys; sys.exit(3)" if exits else "import time; time.sleep(600)")
     printed: list[str] = []
     code = supervise_supernode(
         [sys.executable, "-c", script], log=tmp_path / "supernode.log", activity=activity, superlink="127.0.0.1:9",
-        name="clinic-x", max_restarts=max_restarts, linger=30.0, report=printed.append, wait=wait,
+        name="clinic-x", max_restarts=max_restarts, stop_after_run=stop_after_run, linger=30.0,
+        report=printed.append, wait=wait,
         reachable=reachable,
     )  # fmt: skip
     return code, printed, delays
@@ -208,3 +215,12 @@ def test_partner_start_says_why_it_waits_and_restarts_with_backoff(tmp_path: Pat
     assert "the SuperLink at 127.0.0.1:9 is unreachable (the coordinator is not running yet" in restarts[0]
     assert "start 2 of 3" in restarts[0] and "start 3 of 3" in restarts[1]
     assert printed[-1] == f"partner clinic-x: giving up after 3 start(s); see {tmp_path / 'supernode.log'}"
+
+
+def test_keep_running_keeps_the_supernode_after_the_run(tmp_path: Path) -> None:
+    code, printed, _ = _supernode(
+        tmp_path, finish_at=5.0, max_restarts=0, stop_after_run=False, script="import time; time.sleep(0.5)"
+    )
+    assert any("run finished: installed the federation's final model" in line for line in printed)
+    assert not any("flower-supernode stopped" in line for line in printed)
+    assert code == 1 and printed[-1].startswith("partner clinic-x: giving up after 1 start(s)")

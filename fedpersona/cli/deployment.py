@@ -78,7 +78,7 @@ def server_start(
 
 
 def _report(message: str) -> None:
-    console.print(message, soft_wrap=True, highlight=False)
+    console.print(message, soft_wrap=True, highlight=False, markup=False)  # log lines may hold [brackets]
 
 
 def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Path, Path]:
@@ -141,6 +141,11 @@ def partner_start(
     runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback)."),
     max_wait_time: float = typer.Option(600.0, help="Seconds flower-supernode keeps reconnecting before a restart."),
     max_restarts: int = typer.Option(10, min=0, help="Restarts of flower-supernode (backoff 5s..300s)."),
+    keep_running: bool = typer.Option(
+        False,
+        help="Keep the SuperNode for later runs; by default it stops once the run has finished and the "
+        "coordinator's SuperLink has stopped.",
+    ),
     model_key: Path | None = typer.Option(
         None,
         help="The federation's model-signing.pub, to verify the final model (default: credentials/ beside "
@@ -156,7 +161,8 @@ def partner_start(
         model_key = default if default.exists() else None
     code = start_partner(
         config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
-        max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, report=_report,
+        max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, keep_running=keep_running,
+        report=_report,
     )  # fmt: skip
     if code:
         sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM

@@ -219,9 +219,11 @@ def start_partner(
     max_wait_time: float = 600.0,
     max_restarts: int = 10,
     model_key: str | Path | None = None,
+    keep_running: bool = False,
     report: Report = logger.info,
 ) -> int:
-    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up.
+    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up;
+    it stops after the run unless ``keep_running`` (see :func:`supervise_supernode`).
 
     ``model_key`` (the federation's ``model-signing.pub``) lets the partner verify and install
     the final model the server sends at the end of the run; without it the partner refuses it.
@@ -250,6 +252,7 @@ def start_partner(
             cmd, log=log, activity=Path(cfg.state_dir) / ACTIVITY_LOG, superlink=superlink, name=cfg.name,
             env={"FLWR_HOME": str(Path(cfg.state_dir) / "flwr-home")},  # app bundles stay in the state folder
             max_wait_time=max_wait_time, max_restarts=max_restarts, report=report, wait=signals.sleep,
+            stop_after_run=not keep_running,
         )  # fmt: skip
 
 
@@ -273,6 +276,7 @@ def supervise_supernode(
     env: dict[str, str] | None = None,
     max_wait_time: float = 600.0,
     max_restarts: int = 10,
+    stop_after_run: bool = True,
     linger: float = 30.0,
     report: Report = logger.info,
     wait: Callable[[float], None] = time.sleep,
@@ -287,7 +291,8 @@ def supervise_supernode(
     arrived), a SuperLink that stays unreachable for ``linger`` seconds means the coordinator
     has stopped: flower-supernode is stopped instead of retrying, and the exit code is 0.
     Before that, a flower-supernode that gave up reconnecting (after ``max_wait_time``) is
-    restarted with a bounded backoff, and each restart says why it waits.
+    restarted with a bounded backoff, and each restart says why it waits. With
+    ``stop_after_run=False`` the SuperNode is kept (and restarted) for later runs.
     """
     supervisor = ProcessSupervisor()
     follower = LogFollower(activity)
@@ -309,7 +314,7 @@ def supervise_supernode(
                 wait(poll)
                 waited += poll
                 relay()
-                if not finished:
+                if not (finished and stop_after_run):
                     if waited - probed >= probe_every:  # say why the SuperNode waits, when it changes
                         probed, up = waited, reachable(superlink)
                         if up != was_up:
@@ -336,7 +341,7 @@ def supervise_supernode(
             relay()
             supervisor.stop(proc)
             supervisor.procs = [(p, h) for p, h in supervisor.procs if p is not proc]
-            if finished:
+            if finished and stop_after_run:
                 report(
                     f"partner {name}: the run finished and flower-supernode exited (code {proc.returncode}); "
                     "not restarting it. Start `fedpersona partner start` again for the next run"

@@ -185,7 +185,7 @@ def wait_for_nodes(grid: Grid, want: int, window: AdmissionWindow, *, clock: Clo
     start = clock.now()
     deadline = start + window.initial
     seen: set[int] = set()
-    last_report = start
+    last_report = -math.inf  # the first look is always reported
     while True:
         nodes = sorted(grid.get_node_ids())
         now = clock.now()
