@@ -85,6 +85,13 @@ def test_server_start_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         while "started run" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(1.0)
         assert "started run" in log.read_text(), log.read_text()
+        # The ServerApp's progress reaches the console (through RUN_DIR/logs/federation.log).
+        while "0 of 1 partners connected, waiting up to" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(1.0)
+        assert "0 of 1 partners connected, waiting up to" in log.read_text(), log.read_text()
+        assert "0 of 1 partners connected" in (tmp_path / "run" / "logs" / "federation.log").read_text()
+        assert "\x1b" not in (tmp_path / "run" / "logs" / "superlink.log").read_text()
+        assert not (tmp_path / "run" / "keys" / "model-signing.key").exists()
         family = descendants(proc.pid)  # flower-superlink, flower-superexec, flwr-serverapp
         assert len(family) >= 2
         proc.send_signal(signal.SIGINT)

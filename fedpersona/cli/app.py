@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import re
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -12,6 +18,7 @@ from rich.console import Console
 from fedpersona.errors import FedPersonaError
 
 __all__ = [
+    "ENGINE_WARNINGS",
     "app",
     "certs_app",
     "console",
@@ -20,6 +27,7 @@ __all__ = [
     "parse_epsilon",
     "partner_app",
     "privacy_app",
+    "quiet_engines",
     "schema_app",
     "server_app_cli",
     "version_text",
@@ -43,6 +51,58 @@ app.add_typer(partner_app, name="partner")
 _PIPED = not sys.stdout.isatty()
 console = Console(width=200 if _PIPED else None, soft_wrap=_PIPED)
 err_console = Console(stderr=True, soft_wrap=True)
+
+
+ENGINE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # Opacus's notice about its own generator: fedpersona draws DP noise from the partner's
+    # secret source (privacy.randomness) and labels a seeded run itself.
+    ("Secure RNG turned off", UserWarning),
+    # PyTorch: a full backward hook on a module whose inputs need no gradient; Opacus relies on it.
+    ("Full backward hook is firing", UserWarning),
+    # Opacus's RDP accountant: the best order is at the end of its alpha grid (the bound is still valid).
+    ("Optimal order is the", UserWarning),
+)
+"""Warnings of the engines a simulation runs that a user cannot act on, hidden without ``--verbose``."""
+
+
+@contextlib.contextmanager
+def quiet_engines(*, verbose: bool) -> Iterator[None]:
+    """Without ``--verbose``, keep Flower's, Ray's and Opacus's own chatter off the console
+    while the block runs; everything is as before afterwards.
+
+    In this process: Flower's records do not reach the root logger, Ray's and Opacus's loggers
+    show errors only, and :data:`ENGINE_WARNINGS` are ignored. Ray's workers (where the
+    partners train and Flower prints ``Manually terminating ClientAppActor``) are new processes
+    that inherit the environment: ``FLWR_LOG_LEVEL=ERROR`` and ``PYTHONWARNINGS`` carry the same
+    choices there. A value the user set already is kept. Errors always show.
+    """
+    if verbose:
+        yield
+        return
+    env = {name: os.environ.get(name) for name in ("FLWR_LOG_LEVEL", "PYTHONWARNINGS")}
+    loggers = {name: logging.getLogger(name) for name in ("flwr", "ray", "opacus")}
+    saved = {name: (log.level, log.propagate) for name, log in loggers.items()}
+    with warnings.catch_warnings():
+        loggers["flwr"].propagate = False
+        for name in ("ray", "opacus"):
+            loggers[name].setLevel(logging.ERROR)
+        for message, category in ENGINE_WARNINGS:
+            warnings.filterwarnings("ignore", message=re.escape(message), category=category)
+        os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
+        ours = [f"ignore:{message}:{category.__name__}" for message, category in ENGINE_WARNINGS]
+        given = [part for part in os.environ.get("PYTHONWARNINGS", "").split(",") if part]
+        os.environ["PYTHONWARNINGS"] = ",".join(given + [part for part in ours if part not in given])
+        try:
+            yield
+        finally:
+            for name, value in env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            for name, (level, propagate) in saved.items():
+                loggers[name].setLevel(level)
+                loggers[name].propagate = propagate
 
 
 def version_text() -> str:

@@ -11,7 +11,16 @@ from rich.table import Table as RichTable
 
 from fedpersona.cli.app import app, certs_app, console, number_text, partner_app, server_app_cli
 
-__all__ = ["certs_init", "certs_partner", "partner_check", "partner_start", "serve", "server_kit", "server_start"]
+__all__ = [
+    "certs_init",
+    "certs_partner",
+    "certs_token",
+    "partner_check",
+    "partner_start",
+    "serve",
+    "server_kit",
+    "server_start",
+]
 
 
 # --- deployment: credentials, coordinator, partners, model registry (fedpersona.deploy.certs/deploy/registry)
@@ -47,6 +56,20 @@ def certs_partner(
     console.print(
         f"wrote {keys.private_key} (keep it at the site, mode 0600) and {keys.public_key} "
         "(send it to the coordinator for server/federation.toml)"
+    )
+
+
+@certs_app.command("token")
+def certs_token(
+    out: Path = typer.Option(..., help="File for the registry's bearer token (e.g. server/registry.token)."),
+) -> None:
+    """Create a random bearer token for `fedpersona serve --token-file` (mode 0600, never overwritten)."""
+    from fedpersona.deploy.registry import make_token_file
+
+    path = make_token_file(out)
+    console.print(
+        f"wrote {path} (mode 0600): pass it to `fedpersona serve --token-file {path}` and give a copy to each "
+        "partner (their `fedpersona infer --token-file`)"
     )
 
 
@@ -93,7 +116,7 @@ def server_kit(
 
 
 def _report(message: str) -> None:
-    console.print(message, soft_wrap=True, highlight=False)
+    console.print(message, soft_wrap=True, highlight=False, markup=False)  # log lines may hold [brackets]
 
 
 def _partner_paths(config: Path, ca: Path | None, key: Path | None) -> tuple[Path, Path]:
@@ -193,6 +216,11 @@ def partner_start(
     runtime_port: int = typer.Option(9094, help="Local port of the SuperNode's runtime API (loopback)."),
     max_wait_time: float = typer.Option(600.0, help="Seconds flower-supernode keeps reconnecting before a restart."),
     max_restarts: int = typer.Option(10, min=0, help="Restarts of flower-supernode (backoff 5s..300s)."),
+    keep_running: bool = typer.Option(
+        False,
+        help="Keep the SuperNode for later runs; by default it stops once the run has finished and the "
+        "coordinator's SuperLink has stopped.",
+    ),
     model_key: Path | None = typer.Option(
         None,
         help="The federation's model-signing.pub, to verify the final model (default: credentials/ beside "
@@ -213,7 +241,8 @@ def partner_start(
         _print_real_budget(real, rehearsal=True)
     code = start_partner(
         config, superlink=superlink, ca=ca_path, key=key_path, runtime_port=runtime_port,
-        max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, report=_report,
+        max_wait_time=max_wait_time, max_restarts=max_restarts, model_key=model_key, keep_running=keep_running,
+        report=_report,
     )  # fmt: skip
     if code:
         sys.exit(code)  # 1: the run failed, 130: stopped by SIGINT/SIGTERM
@@ -261,7 +290,9 @@ def partner_rollback(
 @app.command()
 def serve(
     artifacts: Path = typer.Option(..., help="A model folder (RUN_DIR/model) or a folder of them."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to listen on: loopback by default; 0.0.0.0 (every interface) to serve partners."
+    ),
     port: int = typer.Option(8443, help="Port to listen on."),
     tls_cert: Path | None = typer.Option(None, help="TLS certificate (PEM); with --tls-key serves HTTPS."),
     tls_key: Path | None = typer.Option(None, help="TLS private key (PEM)."),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table as RichTable
 
-from fedpersona.cli.app import app, console, number_text, parse_epsilon
+from fedpersona.cli.app import app, console, number_text, parse_epsilon, quiet_engines
 from fedpersona.errors import FedPersonaError
 
 __all__ = ["audit", "report", "simulate"]
@@ -42,11 +41,26 @@ def simulate(
     ),
 ) -> None:
     """Run a whole federation locally and write the run folder."""
+    with quiet_engines(verbose=verbose):
+        _simulate(
+            scenario=scenario, rounds=rounds, epsilon=epsilon, out=out, sweep_epsilon=sweep_epsilon,
+            ray_address=ray_address, reproducible_noise=reproducible_noise,
+        )  # fmt: skip
+
+
+def _simulate(
+    *,
+    scenario: Path | None,
+    rounds: int | None,
+    epsilon: str | None,
+    out: Path | None,
+    sweep_epsilon: str | None,
+    ray_address: str | None,
+    reproducible_noise: bool,
+) -> None:
     from fedpersona.simulation import simulate as run
 
     eps = parse_epsilon(epsilon)
-    if not verbose:
-        logging.getLogger("flwr").propagate = False
     if sweep_epsilon is not None:
         if eps is not None:
             raise FedPersonaError("--epsilon and --sweep-epsilon exclude each other; give one of them")

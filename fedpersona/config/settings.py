@@ -476,18 +476,39 @@ class PartnerConfig(Settings):
 
 
 class ServerNetwork(Settings):
-    """``[server]``: where the SuperLink listens and where the coordinator keeps its files."""
+    """``[server]``: where the SuperLink listens, where the coordinator keeps its files, and
+    how long it waits for partners.
+
+    ``host`` is loopback by default: a SuperLink reachable from other machines is a choice
+    (``host = "0.0.0.0"`` or one interface's address). The coordinator waits for
+    ``expected_partners`` (else ``federation.min_partners``) for ``wait_timeout`` seconds;
+    each partner that connects extends the wait to at least ``wait_extension`` seconds after
+    its arrival, never beyond ``max_wait`` seconds in all; it logs how many are connected
+    every ``progress_every`` seconds and whenever one arrives.
+    """
 
     section: ClassVar[str] = "server"
 
-    host: str = Field("0.0.0.0", min_length=1)
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(9093, ge=1, le=65535)
     run_dir: str = Field("../runs/federation", min_length=1)
     credentials: str = Field("credentials", min_length=1)
     app: str = Field("..", min_length=1)
     expected_partners: int | None = Field(None, ge=1)
-    wait_timeout: float = Field(600.0, gt=0)
-    ready_timeout: float = Field(60.0, gt=0)
+    wait_timeout: float = Field(600.0, gt=0, allow_inf_nan=False)
+    wait_extension: float = Field(120.0, ge=0, allow_inf_nan=False)
+    max_wait: float = Field(3600.0, gt=0, allow_inf_nan=False)
+    progress_every: float = Field(30.0, gt=0, allow_inf_nan=False)
+    ready_timeout: float = Field(60.0, gt=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _max_wait_covers_window(self) -> Self:
+        if self.max_wait < self.wait_timeout:
+            raise ValueError(
+                f"server.max_wait ({self.max_wait:g}) must be >= server.wait_timeout ({self.wait_timeout:g}): "
+                "it bounds the whole wait, extensions included"
+            )
+        return self
 
 
 class PartnerEntry(Settings):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -43,9 +42,11 @@ from fedpersona.deploy.processes import (
     descendants,
     flower_tool,
     signal_all,
+    strip_ansi,
     wait_port,
 )
 from fedpersona.errors import ConfigError, FedPersonaError
+from fedpersona.federation.run_log import FEDERATION_LOG, LogFollower
 
 __all__ = ["check_resume", "stage_app", "start_server", "superlink_command"]
 
@@ -107,23 +108,32 @@ def _write_flwr_home(home: Path, *, address: str, ca: Path) -> None:
     (home / "config.toml").write_text(tomli_w.dumps(doc), encoding="utf-8")
 
 
-def _install_signing_key(credentials: Path, run_dir: Path) -> None:
-    """The ServerApp signs with RUN_DIR/keys/model-signing.key: make it the federation's key."""
+def _install_public_key(credentials: Path, run_dir: Path) -> Path:
+    """Put the federation's model-signing *public* key in RUN_DIR/keys/model-signing.pub, the
+    key the run's models verify against. The private key stays in the credentials folder: the
+    ServerApp signs with it there (``federation-config`` names that folder), so no run folder
+    holds a copy of it."""
+    from cryptography.hazmat.primitives import serialization
+
     source = credentials / "model-signing.key"
-    target = run_dir / "keys" / "model-signing.key"
-    if not source.exists():
-        raise ConfigError(f"{source} does not exist; create the credentials with `fedpersona certs init`")
+    try:
+        key = serialization.load_pem_private_key(source.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ConfigError(f"{source} does not exist; create the credentials with `fedpersona certs init`") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: not the federation's model-signing key ({exc})") from None
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    target = run_dir / "keys" / "model-signing.pub"
     if target.exists():
-        if target.read_bytes() != source.read_bytes():
+        if target.read_bytes() != public:
             raise ConfigError(
-                f"{target} is not the federation's signing key {source}; models of this run folder "
-                "would not verify against the key partners hold. Use another server.run_dir."
+                f"{target} is not the public half of the federation's signing key {source}; models of this "
+                "run folder would not verify against the key partners hold. Use another server.run_dir."
             )
-        return
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(source.read_bytes())
+    target.write_bytes(public)
+    return target
 
 
 def superlink_command(cfg: FederationConfig) -> list[str]:
@@ -147,8 +157,17 @@ def _check_server_files(cfg: FederationConfig) -> None:
         if not (cfg.credentials / name).exists():
             problems.append(f"{cfg.credentials / name} is missing")
     for p in cfg.partners:
+        key = Path(p.public_key)
+        if not key.exists():
+            # The folder the keys go in is made here, so the operator only copies the file.
+            key.parent.mkdir(parents=True, exist_ok=True)
+            problems.append(
+                f"partner {p.name}: {key} does not exist; copy the {key.name} the partner made with "
+                f"`fedpersona certs partner {p.name}` into {key.parent}"
+            )
+            continue
         try:
-            load_node_public_key(p.public_key)
+            load_node_public_key(key)
         except ConfigError as exc:
             problems.append(f"partner {p.name}: {exc}")
     if not (Path(cfg.server.app) / "pyproject.toml").exists():
@@ -172,7 +191,7 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
         raise ConfigError(f"--resume: {run_dir} holds no federation to resume ({db.name} is missing)")
     where = check_resume(cfg) if resume else ""
     run_dir.mkdir(parents=True, exist_ok=True)
-    _install_signing_key(cfg.credentials, run_dir)
+    _install_public_key(cfg.credentials, run_dir)
     home = run_dir / "flwr-home"
     host = _connect_host(cfg.server.host)
     _write_flwr_home(home, address=f"{host}:{cfg.server.port}", ca=cfg.credentials / "ca.pem")
@@ -190,8 +209,12 @@ def start_server(config: str | Path, *, resume: bool = False, report: Report = l
             if resume:
                 _stop_previous_run(cfg.run_dir, home=home, report=report)
                 report(f"resuming {run_dir}: {where}")
+            progress = LogFollower(run_dir / FEDERATION_LOG)  # from its end: a resumed run's old lines stay
             run_id = _start_run(cfg, home=home, config=Path(cfg.source), report=report, resume=resume)
-            return _watch_run(run_id, home=home, superlink=superlink, signals=signals, report=report, run_dir=run_dir)
+            return _watch_run(
+                run_id, home=home, superlink=superlink, signals=signals, report=report, run_dir=run_dir,
+                progress=progress,
+            )  # fmt: skip
         except Stopped as stop:
             report(f"received {stop}; stopping the SuperLink and its children")
             return 130
@@ -321,7 +344,8 @@ def _save_serverapp_log(run_id: str, *, home: Path, run_dir: Path, timeout: floa
     path = run_dir / "logs" / "serverapp.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(f"# run {run_id}\n{done.stdout.rstrip()}\n")
+        plain = strip_ansi(done.stdout.encode()).decode("utf-8", "replace")  # Flower colours its levels
+        handle.write(f"# run {run_id}\n{plain.rstrip()}\n")
     return path
 
 
@@ -333,10 +357,15 @@ def _watch_run(
     signals: StopSignals,
     report: Report,
     run_dir: Path,
+    progress: LogFollower | None = None,
     poll: float = 5.0,
 ) -> int:
+    """Wait for the run to finish, printing the ServerApp's progress (RUN_DIR/logs/federation.log:
+    each round, who replied, the end) as it comes; the exit code says how the run ended."""
     family: list[int] = []
     while True:
+        for line in progress.new_lines() if progress is not None else []:
+            report(line)
         if superlink.poll() is not None:
             # What the SuperLink had started (flower-superexec, the ServerApp) is orphaned now:
             # stop it, so that no ServerApp of this run writes to the run folder after a resume.
@@ -346,6 +375,8 @@ def _watch_run(
         family = descendants(superlink.pid)
         status = _run_status(run_id, home)
         if status.startswith("finished"):
+            for line in progress.new_lines() if progress is not None else []:
+                report(line)
             saved = _save_serverapp_log(run_id, home=home, run_dir=run_dir)
             if saved is not None:
                 report(f"ServerApp log: {saved}")

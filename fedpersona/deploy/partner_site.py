@@ -9,14 +9,21 @@ does the same, then runs::
                      --node-config 'client-config="/abs/client.toml"'
 
 flower-supernode retries a lost SuperLink itself (for up to ``W`` seconds); if it gives up,
-fedpersona restarts it with a bounded exponential backoff. On SIGINT/SIGTERM it stops every
-process it started, waiting a bounded time before killing.
+fedpersona restarts it with a bounded exponential backoff and says why it waits (the SuperLink
+does not answer). A SuperNode serves runs until it is stopped (Flower has no "federation over"
+signal for it), so fedpersona ends it: once the run has finished (the partner received the
+final model, ``run finished`` in ``state_dir/logs/activity.log``) and the SuperLink has stopped
+answering, flower-supernode is stopped and ``partner start`` exits 0. The partner's activity
+log (each message answered, the epsilon after it) is printed as it grows. On SIGINT/SIGTERM
+it stops every process it started, waiting a bounded time before killing.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +33,16 @@ from fedpersona.config.settings import FederationSettings, PartnerConfig, Traini
 from fedpersona.deploy.certs import load_node_private_key
 from fedpersona.deploy.processes import ProcessSupervisor, Stopped, StopSignals, flower_tool
 from fedpersona.errors import ConfigError
+from fedpersona.federation.run_log import ACTIVITY_LOG, RUN_FINISHED, LogFollower
 
-__all__ = ["PartnerCheck", "check_partner", "start_partner", "supernode_command"]
+__all__ = [
+    "PartnerCheck",
+    "check_partner",
+    "start_partner",
+    "superlink_reachable",
+    "supernode_command",
+    "supervise_supernode",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +219,11 @@ def start_partner(
     max_wait_time: float = 600.0,
     max_restarts: int = 10,
     model_key: str | Path | None = None,
+    keep_running: bool = False,
     report: Report = logger.info,
 ) -> int:
-    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up.
+    """Check, then run flower-supernode, restarting it (bounded backoff) when it gives up;
+    it stops after the run unless ``keep_running`` (see :func:`supervise_supernode`).
 
     ``model_key`` (the federation's ``model-signing.pub``) lets the partner verify and install
     the final model the server sends at the end of the run; without it the partner refuses it.
@@ -230,26 +247,125 @@ def start_partner(
         config=config, superlink=superlink, ca=ca, key=key, runtime_port=runtime_port,
         max_wait_time=max_wait_time, model_key=model_key,
     )  # fmt: skip
-    supervisor = ProcessSupervisor()
     with StopSignals() as signals:
-        try:
-            for attempt in range(max_restarts + 1):
-                # FLWR_HOME: the app bundles the SuperNode installs stay in the partner's state folder.
-                proc = supervisor.start(cmd, log=log, env={"FLWR_HOME": str(Path(cfg.state_dir) / "flwr-home")})
-                report(f"partner {cfg.name}: flower-supernode pid {proc.pid} -> {superlink}; log {log}")
-                while proc.poll() is None:
-                    signals.sleep(1.0)
-                supervisor.stop(proc)
-                supervisor.procs = [(p, h) for p, h in supervisor.procs if p is not proc]
-                if attempt == max_restarts:
-                    break
-                delay = min(300.0, 5.0 * 2**attempt)
-                report(f"flower-supernode exited with code {proc.returncode}; restarting in {delay:.0f}s")
-                signals.sleep(delay)
-            report(f"giving up after {max_restarts + 1} start(s); see {log}")
-            return 1
-        except Stopped as stop:
-            report(f"received {stop}; stopping flower-supernode")
-            return 130
-        finally:
-            supervisor.stop_all()
+        return supervise_supernode(
+            cmd, log=log, activity=Path(cfg.state_dir) / ACTIVITY_LOG, superlink=superlink, name=cfg.name,
+            env={"FLWR_HOME": str(Path(cfg.state_dir) / "flwr-home")},  # app bundles stay in the state folder
+            max_wait_time=max_wait_time, max_restarts=max_restarts, report=report, wait=signals.sleep,
+            stop_after_run=not keep_running,
+        )  # fmt: skip
+
+
+def superlink_reachable(address: str, *, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the SuperLink's ``HOST:PORT`` opens (nothing is sent)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def supervise_supernode(
+    cmd: list[str],
+    *,
+    log: Path,
+    activity: Path,
+    superlink: str,
+    name: str,
+    env: dict[str, str] | None = None,
+    max_wait_time: float = 600.0,
+    max_restarts: int = 10,
+    stop_after_run: bool = True,
+    linger: float = 30.0,
+    report: Report = logger.info,
+    wait: Callable[[float], None] = time.sleep,
+    reachable: Callable[[str], bool] = superlink_reachable,
+    poll: float = 1.0,
+    probe_every: float = 15.0,
+) -> int:
+    """Run flower-supernode until the federation is over; returns the exit code.
+
+    Prints each line of the partner's activity log as it is written (each message answered,
+    the epsilon after it, ``run finished``). Once the run has finished (the final model
+    arrived), a SuperLink that stays unreachable for ``linger`` seconds means the coordinator
+    has stopped: flower-supernode is stopped instead of retrying, and the exit code is 0.
+    Before that, a flower-supernode that gave up reconnecting (after ``max_wait_time``) is
+    restarted with a bounded backoff, and each restart says why it waits. With
+    ``stop_after_run=False`` the SuperNode is kept (and restarted) for later runs.
+    """
+    supervisor = ProcessSupervisor()
+    follower = LogFollower(activity)
+    finished = False
+
+    def relay() -> None:
+        nonlocal finished
+        for line in follower.new_lines():
+            report(line)
+            finished = finished or RUN_FINISHED in line
+
+    try:
+        for attempt in range(max_restarts + 1):
+            proc = supervisor.start(cmd, log=log, env=env)
+            report(f"partner {name}: flower-supernode pid {proc.pid} -> {superlink}; log {log}")
+            gone_since: float | None = None
+            waited, probed, was_up = 0.0, -math.inf, True
+            while proc.poll() is None:
+                wait(poll)
+                waited += poll
+                relay()
+                if not (finished and stop_after_run):
+                    if waited - probed >= probe_every:  # say why the SuperNode waits, when it changes
+                        probed, up = waited, reachable(superlink)
+                        if up != was_up:
+                            report(
+                                f"partner {name}: the SuperLink at {superlink} is reachable again" if up
+                                else f"partner {name}: waiting for the SuperLink at {superlink}: it does not answer "
+                                "(the coordinator has not started or has stopped, or a firewall or the address is "
+                                f"wrong); flower-supernode keeps trying for up to {max_wait_time:g}s"
+                            )  # fmt: skip
+                        was_up = up
+                    continue
+                if reachable(superlink):
+                    gone_since = None
+                    continue
+                gone_since = waited if gone_since is None else gone_since
+                if waited - gone_since >= linger:
+                    supervisor.stop_all()
+                    report(
+                        f"partner {name}: the run finished and the SuperLink at {superlink} has been unreachable "
+                        f"for {linger:.0f}s (the coordinator stopped); flower-supernode stopped. Start "
+                        "`fedpersona partner start` again for the next run"
+                    )
+                    return 0
+            relay()
+            supervisor.stop(proc)
+            supervisor.procs = [(p, h) for p, h in supervisor.procs if p is not proc]
+            if finished and stop_after_run:
+                report(
+                    f"partner {name}: the run finished and flower-supernode exited (code {proc.returncode}); "
+                    "not restarting it. Start `fedpersona partner start` again for the next run"
+                )
+                return 0
+            if attempt == max_restarts:
+                break
+            delay = min(300.0, 5.0 * 2**attempt)
+            why = (
+                f"the SuperLink at {superlink} is unreachable (the coordinator is not running yet, or a firewall "
+                "or the address is wrong)"
+                if not reachable(superlink)
+                else f"see {log} for why"
+            )
+            report(
+                f"partner {name}: flower-supernode exited with code {proc.returncode} after about "
+                f"{waited:.0f}s; {why}; restarting in {delay:.0f}s (start {attempt + 2} of {max_restarts + 1}; "
+                f"each start keeps trying for up to {max_wait_time:g}s)"
+            )
+            wait(delay)
+        report(f"partner {name}: giving up after {max_restarts + 1} start(s); see {log}")
+        return 1
+    except Stopped as stop:
+        report(f"received {stop}; stopping flower-supernode")
+        return 130
+    finally:
+        supervisor.stop_all()

@@ -1,7 +1,8 @@
 """Child processes of the deployment commands: started with logs in files, stopped with their children.
 
-:class:`ProcessSupervisor` starts each child in its own session (so a terminal's Ctrl-C reaches
-fedpersona only) and stops it with SIGTERM, then SIGKILL after a grace period, together with
+:class:`ProcessSupervisor` starts each child in its own session (so a terminal's Ctrl-C
+reaches fedpersona only), copies its output to a log file without terminal colour codes
+(:func:`strip_ansi`), and stops it with SIGTERM, then SIGKILL after a grace period, together with
 every descendant it had (Flower's SuperLink/SuperNode start flower-superexec, which starts
 flwr-serverapp/flwr-clientapp). :class:`StopSignals` turns SIGINT/SIGTERM into a
 :class:`Stopped` exception at the next check of a bounded wait loop.
@@ -10,16 +11,18 @@ flwr-serverapp/flwr-clientapp). :class:`StopSignals` turns SIGINT/SIGTERM into a
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from fedpersona.errors import ConfigError, FedPersonaError
 
@@ -32,6 +35,7 @@ __all__ = [
     "descendants",
     "flower_tool",
     "signal_all",
+    "strip_ansi",
     "wait_port",
 ]
 
@@ -99,12 +103,30 @@ def signal_all(pids: list[int], sig: int) -> None:
                 pass
 
 
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def strip_ansi(data: bytes) -> bytes:
+    """``data`` without terminal colour and cursor codes (Flower colours its log levels even
+    when its output goes to a file)."""
+    return _ANSI.sub(b"", data)
+
+
+def _copy_plain(source: IO[bytes], handle: IO[bytes]) -> None:
+    """Copy a child's output to its log file line by line, without colour codes."""
+    for line in iter(source.readline, b""):
+        handle.write(strip_ansi(line))
+        handle.flush()
+    source.close()
+
+
 @dataclass
 class ProcessSupervisor:
-    """Starts child processes with logs in files; stops all of them (and their children)."""
+    """Starts child processes with logs in files (plain text); stops all of them (and their children)."""
 
     grace: float = 10.0
     procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = field(default_factory=list)
+    copiers: dict[int, threading.Thread] = field(default_factory=dict)
 
     def start(self, cmd: Sequence[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -113,8 +135,12 @@ class ProcessSupervisor:
         handle.flush()
         # A new session: Ctrl-C in the terminal reaches fedpersona only, which stops children in order.
         proc = subprocess.Popen(
-            list(cmd), stdout=handle, stderr=subprocess.STDOUT, env=child_env(env), start_new_session=True
+            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env(env), start_new_session=True
         )
+        output = cast(IO[bytes], proc.stdout)  # a pipe: stdout=PIPE above
+        copier = threading.Thread(target=_copy_plain, args=(output, handle), daemon=True)
+        copier.start()
+        self.copiers[proc.pid] = copier
         self.procs.append((proc, handle))
         return proc
 
@@ -137,8 +163,11 @@ class ProcessSupervisor:
         deadline = time.monotonic() + 5.0  # SIGKILL is not instant; orphans are reaped by init
         while time.monotonic() < deadline and any(alive(p) for p in family):
             time.sleep(0.05)
+        copier = self.copiers.pop(proc.pid, None)
+        if copier is not None:
+            copier.join(timeout=self.grace)  # the output ends when the last process holding it exits
         for p, handle in self.procs:
-            if p is proc:
+            if p is proc and not (copier is not None and copier.is_alive()):
                 handle.close()
 
     def stop_all(self) -> None:

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import ssl
@@ -38,7 +39,15 @@ from typing import Any
 from fedpersona.errors import ConfigError, FedPersonaError
 from fedpersona.model.artifacts import ArtifactError, verify_model
 
-__all__ = ["FetchedModel", "RegistryError", "build_registry_app", "fetch_model", "serve_registry"]
+__all__ = [
+    "FetchedModel",
+    "RegistryError",
+    "build_registry_app",
+    "fetch_model",
+    "make_token_file",
+    "read_token_file",
+    "serve_registry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -198,17 +207,41 @@ def build_registry_app(artifacts: str | Path, *, token: str | None = None) -> An
     )
 
 
+def _make_one(path: Path) -> str:
+    return f"make one with `fedpersona certs token --out {path}` (a random token, mode 0600)"
+
+
+def make_token_file(path: str | Path) -> Path:
+    """Write a new random bearer token (256 bits, URL-safe) to ``path``, readable by its owner
+    only; an existing file is never overwritten."""
+    import secrets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; it is kept (remove it first to make a new token)") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    return path
+
+
 def read_token_file(path: str | Path) -> str:
     """A bearer token from a file (one line); the file must be readable by its owner only."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the token file does not exist; {_make_one(path)}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the token file ({exc})") from None
     if path.stat().st_mode & 0o077:
         raise ConfigError(f"{path}: a token file must be readable by its owner only (chmod 600 {path})")
     if not text or "\n" in text:
-        raise ConfigError(f"{path}: the token file must hold exactly one non-empty line")
+        raise ConfigError(f"{path}: the token file must hold exactly one non-empty line; {_make_one(path)}")
+    if len(text) < 16:
+        raise ConfigError(f"{path}: the token must be at least 16 characters; {_make_one(path)}")
     return text
 
 

@@ -12,6 +12,7 @@ __all__ = [
     "publishing",
     "roster",
     "rounds",
+    "run_log",
     "secagg",
     "secure_round",
     "server_app",

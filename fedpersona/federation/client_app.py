@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 from fedpersona.config.files import load_partner_config
 from fedpersona.config.settings import PartnerConfig
 from fedpersona.errors import ConfigError, FedPersonaError, PolicyRefusal, PrivacyBudgetExceeded, PrivacyLedgerError
+from fedpersona.federation import run_log
 from fedpersona.federation.messages import arrays_of, config_of, decode_arrays, decode_settings, encode_arrays
 from fedpersona.federation.partner import (
     RoundOutcome,
@@ -105,20 +106,57 @@ def _guarded(
                 rnd = config_of(msg).get("round")
                 seq = _last_ledger_seq(cfg) if message_type.startswith("train") else None
                 write_audit(cfg.state_dir, audit_entry(message_type, rnd, content, seq))
+            _log_answer(cfg, msg, _reply_epsilon(content), "")
             return Message(content, reply_to=msg)
         except PrivacyBudgetExceeded as exc:
             logger.warning("refusing work: %s", exc)
+            _log_answer(cfg, msg, None, f"refused ({exc.category})")
             return _error_reply(msg, exc.category, cfg)
         except FedPersonaError as exc:
             logger.error("%s", exc)
+            _log_answer(cfg, msg, None, f"failed ({exc.category}: {exc})")
             return _error_reply(msg, exc.category, cfg)
         except Exception:
             # Unexpected: the traceback may hold row values, so it stays in this log.
             logger.exception("%s failed at this partner", msg.metadata.message_type)
+            _log_answer(cfg, msg, None, "failed (internal error; see the SuperNode's log)")
             return _error_reply(msg, "internal", cfg)
 
     wrapped.__name__ = handler.__name__
     return wrapped
+
+
+def _reply_epsilon(content: RecordDict) -> float | None:
+    for records, name in ((content.config_records, "info"), (content.metric_records, "metrics")):
+        if name in records and "epsilon" in records[name]:
+            return float(records[name]["epsilon"])  # type: ignore[arg-type]
+    return None
+
+
+def _log_answer(cfg: PartnerConfig | None, msg: Message, epsilon: float | None, failure: str) -> None:
+    """One line in ``state_dir/logs/activity.log`` (and this log) per message answered: its
+    type, round, the cumulative epsilon after it; ``run finished`` for the final model. The
+    line is the partner's own (nothing in it is sent)."""
+    if cfg is None:
+        return
+    kind = msg.metadata.message_type
+    rnd = config_of(msg).get("round") if "config" in msg.content.config_records else None
+    what = f"{kind} (round {rnd})" if rnd is not None else kind
+    target = cfg.privacy.target_epsilon
+    budget = (
+        f"; epsilon {epsilon:.4f} of {target:g} spent" if epsilon is not None
+        else "; NOT PRIVATE" if not cfg.privacy.private else ""
+    )  # fmt: skip
+    line = f"{'answered ' + what + budget if not failure else what + ': ' + failure}"
+    if kind == "query.final_model":
+        line = f"{run_log.RUN_FINISHED}: " + (
+            "installed the federation's final model" + budget if not failure else "the final model " + failure
+        )
+    logger.info("%s", line)
+    try:
+        run_log.note(Path(cfg.state_dir) / run_log.ACTIVITY_LOG, f"{cfg.name}: {line}")
+    except OSError as exc:
+        logger.warning("cannot write %s: %s", Path(cfg.state_dir) / run_log.ACTIVITY_LOG, exc)
 
 
 def _error_reply(msg: Message, category: str, cfg: PartnerConfig | None) -> Message:

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpersona.config.settings import ModelSettings
-from fedpersona.errors import FedPersonaError
+from fedpersona.errors import ConfigError, FedPersonaError
 from fedpersona.federation.aggregation import ScopedAggregator
 from fedpersona.federation.roster import Member, exchange
 from fedpersona.model.artifacts import artifact_files, generate_signing_key, save_model
@@ -92,12 +92,21 @@ def publish(
     model: ModelSettings,
     rounds: int,
     personas: dict[str, Any] | None = None,
+    signing_key: Path | None = None,
 ) -> None:
-    key_path = run_dir / "keys" / "model-signing.key"
+    """Sign and write ``run_dir/model``. ``signing_key``: the federation's model-signing key (a
+    deployment; it must exist); without it the run's own ``run_dir/keys/model-signing.key``,
+    made on first use (a simulation)."""
     from cryptography.hazmat.primitives import serialization
 
+    key_path = signing_key or run_dir / "keys" / "model-signing.key"
     if key_path.exists():
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    elif signing_key is not None:
+        raise ConfigError(
+            f"{signing_key}: the federation's model-signing key does not exist, so the model cannot be signed; "
+            "server.credentials must name the folder `fedpersona certs init` wrote"
+        )
     else:
         key = generate_signing_key(key_path)
     arrays = dict(aggregator.trunk)

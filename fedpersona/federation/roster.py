@@ -30,6 +30,9 @@ from fedpersona.privacy.manifest import REFUSALS, parse_error_reason
 from fedpersona.privacy.randomness import KNOWN_SEEDS_LABEL
 
 __all__ = [
+    "AdmissionWindow",
+    "Arrivals",
+    "Clock",
     "Member",
     "admit",
     "ask_status",
@@ -131,13 +134,78 @@ def _messages(grid: Grid, kind: str, contents: dict[int, RecordDict], group: str
     return [Message(content, dst_node_id=node, message_type=kind, group_id=group) for node, content in contents.items()]
 
 
-def wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
+@dataclass(frozen=True)
+class Clock:
+    """Where waiting code reads the time and sleeps (a test passes a fake one)."""
+
+    now: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+
+@dataclass(frozen=True)
+class AdmissionWindow:
+    """How long the coordinator waits for partners before the first round (``[server]`` settings).
+
+    The window is ``initial`` seconds; every partner that connects pushes the deadline to at
+    least ``extension`` seconds after its arrival (partners that are still starting, each
+    import costing tens of seconds on a loaded machine, are not given up on while others keep
+    arriving), but never past ``maximum`` seconds after the wait began. Progress is logged as
+    partners arrive and every ``progress_every`` seconds.
+    """
+
+    initial: float
+    extension: float = 120.0
+    maximum: float = 3600.0
+    progress_every: float = 30.0
+    poll: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("initial", "maximum", "progress_every", "poll"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"AdmissionWindow.{name} must be a finite number > 0, got {value!r}")
+        if not (math.isfinite(self.extension) and self.extension >= 0):
+            raise ValueError(f"AdmissionWindow.extension must be a finite number >= 0, got {self.extension!r}")
+        if self.maximum < self.initial:
+            raise ValueError(f"AdmissionWindow.maximum ({self.maximum:g}) must be >= initial ({self.initial:g})")
+
+
+@dataclass(frozen=True)
+class Arrivals:
+    """What :func:`wait_for_nodes` saw: the nodes online when it returned and how long it waited."""
+
+    nodes: list[int]
+    waited: float
+    deadline: float  # seconds after the start at which the wait would have ended
+
+
+def wait_for_nodes(grid: Grid, want: int, window: AdmissionWindow, *, clock: Clock | None = None) -> Arrivals:
+    """Wait until ``want`` nodes are online or the (progress-extended) window closes."""
+    clock = clock or Clock()
+    start = clock.now()
+    deadline = start + window.initial
+    seen: set[int] = set()
+    last_report = -math.inf  # the first look is always reported
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= want or time.monotonic() > deadline:
-            return nodes
-        time.sleep(0.5)
+        now = clock.now()
+        new = set(nodes) - seen
+        if new:
+            seen |= new
+            deadline = min(start + window.maximum, max(deadline, now + window.extension))
+        if len(nodes) >= want:
+            logger.info("%d of %d partners connected after %.0fs", len(nodes), want, now - start)
+            return Arrivals(nodes, now - start, deadline - start)
+        if now >= deadline:
+            return Arrivals(nodes, now - start, deadline - start)
+        if new or now - last_report >= window.progress_every:
+            last_report = now
+            extends = window.extension > 0 and deadline < start + window.maximum
+            logger.info(
+                "%d of %d partners connected, waiting up to %.0fs more%s",
+                len(nodes), want, deadline - now, " (each new partner extends the wait)" if extends else "",
+            )  # fmt: skip
+        clock.sleep(min(window.poll, max(0.0, deadline - now)))
 
 
 def assign_slots(partners: dict[int, Member]) -> None:

@@ -440,11 +440,13 @@ def evaluate(
     rnd: int,
     config: Callable[..., ConfigRecord],
     used: set[str],
+    timeout: float,
 ) -> list[dict[str, Any]]:
+    """Every active partner's evaluation of the global model (replies within ``timeout`` s)."""
     active = {n: p for n, p in partners.items() if p.active}
     contents = model_messages(aggregator, active, config, rnd)
     rows = []
-    for p, reply in exchange(grid, "evaluate", contents, str(rnd), 3600, partners):
+    for p, reply in exchange(grid, "evaluate", contents, str(rnd), timeout, partners):
         row: dict[str, Any] = {
             "round": rnd,
             "partner": p.info["name"],
@@ -476,9 +478,11 @@ def persona_metrics(
     personas: dict[str, Any],
     rnd: int,
     config: Callable[..., ConfigRecord],
+    timeout: float,
 ) -> list[dict[str, Any]]:
     """Ask each partner to assign its users to its slot's personas and write its persona
-    cards locally (a partner whose slot has no personas is not asked)."""
+    cards locally (a partner whose slot has no personas is not asked; replies within
+    ``timeout`` s)."""
     slots = personas.get("slots", {})
     active = {n: p for n, p in partners.items() if p.active and persona_slot(p) in slots}
     contents = {}
@@ -490,7 +494,7 @@ def persona_metrics(
              "persona": encode_arrays(request_arrays(request))}
         )  # fmt: skip
     rows = []
-    for p, reply in exchange(grid, "query.personas", contents, str(rnd), 3600, partners):
+    for p, reply in exchange(grid, "query.personas", contents, str(rnd), timeout, partners):
         if reply.has_error():
             category, epsilon = parse_error_reason(reply.error.reason)
             p.record_epsilon(rnd, epsilon)

@@ -59,7 +59,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpersona.config.files import load_scenario
 from fedpersona.config.settings import FederationConfig, FederationSettings, ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
-from fedpersona.federation import publishing, roster, rounds
+from fedpersona.federation import publishing, roster, rounds, run_log
 from fedpersona.federation.aggregation import ScopedAggregator
 from fedpersona.federation.checkpoint import (
     CHECKPOINT,
@@ -98,9 +98,22 @@ class ServerSettings:
     training: TrainingSettings
     run_dir: str
     expected_partners: int | None = None
-    wait_timeout: float = 120.0
+    wait_timeout: float = 120.0  # the admission window (roster.AdmissionWindow) ...
+    wait_extension: float = 120.0  # ... extended this long after each partner that arrives ...
+    max_wait: float = 3600.0  # ... up to this many seconds in all
+    progress_every: float = 30.0  # seconds between "k of n partners connected" lines
     resume: bool = False  # continue from RUN_DIR/state/checkpoint.npz
     deliver_model: bool = False  # send the signed final model to every partner (deployments)
+    # The federation's model-signing key (a deployment: CREDENTIALS/model-signing.key, never
+    # copied into the run folder); None: the run makes its own in RUN_DIR/keys (a simulation).
+    signing_key: str | None = None
+
+    @property
+    def admission(self) -> roster.AdmissionWindow:
+        return roster.AdmissionWindow(
+            initial=self.wait_timeout, extension=self.wait_extension,
+            maximum=max(self.max_wait, self.wait_timeout), progress_every=self.progress_every,
+        )  # fmt: skip
 
 
 def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume: bool = False) -> ServerSettings:
@@ -112,8 +125,12 @@ def server_settings(cfg: FederationConfig, *, run_dir: str | None = None, resume
         run_dir=run_dir or str(cfg.run_dir),
         expected_partners=cfg.server.expected_partners,
         wait_timeout=cfg.server.wait_timeout,
+        wait_extension=cfg.server.wait_extension,
+        max_wait=cfg.server.max_wait,
+        progress_every=cfg.server.progress_every,
         resume=resume,
         deliver_model=True,
+        signing_key=str(cfg.credentials / "model-signing.key"),
     )
 
 
@@ -156,10 +173,18 @@ def _resume_point(run_dir: Path, settings: ServerSettings) -> Checkpoint | None:
 class _Run:
     """One federation run's state and its stages (admission, training, clustering, finish)."""
 
-    def __init__(self, grid: Grid, settings: ServerSettings, on_round: RoundCallback | None) -> None:
+    def __init__(
+        self, grid: Grid, settings: ServerSettings, on_round: RoundCallback | None, clock: roster.Clock | None = None
+    ) -> None:
         self.grid, self.settings, self.on_round = grid, settings, on_round
+        self.clock = clock or roster.Clock()
         self.fed = settings.federation
         self.run_dir = Path(settings.run_dir)
+        if settings.signing_key and not Path(settings.signing_key).exists():  # refuse now, not after the rounds
+            raise ConfigError(
+                f"{settings.signing_key}: the federation's model-signing key does not exist, so no model of this "
+                "run could be signed; server.credentials must name the folder `fedpersona certs init` wrote"
+            )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.aggregator = ScopedAggregator(
@@ -218,12 +243,23 @@ class _Run:
     def admit_everyone(self) -> None:
         """Wait for the partners, readmit the checkpoint's by node id, ask the others."""
         want = self.settings.expected_partners or self.fed.min_partners
-        nodes = roster.wait_for_nodes(self.grid, want, self.settings.wait_timeout)
+        window = self.settings.admission
+        arrived = roster.wait_for_nodes(self.grid, want, window, clock=self.clock)
+        nodes = arrived.nodes
         if len(nodes) < self.fed.min_partners:
             raise ConfigError(
-                f"only {len(nodes)} partner(s) connected within {self.settings.wait_timeout:.0f}s; "
-                f"federation.min_partners is {self.fed.min_partners}"
+                f"only {len(nodes)} of {want} partner(s) connected after waiting {arrived.waited:.0f}s "
+                f"(server.wait_timeout {window.initial:g}s, extended by server.wait_extension "
+                f"{window.extension:g}s after each arrival, at most server.max_wait {window.maximum:g}s); "
+                f"federation.min_partners is {self.fed.min_partners}. Check that the missing partners run "
+                "`fedpersona partner start` (their logs/supernode.log says why they cannot connect), or raise "
+                "server.wait_timeout"
             )
+        if len(nodes) < want:
+            logger.warning(
+                "starting with %d of %d expected partner(s) after %.0fs (federation.min_partners is %d)",
+                len(nodes), want, arrived.waited, self.fed.min_partners,
+            )  # fmt: skip
         fresh, known = not self.roster, set(self.roster)
         # A node id is a registered key, so a node of the checkpoint is that partner; it is
         # readmitted (or kept out) as the checkpoint says. Others are asked who they are.
@@ -256,7 +292,9 @@ class _Run:
         return rnd == self.fed.rounds or rnd % self.fed.evaluate_every == 0
 
     def _evaluate(self, rnd: int, used: set[str]) -> None:
-        rows = rounds.evaluate(self.grid, self.aggregator, self.partners, rnd, self.config, used)
+        rows = rounds.evaluate(
+            self.grid, self.aggregator, self.partners, rnd, self.config, used, self.fed.round_timeout
+        )
         self._append_metrics(rows)
         self.save(evaluated=True)
         if self.on_round is not None:
@@ -284,6 +322,10 @@ class _Run:
                 )
                 logger.error("%s", self.stopped)
                 return
+            logger.info(
+                "round %d of %d: training with %d partner(s): %s",
+                rnd, fed.rounds, len(active), ", ".join(roster.names(active)),
+            )  # fmt: skip
             try:
                 updates = (rounds.train_secure if fed.secure_aggregation else rounds.train_plain)(
                     self.grid, self.aggregator, self.partners, active, rnd, self.config, fed
@@ -301,6 +343,7 @@ class _Run:
             used = {u.partner for u in updates} if not fed.secure_aggregation else set(roster.names(active))
             self.completed = rnd
             self.rounds_run.append(rnd)
+            _log_round(rnd, fed.rounds, active, used)
             extra = {**checkpoint.extra, "aggregated": sorted(used)}
             self.save(stage="train", round=rnd, evaluated=False, extra=extra)
             if self._due(rnd):
@@ -316,7 +359,9 @@ class _Run:
             if personas is not None:
                 self.save(stage="clustered", personas=personas)
         if personas is not None and self.checkpoint.stage != "done":
-            rows = rounds.persona_metrics(self.grid, self.partners, personas, self.completed, self.config)
+            rows = rounds.persona_metrics(
+                self.grid, self.partners, personas, self.completed, self.config, self.fed.round_timeout
+            )
             self._append_metrics(rows)
             tmp = self.run_dir / "personas.json.tmp"
             tmp.write_text(json.dumps({k: v for k, v in personas.items() if k != "slots"}, indent=2))
@@ -341,9 +386,11 @@ class _Run:
                 publishing.write_outcome(self.run_dir, status="failed", reason=reason, rounds=0, personas=False)
                 logger.error("no round completed (%s); nothing is published", reason)
                 raise NothingTrained(f"the federation trained nothing, so no model was published: {reason}")
+            signing_key = Path(self.settings.signing_key) if self.settings.signing_key else None
             publishing.publish(
-                self.run_dir, self.aggregator, self.roster, self.settings.model, self.completed, personas
-            )
+                self.run_dir, self.aggregator, self.roster, self.settings.model, self.completed, personas,
+                signing_key=signing_key,
+            )  # fmt: skip
             self.save(stage="done")
             publishing.write_outcome(
                 self.run_dir, status="completed", reason=self.stopped, rounds=self.completed,
@@ -357,14 +404,44 @@ class _Run:
         )
 
 
-def run_federation(grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None) -> FederationResult:
+def _log_round(rnd: int, total: int, active: dict[int, Member], used: set[str]) -> None:
+    """``round 2 of 5 aggregated: 2 of 3 partner(s) replied: shop-1 (epsilon 1.20), ...; no reply: x``."""
+
+    def who(p: Member) -> str:
+        name = str(p.info["name"])
+        return f"{name} (epsilon {p.epsilon:.4g})" if p.epsilon is not None else name
+
+    replied = [who(p) for p in active.values() if p.info["name"] in used]
+    missing = sorted(str(p.info["name"]) for p in active.values() if p.info["name"] not in used)
+    logger.info(
+        "round %d of %d aggregated: %d of %d partner(s) replied: %s%s",
+        rnd, total, len(replied), len(active), ", ".join(replied),
+        f"; no reply: {', '.join(missing)}" if missing else "",
+    )  # fmt: skip
+
+
+def _log_end(run: _Run, delivered: list[str]) -> None:
+    model = run.run_dir / "model"
+    logger.info(
+        "run finished: %d of %d round(s) aggregated%s; model %s%s",
+        run.completed, run.fed.rounds, f" ({run.stopped})" if run.stopped else "", model,
+        f"; installed at {len(delivered)} partner(s): {', '.join(sorted(delivered))}"
+        if run.settings.deliver_model else "",
+    )  # fmt: skip
+
+
+def run_federation(
+    grid: Grid, settings: ServerSettings, *, on_round: RoundCallback | None = None, clock: roster.Clock | None = None
+) -> FederationResult:
     """Run (or, with ``settings.resume``, continue) the federation; writes metrics.jsonl,
-    privacy.json, run.json, model/ and state/checkpoint.npz in run_dir."""
-    run = _Run(grid, settings, on_round)
+    privacy.json, run.json, model/ and state/checkpoint.npz in run_dir. ``clock``: where the
+    wait for partners reads the time and sleeps (default: the system's)."""
+    run = _Run(grid, settings, on_round, clock)
     run.admit_everyone()
     run.train()
     personas = run.cluster()
     delivered = run.finish(personas)
+    _log_end(run, delivered)
     return FederationResult(
         rounds_completed=run.completed,
         partners={name: p.info for name, p in run.roster.items()},
@@ -414,6 +491,8 @@ def build_server_app(settings: ServerSettings | None = None, *, on_round: RoundC
                 run_dir=str(context.run_config["run-dir"]),
                 resume=bool(context.run_config.get("resume", False)),
             )
+            # `server start` prints this file's lines as they come (each round, who replied, the end).
+            run_log.attach_log_file(Path(settings.run_dir) / run_log.FEDERATION_LOG)
         if settings is None:
             scenario = load_scenario(str(context.run_config["scenario"]))
             settings = ServerSettings(

@@ -167,6 +167,7 @@ BIN = Path(sys.executable).parent
 PARTNERS = 10
 VICTIM = "shop-3"  # a health partner (kinds rotate)
 PARTNER_START = ("shop-1", "shop-2", "shop-6")  # one per kind, started as the runbook says
+STOPS_AFTER_RUN = "shop-6"  # the others keep their SuperNode (--keep-running) for the SIGTERM check
 ROGUES = {"rogue-wrong-ca": "finance", "rogue-unlisted": "health"}
 # About four minutes on an idle two-core machine; the bounds leave room for a loaded one.
 LIMIT = 1200.0
@@ -269,6 +270,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
             *cli, "partner", "start", "--config", str(configs[name]), "--superlink", f"127.0.0.1:{port}",
             "--ca", str(creds.ca_cert), "--key", str(keys[name].private_key), "--runtime-port", str(ports[name]),
             "--max-wait-time", "180", "--max-restarts", "3", "--model-key", str(creds.signing_public_key),
+            *([] if name == STOPS_AFTER_RUN else ["--keep-running"]),
         ]  # fmt: skip
 
     def supernode_pids(name: str) -> list[int]:
@@ -388,10 +390,17 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
             assert card["rounds"] == 2
         # The nine other SuperNodes rode through the SuperLink's death by themselves: nobody
         # restarted them, and the resumed run found them again.
-        for name in set(names) - {VICTIM}:
+        for name in set(names) - {VICTIM, STOPS_AFTER_RUN}:
             assert procs[name].poll() is None, f"{name}'s flower-supernode exited"
         for name, pids in started_supernodes.items():  # `partner start` did not need to restart them
-            assert supernode_pids(name) == pids, f"{name}: its flower-supernode was restarted"
+            if name != STOPS_AFTER_RUN:
+                assert supernode_pids(name) == pids, f"{name}: its flower-supernode was restarted"
+        # Without --keep-running, `partner start` ends once the run finished and the SuperLink is gone.
+        wait(lambda: procs[STOPS_AFTER_RUN].poll() is not None, 300, f"{STOPS_AFTER_RUN}'s partner start to end")
+        stopped_log = (logs / f"{STOPS_AFTER_RUN}.log").read_text()
+        assert procs[STOPS_AFTER_RUN].returncode == 0, stopped_log
+        assert "run finished: installed the federation's final model" in stopped_log
+        assert "has been unreachable for 30s (the coordinator stopped); flower-supernode stopped" in stopped_log
 
         # The rogues never received work; each was refused for its own reason.
         for rogue in ROGUES:
@@ -457,7 +466,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
             )  # fmt: skip
 
         # SIGTERM to `partner start` stops its SuperNode and everything below it, and exits 130.
-        for name in PARTNER_START:
+        for name in set(PARTNER_START) - {STOPS_AFTER_RUN}:
             family = descendants(procs[name].pid)
             assert family, f"{name}: no flower-supernode running"
             procs[name].send_signal(signal.SIGTERM)
