@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedpersona.config.settings import valid_kind
 from fedpersona.data.cells import NUMBER, number_text, quoted, text_cells
 from fedpersona.data.schema import DEFAULT_FALSE, DEFAULT_NA, DEFAULT_TRUE, DELIMITERS, KINDS, canonical
 from fedpersona.data.tables import PARQUET_SUFFIXES, check_file, read_raw
@@ -71,8 +72,11 @@ def infer_schema(
     unless given; a first line without any number is taken as the header.
     """
     path = Path(path)
-    if kind not in KINDS:
-        raise ConfigError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not valid_kind(kind):
+        raise ConfigError(
+            f"kind must be a lower-case word (letters, digits, underscores; e.g. {', '.join(KINDS)} or your own, like "
+            f"insurance), got {kind!r}"
+        )
     if max_categories < 2:
         raise ConfigError(f"max_categories must be >= 2, got {max_categories}")
     check_file(path)

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedpersona.config.settings import valid_kind
 from fedpersona.data.schema import (
     DEFAULT_FALSE,
     DEFAULT_NA,
@@ -87,8 +88,11 @@ def parse_schema(doc: dict[str, Any], *, source: str = "<schema>") -> Schema:
         problems.append(f"unknown key 'table.{key}' (valid: {', '.join(sorted(_TABLE_KEYS))})")
 
     kind = table.get("kind")
-    if kind not in KINDS:
-        problems.append(f"table.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not isinstance(kind, str) or not valid_kind(kind):
+        problems.append(
+            f"table.kind must be a lower-case word (letters, digits, underscores; e.g. {', '.join(KINDS)} or your "
+            f"own, like insurance), got {kind!r}"
+        )
     version = table.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         problems.append(f"table.version must be an integer >= 1, got {version!r}")

@@ -79,7 +79,13 @@ class PartnerData:
 def partner_schema(cfg: PartnerConfig) -> Schema:
     """The partner's schema: its own file, or the packaged synthetic one."""
     if cfg.schema_path is not None:
-        return load_schema(cfg.schema_path)
+        schema = load_schema(cfg.schema_path)
+        if schema.kind != cfg.kind:
+            raise ConfigError(
+                f"{cfg.source}: partner.kind is {cfg.kind!r} but the schema {cfg.schema_path} says table.kind = "
+                f"{schema.kind!r}; they must agree (the kind and the schema's fingerprint name the partner's slot)"
+            )
+        return schema
     from fedpersona.data.synthetic import synthetic_schema
 
     return synthetic_schema(cfg.kind)
