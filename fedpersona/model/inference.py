@@ -189,8 +189,8 @@ def infer_file(
     second thread while the next one is read and assigned.
 
     **The CSV format.** UTF-8, ``,`` between fields, ``\\n`` after each line, a header line
-    with the column names; a field is quoted (``"``, doubled inside) only when it holds a comma,
-    a quote or a line break; ``persona`` is a decimal integer; every ``p_j`` and ``z_j`` is a
+    with the column names; every string (the column names, the ids) is quoted with ``"`` (a
+    ``"`` inside doubled), numbers never; ``persona`` is a decimal integer; every ``p_j`` and ``z_j`` is a
     float32 written as the shortest decimal that reads back as the same float32, with an
     exponent where that is shorter (``0``, ``1``, ``0.1859035``, ``1e-7``, ``3.4e+38``). The
     bytes depend only on the input rows and the model (the same for any ``chunk_rows`` and on
