@@ -154,6 +154,26 @@ def test_file_output_equals_the_documented_formula(
     assert len(set(out["persona"])) >= 2  # the check means something: several personas are used
 
 
+def test_csv_output_is_in_the_documented_format(
+    tmp_path: Path, published: Published, schema: Schema, data: Path
+) -> None:
+    text = run(published, schema, data, tmp_path / "out.csv", chunk_rows=500).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    assert lines[0] == ",".join(f'"{c}"' for c in ["user_id", "persona", *(f"p_{j}" for j in range(K))])
+    assert lines[1].startswith('"E000001",') and lines[-1] == "" and len(lines) == ROWS + 2
+    # Each probability is the shortest decimal of its float32: it reads back to the very float32
+    # of the Parquet output, and one digit fewer would not.
+    exact = pd.read_parquet(run(published, schema, data, tmp_path / "out.parquet"))
+    cells = [line.split(",")[2:] for line in lines[1:-1]]
+    for row, fields in zip(exact[[f"p_{j}" for j in range(K)]].to_numpy(), cells[:200], strict=False):
+        for value, field in zip(row, fields, strict=True):
+            assert np.float32(field) == value
+            digits = field.split("e")[0].replace(".", "").replace("-", "").lstrip("0")
+            if len(digits) > 1:
+                shorter = float(f"{float(field):.{len(digits) - 2}e}")
+                assert np.float32(shorter) != value
+
+
 def test_labels_are_not_needed_and_progress_is_reported(
     tmp_path: Path, published: Published, schema: Schema, frame: pd.DataFrame
 ) -> None:

@@ -15,7 +15,7 @@ import pytest
 from fedpersona.data.drafting import infer_schema
 from fedpersona.data.schema import Schema
 from fedpersona.data.schema_reader import load_schema, parse_schema
-from fedpersona.data.tables import Table, load_table, read_frame, validate_frame
+from fedpersona.data.tables import Table, _validate_arrow, load_table, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
 
 ROOT = Path(__file__).parents[1]
@@ -663,3 +663,94 @@ def test_partner_data_is_read_once_per_process_and_again_when_the_file_changes(
     os.utime(table, ns=(1, 1))
     third = partner.load_partner_data(cfg)
     assert len(reads) == 2 and len(third.train) + len(third.test) == 60
+
+
+# --- Arrow tables (streaming inference) are validated exactly as their pandas frames ---------------
+
+MIXED = {
+    "AGE": {"type": "numeric", "bounds": [18, 100]},
+    "paid": {"type": "boolean"},
+    "color": {"type": "categorical", "vocabulary": ["red", "blue", "1"], "unseen": "other"},
+    "note": {"type": "text"},
+}
+
+
+def same_table(one: Table, other: Table) -> None:
+    assert one.ids.tolist() == other.ids.tolist()
+    assert one.columns.keys() == other.columns.keys() and one.labels.keys() == other.labels.keys()
+    for name, values in one.columns.items():
+        assert values.dtype == other.columns[name].dtype, name
+        if values.dtype == object:
+            assert values.tolist() == other.columns[name].tolist(), name
+        else:
+            np.testing.assert_array_equal(values, other.columns[name], err_msg=name)
+    for name, values in one.labels.items():
+        np.testing.assert_array_equal(values, other.labels[name], err_msg=name)
+
+
+def test_an_arrow_table_gives_the_table_of_its_frame(caplog: pytest.LogCaptureFixture) -> None:
+    import pyarrow as pa
+
+    schema = make_schema(MIXED, labels={"y": {"column": "y", "positive": ["1"]}}, id="ID")
+    # Whitespace python strips (a no-break space, an ideographic space, U+001C), missing
+    # spellings, a clipped number, an unseen category, canonical numbers, non-ASCII text.
+    frame = strings(
+        ID=[" u1", "u2\u3000", "u3", "u4", "\xa0u5"],
+        AGE=["30", " 150", "", "NA", "7.5E1"],
+        paid=["yes", "No ", "", "TRUE", "0"],
+        color=["red", "green", "1.0", "N/A", " blue"],
+        note=["Grüße aus Köln", "", "x\x1c", "  spaced  out ", "NA"],
+        y=["1", "0", "", "1", "0"],
+        extra=["a", "b", "c", "d", "e"],
+    )
+    arrow = pa.Table.from_pandas(frame, preserve_index=False)
+    assert _validate_arrow(schema, arrow, source="t") is not None  # checked in Arrow, not again in pandas
+    with caplog.at_level("INFO", logger="fedpersona.data.tables"):
+        fast = validate_frame(schema, arrow, source="t")
+    fast_log = [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fedpersona.data.tables"):
+        same_table(fast, validate_frame(schema, frame, source="t"))
+    assert fast_log == [r.getMessage() for r in caplog.records] and len(fast_log) == 3  # extra, clip, unseen
+    assert fast.ids.tolist() == ["u1", "u2", "u3", "u4", "u5"]
+    # Typed columns (as from Parquet) are read as pandas writes them: 1 and 1.0 are the category "1".
+    typed = pa.table(
+        {"ID": pa.array([1, 2, 3]), "AGE": pa.array([30.0, None, 99.5]), "paid": pa.array([True, False, None]),
+         "color": pa.array([1, 2, 1]), "note": pa.array([1.5, None, 2.0])}
+    )  # fmt: skip
+    without_label = make_schema(MIXED, id="ID")
+    same_table(
+        validate_frame(without_label, typed, source="t"), validate_frame(without_label, typed.to_pandas(), source="t")
+    )
+
+
+@pytest.mark.parametrize(
+    "column, values",
+    [
+        ("ID", ["u1", "u1", "u3"]),  # a duplicate id
+        ("ID", ["u1", "NA", "u3"]),  # a missing id
+        ("AGE", ["30", "old", "40"]),  # not a number
+        ("AGE", ["30", "inf", "40"]),  # not finite
+        ("paid", ["yes", "perhaps", "no"]),  # not a boolean
+        ("color", ["red", "green", "blue"]),  # unseen, where the schema rejects it
+        ("y", ["1", "maybe", "no"]),  # not a label value
+    ],
+)
+def test_an_arrow_table_reports_the_problems_of_its_frame(column: str, values: list[str]) -> None:
+    import pyarrow as pa
+
+    features = {**MIXED, "color": {**MIXED["color"], "unseen": "reject"}}
+    schema = make_schema(features, labels={"y": {"column": "y", "positive": ["1"]}}, id="ID", out_of_bounds="reject")
+    cells = {"ID": ["u1", "u2", "u3"], "AGE": ["30", "40", "50"], "paid": ["yes", "no", "yes"],
+             "color": ["red", "blue", "red"], "note": ["a", "b", "c"], "y": ["1", "0", "1"]}  # fmt: skip
+    frame = strings(**{**cells, column: values})
+    expected = problems_of(schema, frame)
+    assert len(expected) == 1
+    assert problems_of(schema, pa.Table.from_pandas(frame, preserve_index=False)) == expected
+    # A repeated column name and a missing column, too.
+    repeated = pa.Table.from_pandas(strings(**cells), preserve_index=False).rename_columns(
+        ["ID", "AGE", "AGE", "color", "note", "y"]
+    )
+    assert problems_of(schema, repeated) == problems_of(
+        schema, strings(**cells).set_axis(repeated.column_names, axis=1)
+    )

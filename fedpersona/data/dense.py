@@ -50,6 +50,7 @@ via Arrow) and hashes each distinct piece once; no Python runs per row.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -246,7 +247,14 @@ def _number_part(feat: NumericFeature | SequenceFeature) -> _Part:
     return _Part(feat, tuple(persona), tuple(label), cuts, centre, spread)
 
 
-def _plan(schema: Schema) -> list[_Part]:
+def _plan(schema: Schema) -> tuple[_Part, ...]:
+    """The parts of ``schema`` (computed once per schema: dense views are often built for many
+    small blocks of rows of one table)."""
+    return _cached_plan(schema)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_plan(schema: Schema) -> tuple[_Part, ...]:
     parts: list[_Part] = []
     for feat in schema.features:
         if isinstance(feat, NumericFeature) or (isinstance(feat, SequenceFeature) and feat.element == "numeric"):
@@ -261,11 +269,16 @@ def _plan(schema: Schema) -> list[_Part]:
             names = tuple(f"{feat.name}={word}" for word in (*feat.vocabulary, OTHER))
             parts.append(_Part(feat, names, names, width=feat.cardinality))
         # a hashed category carries no similarity a linear model or a mixture could use: left out
-    return parts
+    return tuple(parts)
 
 
 def dense_layout(schema: Schema) -> DenseLayout:
     """The column names of both views of ``schema`` and the feature behind each column."""
+    return _cached_layout(schema)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_layout(schema: Schema) -> DenseLayout:
     parts = _plan(schema)
     return DenseLayout(
         persona_columns=tuple(c for p in parts for c in p.persona),

@@ -17,11 +17,14 @@ import lzma
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from fedpersona.data.cells import (
     as_str,
@@ -161,7 +164,7 @@ def check_file(path: Path) -> None:
         raise DataError(f"cannot read data file {path}: {reason}")
 
 
-def validate_frame(schema: Schema, frame: pd.DataFrame, *, source: str) -> Table:
+def validate_frame(schema: Schema, frame: pd.DataFrame | pa.Table, *, source: str) -> Table:
     """Check every column and row of ``frame`` against ``schema``; raise once, listing all.
 
     Problems reported together: missing columns, values that are not numbers / booleans,
@@ -170,7 +173,17 @@ def validate_frame(schema: Schema, frame: pd.DataFrame, *, source: str) -> Table
     where the policy is ``"reject"``, missing or duplicate ids, too few rows, label values that
     are neither positive nor a recognisable negative. Columns the schema does not declare are
     ignored and listed in the log.
+
+    ``frame`` may also be an Arrow table (cells as read, e.g. by ``pyarrow.csv``; column names
+    already stripped): it is checked column by column in Arrow and numpy, with the same result
+    as its pandas frame; a table with any problem is checked again as a pandas frame, so the
+    error is exactly the one the frame gives.
     """
+    if isinstance(frame, pa.Table):
+        table = _validate_arrow(schema, frame, source=source)
+        if table is not None:
+            return table
+        frame = _arrow_frame(frame)
     problems: list[str] = []
     na_values = frozenset(schema.na_values)
     n = len(frame)
@@ -342,3 +355,183 @@ def _label(
                 )
             )
     return np.where(missing, np.nan, is_positive.astype(np.float64))
+
+
+# --- Arrow tables: the same checks without a Python object per cell ------------------------------
+
+# Exactly the characters str.strip() removes (str.isspace(); none lies above U+3000).
+_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+_EDGE_BYTE = np.zeros(256, dtype=bool)  # bytes a stripped character may start or end with
+_EDGE_BYTE[[ord(c) for c in _WHITESPACE if ord(c) < 0x80]] = True
+_EDGE_BYTE[0x80:] = True  # any byte of a non-ASCII character (checked exactly by the trim)
+
+
+def _arrow_frame(table: pa.Table) -> pd.DataFrame:
+    """The pandas frame of an Arrow table, repeated column names kept."""
+    frame = pd.DataFrame({i: column.to_pandas() for i, column in enumerate(table.columns)})
+    frame.columns = list(table.column_names)
+    return frame
+
+
+def _arrow_strings(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as strings, as :func:`~fedpersona.data.cells.as_str` writes it (nulls kept)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return array
+    if pa.types.is_integer(array.type) and array.null_count == 0:  # str(int) is Arrow's cast
+        return pc.cast(array, pa.string())
+    return pa.array(as_str(array.to_pandas()), type=pa.string(), from_pandas=True)  # as pandas writes it
+
+
+def _stripped_cells(array: pa.Array, na_values: frozenset[str]) -> tuple[pa.Array, np.ndarray]:
+    """As :func:`~fedpersona.data.cells.text_cells`: stripped strings (null where missing) and
+    the missing mask. Only a column with a cell that may start or end in whitespace is trimmed."""
+    if _may_need_strip(array):
+        array = pc.utf8_trim(array, characters=_WHITESPACE)
+    missing_cells = pc.is_in(array, value_set=pa.array(sorted(na_values), type=array.type))
+    missing = np.asarray(missing_cells.to_numpy(zero_copy_only=False), dtype=bool)
+    if array.null_count:
+        missing |= np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if missing.any():
+        array = pc.if_else(pa.array(missing), pa.scalar(None, array.type), array)
+    return array, missing
+
+
+def _may_need_strip(array: pa.Array) -> bool:
+    if len(array) == 0:
+        return False
+    offsets_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    _, offsets_buffer, data_buffer = array.buffers()
+    if data_buffer is None:
+        return False
+    width = np.dtype(offsets_type).itemsize
+    offsets = np.frombuffer(
+        offsets_buffer, dtype=offsets_type, count=len(array) + 1, offset=array.offset * width
+    ).astype(np.int64, copy=False)
+    data = np.frombuffer(data_buffer, dtype=np.uint8)
+    starts, ends = offsets[:-1], offsets[1:]
+    filled = starts < ends
+    return bool(_EDGE_BYTE[data[starts[filled]]].any() or _EDGE_BYTE[data[ends[filled] - 1]].any())
+
+
+def _unique_map(array: pa.Array, func: Callable[[str], object], fill: object) -> tuple[np.ndarray, np.ndarray]:
+    """``func`` of each distinct non-null value, then ``fill``; per row, the index of its value
+    there (-1, i.e. ``fill``, for a null)."""
+    encoded = array.dictionary_encode()
+    mapped = np.empty(len(encoded.dictionary) + 1, dtype=object)
+    mapped[:-1] = [func(v) for v in encoded.dictionary.to_pylist()]
+    mapped[-1] = fill
+    index = encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return mapped, index
+
+
+def _validate_arrow(schema: Schema, frame: pa.Table, *, source: str) -> Table | None:
+    """The :class:`Table` of an Arrow table that passes every check of :func:`validate_frame`,
+    ``None`` at the first problem (the caller then reports every problem from the pandas frame).
+    Log lines are written only when the table passes."""
+    na_values = frozenset(schema.na_values)
+    n = frame.num_rows
+    names = list(frame.column_names)
+    if len(set(names)) != len(names) or n == 0 or n < schema.min_rows:
+        return None
+    id_column = schema.id_column or (schema.events.user if schema.events else None)
+    wanted = list(dict.fromkeys(([id_column] if id_column else []) + list(schema.input_columns)))
+    if any(c not in names for c in wanted):
+        return None
+    notes: list[tuple[object, ...]] = []
+    extra = [c for c in names if c not in wanted]
+    if extra:
+        notes.append(("%s: ignoring %d undeclared column(s): %s", source, len(extra), quoted(extra)))
+
+    if id_column:
+        text, missing = _stripped_cells(_arrow_strings(frame.column(id_column)), na_values)
+        if missing.any() or pc.count_distinct(text).as_py() != n:
+            return None
+        ids = np.asarray(text.to_numpy(zero_copy_only=False), dtype=object)
+    else:
+        ids = ("row-" + pd.Series(np.arange(1, n + 1)).astype(str)).to_numpy(dtype=object)
+
+    columns: dict[str, np.ndarray] = {}
+    for feat in schema.features:
+        for col in feat.columns:
+            text, missing = _stripped_cells(_arrow_strings(frame.column(col)), na_values)
+            if feat.missing == "reject" and missing.any():
+                return None
+            values = _convert_arrow(schema, feat, col, text, missing, notes, source)
+            if values is None:
+                return None
+            columns[col] = values
+
+    labels: dict[str, np.ndarray] = {}
+    for label in schema.labels:
+        if label.column in names:
+            problems: list[str] = []
+            cells, missing = text_cells(frame.column(label.column).to_pandas(), na_values)
+            labels[label.name] = _label(label.column, label.positive, cells, missing, problems)
+            if problems:
+                return None
+    for note in notes:
+        logger.info(*note)
+    return Table(schema=schema, source=source, ids=ids, columns=columns, labels=labels)
+
+
+def _convert_arrow(
+    schema: Schema,
+    feat: Feature,
+    col: str,
+    text: pa.Array,
+    missing: np.ndarray,
+    notes: list[tuple[object, ...]],
+    source: str,
+) -> np.ndarray | None:
+    """As :func:`_convert` on a stripped Arrow column; ``None`` where it would report a problem."""
+    if isinstance(feat, TextFeature):
+        mapped, index = _unique_map(text, str, None)
+        return mapped[index]
+    if isinstance(feat, BooleanFeature):
+        true_keys = {canonical(v).casefold() for v in feat.true_values}
+        false_keys = {canonical(v).casefold() for v in feat.false_values}
+
+        def truth(value: object) -> float:
+            key = canonical(value).casefold()
+            return 1.0 if key in true_keys else 0.0 if key in false_keys else -1.0
+
+        mapped, index = _unique_map(text, truth, np.nan)
+        if (mapped[:-1] == -1.0).any():
+            return None
+        return mapped.astype(np.float64)[index]
+    if isinstance(feat, NumericFeature) or (isinstance(feat, SequenceFeature) and feat.element == "numeric"):
+        try:
+            parsed = pc.cast(text, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            return None
+        numbers = np.asarray(parsed.to_numpy(zero_copy_only=False), dtype=np.float64)
+        finite = np.isfinite(numbers)
+        if (~missing & ~finite).any():
+            return None
+        numbers = np.where(finite, numbers, np.nan)
+        outside = (numbers < feat.lo) | (numbers > feat.hi)
+        if outside.any():
+            if schema.out_of_bounds == "reject":
+                return None
+            bounds = f"[{number_text(feat.lo)}, {number_text(feat.hi)}]"
+            notes.append(("%s: clipped %d value(s) of column '%s' into %s", source, int(outside.sum()), col, bounds))
+            numbers = np.clip(numbers, feat.lo, feat.hi)
+        return numbers
+    assert isinstance(feat, CategoricalFeature | SequenceFeature)
+    mapped, index = _unique_map(text, canonical, None)
+    values = mapped[index]
+    if feat.vocabulary is not None:
+        unseen = (~isin(mapped, feat.vocabulary))[index] & ~missing
+        if unseen.any():
+            if feat.unseen == "reject":
+                return None
+            notes.append(
+                (
+                    "%s: %d value(s) of column '%s' are outside the vocabulary (coded as other)",
+                    source,
+                    int(unseen.sum()),
+                    col,
+                )
+            )
+    return values

@@ -28,6 +28,7 @@ import os
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
+from threadpoolctl import threadpool_limits
 
 from fedpersona.config.settings import ModelSettings
-from fedpersona.data.cells import as_str
 from fedpersona.data.features import layout_of
 from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.tables import Table, check_file, read_frame, validate_frame
@@ -172,19 +175,31 @@ def infer_file(
     """Assign a persona to every user of ``data_path`` and write them to ``out_path``.
 
     The input (CSV, optionally compressed, or Parquet; read as the schema says) is streamed
-    ``chunk_rows`` rows at a time; each chunk is validated with
-    :func:`~fedpersona.data.tables.validate_frame` (label columns are not needed; an error names
-    the chunk's data rows, and row numbers inside it count from the chunk's first row), then
-    assigned by ``assign`` in blocks of :data:`BLOCK_ROWS` rows aligned to the global row
-    number, so every row is computed in the same position of a block of the same shape
-    whatever the chunking (the output is the same for any ``chunk_rows``). An event log is
-    aggregated to one row per user first, which needs the whole file in memory. Output
-    columns: the id column (or ``row``), then ``persona``, ``p_0 .. p_{k-1}`` and with
-    ``include_embedding`` ``z_0 .. z_{dim-1}``; the format follows the suffix of
-    ``out_path`` (``.csv``, ``.parquet`` or ``.pq``). The file is written under a temporary
-    name in the same folder and renamed when complete; on any error the temporary file is
-    removed and ``out_path`` is left as it was. ``progress`` is called with the number of
-    rows done after each chunk.
+    ``chunk_rows`` rows at a time as Arrow columns (``pyarrow.csv`` / ``pyarrow.parquet``; a
+    ``.zip``, ``.xz`` or ``.tar`` archive, or a delimiter longer than one character, is read
+    with pandas); each chunk is validated with :func:`~fedpersona.data.tables.validate_frame`
+    (label columns are not needed; an error names the chunk's data rows, and row numbers inside
+    it count from the chunk's first row), then assigned by ``assign`` in blocks of
+    :data:`BLOCK_ROWS` rows aligned to the global row number, so every row is computed in the
+    same position of a block of the same shape whatever the chunking (the output is the same
+    for any ``chunk_rows``). An event log is aggregated to one row per user first, which needs
+    the whole file in memory. Output columns: the id column (or ``row``), then ``persona``,
+    ``p_0 .. p_{k-1}`` and with ``include_embedding`` ``z_0 .. z_{dim-1}``; the format follows
+    the suffix of ``out_path`` (``.csv``, ``.parquet`` or ``.pq``). A chunk is written on a
+    second thread while the next one is read and assigned.
+
+    **The CSV format.** UTF-8, ``,`` between fields, ``\\n`` after each line, a header line
+    with the column names; every string (the column names, the ids) is quoted with ``"`` (a
+    ``"`` inside doubled), numbers never; ``persona`` is a decimal integer; every ``p_j`` and ``z_j`` is a
+    float32 written as the shortest decimal that reads back as the same float32, with an
+    exponent where that is shorter (``0``, ``1``, ``0.1859035``, ``1e-7``, ``3.4e+38``). The
+    bytes depend only on the input rows and the model (the same for any ``chunk_rows`` and on
+    every run). Parquet: a string id column, int64 ``persona``, float32 probabilities and
+    embedding.
+
+    The file is written under a temporary name in the same folder and renamed when complete;
+    on any error the temporary file is removed and ``out_path`` is left as it was.
+    ``progress`` is called with the number of rows done after each chunk.
     """
     data_path, out_path = Path(data_path), Path(out_path)
     _check_int("chunk_rows", chunk_rows)
@@ -198,7 +213,11 @@ def infer_file(
     id_name = schema.id_column or (schema.events.user if schema.events else None) or "row"
     columns = [id_name, "persona", *(f"p_{j}" for j in range(k))]
     columns += [f"z_{j}" for j in range(dim)] if include_embedding else []
+    out_schema = pa.schema(
+        [(id_name, pa.string()), ("persona", pa.int64())] + [(name, pa.float32()) for name in columns[2:]]
+    )
     reading = dataclasses.replace(schema, labels=(), min_rows=1)  # labels are not needed to infer
+    track = bool(schema.id_column or schema.events)
 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
@@ -208,28 +227,34 @@ def infer_file(
     seen: set[str] = set()
     try:
         with contextlib.ExitStack() as stack:
-            handle = stack.enter_context(open(tmp, "w", encoding="utf-8", newline="")) if suffix == ".csv" else None
-            writer: pq.ParquetWriter | None = None
+            writer: pacsv.CSVWriter | pq.ParquetWriter
+            if suffix == ".csv":
+                writer = stack.enter_context(pacsv.CSVWriter(tmp, out_schema, write_options=_CSV_OPTIONS))
+            else:
+                writer = stack.enter_context(pq.ParquetWriter(tmp, out_schema))
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer-writer"))
+            pending: Future[None] | None = None
+            # Blocks of a few thousand rows are too small for a threaded BLAS: its threads would
+            # only wait for each other (and for the writer thread).
+            stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
             for frame in _chunks(schema, data_path, chunk_rows):
                 source = f"{data_path} (data rows {rows + 1}-{rows + len(frame)})"
                 table = validate_frame(reading, frame, source=source)
-                ids = table.ids if schema.id_column or schema.events else _row_ids(rows, len(table))
-                _check_repeated(ids, seen, source, id_name, track=bool(schema.id_column or schema.events))
+                if track:
+                    _check_repeated(table.ids, seen, source, id_name)
                 hard, probs, z = _aligned(assign, table, offset=rows, k=k, dim=dim)
-                out = _frame(columns, ids, hard, probs, z if include_embedding else None)
-                if handle is not None:
-                    out.to_csv(handle, header=chunks == 0, index=False, lineterminator="\n")
-                else:
-                    arrow = pa.Table.from_pandas(out, preserve_index=False)
-                    if writer is None:
-                        writer = stack.enter_context(pq.ParquetWriter(tmp, arrow.schema))
-                    writer.write_table(arrow)
+                out = _output(out_schema, table.ids if track else _row_ids(rows, len(table)), hard, probs, z, k=k)
+                if pending is not None:
+                    pending.result()  # one chunk in flight: memory stays flat; re-raises a write error
+                pending = pool.submit(writer.write_table, out)
                 counts += np.bincount(hard, minlength=k)[:k]
                 rows += len(table)
                 chunks += 1
                 logger.info("%s: %d rows assigned", data_path, rows)
                 if progress is not None:
                     progress(rows)
+            if pending is not None:
+                pending.result()
             if rows == 0:
                 raise SchemaError(str(data_path), ["the table has no data rows"])
         _fsync(tmp)
@@ -272,9 +297,14 @@ def _aligned(
 
 # --- reading and writing ----------------------------------------------------------------------
 
+_CSV_OPTIONS = pacsv.WriteOptions(include_header=True, delimiter=",", quoting_style="needed", batch_size=65_536)
+_READ_BLOCK = 1 << 22  # bytes of CSV parsed at a time (a few 10k rows)
+_ARROW_SUFFIXES = ("", ".csv", ".txt", ".tsv", ".dat", ".gz", ".bz2", ".zst", ".lz4")
 
-def _chunks(schema: Schema, path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    """The file as frames of stripped strings, ``chunk_rows`` rows each (as tables.read_frame)."""
+
+def _chunks(schema: Schema, path: Path, chunk_rows: int) -> Iterator[pa.Table | pd.DataFrame]:
+    """The file in chunks of ``chunk_rows`` rows, cells as written (validate_frame strips them),
+    column names stripped and, without a header, taken from the schema."""
     if schema.events is not None:
         frame = read_frame(schema, path)  # one row per user needs every event of the user
         for start in range(0, len(frame), chunk_rows):
@@ -283,75 +313,121 @@ def _chunks(schema: Schema, path: Path, chunk_rows: int) -> Iterator[pd.DataFram
     check_file(path)
     try:
         if path.suffix.lower() in _PARQUET:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
-                raw = batch.to_pandas()
-                yield _stripped(pd.DataFrame({col: as_str(raw[col]) for col in raw.columns}), schema)
+            batches: Iterator[pa.RecordBatch] = pq.ParquetFile(path).iter_batches(batch_size=chunk_rows)
+        elif len(schema.delimiter) == 1 and path.suffix.lower() in _ARROW_SUFFIXES:
+            batches = _csv_batches(schema, path)
+        else:
+            yield from _pandas_chunks(schema, path, chunk_rows)
             return
-        reader = pd.read_csv(
-            path,
-            sep=schema.delimiter,
-            header=0 if schema.header else None,
-            dtype=str,
-            keep_default_na=False,
-            na_filter=False,
-            compression="infer",
-            encoding="utf-8-sig",
-            chunksize=chunk_rows,
-        )
-        with reader:
-            for frame in reader:
-                yield _stripped(frame, schema)
+        for table in _rebatched(batches, chunk_rows):
+            yield _named(table, schema)
     except pd.errors.EmptyDataError:
         raise DataError(f"cannot read data file {path}: the file is empty") from None
     except UnicodeDecodeError as exc:
         raise DataError(f"cannot read data file {path}: it is not UTF-8 text ({exc})") from None
     except (OSError, ValueError, EOFError, zlib.error, pa.ArrowException) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
+        if reason == "Empty CSV file":
+            reason = "the file is empty"
+        elif "invalid UTF8" in reason:
+            reason = f"it is not UTF-8 text ({reason})"
         raise DataError(f"cannot read data file {path}: {reason}") from None
 
 
-def _stripped(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
-    frame.columns = [str(c).strip() for c in frame.columns]
+def _csv_batches(schema: Schema, path: Path) -> Iterator[pa.RecordBatch]:
+    """Every cell of a CSV file as a string (empty cells as ``""``), in record batches."""
+    parse = pacsv.ParseOptions(delimiter=schema.delimiter)
+    header = pacsv.open_csv(  # the column names: the first block, read once more below
+        path, read_options=pacsv.ReadOptions(autogenerate_column_names=not schema.header), parse_options=parse
+    )
+    names = header.schema.names
+    header.close()
+    convert = pacsv.ConvertOptions(
+        column_types={name: pa.string() for name in names}, strings_can_be_null=False, quoted_strings_can_be_null=False
+    )
+    read = pacsv.ReadOptions(autogenerate_column_names=not schema.header, block_size=_READ_BLOCK, use_threads=True)
+    with pacsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert) as reader:
+        yield from reader
+
+
+def _rebatched(batches: Iterator[pa.RecordBatch], chunk_rows: int) -> Iterator[pa.Table]:
+    """Record batches regrouped into tables of exactly ``chunk_rows`` rows (the last may be
+    shorter); nothing for a file without rows."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        while len(batch):
+            take = min(chunk_rows - count, len(batch))
+            held.append(batch.slice(0, take))
+            batch = batch.slice(take)
+            count += take
+            if count == chunk_rows:
+                yield pa.Table.from_batches(held)
+                held, count = [], 0
+    if held:
+        yield pa.Table.from_batches(held)
+
+
+def _named(table: pa.Table, schema: Schema) -> pa.Table:
+    names = [str(c).strip() for c in table.column_names]
     if not schema.header and schema.column_names is not None:
-        if frame.shape[1] != len(schema.column_names):
+        if len(names) != len(schema.column_names):
             raise SchemaError(
                 schema.source,
-                [f"the file has {frame.shape[1]} columns but table.columns names {len(schema.column_names)}"],
+                [f"the file has {len(names)} columns but table.columns names {len(schema.column_names)}"],
             )
-        frame.columns = list(schema.column_names)
-    for col in frame.columns:
-        frame[col] = frame[col].str.strip()
-    return frame.reset_index(drop=True)
+        names = list(schema.column_names)
+    return table.rename_columns(names)
 
 
-def _row_ids(done: int, n: int) -> np.ndarray:
-    return np.array([f"row-{i}" for i in range(done + 1, done + n + 1)], dtype=object)
+def _pandas_chunks(schema: Schema, path: Path, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    reader = pd.read_csv(
+        path,
+        sep=schema.delimiter,
+        header=0 if schema.header else None,
+        dtype=str,
+        keep_default_na=False,
+        na_filter=False,
+        compression="infer",
+        encoding="utf-8-sig",
+        chunksize=chunk_rows,
+    )
+    with reader:
+        for frame in reader:
+            frame.columns = [str(c).strip() for c in frame.columns]
+            if not schema.header and schema.column_names is not None:
+                if frame.shape[1] != len(schema.column_names):
+                    raise SchemaError(
+                        schema.source,
+                        [f"the file has {frame.shape[1]} columns but table.columns names {len(schema.column_names)}"],
+                    )
+                frame.columns = list(schema.column_names)
+            yield frame.reset_index(drop=True)
 
 
-def _check_repeated(ids: np.ndarray, seen: set[str], source: str, id_name: str, *, track: bool) -> None:
+def _row_ids(done: int, n: int) -> pa.Array:
+    numbers = pc.cast(pa.array(np.arange(done + 1, done + n + 1, dtype=np.int64)), pa.string())
+    return pc.binary_join_element_wise(pa.scalar("row-"), numbers, "")
+
+
+def _check_repeated(ids: np.ndarray, seen: set[str], source: str, id_name: str) -> None:
     """Ids must be unique across chunks too (validate_frame checks within one chunk)."""
-    if not track:
-        return
-    chunk = [str(i) for i in ids]
-    again = [i for i in chunk if i in seen]
-    if again:
+    if not seen.isdisjoint(ids):
+        again = [i for i in ids if i in seen]
         raise SchemaError(
             source,
             [f"id column '{id_name}': {len(again)} id(s) already occurred in an earlier chunk, e.g. {again[0]!r}"],
         )
-    seen.update(chunk)
+    seen.update(ids)
 
 
-def _frame(
-    columns: list[str], ids: np.ndarray, hard: np.ndarray, probs: np.ndarray, z: np.ndarray | None
-) -> pd.DataFrame:
-    data: dict[str, Any] = {columns[0]: np.array([str(i) for i in ids], dtype=object), "persona": hard}
-    for j in range(probs.shape[1]):
-        data[f"p_{j}"] = probs[:, j]
-    if z is not None:
-        for j in range(z.shape[1]):
-            data[f"z_{j}"] = z[:, j]
-    return pd.DataFrame(data, columns=columns)
+def _output(
+    schema: pa.Schema, ids: np.ndarray | pa.Array, hard: np.ndarray, probs: np.ndarray, z: np.ndarray, *, k: int
+) -> pa.Table:
+    arrays: list[pa.Array] = [pa.array(ids, type=pa.string()), pa.array(hard, type=pa.int64())]
+    arrays += [pa.array(probs[:, j], type=pa.float32()) for j in range(k)]
+    arrays += [pa.array(z[:, j], type=pa.float32()) for j in range(len(schema) - 2 - k)]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def _fsync(path: Path) -> None:
