@@ -31,8 +31,11 @@ def run(*, quick: bool) -> dict[str, Any]:
         step_noise=0.0, randomness=lambda i, r: None, seed=0,
     )  # fmt: skip
 
-    def assign(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hard, posterior, z = assign_rows(result.space, result.mixture, dense_views(table).persona)
+    def view(table: Table) -> np.ndarray:
+        return dense_views(table).persona
+
+    def assign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hard, posterior, z = assign_rows(result.space, result.mixture, rows)
         return hard, posterior.astype(np.float32), z.astype(np.float32)
 
     frame, _ = generate_frame(KIND, users, rng=np.random.default_rng(0))
@@ -49,7 +52,7 @@ def run(*, quick: bool) -> dict[str, Any]:
             ("infer_file end to end (Parquet in, Parquet out)", parquet, "personas.parquet"),
         ):
             timings.append((name, best_time(lambda d=data, o=out: infer_file(
-                schema=schema, assign=assign, k=PERSONAS, dim=result.space.dims, data_path=d,
+                schema=schema, view=view, assign=assign, k=PERSONAS, dim=result.space.dims, data_path=d,
                 out_path=Path(folder) / o,
             ), repeats)))  # fmt: skip
     table = validate_frame(schema, frame, source="benchmark")

@@ -57,8 +57,12 @@ class Published:
             covariance=np.diag(self.space.spectrum) / 3.0,
         )  # fmt: skip
 
-    def assign(self, table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hard, posterior, z = assign_rows(self.space, self.mixture, dense_views(table).persona)
+    @staticmethod
+    def view(table: Table) -> np.ndarray:
+        return dense_views(table).persona
+
+    def assign(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hard, posterior, z = assign_rows(self.space, self.mixture, rows)
         return hard, posterior.astype(np.float32), z.astype(np.float32)
 
 
@@ -86,7 +90,8 @@ def data(tmp_path: Path, frame: pd.DataFrame) -> Path:
 
 def run(published: Published, schema: Schema, data: Path, out: Path, **options: Any) -> Path:
     infer_file(
-        schema=schema, assign=published.assign, k=K, dim=DIMS, data_path=data, out_path=out, **options,
+        schema=schema, view=published.view, assign=published.assign, k=K, dim=DIMS, data_path=data,
+        out_path=out, **options,
     )  # fmt: skip
     return out
 
@@ -181,8 +186,8 @@ def test_labels_are_not_needed_and_progress_is_reported(
     frame.drop(columns=["purchased"]).to_csv(path, index=False)
     seen: list[int] = []
     summary = infer_file(
-        schema=schema, assign=published.assign, k=K, dim=DIMS, data_path=path, out_path=tmp_path / "out.csv",
-        chunk_rows=500, progress=seen.append,
+        schema=schema, view=published.view, assign=published.assign, k=K, dim=DIMS, data_path=path,
+        out_path=tmp_path / "out.csv", chunk_rows=500, progress=seen.append,
     )  # fmt: skip
     assert seen == [500, 1000, 1200]
     assert (summary.rows, summary.chunks, sum(summary.counts)) == (ROWS, 3, ROWS)

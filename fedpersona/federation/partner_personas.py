@@ -226,11 +226,14 @@ def infer_users(
             f"{layout.persona_width}"
         )
 
-    def assign(table: Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hard, posterior, z = assign_rows(result.space, result.mixture, dense_views(table).persona)
+    def view(table: Table) -> np.ndarray:
+        return dense_views(table).persona
+
+    def assign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        hard, posterior, z = assign_rows(result.space, result.mixture, rows)
         return hard, posterior.astype(np.float32), z.astype(np.float32)
 
     return infer_file(
-        schema=schema, assign=assign, k=result.mixture.k, dim=result.space.dims, data_path=data_path,
+        schema=schema, view=view, assign=assign, k=result.mixture.k, dim=result.space.dims, data_path=data_path,
         out_path=out_path, chunk_rows=chunk_rows, include_embedding=include_embedding, progress=progress,
     )  # fmt: skip

@@ -54,6 +54,7 @@ __all__ = [
     "BLOCK_ROWS",
     "Assigner",
     "InferenceSummary",
+    "RowView",
     "infer_file",
     "load_encoder",
     "load_parameters",
@@ -154,15 +155,20 @@ def load_encoder(
     return model.eval()
 
 
-Assigner = Callable[[Table], tuple[np.ndarray, np.ndarray, np.ndarray]]
-"""A partner's persona assignment of a validated table: ``(hard (n,) int, probabilities (n, K),
-embedding (n, p))``, each row a function of that row alone (e.g.
+RowView = Callable[[Table], np.ndarray]
+"""The rows a partner assigns from: a validated table in, one float row per user out, each row a
+function of that user's row alone (e.g. the public persona view, :func:`fedpersona.data.dense.dense_views`)."""
+
+Assigner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
+"""A partner's persona assignment of rows of its :data:`RowView`: ``(hard (n,) int, probabilities
+(n, K), embedding (n, p))``, each row a function of that row alone (e.g.
 :func:`fedpersona.federation.partner_personas.assign_rows` with the released personas)."""
 
 
 def infer_file(
     *,
     schema: Schema,
+    view: RowView,
     assign: Assigner,
     k: int,
     dim: int,
@@ -179,7 +185,8 @@ def infer_file(
     ``.zip``, ``.xz`` or ``.tar`` archive, or a delimiter longer than one character, is read
     with pandas); each chunk is validated with :func:`~fedpersona.data.tables.validate_frame`
     (label columns are not needed; an error names the chunk's data rows, and row numbers inside
-    it count from the chunk's first row), then assigned by ``assign`` in blocks of
+    it count from the chunk's first row), turned into rows by ``view`` once per chunk, then
+    assigned by ``assign`` in blocks of
     :data:`BLOCK_ROWS` rows aligned to the global row number, so every row is computed in the
     same position of a block of the same shape whatever the chunking (the output is the same
     for any ``chunk_rows``). An event log is aggregated to one row per user first, which needs
@@ -242,7 +249,7 @@ def infer_file(
                 table = validate_frame(reading, frame, source=source)
                 if track:
                     _check_repeated(table.ids, seen, source, id_name)
-                hard, probs, z = _aligned(assign, table, offset=rows, k=k, dim=dim)
+                hard, probs, z = _aligned(assign, view(table), offset=rows, k=k, dim=dim)
                 out = _output(out_schema, table.ids if track else _row_ids(rows, len(table)), hard, probs, z, k=k)
                 if pending is not None:
                     pending.result()  # one chunk in flight: memory stays flat; re-raises a write error
@@ -270,11 +277,11 @@ BLOCK_ROWS = 4096
 
 
 def _aligned(
-    assign: Assigner, table: Table, *, offset: int, k: int, dim: int
+    assign: Assigner, rows_in: np.ndarray, *, offset: int, k: int, dim: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``assign`` over a chunk in blocks of :data:`BLOCK_ROWS` rows aligned to the global row
-    number (partial blocks padded with copies of their own rows), checked for shape."""
-    n = len(table)
+    """``assign`` over a chunk's rows in blocks of :data:`BLOCK_ROWS` rows aligned to the global
+    row number (partial blocks padded with copies of their own rows), checked for shape."""
+    n = len(rows_in)
     hard = np.zeros(n, dtype=np.int64)
     probs = np.zeros((n, k), dtype=np.float32)
     z_out = np.zeros((n, dim), dtype=np.float32)
@@ -284,7 +291,7 @@ def _aligned(
         take = min(BLOCK_ROWS - slot, n - start)
         rows = np.arange(start, start + take)
         index = np.concatenate([np.repeat(rows[:1], slot), rows, np.repeat(rows[-1:], BLOCK_ROWS - slot - take)])
-        h, p, z = assign(table.take(index))
+        h, p, z = assign(rows_in[index])
         if h.shape != (BLOCK_ROWS,) or p.shape != (BLOCK_ROWS, k) or z.shape != (BLOCK_ROWS, dim):
             raise ValueError(f"the assignment returned shapes {h.shape}, {p.shape}, {z.shape} for {BLOCK_ROWS} rows")
         window = slice(slot, slot + take)
