@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -240,26 +241,47 @@ def infer_file(
             else:
                 writer = stack.enter_context(pq.ParquetWriter(tmp, out_schema))
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer-writer"))
+            workers = stack.enter_context(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="infer-chunk"))
             pending: Future[None] | None = None
             # Blocks of a few thousand rows are too small for a threaded BLAS: its threads would
             # only wait for each other (and for the writer thread).
             stack.enter_context(threadpool_limits(limits=1, user_api="blas"))
-            for frame in _chunks(schema, data_path, chunk_rows):
-                source = f"{data_path} (data rows {rows + 1}-{rows + len(frame)})"
+
+            def assigned(frame: Any, offset: int, source: str) -> tuple[Table, np.ndarray, np.ndarray, np.ndarray]:
                 table = validate_frame(reading, frame, source=source)
+                return (table, *_aligned(assign, view(table), offset=offset, k=k, dim=dim))
+
+            # Up to WORKERS chunks are validated and assigned at once (numpy and Arrow release the
+            # GIL); their results are taken in file order, so ids are checked, errors raised and
+            # chunks written in order, and memory stays bounded.
+            queued: deque[tuple[Future[tuple[Table, np.ndarray, np.ndarray, np.ndarray]], str]] = deque()
+            read = 0
+
+            def take_one() -> None:
+                nonlocal pending, rows, chunks
+                future, source = queued.popleft()
+                table, hard, probs, z = future.result()
                 if track:
                     _check_repeated(table.ids, seen, source, id_name)
-                hard, probs, z = _aligned(assign, view(table), offset=rows, k=k, dim=dim)
                 out = _output(out_schema, table.ids if track else _row_ids(rows, len(table)), hard, probs, z, k=k)
                 if pending is not None:
-                    pending.result()  # one chunk in flight: memory stays flat; re-raises a write error
+                    pending.result()  # one chunk being written: re-raises a write error
                 pending = pool.submit(writer.write_table, out)
-                counts += np.bincount(hard, minlength=k)[:k]
+                counts[:] += np.bincount(hard, minlength=k)[:k]
                 rows += len(table)
                 chunks += 1
                 logger.info("%s: %d rows assigned", data_path, rows)
                 if progress is not None:
                     progress(rows)
+
+            for frame in _chunks(schema, data_path, chunk_rows):
+                source = f"{data_path} (data rows {read + 1}-{read + len(frame)})"
+                queued.append((workers.submit(assigned, frame, read, source), source))
+                read += len(frame)
+                while len(queued) > WORKERS:
+                    take_one()
+            while queued:
+                take_one()
             if pending is not None:
                 pending.result()
             if rows == 0:
@@ -274,6 +296,7 @@ def infer_file(
 
 
 BLOCK_ROWS = 4096
+WORKERS = 2  # chunks validated and assigned at once (2 cores)
 
 
 def _aligned(
