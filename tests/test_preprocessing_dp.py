@@ -39,6 +39,7 @@ from opacus.optimizers import DPOptimizer
 
 from fedpersona.config.files import dump_toml, load_partner_config
 from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
+from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize, layout_of
 from fedpersona.data.schema import (
     BooleanFeature,
@@ -297,7 +298,10 @@ def test_an_extreme_row_cannot_raise_the_sensitivity(kind: str) -> None:
     schema = synthetic_schema(kind)
     table = _table(schema, _extreme(schema, _frame(kind), ROW))
     features = featurize(table)
-    data = PartnerData(schema=schema, train=features, test=features, personas_test=None, table=table)
+    data = PartnerData(
+        schema=schema, train=features, test=features, personas_test=None, table=table,
+        train_index=np.arange(len(table)), dense=dense_views(table),
+    )  # fmt: skip
     torch.manual_seed(0)
     model = GradSampleModule(build_model(data, MODEL, seed=0, device=torch.device("cpu")))
     index = torch.arange(16)  # contains ROW

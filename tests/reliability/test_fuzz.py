@@ -477,7 +477,9 @@ SCHEMA_EXTRA = [("table", "delimiter"), ("table", "columns"), ("table", "header"
                 ("events",), ("events", "user"), ("features", "new"), ("labels", "new")]  # fmt: skip
 
 
-@tallied(0.06)
+# The finance schema labels its codes (value_labels), and a label must name a code of the
+# vocabulary: a mutated vocabulary is refused more often than before, hence 4% accepted.
+@tallied(0.04)
 @FAST
 @given(doc=mutated(SCHEMA, SCHEMA_EXTRA))
 def test_schema_loader_on_generated_documents(doc: dict[str, Any]) -> None:
