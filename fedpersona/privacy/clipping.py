@@ -27,7 +27,8 @@ gradient, sample ``b``'s parameter gradients and their squared norms are
   cheaper to form the ``k x p`` matrix per row and take its norm); ``grad_bias = sum_t g_{b,t}``;
 - embedding ``s_{b,t} = E[i_{b,t}]``: ``grad_E`` has row ``j`` equal to ``sum_{t: i_{b,t} = j}
   g_{b,t}``, so ``||grad_E||^2 = sum_{t,u} 1[i_{b,t} = i_{b,u}] (g_{b,t} . g_{b,u})`` (positions
-  at ``padding_idx`` get no gradient and are left out);
+  at ``padding_idx`` get no gradient and are left out; for a table of at most ``T^2`` rows it is
+  cheaper to form each sample's ``(rows, d)`` gradient and take its norm);
 - layer norm ``s = x_hat * w + beta`` with ``x_hat`` the input normalised per token:
   ``grad_w = sum_t g_{b,t} * x_hat_{b,t}``, ``grad_beta = sum_t g_{b,t}`` (vectors of size d,
   formed per row).
@@ -243,8 +244,13 @@ def _layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> _Layer:
         g = g.reshape(batch, index.shape[1], -1)
         if module.padding_idx is not None:
             g = g * (index != module.padding_idx).unsqueeze(-1).to(g.dtype)
-        if index.shape[1] == 1:
+        tokens = index.shape[1]
+        if tokens == 1:
             squared = torch.linalg.vector_norm(g[:, 0], dim=1).square()
+        elif module.num_embeddings <= tokens * tokens:  # a small table: each row's gradient, (B, N, d)
+            rows = g.new_zeros(batch, module.num_embeddings, g.shape[-1])
+            rows.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
+            squared = torch.linalg.vector_norm(rows, dim=(1, 2)).square()
         else:
             same = (index.unsqueeze(2) == index.unsqueeze(1)).to(g.dtype)  # (B, T, T)
             squared = (same * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
