@@ -54,12 +54,7 @@ __all__ = ["KNOWN_SEEDS_LABEL", "SecretRandomness"]
 KNOWN_SEEDS_LABEL = "noise seeds known: not private against the coordinator"
 
 _MANTISSA = 2.0**-53
-
-
-def _top53(stream: bytes) -> np.ndarray:
-    """The top 53 bits of each little-endian 64-bit word, as int64 (int64 converts to float64
-    faster than uint64; the values are below 2^53, so the conversion is exact)."""
-    return (np.frombuffer(stream, dtype="<u8") >> np.uint64(11)).view(np.int64)
+_REUSED_BYTES = 16 * 2**20
 
 
 class SecretRandomness:
@@ -76,6 +71,7 @@ class SecretRandomness:
             raise ValueError("a SecretRandomness key is 32 bytes")
         self.seeded = False
         self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        self._zeros, self._out = b"", bytearray()  # keystream buffers, see _top53
 
     @classmethod
     def from_seed(cls, seed: int, *labels: object) -> SecretRandomness:
@@ -94,9 +90,25 @@ class SecretRandomness:
         """The next ``n`` bytes of the keystream."""
         return self._stream.update(bytes(n))
 
+    def _top53(self, words: int) -> np.ndarray:
+        """The top 53 bits of each of the next ``words`` little-endian 64-bit words of the
+        stream, as int64 (int64 converts to float64 faster than uint64; the values are below
+        2^53, so the conversion is exact). Up to ``_REUSED_BYTES`` the keystream is written into
+        buffers kept between calls (fresh pages cost more than the cipher); the result is a new
+        array either way."""
+        n = 8 * int(words)
+        if n > _REUSED_BYTES:
+            stream: bytes | bytearray = self.bytes(n)
+        else:
+            if len(self._zeros) < n:
+                self._zeros, self._out = bytes(n), bytearray(n + 15)  # + block size - 1, as update_into needs
+            self._stream.update_into(memoryview(self._zeros)[:n], self._out)
+            stream = self._out
+        return (np.frombuffer(stream, dtype="<u8", count=int(words)) >> np.uint64(11)).view(np.int64)
+
     def uniform(self, size: int) -> np.ndarray:
         """``size`` uniforms in (0, 1), float64 with 53 random bits each."""
-        return (_top53(self.bytes(8 * int(size))).astype(np.float64) + 0.5) * _MANTISSA
+        return (self._top53(int(size)).astype(np.float64) + 0.5) * _MANTISSA
 
     def normal(self, shape: tuple[int, ...] | int, std: float = 1.0) -> np.ndarray:
         """Gaussian noise N(0, std^2) of ``shape`` (float64): the sum of four independent
@@ -118,7 +130,7 @@ class SecretRandomness:
         ``(4, size)`` block are the two pairs' ``u1``, rows 2-3 their ``u2`` (float64)."""
         import torch
 
-        words = torch.from_numpy(_top53(self.bytes(32 * size))).to(device)
+        words = torch.from_numpy(self._top53(4 * size)).to(device)
         u = words.to(torch.float64).add_(0.5).mul_(_MANTISSA).view(4, size)
         radius = torch.log(u[:2]).mul_(-2.0).sqrt_()  # (2, size)
         angle = u[2:].mul(2.0 * math.pi)
