@@ -231,8 +231,9 @@ def _bookkeeping_step(
         summed = clipped.grads
         mean_loss = float(clipped.losses.mean())
     noisy = add_secret_noise(summed, std=noise_multiplier * max_grad_norm, randomness=randomness)
+    torch._foreach_div_(list(noisy.values()), float(expected_batch))  # one call for every tensor
     for name, p in trainable:
-        p.grad = noisy[name].div_(expected_batch)
+        p.grad = noisy[name]
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return mean_loss

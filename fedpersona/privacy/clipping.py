@@ -172,7 +172,8 @@ def clipped_gradient_sum(
         clipped = _clipped_sums(passes[module], factors) if module in passes else {}
         for name, param in module.named_parameters(recurse=False):
             if param.requires_grad:  # a layer not called, or an empty batch: nothing to add
-                grads[prefix + name] = clipped[name].to(param.dtype) if name in clipped else torch.zeros_like(param)
+                value = clipped.get(name)
+                grads[prefix + name] = torch.zeros_like(param) if value is None else value.to(param.dtype)
     return ClippedSum(
         grads=grads, norms=norms, max_grad_norm=float(max_grad_norm), losses=losses.detach()
     )  # fmt: skip
@@ -205,15 +206,10 @@ def add_secret_noise(
     if not grads:
         return {}
     first = next(iter(grads.values()))
-    total = sum(g.numel() for g in grads.values())
-    flat = randomness.normal_like(torch.empty(total, device=first.device, dtype=first.dtype), std)
-    out: dict[str, torch.Tensor] = {}
-    start = 0
-    for name, g in grads.items():
-        n = g.numel()
-        out[name] = g + flat[start : start + n].view_as(g).to(g.dtype)
-        start += n
-    return out
+    sizes = [g.numel() for g in grads.values()]
+    flat = randomness.normal_like(torch.empty(sum(sizes), device=first.device, dtype=first.dtype), std)
+    pieces = flat.split(sizes)
+    return {name: g + piece.view_as(g).to(g.dtype) for (name, g), piece in zip(grads.items(), pieces, strict=True)}
 
 
 # --- per layer type: the tokens of a row in one dimension, norms, clipped sums ----------------
@@ -268,18 +264,24 @@ def _layer(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> _Layer:
             squared = squared + torch.linalg.vector_norm(value, dim=1).square()
         return _Layer(module, x_hat, g, small, squared)
     assert isinstance(module, nn.Linear)
+    if a.dim() == 2:  # one token per row: ||g_b||^2 (||a_b||^2 + 1[trainable bias]), kept 2-D
+        # vector_norm(...).square(): one fused pass, no temporary of the input's size
+        g_squared = torch.linalg.vector_norm(g, dim=1).square()
+        a_squared = torch.linalg.vector_norm(a, dim=1).square() if "weight" in trainable else None
+        if a_squared is not None and "bias" in trainable:
+            squared = g_squared * (a_squared + 1.0)
+        else:
+            squared = g_squared * a_squared if a_squared is not None else g_squared
+        return _Layer(module, a, g, small, squared)
     a, g = a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1])
     tokens, p, k = a.shape[1], a.shape[2], g.shape[2]
     if "weight" in trainable:
-        if tokens == 1:
-            # vector_norm(...).square(): one fused pass, no temporary of the input's size
-            squared = (torch.linalg.vector_norm(g[:, 0], dim=1) * torch.linalg.vector_norm(a[:, 0], dim=1)).square()
-        elif tokens * (p + k) <= p * k:  # the T x T Grams are cheaper than the k x p gradient
+        if tokens * (p + k) <= p * k:  # the T x T Grams are cheaper than the k x p gradient
             squared = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         else:
             squared = torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a), dim=(1, 2)).square()
     if "bias" in trainable:
-        small["bias"] = g[:, 0] if tokens == 1 else g.sum(1)
+        small["bias"] = g.sum(1)
         squared = squared + torch.linalg.vector_norm(small["bias"], dim=1).square()
     return _Layer(module, a, g, small, squared)
 
@@ -290,10 +292,17 @@ def _clipped_sums(layer: _Layer, factors: torch.Tensor) -> dict[str, torch.Tenso
     out = {name: (factors @ value).reshape(getattr(module, name).shape) for name, value in layer.small.items()}
     weight = module.weight
     if not isinstance(weight, torch.Tensor) or not weight.requires_grad or "weight" in out:
+        if isinstance(module, nn.Linear) and g.dim() == 2 and module.bias is not None and module.bias.requires_grad:
+            out["bias"] = factors @ g  # a frozen weight: the bias alone
         return out
     if isinstance(module, nn.Embedding):
         rows = (g * factors[:, None, None]).reshape(-1, g.shape[-1]).to(weight.dtype)
         out["weight"] = torch.zeros_like(weight).index_add_(0, a.reshape(-1), rows)
+    elif g.dim() == 2:  # a linear layer with one token per row: (c g)^T a and sum_b c_b g_b
+        scaled = g * factors[:, None]
+        out["weight"] = scaled.t() @ a
+        if module.bias is not None and module.bias.requires_grad:
+            out["bias"] = scaled.sum(0)
     elif a.shape[-1] <= g.shape[-1]:  # scale the narrower side: (c g)^T a = g^T (c a)
         out["weight"] = g.reshape(-1, g.shape[-1]).t() @ (a * factors[:, None, None]).reshape(-1, a.shape[-1])
     else:
