@@ -3,7 +3,8 @@
 The audit runs the partner's own round, :func:`fedpersona.federation.partner.train_round`, on a
 table written to disk and read back through the partner's ingestion (schema, validation, the
 keyed train/test split, the declared public row count, ``plan.json``, the ledger, the secret
-randomness, Opacus with the scenario's clipping mode, the real persona encoder). The one thing
+randomness, the scenario's per-sample clipping mode (book-keeping, or Opacus' ghost or hooks), the
+real persona encoder). The one thing
 it adds is a set of *gradient canaries* (Nasr et al., "Tight Auditing of Differentially Private
 Machine Learning", USENIX Security 2023, section 3.2): ``m`` canary users, each put into the
 table with probability 1/2 (independent coin flips from an injected ``numpy.random.Generator``),
@@ -305,8 +306,9 @@ class _Instrument:
 def _noisy_gradients(instrument: _Instrument, sink: list[np.ndarray]) -> Iterator[None]:
     """Record the canary table's gradient just before each inner optimizer step.
 
-    Under Opacus that is the privatised gradient (clipped per-sample gradients summed, plus the
-    noise, over the expected batch size) as the inner optimizer is about to apply it. The hook is
+    That is the privatised gradient (clipped per-sample gradients summed, plus the noise, over
+    the expected batch size) as the inner optimizer is about to apply it: the one Opacus' DP
+    optimizer wraps, or the one book-keeping clipping hands its gradient to. The hook is
     process-wide, so it is registered only around one round and always removed.
     """
 

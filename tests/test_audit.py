@@ -1,6 +1,7 @@
 """The privacy audit: the bound against hand-computed binomial values, the gradient canary and the
 noise check against simulations, and whole audits through the partner's real round that pass the
-correct pipeline and catch each of four broken ones (mutation tests)."""
+correct pipeline and catch each of four broken ones (mutation tests), with Opacus' ghost clipping and
+with the default book-keeping clipping where the mutation concerns the clipping or the noise."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from fedpersona.errors import ConfigError
 from fedpersona.federation.partner import load_partner_data
 from fedpersona.model import training
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.privacy import clipping
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 from fedpersona.simulation import default_scenario_path
@@ -200,16 +202,22 @@ def test_noise_ratio_recovers_the_noise_multiplier_of_a_simulated_transcript() -
 # --- whole audits through the partner's real round ---------------------------------------------
 
 
-def _audit(*, canaries: int = 300, rows: int = 800, rounds: int = 2, seed: int = 0) -> AuditResult:
+def _audit(
+    *, canaries: int = 300, rows: int = 800, rounds: int = 2, seed: int = 0, mode: str | None = None
+) -> AuditResult:
     scenario = load_scenario(default_scenario_path(), epsilon=CLAIM)
-    scenario = scenario.model_copy(update={"federation": scenario.federation.replace(rounds=rounds)})
+    update: dict[str, object] = {"federation": scenario.federation.replace(rounds=rounds)}
+    if mode is not None:  # the scenario's clipping mode otherwise
+        update["training"] = scenario.training.replace(grad_sample_mode=mode)
+    scenario = scenario.model_copy(update=update)
     settings = AuditSettings(canaries=canaries, rows=rows, kind="finance")
     return run_audit(scenario=scenario, settings=settings, rng=np.random.default_rng(seed))
 
 
 @pytest.mark.slow
-def test_correct_pipeline_is_consistent() -> None:
-    result = _audit()
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_correct_pipeline_is_consistent(mode: str) -> None:
+    result = _audit(mode=mode)
     assert result.findings == () and result.consistent and not result.claim_refuted
     assert result.epsilon_lower_bound <= CLAIM and result.guesses == 60
     assert result.steps_observed == result.steps_ledger > 0
@@ -218,7 +226,7 @@ def test_correct_pipeline_is_consistent() -> None:
     assert abs(result.noise_multiplier_measured - result.noise_multiplier_planned) <= max(
         4 * result.noise_multiplier_stderr, 0.1 * result.noise_multiplier_planned
     )
-    assert not result.replay_identical and result.grad_sample_mode == "ghost"
+    assert not result.replay_identical and result.grad_sample_mode == mode
 
 
 def _findings(result: AuditResult, topic: str) -> list[str]:
@@ -226,7 +234,8 @@ def _findings(result: AuditResult, topic: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_mutation_noise_divided_by_five_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_mutation_noise_divided_by_five_is_caught(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def weak_noise(optimizer: torch.optim.Optimizer, randomness: SecretRandomness) -> None:
         def add_noise() -> None:
             std = optimizer.noise_multiplier * optimizer.max_grad_norm / 5  # type: ignore[attr-defined]
@@ -235,19 +244,27 @@ def test_mutation_noise_divided_by_five_is_caught(monkeypatch: pytest.MonkeyPatc
 
         optimizer.add_noise = add_noise  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(training, "_secret_noise", weak_noise)
-    result = _audit()
+    def weak_secret_noise(
+        grads: dict[str, torch.Tensor], *, std: float, randomness: SecretRandomness
+    ) -> dict[str, torch.Tensor]:
+        return clipping.add_secret_noise(grads, std=std / 5, randomness=randomness)
+
+    monkeypatch.setattr(training, "_secret_noise", weak_noise)  # Opacus' modes
+    monkeypatch.setattr(training, "add_secret_noise", weak_secret_noise)  # book-keeping
+    result = _audit(mode=mode)
     assert _findings(result, "noise") and not result.consistent
     assert result.noise_multiplier_measured < 0.5 * result.noise_multiplier_planned
 
 
 @pytest.mark.slow
-def test_mutation_clipping_disabled_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_mutation_clipping_disabled_is_caught(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
     def no_clipping(self: GradSampleModuleFastGradientClipping) -> torch.Tensor:
         return torch.ones_like(self.get_norm_sample())
 
-    monkeypatch.setattr(GradSampleModuleFastGradientClipping, "get_clipping_coef", no_clipping)
-    result = _audit()
+    monkeypatch.setattr(GradSampleModuleFastGradientClipping, "get_clipping_coef", no_clipping)  # Opacus' ghost
+    monkeypatch.setattr(clipping, "clip_factors", lambda norms, max_grad_norm: torch.ones_like(norms))  # book-keeping
+    result = _audit(mode=mode)
     assert _findings(result, "noise") and not result.consistent
     assert result.noise_multiplier_measured < 0.5 * result.noise_multiplier_planned
 

@@ -1,6 +1,8 @@
 """Per-sample clipping (fedpersona.privacy.clipping) against two independent oracles: Opacus'
 per-sample gradients and clipping (GradSampleModule + DPOptimizer, noise 0, loss_reduction
-"sum"), and a one-row-at-a-time autograd loop that clips each row's gradient explicitly.
+"sum"), and a one-row-at-a-time autograd loop that clips each row's gradient explicitly; the
+loop also on token models (embeddings with repeated and padding indices, layer norms, linear
+layers on (B, T, d)) and on the default persona encoder of every silo kind.
 
 Tolerances (float64 models): against the loop 1e-10 relative (the same sums in another
 order). Against Opacus the bound that follows from its clip factor C / (norm + 1e-6) (the
@@ -12,6 +14,7 @@ parameters as one vector) differs by at most the sum of that over the clipped ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,6 +24,10 @@ from scipy import stats
 from torch import nn
 from torch.nn import functional as F
 
+from fedpersona.config.settings import ModelSettings
+from fedpersona.data.features import featurize
+from fedpersona.data.synthetic import generate_silo
+from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
 from fedpersona.privacy.clipping import clipped_gradient_sum, noisy_clipped_sum
 from fedpersona.privacy.randomness import SecretRandomness
 
@@ -139,10 +146,10 @@ def test_float32_model_on_its_own_device_and_dtype() -> None:
 @pytest.mark.parametrize(
     "model,message",
     [
-        (nn.Sequential(nn.Linear(D, 4), nn.LayerNorm(4), nn.Linear(4, 1)), "'1' (LayerNorm) holds parameters"),
-        (nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1)), "holds buffers"),
-        (nn.Sequential(nn.Embedding(5, D)), "'0' (Embedding) holds parameters"),
-        (nn.Sequential(nn.Tanh()), "at least one trainable torch.nn.Linear"),
+        (nn.Sequential(nn.Linear(D, 4), nn.PReLU(), nn.Linear(4, 1)), "'1' (PReLU) holds parameters"),
+        (nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4, affine=False), nn.Linear(4, 1)), "mixes the rows"),
+        (nn.Sequential(nn.Embedding(5, D, max_norm=1.0)), "'0' (Embedding) uses max_norm"),
+        (nn.Sequential(nn.Tanh()), "at least one trainable Linear, Embedding or LayerNorm"),
     ],
 )
 def test_unsupported_layers_are_refused_naming_them(model: nn.Module, message: str) -> None:
@@ -165,9 +172,10 @@ def test_shared_weights_and_non_2d_inputs_and_bad_losses_are_refused() -> None:
         clipped_gradient_sum(model=tied, per_sample_loss=lambda: tied(x).sum(1), max_grad_norm=1.0)
 
     model = build("logistic regression")
-    sequence = x.reshape(ROWS // 4, 4, D)  # (B, T, d): a sequence model, not supported
-    with pytest.raises(ValueError, match=r"layer '0' got an input of shape \(10, 4, 12\); .* 2-D inputs"):
-        clipped_gradient_sum(model=model, per_sample_loss=lambda: model(sequence).sum((1, 2)), max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"layer '0' got an input of shape \(12,\); .* \(B, ..., features\)"):
+        clipped_gradient_sum(model=model, per_sample_loss=lambda: model(x[0]), max_grad_norm=1.0)
+    with pytest.raises(ValueError, match=r"layer '0' saw an input of shape \(40, 12\) but per_sample_loss returned 2"):
+        clipped_gradient_sum(model=model, per_sample_loss=lambda: losses(model, x, y)[:2], max_grad_norm=1.0)
     with pytest.raises(ValueError, match=r"one loss per row, shape \(B,\), got \(\)"):
         clipped_gradient_sum(model=model, per_sample_loss=lambda: losses(model, x, y).sum(), max_grad_norm=1.0)
     with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0, got 0"):
@@ -326,3 +334,97 @@ def test_rows_with_a_missing_label_masked_out_of_the_loss_contribute_nothing() -
     for key, value in labelled.grads.items():
         assert bool(torch.isfinite(got.grads[key]).all())
         torch.testing.assert_close(got.grads[key], value, rtol=1e-10, atol=1e-12)
+
+
+# --- token models and the persona encoder -------------------------------------------------------
+
+
+def loop_clipped_sum(
+    model: nn.Module, row_loss: Callable[[int], torch.Tensor], rows: int, clip: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The oracle for any model: ``row_loss(b)`` runs the model on row ``b`` alone; its own
+    backward, its own norm over all trainable parameters, its own clip factor."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    norms = []
+    for b in range(rows):
+        grads = torch.autograd.grad(row_loss(b), list(params.values()), allow_unused=True)
+        filled = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params.values(), strict=True)]
+        norm = math.sqrt(sum(float((g * g).sum()) for g in filled))
+        norms.append(norm)
+        for name, g in zip(params, filled, strict=True):
+            total[name] += (min(1.0, clip / norm) if norm > 0 else 1.0) * g
+    return total, torch.tensor(norms, dtype=torch.float64)
+
+
+class TokenModel(nn.Module):
+    """Each row: L token ids (0 = padding, repeats allowed) through an embedding with
+    padding_idx, a layer norm, two linear layers on every token (T = L: one wide enough for
+    the T x T Gram norms, T (p + k) <= p k; one narrow, with a per-row gradient), a linear layer
+    on the flattened tokens and a per-row scalar embedding (index 0)."""
+
+    def __init__(self, vocab: int, length: int, d: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.norm = nn.LayerNorm(d)
+        self.token = nn.Linear(d, 12)  # L (d + 12) <= 12 d for d = 16, L = 6: Gram norms
+        self.narrow = nn.Linear(12, 2)  # L (12 + 2) > 24: per-row gradient norms
+        self.flat = nn.Linear(length * 2, 1)
+        self.offset = nn.Embedding(1, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B,)
+        h = self.narrow(torch.tanh(self.token(self.norm(self.emb(ids)))))  # (B, L, 2)
+        zero = torch.zeros(ids.shape[0], dtype=torch.long)
+        return self.flat(torch.tanh(h).flatten(1)).squeeze(1) + self.offset(zero).squeeze(1)
+
+
+def test_embeddings_layer_norms_and_token_linears_equal_the_loop() -> None:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 4, (ROWS, 6), generator=generator)  # a vocabulary of 4: many repeats and paddings
+    ids[0] = 0  # one row of padding only
+    torch.manual_seed(2)
+    model = TokenModel(vocab=4, length=6, d=16).double()
+    target = torch.randn(ROWS, generator=generator, dtype=torch.float64)
+
+    def row_losses(rows: slice) -> torch.Tensor:
+        return (model(ids[rows]) - target[rows]) ** 2 * torch.linspace(0.1, 10.0, ROWS, dtype=torch.float64)[rows]
+
+    _, norms = loop_clipped_sum(model, lambda b: row_losses(slice(b, b + 1)).sum(), ROWS, clip=1.0)
+    clip = float(norms.median())
+    expected, norms = loop_clipped_sum(model, lambda b: row_losses(slice(b, b + 1)).sum(), ROWS, clip)
+    assert (norms > clip * 1.5).sum() >= 5 and (norms < clip / 1.5).sum() >= 5
+    got = clipped_gradient_sum(model=model, per_sample_loss=lambda: row_losses(slice(None)), max_grad_norm=clip)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-10, atol=1e-12)
+    assert set(got.grads) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got.grads[key], value, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got.grads["emb.weight"][0], torch.zeros(16, dtype=torch.float64))  # padding row
+
+
+@pytest.mark.parametrize("kind", ["ecommerce", "finance", "health"])
+def test_default_persona_encoder_equals_the_loop(kind: str) -> None:
+    """Every layer of the default encoder (feature embeddings, text and sequence embeddings,
+    numeric-sequence linears, the trunk's layer norms and token MLPs, pooling, heads, the
+    scalar statistics' embeddings): the clipped sum equals one-row-at-a-time clipping within
+    1e-9 relative in float64, and every trainable parameter is in it."""
+    data = featurize(generate_silo(kind, ROWS, seed=0).table)
+    torch.manual_seed(0)
+    model = PersonaEncoder(data.layout, ModelSettings()).double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in data.tensors.items()}
+    keep = random_keep(token_presence(data.layout, batch), 0.3, torch.Generator().manual_seed(1))
+    kinds = {type(m) for m in model.modules() if next(m.parameters(recurse=False), None) is not None}
+    assert kinds == {nn.Embedding, nn.LayerNorm, nn.Linear}
+
+    def row_loss(b: int) -> torch.Tensor:
+        return model({k: v[b : b + 1] for k, v in batch.items()}, keep[b : b + 1]).sum()
+
+    _, norms = loop_clipped_sum(model, row_loss, ROWS, clip=1.0)
+    clip = float(norms.median())
+    expected, norms = loop_clipped_sum(model, row_loss, ROWS, clip)
+    assert (norms > clip * 1.01).sum() >= 10 and (norms < clip / 1.01).sum() >= 10  # half of the rows clipped
+    got = clipped_gradient_sum(model=model, per_sample_loss=lambda: model(batch, keep), max_grad_norm=clip)
+    torch.testing.assert_close(got.norms, norms, rtol=1e-9, atol=1e-12)
+    assert set(got.grads) == {n for n, _ in model.named_parameters()} == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got.grads[key], value, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(got.losses, model(batch, keep).detach(), rtol=0, atol=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,7 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
     assert math.isfinite(reported[2])
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_an_empty_poisson_batch_still_takes_its_noisy_step(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,3 +195,65 @@ def test_round_accounting_compares_histories_and_reads_the_ledgers_epsilon(tmp_p
     engine.accountant.history.append((1.5, 0.1, 1))  # one step nobody paid for
     with pytest.raises(RuntimeError, match="did not charge"):
         check_accounting(engine, ledger, 1e-5)  # type: ignore[arg-type]
+
+
+def _adam_gradients(steps: list[dict[str, torch.Tensor]], names: dict[int, str]) -> Callable[..., None]:
+    """An optimizer pre-step hook that records the gradients each Adam step is about to apply."""
+
+    def record(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if isinstance(optimizer, torch.optim.Adam):
+            steps.append({names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+
+    return record
+
+
+def test_bookkeeping_round_applies_the_same_gradients_as_opacus_ghost_clipping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default per-sample clipping against Opacus' ghost clipping through the whole round:
+    same Poisson batches and feature masks (same stream), noise switched off in both, so the
+    gradient each mode hands to Adam is the clipped sum over the expected batch size. They
+    agree within float32 rounding plus Opacus' clip factor C / (norm + 1e-6) (measured 6e-7
+    relative; 1e-5 allowed, 1e-8 absolute for the softmax-invariant score bias, ~1e-10);
+    the accountant records the same steps (same epsilon)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from fedpersona.model import training
+
+    monkeypatch.setattr(training, "add_secret_noise", lambda grads, *, std, randomness: grads)
+
+    def no_noise(optimizer: torch.optim.Optimizer, randomness: SecretRandomness) -> None:
+        def add_noise() -> None:
+            for p in optimizer.params:  # type: ignore[attr-defined]
+                p.grad = p.summed_grad.view_as(p)
+
+        optimizer.add_noise = add_noise  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(training, "_secret_noise", no_noise)
+    seen: dict[str, list[dict[str, torch.Tensor]]] = {}
+    epsilons = {}
+    cfg = partner_config(tmp_path, "ecommerce", rows=300, epsilon=3.0)
+    data = load_partner_data(cfg)
+    plan = load_plan(cfg, data, TrainingSettings(batch_size=64, local_epochs=1), rounds=1)  # one plan for both
+    for mode in ("bookkeeping", "ghost"):
+        settings = TrainingSettings(batch_size=64, local_epochs=1, grad_sample_mode=mode)
+        model = build_model(data, ModelSettings(), seed=0, device=torch.device("cpu"))
+        names = {id(p): n for n, p in model.named_parameters()}
+        steps = seen[mode] = []
+
+        handle = register_optimizer_step_pre_hook(_adam_gradients(steps, names))
+        try:
+            result = train_locally(
+                model=model, data=data.train, settings=settings, privacy=cfg.privacy,
+                noise_multiplier=plan.noise_multiplier, ledger=PrivacyLedger(tmp_path / mode, settings=cfg.privacy),
+                round=1, randomness=SecretRandomness.from_seed(0), public_rows=plan.public_rows,
+            )  # fmt: skip
+        finally:
+            handle.remove()
+        epsilons[mode] = result.epsilon
+        assert len(steps) == plan.steps_per_round
+    first, reference = seen["bookkeeping"][0], seen["ghost"][0]
+    assert set(first) == set(reference) == {n for n, _ in model.named_parameters()}
+    for name, value in reference.items():
+        torch.testing.assert_close(first[name], value, rtol=1e-5, atol=1e-8, msg=name)
+    assert epsilons["bookkeeping"] == epsilons["ghost"]

@@ -122,7 +122,10 @@ class TrainingSettings(Settings):
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=16)  # very small expected batches drown in DP noise
     lr: float = Field(1e-2, gt=0)
-    grad_sample_mode: Literal["ghost", "hooks"] = "ghost"
+    # Per-sample clipping in DP-SGD, all exact: "bookkeeping" (fedpersona.privacy.clipping: one
+    # forward, one backward, the cheapest), or Opacus' "ghost" clipping (two backward passes) or
+    # "hooks" (materialised per-sample gradients). Accounting is the same in every mode.
+    grad_sample_mode: Literal["bookkeeping", "ghost", "hooks"] = "bookkeeping"
     fedprox_mu: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -1,10 +1,22 @@
-"""Local training at a partner: DP-SGD with Opacus, one row = one user.
+"""Local training at a partner: DP-SGD, one row = one user.
 
 Batches are drawn by Poisson sampling (each row independently with probability q) as
-tensor operations on the device, with exactly the q that Opacus' optimizer hook reports to
-its accountant, so the privacy analysis (which assumes Poisson sampling) matches what runs.
+tensor operations on the device, with exactly the q that Opacus' accountant records for
+each step, so the privacy analysis (which assumes Poisson sampling) matches what runs.
 The privacy engine's accountant is seeded with the partner's whole ledger history before
 training, so every epsilon it reports is cumulative over all rounds and restarts.
+
+**Per-sample clipping** (``training.grad_sample_mode``), exact in every mode:
+
+- ``"bookkeeping"`` (the default): :func:`fedpersona.privacy.clipping.clipped_gradient_sum`
+  (one forward, one backward; the math is in that module). Each step releases
+  ``(sum_b c_b grad_b + N(0, (sigma C)^2 I)) / E[B]`` with ``c_b = min(1, C / ||grad_b||)``,
+  the noise from :func:`fedpersona.privacy.clipping.add_secret_noise` and ``E[B] = int(q *
+  public_rows)`` as Opacus divides, and the step is recorded in the same Opacus accountant
+  the other modes use (``accountant.step(noise_multiplier=sigma, sample_rate=q)``, what
+  Opacus' optimizer hook calls), so :func:`check_accounting` compares the same histories.
+- ``"ghost"`` and ``"hooks"``: Opacus' ``make_private`` with its fast gradient clipping (two
+  backward passes) or per-sample gradients, the noise replaced by :func:`_secret_noise`.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from fedpersona.data.features import FeatureTensors
 from fedpersona.errors import ConfigError
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
 from fedpersona.privacy.accounting import merge_history
+from fedpersona.privacy.clipping import add_secret_noise, clipped_gradient_sum
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
@@ -98,6 +111,8 @@ def train_locally(
     criterion = _PerSampleLoss()
     engine: PrivacyEngine | None = None
     train_model: torch.nn.Module = model
+    bookkeeping = privacy.private and settings.grad_sample_mode == "bookkeeping"
+    expected_batch = 1
     model.train()
     if privacy.private:
         if noise_multiplier is None or ledger is None:
@@ -117,26 +132,40 @@ def train_locally(
         )
         if not math.isclose(1.0 / len(index_loader), q):
             raise RuntimeError("sample rate mismatch between the plan and Opacus")
-        private = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            criterion=criterion,
-            data_loader=index_loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=settings.grad_sample_mode,
-        )
-        if settings.grad_sample_mode == "ghost":
-            train_model, optimizer, criterion, _ = private
+        if bookkeeping:
+            expected_batch = max(1, int(public * q))  # Opacus' expected_batch_size for this loader
         else:
-            train_model, optimizer, _ = private
-        _secret_noise(optimizer, randomness)
+            private = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                criterion=criterion,
+                data_loader=index_loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=settings.grad_sample_mode,
+            )
+            if settings.grad_sample_mode == "ghost":
+                train_model, optimizer, criterion, _ = private
+            else:
+                train_model, optimizer, _ = private
+            _secret_noise(optimizer, randomness)
     model.train()
     masks = randomness.torch_generator(device)
     total = 0.0
     for _ in range(steps):
         index = torch.from_numpy(randomness.poisson_sample(rows, q)).to(data.tensors["scalar"].device)
+        if bookkeeping:
+            assert engine is not None and noise_multiplier is not None
+            total += _bookkeeping_step(
+                model=model, data=data, index=index, masks=masks, mask_rate=model.config.mask_rate,
+                optimizer=optimizer, randomness=randomness, noise_multiplier=noise_multiplier,
+                max_grad_norm=privacy.max_grad_norm, expected_batch=expected_batch,
+            )  # fmt: skip
+            engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=q)
+            if anchor and settings.fedprox_mu > 0:
+                _proximal_step(model, anchor, settings.lr * settings.fedprox_mu)
+            continue
         if len(index) == 0 and (engine is None or settings.grad_sample_mode == "ghost"):
             # An empty Poisson batch (probability (1 - q)^rows). Non-private: nothing to learn.
             # Private: the step is still taken, as pure noise on a zero gradient, because that
@@ -163,9 +192,51 @@ def train_locally(
     if engine is not None:
         assert ledger is not None
         epsilon = check_accounting(engine, ledger, privacy.delta)
-        train_model._close()  # type: ignore[operator]
+        if not bookkeeping:
+            train_model._close()  # type: ignore[operator]
     model.eval()
     return LocalResult(steps, q, noise_multiplier, epsilon, total / max(1, steps))
+
+
+def _bookkeeping_step(
+    *,
+    model: torch.nn.Module,
+    data: FeatureTensors,
+    index: torch.Tensor,
+    masks: torch.Generator,
+    mask_rate: float,
+    optimizer: torch.optim.Optimizer,
+    randomness: SecretRandomness,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch: int,
+) -> float:
+    """One DP-SGD step with book-keeping clipping; returns the batch's mean loss (0 if empty).
+
+    ``p.grad`` becomes ``(clipped sum + N(0, (sigma C)^2)) / expected_batch`` for every trainable
+    parameter. An empty Poisson batch is still a step: noise on a zero sum (skipping it would
+    reveal the empty batch). The clipped sum and the losses stay here; only the noisy step
+    changes the model.
+    """
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    mean_loss = 0.0
+    if len(index) == 0:
+        summed = {name: torch.zeros_like(p) for name, p in trainable}
+    else:
+        batch = data.batch(index)
+        keep = random_keep(token_presence(data.layout, batch), mask_rate, masks)
+        clipped = clipped_gradient_sum(
+            model=model, per_sample_loss=lambda: model(batch, keep), max_grad_norm=max_grad_norm
+        )
+        summed = clipped.grads
+        mean_loss = float(clipped.losses.mean())
+    noisy = add_secret_noise(summed, std=noise_multiplier * max_grad_norm, randomness=randomness)
+    torch._foreach_div_(list(noisy.values()), float(expected_batch))  # one call for every tensor
+    for name, p in trainable:
+        p.grad = noisy[name]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return mean_loss
 
 
 def check_accounting(engine: PrivacyEngine, ledger: PrivacyLedger, delta: float) -> float:
