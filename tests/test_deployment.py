@@ -6,11 +6,15 @@ The full deployment (flower-superlink with TLS and node authentication, ten part
 nodes refused, a partner and the SuperLink killed mid-run and the run resumed, the signed
 model served by `fedpersona serve` and fetched by `fedpersona infer` over TLS, a tampered
 artifact refused, SIGTERM to `partner start`) is one federation in
-``tests/reliability/test_deploy_faults.py``, to keep the suite short.
+``tests/reliability/test_deploy_faults.py``, to keep the suite short. Here: a second federation
+in which every partner's budget is spent trains nothing, publishes nothing, ends non-zero with
+the reason, and leaves each partner's installed model as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,11 +22,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fedpersona.config.files import dump_toml
+from fedpersona.config.settings import PrivacySettings
 from fedpersona.deploy.certs import init_federation, partner_keys
 from fedpersona.deploy.processes import alive, descendants
 
@@ -106,3 +112,139 @@ def test_server_start_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         assert again.returncode == 2 and "--resume" in again.stderr
     finally:
         _stop(proc)
+
+
+def _wait(predicate: Callable[[], bool], *, quiet: float, watch: list[Path], what: str) -> None:
+    """Wait for ``predicate`` while the processes make progress: ``quiet`` seconds in which no
+    file under ``watch`` grows or changes fails (a loaded machine is slow, not stuck), and one
+    hour fails in all."""
+
+    def activity() -> int:
+        total = 0
+        for folder in watch:
+            for path in folder.rglob("*") if folder.exists() else ():
+                with contextlib.suppress(OSError):
+                    total += path.stat().st_size if path.is_file() else 0
+        return total
+
+    began = time.monotonic()
+    deadline, seen, checked = began + quiet, activity(), began
+    while not predicate():
+        now = time.monotonic()
+        if now - checked > 5.0:
+            checked, current = now, activity()
+            if current != seen:
+                seen, deadline = current, now + quiet
+        if now > deadline or now - began > 3600.0:
+            raise AssertionError(f"no progress for {quiet:.0f}s while waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_a_second_federation_with_spent_budgets_publishes_nothing_and_keeps_the_installed_models(
+    tmp_path: Path,
+) -> None:
+    """Two partners whose plan holds one DP-SGD round (``privacy.planned_rounds = 1``) train
+    one federation and install its signed model. A second federation (a new run folder, a new
+    ``server start``, the partners started again with ``partner start``) finds every budget
+    spent: each partner refuses before any gradient step, ``server start`` exits non-zero and
+    says why, run 2 publishes no model, and each partner's installed model is byte for byte
+    the one of run 1."""
+    from fedpersona.model.artifacts import FILES, load_signing_public_key, verify_model
+    from fedpersona.privacy.ledger import PrivacyLedger
+
+    creds = init_federation(out=tmp_path / "server" / "credentials", hosts=["localhost"])
+    names = ("shop-1", "shop-2")
+    keys = {name: partner_keys(name, out=tmp_path / "keys") for name in names}
+    privacy = {"target_epsilon": 3.0, "delta": 1e-3, "accountant": "rdp", "planned_rounds": 1}
+    configs: dict[str, Path] = {}
+    for i, name in enumerate(names):
+        configs[name] = tmp_path / "clients" / name / "client.toml"
+        configs[name].parent.mkdir(parents=True)
+        dump_toml(configs[name], {
+            "partner": {"name": name, "kind": "ecommerce", "state_dir": "state"},
+            "data": {"synthetic_rows": 120, "synthetic_seed": i}, "privacy": privacy,
+        })  # fmt: skip
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cli = [sys.executable, "-m", "fedpersona.cli"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    watch = [logs, tmp_path / "clients", tmp_path / "server"]
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def launch(label: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        with (logs / f"{label}.log").open("ab") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env))
+        return procs[-1]
+
+    def federation(run: str) -> subprocess.Popen[bytes]:
+        """One federation: `server start`, then each partner's `partner start`; the server's process."""
+        port, path = _free_port(), tmp_path / "server" / f"{run}.toml"
+        dump_toml(path, {
+            "server": {"host": "127.0.0.1", "port": port, "run_dir": run, "credentials": "credentials",
+                       "app": str(REPO), "expected_partners": len(names), "wait_timeout": 600.0},
+            "federation": {"rounds": 1, "min_partners": len(names), "personas": 0, "seed": 3},
+            "model": {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1},
+            "training": {"local_epochs": 1, "batch_size": 32},
+            "partners": [{"name": n, "public_key": str(keys[n].public_key)} for n in names],
+        })  # fmt: skip
+        server = launch(run, [*cli, "server", "start", "--config", str(path)])
+        console = logs / f"{run}.log"
+        # A SuperNode whose key is not registered yet gives up: start the partners once all are.
+        registered = f"registered partner {names[-1]} "
+        _wait(
+            lambda: registered in console.read_text() or server.poll() is not None, quiet=120, watch=watch,
+            what=f"{run}'s partners to be registered",
+        )  # fmt: skip
+        assert registered in console.read_text(), console.read_text()
+        for name in names:
+            launch(f"{run}-{name}", [
+                *cli, "partner", "start", "--config", str(configs[name]), "--superlink", f"127.0.0.1:{port}",
+                "--ca", str(creds.ca_cert), "--key", str(keys[name].private_key), "--runtime-port",
+                str(_free_port()), "--max-wait-time", "180", "--max-restarts", "2",
+                "--model-key", str(creds.signing_public_key),
+            ])  # fmt: skip
+        _wait(lambda: server.poll() is not None, quiet=300, watch=watch, what=f"{run} to end")
+        return server
+
+    def installed(name: str) -> dict[str, bytes]:
+        model = configs[name].parent / "state" / "model"
+        return {file: (model / file).read_bytes() for file in FILES}
+
+    def dp_rounds(name: str) -> list[int]:
+        ledger = PrivacyLedger(configs[name].parent / "state", settings=PrivacySettings(**privacy))
+        return [e.round for e in ledger.entries if e.mechanism == "dp-sgd"]
+
+    try:
+        first = federation("run1")
+        assert first.returncode == 0, (logs / "run1.log").read_text()
+        public = load_signing_public_key(creds.signing_public_key)
+        for name in names:
+            _, card = verify_model(configs[name].parent / "state" / "model", public_key=public)
+            assert card["rounds"] == 1 and dp_rounds(name) == [1]
+        before = {name: installed(name) for name in names}
+        for proc in procs:
+            _stop(proc)  # run 1's partners; each is started again for run 2
+        procs.clear()
+
+        second = federation("run2")
+        console = (logs / "run2.log").read_text()
+        assert second.returncode == 1, console
+        # The console says why: nobody trained, each partner out for its budget, nothing published.
+        assert "round 1: no partner replied (partners out: privacy-budget x2); stopping" in console
+        assert "no round completed" in console and "nothing is published" in console
+        assert "finished:failed" in console
+        run2 = tmp_path / "server" / "run2"
+        assert not (run2 / "model").exists()
+        outcome = json.loads((run2 / "run.json").read_text())
+        assert outcome["status"] == "failed" and "privacy-budget" in outcome["reason"]
+        for name in names:
+            # Refused before any gradient step: the ledger holds run 1's round only ...
+            assert dp_rounds(name) == [1]
+            activity = (configs[name].parent / "state" / "logs" / "activity.log").read_text()
+            assert "train (round 1): refused (privacy-budget)" in activity
+            # ... and the model of run 1 is still the installed one, byte for byte, and nothing was replaced.
+            assert installed(name) == before[name]
+            assert not (configs[name].parent / "state" / "model-history").exists()
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
