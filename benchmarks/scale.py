@@ -52,7 +52,7 @@ SIZES = (Size(3, 1_000, 3.0), Size(9, 1_000, 3.0), Size(30, 1_000, 3.0), Size(10
 ROUNDS, BATCH, CPUS_PER_PARTNER, TEST_FRACTION, DELTA, WAIT_S = 3, 64, 0.5, 0.2, 1e-5, 600
 KINDS = ("ecommerce", "finance", "health")
 CORES = os.cpu_count() or 1  # the simulation's Ray actors share them; the plain loop uses one thread
-TRAINING = TrainingSettings(local_epochs=1, batch_size=BATCH, lr=0.01, grad_sample_mode="ghost", device="cpu")
+TRAINING = TrainingSettings(local_epochs=1, batch_size=BATCH, lr=0.01, grad_sample_mode="bookkeeping", device="cpu")
 
 
 def run(*, quick: bool) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def _per_kind(partners: int) -> list[int]:
 def _scenario(size: Size) -> dict[str, Any]:
     return {
         "federation": {"rounds": ROUNDS, "min_partners": 2, "personas": 0, "seed": 0, "evaluate_every": 1},
-        "training": {"local_epochs": 1, "batch_size": BATCH, "lr": TRAINING.lr, "grad_sample_mode": "ghost"},
+        "training": {"local_epochs": 1, "batch_size": BATCH, "lr": TRAINING.lr, "grad_sample_mode": "bookkeeping"},
         "privacy": {
             "target_epsilon": "inf" if math.isinf(size.epsilon) else size.epsilon,
             "delta": DELTA,

@@ -63,7 +63,7 @@ QUICK_TRAIN_ROWS = 4_000  # --quick: a stratified subsample of the 80% train row
 FULL_TRAIN_ROWS: int | None = None  # full mode: all train rows (set a number to cap them as in --quick)
 QUICK_ROUNDS = FULL_ROUNDS = 5  # the same training in both modes; --quick has fewer rows
 MODEL = ModelSettings()  # the default encoder (a smaller one was tried: see the notes)
-TRAINING = TrainingSettings(local_epochs=3, batch_size=128, lr=0.003, grad_sample_mode="ghost", device="cpu")
+TRAINING = TrainingSettings(local_epochs=3, batch_size=128, lr=0.003, grad_sample_mode="bookkeeping", device="cpu")
 SCORES = ("probe", "head")  # logistic probe on embeddings (primary), DP-trained label head
 
 

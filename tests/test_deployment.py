@@ -144,13 +144,19 @@ def test_a_second_federation_with_spent_budgets_publishes_nothing_and_keeps_the_
     tmp_path: Path,
 ) -> None:
     """Two partners whose plan holds one DP-SGD round (``privacy.planned_rounds = 1``) train
-    one federation and install its signed model. A second federation (a new run folder, a new
-    ``server start``, the partners started again with ``partner start``) finds every budget
-    spent: each partner refuses before any gradient step, ``server start`` exits non-zero and
-    says why, run 2 publishes no model, and each partner's installed model is byte for byte
-    the one of run 1."""
+    one federation and install its signed model (run 1 runs the partners' real ClientApp in
+    this process, signed with the federation's key: it only makes their state). A second
+    federation over loopback (``server start``, each partner's ``partner start``) finds every
+    budget spent: each partner refuses before any gradient step, ``server start`` exits
+    non-zero and says why, run 2 publishes no model, and each partner's installed model is
+    byte for byte the one of run 1."""
+    from flwr.app import Context, RecordDict
+
+    from fedpersona.config.settings import FederationSettings, ModelSettings, TrainingSettings
+    from fedpersona.federation.server_app import ServerSettings, run_federation
     from fedpersona.model.artifacts import FILES, load_signing_public_key, verify_model
     from fedpersona.privacy.ledger import PrivacyLedger
+    from tests.fake_grid import FakeGrid, client_app_nodes
 
     creds = init_federation(out=tmp_path / "server" / "credentials", hosts=["localhost"])
     names = ("shop-1", "shop-2")
@@ -215,16 +221,26 @@ def test_a_second_federation_with_spent_budgets_publishes_nothing_and_keeps_the_
         return [e.round for e in ledger.entries if e.mechanism == "dp-sgd"]
 
     try:
-        first = federation("run1")
-        assert first.returncode == 0, (logs / "run1.log").read_text()
+        contexts = {
+            node: Context(
+                run_id=1, node_id=node, state=RecordDict(), run_config={},
+                node_config={"client-config": str(configs[name]), "model-public-key": str(creds.signing_public_key)},
+            )
+            for node, name in enumerate(names, start=1)
+        }  # fmt: skip
+        settings = ServerSettings(
+            federation=FederationSettings(rounds=1, min_partners=len(names), personas=0, seed=3),
+            model=ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1),
+            training=TrainingSettings(local_epochs=1, batch_size=32), run_dir=str(tmp_path / "server" / "run1"),
+            wait_timeout=1.0, deliver_model=True, signing_key=str(creds.signing_key),
+        )  # fmt: skip
+        first = run_federation(FakeGrid(client_app_nodes(contexts)), settings)
+        assert first.rounds_completed == 1 and sorted(first.delivered) == sorted(names)
         public = load_signing_public_key(creds.signing_public_key)
         for name in names:
             _, card = verify_model(configs[name].parent / "state" / "model", public_key=public)
             assert card["rounds"] == 1 and dp_rounds(name) == [1]
         before = {name: installed(name) for name in names}
-        for proc in procs:
-            _stop(proc)  # run 1's partners; each is started again for run 2
-        procs.clear()
 
         second = federation("run2")
         console = (logs / "run2.log").read_text()
