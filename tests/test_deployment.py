@@ -258,6 +258,8 @@ def test_a_second_federation_with_spent_budgets_publishes_nothing_and_keeps_the_
             assert dp_rounds(name) == [1]
             activity = (configs[name].parent / "state" / "logs" / "activity.log").read_text()
             assert "train (round 1): refused (privacy-budget)" in activity
+            # ... and it was told the run is over (so `partner start` stops instead of waiting for a model).
+            assert "run finished: nothing was trained, no model is published" in activity
             # ... and the model of run 1 is still the installed one, byte for byte, and nothing was replaced.
             assert installed(name) == before[name]
             assert not (configs[name].parent / "state" / "model-history").exists()

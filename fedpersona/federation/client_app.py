@@ -152,6 +152,8 @@ def _log_answer(cfg: PartnerConfig | None, msg: Message, epsilon: float | None, 
         line = f"{run_log.RUN_FINISHED}: " + (
             "installed the federation's final model" + budget if not failure else "the final model " + failure
         )
+    elif kind == "query.status" and "config" in msg.content.config_records and config_of(msg).get("run.ended"):
+        line = f"{run_log.RUN_FINISHED}: {config_of(msg)['run.ended']}{budget}"
     logger.info("%s", line)
     try:
         run_log.note(Path(cfg.state_dir) / run_log.ACTIVITY_LOG, f"{cfg.name}: {line}")

@@ -354,14 +354,19 @@ def reported_number(value: object) -> float | None:
     return None
 
 
-def ask_status(grid: Grid, partners: dict[int, Member], nodes: list[int], timeout: float, rnd: int) -> None:
+def ask_status(
+    grid: Grid, partners: dict[int, Member], nodes: list[int], timeout: float, rnd: int, *, ended: str | None = None
+) -> None:
     """Ask ``nodes`` for their ledger's epsilon (``query.status``, no release, no cost).
 
     Sent at resume and once more before privacy.json and the model card are written, so both
     carry each reachable partner's final spending (``epsilon_final``); a partner that does not
-    answer keeps the last figure it reported, which privacy.json labels a lower bound.
+    answer keeps the last figure it reported, which privacy.json labels a lower bound. With
+    ``ended`` (why a run that publishes nothing ended) the message also tells each partner the
+    run is over, so its ``partner start`` stops instead of waiting for a final model.
     """
-    contents = {n: RecordDict({"config": ConfigRecord({"round": rnd})}) for n in nodes}
+    config: dict[str, Any] = {"round": rnd, **({"run.ended": ended} if ended else {})}
+    contents = {n: RecordDict({"config": ConfigRecord(config)}) for n in nodes}
     for p, reply in exchange(grid, "query.status", contents, "status", timeout, partners):
         if reply.has_error():
             category, epsilon = parse_error_reason(reply.error.reason)

@@ -377,12 +377,15 @@ class _Run:
                 n for n, p in self.partners.items()
                 if n in online and not p.dropped_reason.startswith("reply rejected")
             ]  # fmt: skip
+            reason = self.aborted or self.stopped or "no training round completed"
             if reachable:
-                roster.ask_status(self.grid, self.partners, reachable, self.fed.round_timeout, self.completed)
+                roster.ask_status(
+                    self.grid, self.partners, reachable, self.fed.round_timeout, self.completed,
+                    ended=None if self.completed else f"nothing was trained, no model is published: {reason}",
+                )  # fmt: skip
             publishing.write_privacy(self.run_dir, self.roster)
             if not self.completed:
                 # An empty model would replace a good one wherever it is installed.
-                reason = self.aborted or self.stopped or "no training round completed"
                 publishing.write_outcome(self.run_dir, status="failed", reason=reason, rounds=0, personas=False)
                 logger.error("no round completed (%s); nothing is published", reason)
                 raise NothingTrained(f"the federation trained nothing, so no model was published: {reason}")
