@@ -237,4 +237,4 @@ def test_partner_check_says_what_is_spent_and_whether_another_round_fits(tmp_pat
                   sample_rate=plan.sample_rate, steps=plan.steps_per_round)  # fmt: skip
     spent = check_partner(path, ca=ca, key=key)
     assert spent.rounds_spent == 2 and spent.next_round_epsilon == math.inf
-    assert "ANOTHER TRAINING ROUND DOES NOT FIT" in (spent.budget_text() or "")
+    assert "ANOTHER TRAINING ROUND DOES NOT FIT (all 2 planned round(s) are done)" in (spent.budget_text() or "")

@@ -78,8 +78,13 @@ class PartnerCheck:
             + (f" of {self.planned_rounds} planned" if self.planned_rounds else "")
         )
         if self.next_round_epsilon is not None and self.next_round_epsilon > target * (1 + 1e-9):
+            why = (
+                f"all {self.planned_rounds} planned round(s) are done"
+                if math.isinf(self.next_round_epsilon)
+                else f"it would reach epsilon {self.next_round_epsilon:.4f}"
+            )
             line += (
-                f"; ANOTHER TRAINING ROUND DOES NOT FIT (it would reach epsilon {self.next_round_epsilon:.4f}): "
+                f"; ANOTHER TRAINING ROUND DOES NOT FIT ({why}): "
                 "this partner will refuse to train in any further run. The budget is for the partner's "
                 "lifetime; rehearse with `--rehearsal` (synthetic rows, a separate state folder), never with this one"
             )
