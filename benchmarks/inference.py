@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks.workload import best_time
-from fedpersona.data.dense import dense_views
+from fedpersona.data.dense import dense_views, persona_view
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
 from fedpersona.data.tables import Table, validate_frame
 from fedpersona.federation.partner_personas import assign_rows
@@ -32,7 +32,7 @@ def run(*, quick: bool) -> dict[str, Any]:
     )  # fmt: skip
 
     def view(table: Table) -> np.ndarray:
-        return dense_views(table).persona
+        return persona_view(table)
 
     def assign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hard, posterior, z = assign_rows(result.space, result.mixture, rows)

@@ -18,7 +18,15 @@ import pandas as pd
 import pytest
 
 from fedpersona.data import dense
-from fedpersona.data.dense import DenseLayout, DenseViews, dense_layout, dense_views, ngram_hashes, token_hashes
+from fedpersona.data.dense import (
+    DenseLayout,
+    DenseViews,
+    dense_layout,
+    dense_views,
+    ngram_hashes,
+    persona_view,
+    token_hashes,
+)
 from fedpersona.data.schema import KINDS, CategoricalFeature, NumericFeature, Schema, SequenceFeature, TextFeature
 from fedpersona.data.schema_reader import load_schema, parse_schema
 from fedpersona.data.synthetic import generate_silo, synthetic_schema
@@ -351,3 +359,10 @@ def test_bad_arguments_are_refused() -> None:
     layout = dense_layout(parse_schema(HAND))
     with pytest.raises(ValueError, match="do not match the layout"):
         DenseViews(layout=layout, persona=np.zeros((2, 3), np.float32), label=np.zeros((2, 3), np.float32))
+
+
+@pytest.mark.parametrize("kind", ["ecommerce", "finance", "health"])
+def test_the_persona_view_alone_equals_the_one_of_both_views(kind: str) -> None:
+    table = generate_silo(kind, 500, seed=3).table
+    np.testing.assert_array_equal(persona_view(table), dense_views(table).persona)
+    np.testing.assert_array_equal(persona_view(table, threads=2), dense_views(table).persona)

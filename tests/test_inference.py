@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from fedpersona.config.settings import ModelSettings
-from fedpersona.data.dense import dense_views
+from fedpersona.data.dense import dense_views, persona_view
 from fedpersona.data.features import layout_of
 from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.synthetic import generate_frame, synthetic_schema
@@ -59,7 +59,7 @@ class Published:
 
     @staticmethod
     def view(table: Table) -> np.ndarray:
-        return dense_views(table).persona
+        return persona_view(table)
 
     def assign(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hard, posterior, z = assign_rows(self.space, self.mixture, rows)

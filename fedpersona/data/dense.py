@@ -89,6 +89,7 @@ __all__ = [
     "dense_layout",
     "dense_views",
     "ngram_hashes",
+    "persona_view",
     "token_hashes",
 ]
 
@@ -299,13 +300,25 @@ def dense_views(table: Table, *, threads: int = 1) -> DenseViews:
     the threads change the result. The arrays are column-major (each column contiguous, as it
     is written); ``np.ascontiguousarray`` gives row-major ones.
     """
+    persona, label = _views(table, threads=threads, with_label=True)
+    assert label is not None
+    return DenseViews(layout=dense_layout(table.schema), persona=persona, label=label)
+
+
+def persona_view(table: Table, *, threads: int = 1) -> np.ndarray:
+    """The persona view alone (what persona inference needs): equal to
+    ``dense_views(table).persona``, without computing (and allocating) the label view."""
+    return _views(table, threads=threads, with_label=False)[0]
+
+
+def _views(table: Table, *, threads: int, with_label: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     parts = _plan(table.schema)
     layout = dense_layout(table.schema)
     n = len(table)
     persona = np.zeros((n, layout.persona_width), dtype=np.float32, order="F")
-    label = np.zeros((n, layout.label_width), dtype=np.float32, order="F")
+    label = np.zeros((n, layout.label_width), dtype=np.float32, order="F") if with_label else None
 
     def block(start: int) -> None:
         rows = slice(start, min(start + _CHUNK_ROWS, n))
@@ -313,7 +326,7 @@ def dense_views(table: Table, *, threads: int = 1) -> DenseViews:
         for part in parts:
             columns = [table.columns[c][rows] for c in part.feature.columns]
             p_out = persona[rows, p_at : p_at + len(part.persona)]
-            l_out = label[rows, l_at : l_at + len(part.label)]
+            l_out = label[rows, l_at : l_at + len(part.label)] if label is not None else None
             _encode(part, columns, p_out, l_out)
             p_at += len(part.persona)
             l_at += len(part.label)
@@ -326,11 +339,12 @@ def dense_views(table: Table, *, threads: int = 1) -> DenseViews:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             for _ in pool.map(block, starts):  # re-raises the first error of a block
                 pass
-    return DenseViews(layout=layout, persona=persona, label=label)
+    return persona, label
 
 
-def _encode(part: _Part, columns: list[np.ndarray], p_out: np.ndarray, l_out: np.ndarray) -> None:
-    """Write one feature's columns of a block of rows into both views (zeros on entry)."""
+def _encode(part: _Part, columns: list[np.ndarray], p_out: np.ndarray, l_out: np.ndarray | None) -> None:
+    """Write one feature's columns of a block of rows into both views (zeros on entry; the
+    label view is left out when ``l_out`` is None)."""
     feat = part.feature
     if isinstance(feat, NumericFeature) or (isinstance(feat, SequenceFeature) and feat.element == "numeric"):
         _encode_numbers(part, feat, np.stack(columns, axis=1).astype(np.float64), p_out, l_out)
@@ -354,11 +368,16 @@ def _encode(part: _Part, columns: list[np.ndarray], p_out: np.ndarray, l_out: np
             here = stacked >= 0
             rows, found = step_rows[here], stacked[here]
             p_out[rows, found] = PERSONA_PROFILE * _bag(rows, found, len(columns[0]), part.width)
-    l_out[:] = p_out  # every feature but a number keeps its persona encoding
+    if l_out is not None:
+        l_out[:] = p_out  # every feature but a number keeps its persona encoding
 
 
 def _encode_numbers(
-    part: _Part, feat: NumericFeature | SequenceFeature, values: np.ndarray, p_out: np.ndarray, l_out: np.ndarray
+    part: _Part,
+    feat: NumericFeature | SequenceFeature,
+    values: np.ndarray,
+    p_out: np.ndarray,
+    l_out: np.ndarray | None,
 ) -> None:
     steps = values.shape[1]  # values: (rows, L), one column per step, L = 1 for a single number
     scaled = _scale(values, feat.lo, feat.hi, feat.log)
@@ -369,6 +388,8 @@ def _encode_numbers(
         p_out[:, steps] = z.mean(axis=1)
     else:
         p_out[:, 0] = z[:, 0]
+    if l_out is None:
+        return
     cuts = np.asarray(part.cuts)
     per_step = len(part.label) // steps  # the pieces (or the scaled value) and the absent flag
     for step in range(steps):

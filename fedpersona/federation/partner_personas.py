@@ -16,7 +16,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from fedpersona.config.settings import PartnerConfig, TrainingSettings
-from fedpersona.data.dense import dense_layout, dense_views
+from fedpersona.data.dense import dense_layout, persona_view
 from fedpersona.data.schema import SequenceFeature, slot_id
 from fedpersona.data.tables import Table
 from fedpersona.errors import ConfigError
@@ -91,10 +91,10 @@ def persona_release(
     return {"counts": stats.counts, "sums": stats.sums}
 
 
-def assign_rows(space: PersonaSpace, mixture: Mixture, persona_view: np.ndarray) -> tuple[np.ndarray, ...]:
+def assign_rows(space: PersonaSpace, mixture: Mixture, rows: np.ndarray) -> tuple[np.ndarray, ...]:
     """``(hard (n,), posterior (n, K), z (n, p))`` of every row of a persona view: a public
     function of each row once the space and the mixture are released (free; stays here)."""
-    z = space.embed(np.asarray(persona_view, dtype=np.float64))
+    z = space.embed(np.asarray(rows, dtype=np.float64))
     if not len(z):
         return np.zeros(0, dtype=np.int64), np.zeros((0, mixture.k)), z
     scores = mixture.log_posterior(z)
@@ -227,7 +227,7 @@ def infer_users(
         )
 
     def view(table: Table) -> np.ndarray:
-        return dense_views(table).persona
+        return persona_view(table)
 
     def assign(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         hard, posterior, z = assign_rows(result.space, result.mixture, rows)
