@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,11 @@ def run(*, quick: bool) -> dict[str, Any]:
         }
     from fedpersona.simulation import simulate
 
+    _wait_for_other_simulations()
+    startup = _startup()
     torch.set_num_threads(1)
     rows: list[list[Any]] = []
-    data: dict[int, dict[str, Any]] = {}
+    data: dict[Any, dict[str, Any]] = {"startup": startup}
     for size in SIZES:
         local = _plain_loop(size)
         _wait_for_other_simulations()
@@ -156,9 +159,29 @@ def run(*, quick: bool) -> dict[str, Any]:
             f"({'met' if at100['peak_rss_bytes'] <= 24 * 2**30 else 'missed'}; private, "
             f"{at100['rows_per_partner']} rows per partner; {ROUNDS} rounds in {at100['total_s']:.0f} s)."
         )
+    notes.append(
+        "Time to round 1 (first table): `python -m fedpersona.cli simulate --rounds 1` on the default scenario "
+        f"(fedpersona/scenarios/three_silos.toml: {startup['partners']} partners, personas on, the honest baseline "
+        "off), in a fresh process; seconds from the process start, each read when its progress line appeared. "
+        f"Target: round 1 starts within 10 s at 9 partners: {startup['round_one_starts_s']:.1f} s "
+        f"({'met' if startup['round_one_starts_s'] <= 10 else 'missed'})."
+    )
     return {
         "title": "Simulation scale",
         "tables": [
+            {
+                "name": "Time to round 1: fedpersona simulate, default scenario",
+                "columns": [
+                    "partners",
+                    "Ray actors",
+                    "driver ready s",
+                    "first partner admitted s",
+                    "all admitted s",
+                    "round 1 starts s",
+                    "round 1 done s",
+                ],
+                "rows": [_startup_row(startup)],
+            },
             {
                 "name": f"Synthetic partners, 3 kinds, {ROUNDS} rounds, 1 local epoch, batch {BATCH}, "
                 "no persona clustering",
@@ -176,11 +199,54 @@ def run(*, quick: bool) -> dict[str, Any]:
                     "peak RSS MiB (tree)",
                 ],
                 "rows": rows,
-            }
+            },
         ],
         "notes": notes,
         "data": data,
     }
+
+
+def _startup_row(startup: dict[str, Any]) -> list[Any]:
+    keys = ("coordinator_up_s", "first_answer_s", "admitted_s", "round_one_starts_s", "round_one_done_s")
+    return [startup["partners"], startup["actors"], *(round(startup[key], 1) for key in keys)]
+
+
+def _startup() -> dict[str, Any]:
+    """``fedpersona simulate --rounds 1`` on the default scenario in a fresh process: when each
+    start-up phase's progress line appears, in seconds from the process start."""
+    import sys
+
+    from fedpersona.config.files import load_scenario
+    from fedpersona.simulation import default_scenario_path
+
+    scenario = load_scenario(default_scenario_path())
+    partners = sum(group.partners for group in scenario.silos)
+    marks = {
+        "coordinator_up_s": "coordinator up;",
+        "first_answer_s": "fix their privacy plans: first answer",
+        "admitted_s": f"fix their privacy plans: {partners} answered",
+        "round_one_starts_s": f"round 1: {partners} partners train...",
+        "round_one_done_s": f"round 1: {partners} partners |",
+    }
+    seen: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder) / "default.toml"
+        doc = tomllib.loads(default_scenario_path().read_text())
+        doc["federation"]["baseline"] = False  # evaluated after round 1 only; not start-up
+        copy.write_text(tomli_w.dumps(doc))
+        began = time.perf_counter()
+        command = [sys.executable, "-m", "fedpersona.cli", "simulate", "--rounds", "1", "--scenario", str(copy)]
+        command += ["--out", str(Path(folder) / "run")]
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                for key, text in marks.items():
+                    if key not in seen and text in line:
+                        seen[key] = time.perf_counter() - began
+        if process.returncode != 0 or len(seen) < len(marks):
+            raise RuntimeError(f"fedpersona simulate failed or printed no {set(marks) - set(seen)} lines")
+    actors = int((os.cpu_count() or 1) / scenario.simulation.cpus_per_partner)
+    return {**seen, "partners": partners, "actors": actors}
 
 
 def _privacy_label(epsilon: float) -> str:

@@ -227,6 +227,7 @@ def simulate(
     partners' admission and planning, each round's training and evaluation, the persona
     releases), stamped with the seconds since the call.
     """
+    started = time.monotonic()
     from flwr.simulation import run_simulation
 
     from fedpersona.federation.server_app import ServerSettings
@@ -238,7 +239,6 @@ def simulate(
     if scenario.federation.baseline is None:  # a simulation shows the honest baseline unless told not to
         scenario = scenario.replace(federation=scenario.federation.replace(baseline=True))
     run_dir = prepare_run_dir(out).resolve()
-    started = time.monotonic()
     try:
         dump_toml(run_dir / "config.toml", {"scenario": str(path), **scenario.to_dict()})
         partners = materialize_partners(scenario, run_dir)
