@@ -365,7 +365,7 @@ def _observed(grid: Grid, on_phase: PhaseCallback, started: float, *, rounds: in
                     stamp(f"{head}: {len(replies)} answered, {len(waiting)} to go")
                     told = time.monotonic()
                 if waiting:
-                    time.sleep(0.05)
+                    time.sleep(0.1)  # as often as Flower's own grid polls
             stamp(f"{head}: {len(replies)} answered in {time.monotonic() - asked:.1f}s")
             return replies
 
