@@ -13,10 +13,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,11 +25,26 @@ from fedpersona.config.settings import Scenario, SiloGroup
 from fedpersona.data.schema_reader import load_schema
 from fedpersona.errors import ConfigError
 
-__all__ = ["SimulationResult", "materialize_partners", "prepare_run_dir", "ray_init_args", "simulate"]
+if TYPE_CHECKING:
+    from flwr.app import Message
+    from flwr.serverapp import Grid
+
+__all__ = [
+    "PhaseCallback",
+    "SimulationResult",
+    "materialize_partners",
+    "phase_text",
+    "prepare_run_dir",
+    "ray_init_args",
+    "simulate",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCENARIO = "three_silos.toml"
+
+#: ``on_phase(text)``: one line of progress (a stage began or ended, a partner answered).
+PhaseCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -197,6 +212,7 @@ def simulate(
     on_start: Callable[[Scenario, Path, list[str]], None] | None = None,
     reproducible_noise: bool | None = None,
     ray_address: str | None = None,
+    on_phase: PhaseCallback | None = None,
 ) -> SimulationResult:
     """Run a scenario end to end and return the final per-partner rows.
 
@@ -206,11 +222,15 @@ def simulate(
     this machine, for federations larger than one machine: the partners' actors then run on
     every node, so fedpersona must be installed on each and the run folder must be on storage
     every node reads and writes at the same path (each partner's state and ledger live there).
+
+    ``on_phase`` receives a line as each stage starts and ends (the engine's start, the
+    partners' admission and planning, each round's training and evaluation, the persona
+    releases), stamped with the seconds since the call.
     """
+    started = time.monotonic()
     from flwr.simulation import run_simulation
 
-    from fedpersona.federation.client_app import build_client_app
-    from fedpersona.federation.server_app import ServerSettings, build_server_app
+    from fedpersona.federation.server_app import ServerSettings
 
     path = Path(scenario_path) if scenario_path else default_scenario_path()
     scenario = load_scenario(path, rounds=rounds, epsilon=epsilon)
@@ -219,7 +239,6 @@ def simulate(
     if scenario.federation.baseline is None:  # a simulation shows the honest baseline unless told not to
         scenario = scenario.replace(federation=scenario.federation.replace(baseline=True))
     run_dir = prepare_run_dir(out).resolve()
-    started = time.monotonic()
     try:
         dump_toml(run_dir / "config.toml", {"scenario": str(path), **scenario.to_dict()})
         partners = materialize_partners(scenario, run_dir)
@@ -247,8 +266,8 @@ def simulate(
     flwr_logger.addFilter(notice)
     try:
         run_simulation(
-            server_app=build_server_app(settings, on_round=on_round),
-            client_app=build_client_app(str(run_dir)),
+            server_app=_server_app(settings, on_round=on_round, on_phase=on_phase, started=started),
+            client_app=_client_app(str(run_dir)),
             num_supernodes=len(partners),
             backend_config=backend,  # type: ignore[arg-type]
         )
@@ -265,6 +284,143 @@ def simulate(
 
     write_report(run_dir)
     return SimulationResult(run_dir, rows, privacy, time.monotonic() - started)
+
+
+_STAGES = {
+    "query": "admission: {n} partners load their data and fix their privacy plans",
+    "train": "round {group}: {n} partners train",
+    "train.secagg": "round {group}: {n} partners send masked updates",
+    "evaluate": "round {group}: {n} partners evaluate",
+    "query.persona_release": "personas: release {release} at {n} partners",
+    "query.persona_release_secagg": "personas: masked release {release} at {n} partners",
+    "query.personas": "personas: {n} partners assign their users and write their persona cards",
+    "query.status": "{n} partners report their final epsilon",
+}
+
+
+def phase_text(kind: str, group: str, n: int, *, rounds: int) -> str:
+    """The progress line of one exchange: ``kind`` is the Flower message type, ``group`` its
+    group id (the round; persona release ``k`` goes out as round ``rounds + k``), ``n`` the
+    partners asked, ``rounds`` the federation's training rounds."""
+    template = _STAGES.get(kind)
+    release = str(int(group) - rounds) if group.isdigit() else group
+    if template is None:
+        stage = kind.split(".", 1)[-1].replace("_", " ")
+        template = "round {group}: {stage} at {n} partners" if group.isdigit() else "{stage}: {n} partners"
+        return template.format(group=group, stage=stage, n=n)
+    return template.format(group=group, release=release, n=n)
+
+
+def _observed(grid: Grid, on_phase: PhaseCallback, started: float, *, rounds: int, every: float = 5.0) -> Grid:
+    """``grid`` reporting each exchange as it happens: when it is sent, its first reply, how many
+    have answered at most every ``every`` seconds, and when the last one is in.
+
+    Only message types, round numbers and counts are reported: what the coordinator sees anyway.
+    """
+    from flwr.serverapp import Grid
+
+    def stamp(text: str) -> None:
+        on_phase(f"[{time.monotonic() - started:6.1f}s] {text}")
+
+    class Observed(Grid):
+        def set_run(self, run: Any) -> None:
+            grid.set_run(run)
+
+        @property
+        def run(self) -> Any:
+            return grid.run
+
+        def create_message(self, *args: Any, **kwargs: Any) -> Message:
+            return grid.create_message(*args, **kwargs)
+
+        def get_node_ids(self) -> Iterable[int]:
+            return grid.get_node_ids()
+
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            return grid.push_messages(messages)
+
+        def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+            return grid.pull_messages(message_ids)
+
+        def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+            sent = list(messages)
+            if not sent:
+                return []
+            head = phase_text(sent[0].metadata.message_type, sent[0].metadata.group_id, len(sent), rounds=rounds)
+            stamp(head + "...")
+            asked = time.monotonic()
+            waiting = set(grid.push_messages(sent))
+            del sent
+            replies: list[Message] = []
+            end = None if timeout is None else asked + timeout
+            told = asked
+            while waiting and (end is None or time.monotonic() < end):
+                got = list(grid.pull_messages(waiting))
+                if got and not replies:
+                    stamp(f"{head}: first answer after {time.monotonic() - asked:.1f}s")
+                    told = time.monotonic()
+                replies.extend(got)
+                waiting.difference_update(m.metadata.reply_to_message_id for m in got)
+                if waiting and replies and time.monotonic() - told >= every:
+                    stamp(f"{head}: {len(replies)} answered, {len(waiting)} to go")
+                    told = time.monotonic()
+                if waiting:
+                    time.sleep(0.1)  # as often as Flower's own grid polls
+            stamp(f"{head}: {len(replies)} answered in {time.monotonic() - asked:.1f}s")
+            return replies
+
+    return Observed()
+
+
+def _server_app(
+    settings: Any, *, on_round: Callable[[int, list[dict[str, Any]]], None] | None, on_phase: PhaseCallback | None,
+    started: float,
+) -> Any:  # fmt: skip
+    """The federation's ServerApp, its grid observed by ``on_phase`` (when given)."""
+    from flwr.serverapp import ServerApp
+
+    from fedpersona.federation.server_app import build_server_app, run_federation
+
+    if on_phase is None:
+        return build_server_app(settings, on_round=on_round)
+    server = ServerApp()
+    phase = on_phase
+
+    @server.main()
+    def main(grid: Grid, context: Any) -> None:
+        del context
+        phase(f"[{time.monotonic() - started:6.1f}s] coordinator up; {settings.expected_partners} partners starting")
+        run_federation(_observed(grid, phase, started, rounds=settings.federation.rounds), settings, on_round=on_round)
+
+    return server
+
+
+def _client_app(run_dir: str) -> Any:
+    """The partners' ClientApp, built where it runs: in each Ray actor, at its first message.
+
+    The driver never imports the partner's side (torch, Opacus, scikit-learn: seconds of CPU
+    on the cores the actors are starting on); each actor imports it once, then answers every
+    message with the app :func:`fedpersona.federation.client_app.build_client_app` builds.
+    """
+    from flwr.clientapp import ClientApp
+
+    class PartnerApp(ClientApp):
+        def __init__(self) -> None:
+            super().__init__()
+            self.run_dir = run_dir
+            self.app: ClientApp | None = None
+
+        def __call__(self, message: Message, context: Any) -> Message:
+            if self.app is None:
+                from fedpersona.federation.client_app import build_client_app
+
+                self.app = build_client_app(self.run_dir)
+            return self.app(message, context)
+
+        def __getstate__(self) -> dict[str, Any]:
+            return {**self.__dict__, "app": None}  # each process builds its own
+
+    return PartnerApp()
 
 
 def ray_init_args(address: str | None) -> dict[str, Any]:

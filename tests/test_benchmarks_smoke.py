@@ -93,7 +93,7 @@ def test_scale_scenarios_are_valid_and_split_partners_over_the_kinds(tmp_path) -
         scenario = load_scenario(path)
         assert sum(group.partners for group in scenario.silos) == size.partners
         assert scenario.federation.evaluate_every == 1  # every round ends with an on_round stamp
-        assert scenario.privacy.private == (size.partners < 100)
+        assert scenario.privacy.private  # every size is private, 100 partners included
 
 
 def test_merge_does_not_replace_a_measured_section_by_a_skipped_one() -> None:

@@ -169,3 +169,28 @@ def test_every_problem_is_listed_at_once() -> None:
         persona_split(persona_share=-1, gram_share=2, delta=0)
     text = str(caught.value)
     assert "persona_share must be" in text and "gram_share must be" in text and "delta must be" in text
+
+
+def test_a_remembered_split_is_the_fresh_one_and_every_public_input_is_in_its_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedpersona.privacy import noise_search
+
+    searches: list[noise_search.NoiseSearch] = []
+    search = noise_search._search
+    monkeypatch.setattr(noise_search, "_search", lambda s: searches.append(s) or search(s))
+    clear_memory_cache()
+    first = persona_split(0.3)
+    assert len(searches) == 1
+    assert persona_split(0.3) == first and len(searches) == 1  # answered from memory, not searched
+    clear_memory_cache()
+    assert persona_split(0.3) == first and len(searches) == 2  # the same numbers when searched afresh
+    changes: list[dict[str, object]] = [
+        {"persona_share": 0.4}, {"em_releases": 9}, {"gram_share": 0.4}, {"sgd_steps": 401},
+        {"sgd_sample_rate": 0.021}, {"target_epsilon": 3.9}, {"delta": 2e-5}, {"accountant": "rdp"},
+    ]  # fmt: skip
+    for change in changes:
+        other = persona_split(**{"persona_share": 0.3, **change})  # type: ignore[arg-type]
+        assert other.sgd_noise != first.sgd_noise, change  # a changed input is searched, not remembered
+        assert other.epsilon <= other.target_epsilon
+    assert len(searches) == 2 + len(changes)

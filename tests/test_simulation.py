@@ -63,6 +63,20 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
     done = _cli("simulate", "--scenario", str(scenario), "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "round 2:" in done.stdout and "shop-1" in done.stdout and "label AUC" in done.stdout
+    # each phase is shown as it happens, in order
+    phases = [
+        "coordinator up; 4 partners starting",
+        "admission: 4 partners load their data and fix their privacy plans...",
+        "admission: 4 partners load their data and fix their privacy plans: 4 answered in",
+        "round 1: 4 partners train...",
+        "round 1: 4 partners evaluate: 4 answered in",
+        "round 2: 4 partners train...",
+        "personas: release 1 at 4 partners...",
+        "personas: release 4 at 4 partners: 4 answered in",
+        "personas: 4 partners assign their users and write their persona cards...",
+    ]
+    where = [done.stdout.find(text) for text in phases]
+    assert all(i >= 0 for i in where) and where == sorted(where), list(zip(phases, where, strict=True))
 
     all_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in all_rows if "phase" not in r]

@@ -106,6 +106,7 @@ def _simulate(
         on_start=on_start,
         reproducible_noise=reproducible_noise or None,
         ray_address=ray_address,
+        on_phase=lambda text: console.print(text, highlight=False),
     )
     from fedpersona.report import SUMMARY_COLUMNS, summary_rows
 
