@@ -8,6 +8,7 @@ longer says what its plan fixed refuses to work, naming each changed key.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -143,3 +144,19 @@ def test_a_partner_whose_settings_drift_from_its_fixed_plan_refuses_naming_each_
     # The plan on disk was not touched by the refused attempt.
     write_client(tmp_path, extra="planned_rounds = 5\nmax_grad_norm = 1.0")
     assert load_plan(load_partner_config(path), data, training, rounds=5) == fixed
+
+
+def test_a_plan_fixed_before_the_persona_protocol_still_loads_and_makes_no_persona_release(tmp_path: Path) -> None:
+    from fedpersona.config.files import load_plan as load_plan_file
+
+    state = tmp_path / "state"
+    state.mkdir()
+    earlier = {
+        "private": True, "noise_multiplier": 1.1, "sample_rate": 0.03125, "steps_per_round": 64, "planned_rounds": 5,
+        "target_epsilon": 3.0, "delta": 1e-5, "accountant": "prv", "max_grad_norm": 1.0, "kmeans_rounds": 6,
+        "kmeans_noise": 10.0, "public_rows": 2000,
+    }  # fmt: skip
+    (state / "plan.json").write_text(json.dumps(earlier))
+    plan = load_plan_file(state)
+    assert plan is not None and plan.noise_multiplier == 1.1 and plan.planned_rounds == 5
+    assert plan.persona_releases == 0 and plan.gram_noise is None and plan.em_noise is None

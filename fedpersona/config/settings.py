@@ -589,6 +589,18 @@ class PrivacyPlan(Settings):
     def _infinity(cls, value: Any) -> Any:
         return math.inf if value in _INF else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_plan(cls, value: Any) -> Any:
+        """A plan fixed by an earlier fedpersona reserved budget for DP k-means releases
+        (``kmeans_rounds`` at ``kmeans_noise``), which no federation asks for any more. It
+        still holds for DP-SGD; the reserve stays unspent (safe: less is released than
+        planned) and the partner makes no persona release under it (no persona noise is
+        planned), rather than refusing to load its lifetime plan."""
+        if isinstance(value, dict) and ("kmeans_rounds" in value or "kmeans_noise" in value):
+            value = {k: v for k, v in value.items() if k not in ("kmeans_rounds", "kmeans_noise")}
+        return value
+
     def drift(self, *, privacy: PrivacySettings, public_rows: int | None, training: TrainingSettings) -> list[str]:
         """The settings that differ now from what this plan fixed, as ``key: was X, now Y``."""
         out = []
