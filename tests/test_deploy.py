@@ -139,14 +139,14 @@ def test_staged_app_has_no_legacy_federations_and_source_is_untouched(tmp_path: 
     assert (REPO / "pyproject.toml").read_bytes() == before
 
 
-def _partner(tmp_path: Path, **data: object) -> tuple[Path, Path, Path]:
+def _partner(tmp_path: Path, kind: str = "ecommerce", **data: object) -> tuple[Path, Path, Path]:
     creds = init_federation(out=tmp_path / "credentials", hosts=["localhost"])
     keys = partner_keys("shop-1", out=tmp_path / "credentials")
     path = tmp_path / "client.toml"
     dump_toml(
         path,
         {
-            "partner": {"name": "shop-1", "kind": "ecommerce", "state_dir": "state"},
+            "partner": {"name": "shop-1", "kind": kind, "state_dir": "state"},
             "data": data or {"synthetic_rows": 200},
             "privacy": {"target_epsilon": 2.0, "delta": 1e-3},
         },
@@ -183,7 +183,7 @@ def test_partner_check_rejects_data_that_breaks_the_schema(tmp_path: Path) -> No
     schema = REPO / "clients" / "finance" / "schema.toml"
     bad = tmp_path / "bad.csv"
     bad.write_text("ID,LIMIT_BAL\n1,abc\n")
-    path, ca, key = _partner(tmp_path, path=str(bad), schema=str(schema))
+    path, ca, key = _partner(tmp_path, kind="finance", path=str(bad), schema=str(schema))
     with pytest.raises(SchemaError):
         check_partner(path, ca=ca, key=key)
 

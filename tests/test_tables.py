@@ -544,8 +544,8 @@ def test_infer_sniffs_whitespace_without_header(tmp_path: Path) -> None:
 def test_infer_rejects_bad_options(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("a,b\n1,2\n")
-    with pytest.raises(ConfigError, match="kind must be one of"):
-        infer_schema(path, kind="retail")
+    with pytest.raises(ConfigError, match="kind must be a lower-case word"):
+        infer_schema(path, kind="Retail!")
     with pytest.raises(ConfigError, match="no label column 'y'"):
         infer_schema(path, kind="finance", label="y")
     with pytest.raises(ConfigError, match="delimiter must be one of"):
