@@ -123,9 +123,9 @@ def run(*, quick: bool) -> dict[str, Any]:
     at100 = data.get(100)
     notes = [
         f"Synthetic partners split evenly over {', '.join(KINDS)}; each keeps {TEST_FRACTION:.0%} of its rows "
-        f"for evaluation. {ROUNDS} rounds, 1 local epoch, Poisson batch {BATCH}, ghost clipping, default encoder, "
-        f"no persona clustering, no honest baseline, every round evaluated, cpus_per_partner {CPUS_PER_PARTNER} "
-        f"({int(CORES / CPUS_PER_PARTNER)} Ray actors on {CORES} cores).",
+        f"for evaluation. {ROUNDS} rounds, 1 local epoch, Poisson batch {BATCH}, book-keeping clipping, default "
+        f"encoder, no persona clustering, no honest baseline, every round evaluated, cpus_per_partner "
+        f"{CPUS_PER_PARTNER} ({int(CORES / CPUS_PER_PARTNER)} Ray actors on {CORES} cores).",
         "Local compute (plain loop): in one process, for every partner in turn, one local epoch of "
         "train_locally on its training rows and one evaluate() of the model on its test rows (the work one "
         "round asks of it), data loaded once. round / local = median wall time of rounds 2+ (between "
