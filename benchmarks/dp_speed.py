@@ -56,7 +56,12 @@ def round_seconds(data: FeatureTensors, *, mode: str, batch_size: int, device: t
     """Wall time of one ``train_locally`` round of a fresh encoder (a fresh ledger for a private one)."""
     private = mode != "non-private"
     settings = TrainingSettings(
-        local_epochs=1, batch_size=batch_size, grad_sample_mode=mode if private else "bookkeeping", device=device.type
+        sample_rate=None,
+        optimizer="adam",
+        local_epochs=1,
+        batch_size=batch_size,
+        grad_sample_mode=mode if private else "bookkeeping",
+        device=device.type,
     )
     # A generous target: the benchmark times steps, it does not spend a real budget.
     privacy = PrivacySettings(target_epsilon=1e3 if private else float("inf"))
@@ -78,7 +83,9 @@ def fixed_costs(data: FeatureTensors, *, batch_size: int, device: torch.device, 
     the secret noise for every parameter; per round the ledger charge and the accountant check."""
     parameters = sum(p.numel() for p in fresh_encoder(data).parameters())
     q = sample_rate_for(len(data), batch_size)
-    steps = TrainingSettings(local_epochs=1, batch_size=batch_size).steps_per_round(len(data))
+    steps = TrainingSettings(sample_rate=None, optimizer="adam", local_epochs=1, batch_size=batch_size).steps_per_round(
+        len(data)
+    )
     randomness = SecretRandomness.from_seed(0, "fixed-costs")
     reference = torch.empty(parameters, device=device)
     privacy = PrivacySettings(target_epsilon=1e3)
@@ -155,7 +162,9 @@ def _run(*, quick: bool, device: torch.device) -> dict[str, Any]:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         state = Path(folder)
         for batch in BATCH_SIZES:
-            steps = TrainingSettings(local_epochs=1, batch_size=batch).steps_per_round(ROWS)
+            steps = TrainingSettings(
+                sample_rate=None, optimizer="adam", local_epochs=1, batch_size=batch
+            ).steps_per_round(ROWS)
             for mode in MODES:  # warm-up: lazy initialisation stays out of the timings
                 round_seconds(data, mode=mode, batch_size=batch, device=device, state=state)
             seconds: dict[str, list[float]] = {mode: [] for mode in MODES}

@@ -40,7 +40,7 @@ from fedpersona.data.synthetic import generate_silo, partner_mixes
 from fedpersona.model.evaluation import embed_all
 
 ROWS, PARTNERS_PER_KIND, ROUNDS = 2000, 3, 5
-TRAINING = TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")
+TRAINING = TrainingSettings(sample_rate=None, optimizer="adam", local_epochs=2, batch_size=64, lr=0.01, device="cpu")
 MODEL = ModelSettings(token_dim=32, embed_dim=32, hidden=64, blocks=2, mask_rate=0.3)
 VARIANTS = {
     "bounds only": {"typical": False, "label_weight": 1.0, "train": True},

@@ -43,7 +43,10 @@ from fedpersona.privacy.planner import plan_noise
 from fedpersona.privacy.randomness import SecretRandomness
 
 K = len(ARCHETYPES)
-ROUNDS, TRAINING = 5, TrainingSettings(local_epochs=2, batch_size=64, lr=0.01, device="cpu")
+ROUNDS, TRAINING = (
+    5,
+    TrainingSettings(sample_rate=None, optimizer="adam", local_epochs=2, batch_size=64, lr=0.01, device="cpu"),
+)
 
 
 def _kmeans_ari(x: np.ndarray, truth: np.ndarray) -> float:

@@ -77,7 +77,9 @@ def encoder_personas(features: FeatureTensors, *, seed: int = 0, label_weight: f
     torch.manual_seed(seed)
     config = ModelSettings(token_dim=16, embed_dim=16, hidden=32, blocks=1, label_weight=label_weight)
     model = PersonaEncoder(features.layout, config)
-    settings = TrainingSettings(local_epochs=1, batch_size=128, lr=0.01, device="cpu")
+    settings = TrainingSettings(
+        sample_rate=None, optimizer="adam", local_epochs=1, batch_size=128, lr=0.01, device="cpu"
+    )
     public = PrivacySettings(target_epsilon=math.inf)
     for rnd in (1, 2):
         generator = SecretRandomness.from_seed(rnd + 10 * seed)  # reproducible on purpose

@@ -66,7 +66,12 @@ def time_epoch(data: FeatureTensors, *, mode: str, batch_size: int, device: str 
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     private = mode != "non-private"
     settings = TrainingSettings(
-        local_epochs=1, batch_size=batch_size, grad_sample_mode=mode if private else "ghost", device=device
+        sample_rate=None,
+        optimizer="adam",
+        local_epochs=1,
+        batch_size=batch_size,
+        grad_sample_mode=mode if private else "ghost",
+        device=device,
     )
     # A generous target: the benchmark times steps, it does not spend a real budget.
     privacy = PrivacySettings(target_epsilon=1e3 if private else float("inf"))

@@ -79,7 +79,7 @@ from fedpersona.config.settings import PartnerConfig, PrivacyPlan, Scenario
 from fedpersona.data.synthetic import KINDS, generate_frame
 from fedpersona.errors import ConfigError
 from fedpersona.federation.partner import PartnerData, split_key, train_mask, train_round
-from fedpersona.model.encoder import PersonaEncoder
+from fedpersona.model.training import TrainedModel
 from fedpersona.privacy.accounting import compute_epsilon
 from fedpersona.privacy.ledger import PrivacyLedger
 
@@ -267,16 +267,17 @@ class CanaryModel(nn.Module):
     ordinary row's is the encoder's own. ``config`` is the encoder's (DP-SGD reads its mask rate).
     """
 
-    def __init__(self, encoder: PersonaEncoder, canaries: int, scale: float) -> None:
+    def __init__(self, encoder: TrainedModel, canaries: int, scale: float) -> None:
         super().__init__()
         self.encoder = encoder
         self.config = encoder.config
+        self.takes_keep = getattr(encoder, "takes_keep", True)
         self.canary = nn.Embedding(canaries + 1, 1)
         nn.init.zeros_(self.canary.weight)
         self.scale = float(scale)
 
-    def forward(self, batch: dict[str, torch.Tensor], keep: torch.Tensor) -> torch.Tensor:
-        per_sample = self.encoder(batch, keep)
+    def forward(self, batch: dict[str, torch.Tensor], keep: torch.Tensor | None) -> torch.Tensor:
+        per_sample = self.encoder(batch, keep)  # type: ignore[arg-type]
         code = batch[_CANARY_COLUMN]
         dirac = self.scale * self.canary(code).squeeze(-1).to(per_sample.dtype)
         return torch.where(code > 0, dirac, per_sample)
@@ -292,7 +293,7 @@ class _Instrument:
         self.cfg = cfg
         self.model: CanaryModel | None = None
 
-    def __call__(self, encoder: PersonaEncoder, data: PartnerData) -> nn.Module:
+    def __call__(self, encoder: TrainedModel, data: PartnerData) -> nn.Module:
         keys = [str(x) for x in data.table.ids]
         in_train = train_mask(keys, split_key(self.cfg), self.cfg.test_fraction)
         codes = np.array([self.codes_by_id.get(k, 0) for k, keep in zip(keys, in_train, strict=True) if keep])
@@ -406,7 +407,7 @@ def run_audit(
     table = pd.concat([frame, canary_rows[included]], ignore_index=True)
     table = table.iloc[rng.permutation(len(table))]
     table.to_csv(work / "table.csv", index=False)
-    training = scenario.training.replace(batch_size=math.ceil(public_rows / 3), device="cpu")
+    training = scenario.training.replace(batch_size=math.ceil(public_rows / 3), sample_rate=None, device="cpu")
     instrument = _Instrument({c: i + 1 for i, c in enumerate(ids)}, m, settings.gain * claim.max_grad_norm, cfg)
     logger.info(
         "audit: %d canaries (%d included), %d rounds, claimed epsilon %g",

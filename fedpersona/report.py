@@ -48,6 +48,7 @@ __all__ = [
     "local_profiles",
     "partner_warnings",
     "plot_png",
+    "summary_columns",
     "summary_rows",
     "warnings_html",
     "warnings_markdown",
@@ -76,6 +77,14 @@ SUMMARY_COLUMNS = (
     ("reconstruction_error", "recon. error"),
     ("ari", "ARI"),
 )
+
+_OPTIONAL_COLUMNS = ("probe_auc", "reconstruction_error", "ari")  # the encoder's metrics
+
+
+def summary_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """:data:`SUMMARY_COLUMNS` without the encoder's metrics (probe AUC, reconstruction
+    error, embedding ARI) when no row has them: the label model has no embedding."""
+    return tuple(c for c in SUMMARY_COLUMNS if c[0] not in _OPTIONAL_COLUMNS or any(c[0] in r for r in rows))
 
 
 BASELINE_COLUMNS = (
@@ -249,12 +258,12 @@ def write_report(run_dir: str | Path) -> Path:
             f"<p class='warn'>{html.escape(KNOWN_SEEDS_LABEL.upper())}: {html.escape(', '.join(seeded))} drew "
             "their noise from a configured seed (privacy.noise_seed); whoever knows it can remove the noise.</p>"
         )
-    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in SUMMARY_COLUMNS)
+    columns = summary_columns(final)
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in columns)
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td>{html.escape(_cell(r.get(k) if k == 'epsilon' else r.get(k, math.nan)))}</td>"
-            for k, _ in SUMMARY_COLUMNS
+            f"<td>{html.escape(_cell(r.get(k) if k == 'epsilon' else r.get(k, math.nan)))}</td>" for k, _ in columns
         )
         + "</tr>"
         for r in final
@@ -356,13 +365,11 @@ figure {{ display: inline-block; margin: 0.5em; }}
         md += ["**NOT PRIVATE**: at least one partner ran without differential privacy.", ""]
     if seeded:
         md += [f"**{KNOWN_SEEDS_LABEL.upper()}**: {', '.join(seeded)} (privacy.noise_seed).", ""]
-    md.append("| " + " | ".join(label for _, label in SUMMARY_COLUMNS) + " |")
-    md.append("|" + "---|" * len(SUMMARY_COLUMNS))
+    md.append("| " + " | ".join(label for _, label in columns) + " |")
+    md.append("|" + "---|" * len(columns))
     for r in final:
         md.append(
-            "| "
-            + " | ".join(_cell(r.get(k) if k == "epsilon" else r.get(k, math.nan)) for k, _ in SUMMARY_COLUMNS)
-            + " |"
+            "| " + " | ".join(_cell(r.get(k) if k == "epsilon" else r.get(k, math.nan)) for k, _ in columns) + " |"
         )
     if baseline:
         md += ["", "## Alone or with the federation", "", BASELINE_TEXT, ""]

@@ -46,4 +46,4 @@ def small_data(tmp_path: Path, kind: str) -> PartnerData:
 
 @pytest.fixture
 def model_cfg() -> ModelSettings:
-    return ModelSettings(token_dim=16, embed_dim=8, hidden=16, blocks=1)
+    return ModelSettings(architecture="encoder", token_dim=16, embed_dim=8, hidden=16, blocks=1)

@@ -21,8 +21,8 @@ from fedpersona.model.encoder import PersonaTrunk
 from fedpersona.model.scopes import parameter_scope
 from fedpersona.privacy.manifest import ERROR_CODES, parse_error_reason
 
-MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
-TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
+MODEL = ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1)
+TRAINING = TrainingSettings(batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
 
 
 def _client_toml(tmp_path: Path, *, epsilon: float | str = 2.0, rows: int = 200) -> Path:

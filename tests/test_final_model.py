@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from fedpersona.cli import app as cli
 from fedpersona.config.files import dump_toml
-from fedpersona.config.settings import ModelSettings
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import layout_of
 from fedpersona.data.schema import Schema, slot_id
@@ -33,7 +33,8 @@ from fedpersona.personas.protocol import PersonaResult, result_to_json
 from fedpersona.personas.space import fit_space, gram_release
 from fedpersona.privacy.manifest import ERROR_CODES
 
-MODEL = {"token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
+TRAINING = TrainingSettings(batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
+MODEL = {"architecture": "encoder", "token_dim": 8, "embed_dim": 8, "hidden": 8, "blocks": 1}
 
 
 def _publish(
@@ -181,7 +182,7 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
     """Partner side of a resume: a round that was sent but never aggregated before the server
     crashed is sent again; the partner trains it again and its ledger charges it again (a new
     release with fresh noise). Rounds the checkpoint holds are never sent again."""
-    from fedpersona.config.settings import PrivacySettings, TrainingSettings
+    from fedpersona.config.settings import PrivacySettings
     from fedpersona.federation.messages import encode_arrays, encode_settings
     from fedpersona.model.encoder import PersonaTrunk
     from fedpersona.privacy.ledger import PrivacyLedger
@@ -197,8 +198,7 @@ def test_a_round_the_partner_already_paid_for_is_charged_again_when_sent_again(t
         content = RecordDict(
             {
                 "config": encode_settings(
-                    model_cfg, TrainingSettings(batch_size=32, local_epochs=1), num_rounds=2, seed=0,
-                    round=rnd, adapter_shared=True,
+                    model_cfg, TRAINING, num_rounds=2, seed=0, round=rnd, adapter_shared=True,
                 ),
                 "arrays": encode_arrays(trunk),
             }

@@ -26,7 +26,7 @@ from fedpersona.personas.mixture import Mixture
 from fedpersona.personas.space import fit_space, gram_release
 
 ROWS = 1200
-MODEL = {"token_dim": 16, "embed_dim": 8, "hidden": 16, "blocks": 1, "mask_rate": 0.3}
+MODEL = {"architecture": "encoder", "token_dim": 16, "embed_dim": 8, "hidden": 16, "blocks": 1, "mask_rate": 0.3}
 K, DIMS = 4, 5
 
 

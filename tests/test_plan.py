@@ -124,7 +124,7 @@ def test_a_partner_whose_settings_drift_from_its_fixed_plan_refuses_naming_each_
     path = write_client(tmp_path, extra="planned_rounds = 5\nmax_grad_norm = 1.0")
     cfg = load_partner_config(path)
     data = load_partner_data(cfg)
-    training = TrainingSettings(batch_size=32)
+    training = TrainingSettings(batch_size=32, sample_rate=None)
     fixed = load_plan(cfg, data, training, rounds=5)
     assert (Path(cfg.state_dir) / "plan.json").exists()
 
@@ -133,7 +133,7 @@ def test_a_partner_whose_settings_drift_from_its_fixed_plan_refuses_naming_each_
 
     write_client(tmp_path, epsilon=4.0, extra="planned_rounds = 7\nmax_grad_norm = 1.0")
     with pytest.raises(ConfigError) as caught:
-        load_plan(load_partner_config(path), data, TrainingSettings(batch_size=64), rounds=5)
+        load_plan(load_partner_config(path), data, TrainingSettings(batch_size=64, sample_rate=None), rounds=5)
     message = str(caught.value)
     assert str(path) in message and "plan.json" in message
     assert "privacy.target_epsilon: the plan has 2.0, now 4.0" in message

@@ -63,8 +63,8 @@ ROW = 7  # the row that changes
 HUGE = "1e30"
 UNSEEN = "zz-never-seen-category-ω"
 LONG_TEXT = " ".join(f"word{i}" for i in range(5000))
-MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
-TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
+MODEL = ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1)
+TRAINING = TrainingSettings(batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
 # The query items derived from a row count: they come from the declared public_rows, so they
 # must not move when a row is added (sample rate = 1 / ceil(public_rows / batch), steps, sigma).
 COUNT_DERIVED = {"rows", "sample_rate", "steps_per_round", "noise_multiplier"}

@@ -100,11 +100,11 @@ def test_cumulative_epsilon_over_rounds_equals_one_accountant(tmp_path: Path) ->
     """Three real DP-SGD rounds: the reported epsilon is cumulative, and equals the plan."""
     cfg = partner_config(tmp_path, "health", rows=300, epsilon=2.0)
     data = load_partner_data(cfg)
-    training = TrainingSettings(batch_size=32, local_epochs=1)
+    training = TrainingSettings(batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
     plan = load_plan(cfg, data, training, rounds=3)
     model = build_model(
         data,
-        ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1),
+        ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1),
         seed=0,
         device=torch.device("cpu"),
     )
@@ -163,10 +163,15 @@ def test_an_empty_poisson_batch_still_takes_its_noisy_step(
 
     cfg = partner_config(tmp_path, "health", rows=300, epsilon=2.0)
     data = load_partner_data(cfg)
-    training_settings = TrainingSettings(batch_size=32, local_epochs=1, grad_sample_mode=mode)
+    training_settings = TrainingSettings(
+        batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01, grad_sample_mode=mode
+    )
     plan = load_plan(cfg, data, training_settings, rounds=2)
     model = build_model(
-        data, ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1), seed=0, device=torch.device("cpu")
+        data,
+        ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1),
+        seed=0,
+        device=torch.device("cpu"),
     )
     ledger = PrivacyLedger(cfg.state_dir, settings=cfg.privacy)
     monkeypatch.setattr(SecretRandomness, "poisson_sample", sample)
@@ -234,10 +239,14 @@ def test_bookkeeping_round_applies_the_same_gradients_as_opacus_ghost_clipping(
     epsilons = {}
     cfg = partner_config(tmp_path, "ecommerce", rows=300, epsilon=3.0)
     data = load_partner_data(cfg)
-    plan = load_plan(cfg, data, TrainingSettings(batch_size=64, local_epochs=1), rounds=1)  # one plan for both
+    plan = load_plan(
+        cfg, data, TrainingSettings(batch_size=64, local_epochs=1, sample_rate=None), rounds=1
+    )  # one plan for both
     for mode in ("bookkeeping", "ghost"):
-        settings = TrainingSettings(batch_size=64, local_epochs=1, grad_sample_mode=mode)
-        model = build_model(data, ModelSettings(), seed=0, device=torch.device("cpu"))
+        settings = TrainingSettings(
+            batch_size=64, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01, grad_sample_mode=mode
+        )
+        model = build_model(data, ModelSettings(architecture="encoder"), seed=0, device=torch.device("cpu"))
         names = {id(p): n for n, p in model.named_parameters()}
         steps = seen[mode] = []
 

@@ -338,8 +338,8 @@ def test_settings_are_validated() -> None:
 
 # --------------------------------------------------------------------------- ClientApp level
 
-MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
-TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
+MODEL = ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1)
+TRAINING = TrainingSettings(batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
 
 
 @pytest.fixture(autouse=True)

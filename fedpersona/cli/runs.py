@@ -93,8 +93,12 @@ def _simulate(
         eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]
         console.print(
             f"round {rnd}: {len(rows)} partners | max epsilon "
-            f"{(f'{max(eps):.3f}' if eps else 'NOT PRIVATE')} | mean label AUC {mean('label_auc')} | "
-            f"probe AUC {mean('probe_auc')} | recon {mean('reconstruction_error')} | ARI {mean('ari')}"
+            f"{(f'{max(eps):.3f}' if eps else 'NOT PRIVATE')} | mean label AUC {mean('label_auc')}"
+            + "".join(
+                f" | {label} {mean(key)}"
+                for key, label in (("probe_auc", "probe AUC"), ("reconstruction_error", "recon"), ("ari", "ARI"))
+                if any(key in r for r in rows)  # the encoder's metrics; the label model has none
+            )
         )
 
     result = run(
@@ -108,23 +112,20 @@ def _simulate(
         ray_address=ray_address,
         on_phase=lambda text: console.print(text, highlight=False),
     )
-    from fedpersona.report import SUMMARY_COLUMNS, summary_rows
+    from fedpersona.report import summary_columns, summary_rows
 
     table = RichTable(title=f"after {max((r['round'] for r in result.rows), default=0)} rounds")
-    for _, label in SUMMARY_COLUMNS:
+    columns = summary_columns(summary_rows(result.rows))
+    for _, label in columns:
         table.add_column(label, justify="right")
     spent = {name: entry.get("epsilon") for name, entry in result.privacy["partners"].items()}
     for row in summary_rows(result.rows):
         row = {**row, "epsilon": spent.get(row["partner"], row.get("epsilon"))}
         cells = [
-            number_text(row.get(key)) if key == "epsilon" else number_text(row.get(key, math.nan))
-            for key, _ in SUMMARY_COLUMNS
+            number_text(row.get(key)) if key == "epsilon" else number_text(row.get(key, math.nan)) for key, _ in columns
         ]
         table.add_row(
-            *[
-                c if c != "NOT PRIVATE" or key == "epsilon" else "-"
-                for c, (key, _) in zip(cells, SUMMARY_COLUMNS, strict=True)
-            ]
+            *[c if c != "NOT PRIVATE" or key == "epsilon" else "-" for c, (key, _) in zip(cells, columns, strict=True)]
         )
     console.print(table)
     from fedpersona.report import BASELINE_COLUMNS, baseline_rows, persona_rows

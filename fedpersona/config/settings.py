@@ -100,17 +100,18 @@ class Settings(BaseModel):
 
 
 class ModelSettings(Settings):
-    """The persona encoder's sizes (public; identical at every partner)."""
+    """The model DP-SGD trains (public): ``"linear"``, the label model of :mod:`fedpersona.model.linear`
+    (sizes unused), or ``"encoder"`` of these sizes (train it with optimizer "adam", lr 0.01, a batch_size)."""
 
     section: ClassVar[str] = "model"
 
+    architecture: Literal["linear", "encoder"] = "linear"
     token_dim: int = Field(32, ge=2)
     embed_dim: int = Field(32, ge=2)
     hidden: int = Field(64, ge=2)
     blocks: int = Field(2, ge=0)
     mask_rate: float = Field(0.3, ge=0, lt=1.0)
-    # How strongly the label loss shapes the embedding: the encoder receives the label
-    # gradient times label_weight. The label head always learns at full weight.
+    # The encoder receives the label gradient x label_weight (its head always at full weight).
     label_weight: float = Field(1.0, ge=0, le=10.0)
 
 
@@ -119,9 +120,11 @@ class TrainingSettings(Settings):
 
     section: ClassVar[str] = "training"
 
-    local_epochs: int = Field(2, ge=1)
+    local_epochs: int = Field(1, ge=1)  # defaults: the label model's recipe (fedpersona.model.linear)
     batch_size: int = Field(64, ge=16)  # very small expected batches drown in DP noise
-    lr: float = Field(1e-2, gt=0)
+    sample_rate: float | None = Field(0.2, gt=0, le=1.0, allow_inf_nan=False)  # of the rows; replaces batch_size
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(2.0, gt=0)
     # Per-sample clipping in DP-SGD, all exact: "bookkeeping" (fedpersona.privacy.clipping: one
     # forward, one backward, the cheapest), or Opacus' "ghost" clipping (two backward passes) or
     # "hooks" (materialised per-sample gradients). Accounting is the same in every mode.
@@ -129,9 +132,15 @@ class TrainingSettings(Settings):
     fedprox_mu: float = Field(0.0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
+    def batch_for(self, rows: int) -> int:
+        """The expected batch at ``rows`` declared rows: ``round(rows x sample_rate)`` or ``batch_size``."""
+        if self.sample_rate is None:
+            return self.batch_size
+        return max(1, min(rows, round(rows * self.sample_rate)))
+
     def steps_per_round(self, rows: int) -> int:
         """Optimizer steps in one round: local epochs x expected batches per epoch."""
-        return self.local_epochs * round(1.0 / sample_rate_for(rows, self.batch_size))
+        return self.local_epochs * round(1.0 / sample_rate_for(rows, self.batch_for(rows)))
 
 
 def sample_rate_for(rows: int, batch_size: int) -> float:
@@ -611,7 +620,7 @@ class PrivacyPlan(Settings):
             "privacy.accountant": privacy.accountant,
             "privacy.noise_seed (set)": privacy.noise_seed is not None,
             "data.public_rows": public_rows,
-            "training.batch_size": training.batch_size,
+            "training.batch_size": training.batch_for(public_rows or self.public_rows),
             "training.local_epochs": training.local_epochs,
         }
         fixed = {

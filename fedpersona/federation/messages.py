@@ -26,18 +26,28 @@ __all__ = [
 ]
 
 
+# A record holds no None: an unset ``training.sample_rate`` travels as 0.0 (never a valid rate).
+_UNSET = 0.0
+_OPTIONAL = ("training.sample_rate",)
+
+
 def encode_settings(model: ModelSettings, training: TrainingSettings, **extra: Any) -> ConfigRecord:
     values: dict[str, Any] = {}
     for prefix, obj in (("model", model), ("training", training)):
         for name in type(obj).model_fields:
-            values[f"{prefix}.{name}"] = getattr(obj, name)
+            value = getattr(obj, name)
+            values[f"{prefix}.{name}"] = _UNSET if value is None and f"{prefix}.{name}" in _OPTIONAL else value
     values.update(extra)
     return ConfigRecord(values)
 
 
 def decode_settings(config: ConfigRecord | dict[str, Any]) -> tuple[ModelSettings, TrainingSettings]:
-    model: dict[str, Any] = {name: config[f"model.{name}"] for name in ModelSettings.model_fields}
-    training: dict[str, Any] = {name: config[f"training.{name}"] for name in TrainingSettings.model_fields}
+    def value(key: str) -> Any:
+        got = config[key]
+        return None if key in _OPTIONAL and got == _UNSET else got
+
+    model: dict[str, Any] = {name: value(f"model.{name}") for name in ModelSettings.model_fields}
+    training: dict[str, Any] = {name: value(f"training.{name}") for name in TrainingSettings.model_fields}
     return ModelSettings.model_validate(model), TrainingSettings.model_validate(training)
 
 

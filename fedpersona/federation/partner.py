@@ -38,8 +38,9 @@ from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerE
 from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.evaluation import evaluate
 from fedpersona.model.inference import load_parameters
+from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel, halves
 from fedpersona.model.scopes import parameter_scope
-from fedpersona.model.training import LocalResult, pick_device, train_locally
+from fedpersona.model.training import LocalResult, TrainedModel, pick_device, train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import make_plan
 from fedpersona.privacy.randomness import SecretRandomness
@@ -163,6 +164,10 @@ def read_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
     if len(train_idx) < 2:
         raise ConfigError(f"{cfg.source}: the table has {n} rows, too few to split for training")
     features = featurize(table)
+    dense = dense_views(table)
+    # The label model's inputs ride with the other tensors, so one index gathers a batch.
+    features.tensors[LABEL_INPUT] = torch.from_numpy(np.ascontiguousarray(dense.label, dtype=np.float32))
+    features.tensors[HALF] = torch.from_numpy(halves(row_keys(table), split_key(cfg)))
     if device is not None:
         features = features.to(device)
     index_train = torch.from_numpy(train_idx).to(features.tensors["scalar"].device)
@@ -176,7 +181,7 @@ def read_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
         personas_test=personas[test_idx] if personas is not None else None,
         table=table,
         train_index=train_idx,
-        dense=dense_views(table),
+        dense=dense,
     )
 
 
@@ -241,12 +246,16 @@ def _seed_for(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & (2**62 - 1)
 
 
-def build_model(data: PartnerData, model_cfg: ModelSettings, *, seed: int, device: torch.device) -> PersonaEncoder:
-    """A fresh encoder whose adapter init depends only on (seed, kind, schema fingerprint).
+def build_model(data: PartnerData, model_cfg: ModelSettings, *, seed: int, device: torch.device) -> TrainedModel:
+    """A fresh model: the label model (zeros), or an encoder whose adapter init depends only on
+    (seed, kind, schema fingerprint).
 
     Partners that share a slot therefore start from identical adapters, and every partner
     starts from the same trunk (the server overwrites it with the global one anyway).
     """
+    if model_cfg.architecture == "linear":
+        width = int(data.train.tensors[LABEL_INPUT].shape[1])
+        return LabelModel(width, len(data.train.layout.label_names), model_cfg).to(device)
     torch.manual_seed(_seed_for(seed, data.schema.kind, data.schema.fingerprint()))
     model = PersonaEncoder(data.train.layout, model_cfg)
     return model.to(device)
@@ -347,7 +356,7 @@ def _atomic_write(path: Path, payload: bytes, *, replace: bool = True) -> None:
     tmp.replace(path)
 
 
-def _local_state(model: PersonaEncoder, state_dir: str) -> dict[str, torch.Tensor]:
+def _local_state(model: TrainedModel, state_dir: str) -> dict[str, torch.Tensor]:
     """The partner's own parameters kept in ``state_dir/local.pt`` (none before its first round)."""
     path = Path(state_dir) / "local.pt"
     if not path.exists():
@@ -356,7 +365,7 @@ def _local_state(model: PersonaEncoder, state_dir: str) -> dict[str, torch.Tenso
     return dict(state)
 
 
-def _save_local(model: PersonaEncoder, state_dir: str, shared: set[str]) -> None:
+def _save_local(model: TrainedModel, state_dir: str, shared: set[str]) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in shared}
     path = Path(state_dir) / "local.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -365,7 +374,7 @@ def _save_local(model: PersonaEncoder, state_dir: str, shared: set[str]) -> None
     tmp.replace(path)
 
 
-def shared_names(model: PersonaEncoder, *, adapter_shared: bool) -> list[str]:
+def shared_names(model: TrainedModel, *, adapter_shared: bool) -> list[str]:
     """State-dict names this partner sends: the trunk, plus the adapter when its slot shares."""
     names = []
     for name in model.state_dict():
@@ -375,7 +384,7 @@ def shared_names(model: PersonaEncoder, *, adapter_shared: bool) -> list[str]:
     return names
 
 
-def _with_received(model: PersonaEncoder, cfg: PartnerConfig, received: dict[str, np.ndarray]) -> PersonaEncoder:
+def _with_received(model: TrainedModel, cfg: PartnerConfig, received: dict[str, np.ndarray]) -> TrainedModel:
     """The partner's model: its own local parameters, then what the server sent (one loader,
     :func:`fedpersona.model.inference.load_parameters`, checks names, scopes and shapes)."""
     return load_parameters(model, received, local=_local_state(model, cfg.state_dir), source="the server's message")
@@ -401,7 +410,7 @@ def train_round(
     num_rounds: int,
     adapter_shared: bool,
     seed: int,
-    instrument: Callable[[PersonaEncoder, PartnerData], torch.nn.Module] | None = None,
+    instrument: Callable[[TrainedModel, PartnerData], torch.nn.Module] | None = None,
 ) -> RoundOutcome:
     """One local round: load data and state, check the budget, train with DP-SGD, save.
 
@@ -433,7 +442,7 @@ def train_round(
         # PyTorch notes that a backward hook fires on a module whose inputs need no gradient
         # (the first Embedding); it is expected with integer inputs and harmless.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        trained = model if instrument is None else cast(PersonaEncoder, instrument(model, data))
+        trained = model if instrument is None else cast(TrainedModel, instrument(model, data))
         result = train_locally(
             model=trained,
             data=data.train,

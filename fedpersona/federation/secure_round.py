@@ -109,7 +109,7 @@ class VectorLayout:
                 arrays[name] = values[start : start + size].reshape(shape).astype(np.float32)
                 start += size
             means.append(arrays)
-        if not means[0]:
+        if counts[self.segments[0].count_index] <= 0:  # every partner counts in the trunk's segment (it may be empty)
             raise SecureAggregationError("secure aggregation: the unmasked sum holds no trunk count")
         adapters = {str(seg.slot): m for seg, m in zip(self.segments[1:], means[1:], strict=True) if m}
         return means[0], adapters

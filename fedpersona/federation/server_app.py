@@ -145,6 +145,10 @@ class FederationResult:
 
 
 def _initial_trunk(model: ModelSettings, seed: int) -> dict[str, Any]:
+    """The global parameters every partner starts from: none for the label model (all of it is
+    scoped to a slot), the encoder's trunk otherwise."""
+    if model.architecture == "linear":
+        return {}
     import torch
 
     from fedpersona.model.encoder import PersonaTrunk

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from sklearn.metrics import adjusted_rand_score, roc_auc_score
 from fedpersona.data.features import FeatureTensors
 from fedpersona.model.alone import draw_seed, fit_linear, fit_trees, own_personas
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.model.linear import LabelModel
 from fedpersona.model.stacking import fit_local_model
 
 __all__ = ["embed_all", "evaluate", "own_columns"]
@@ -72,7 +74,7 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
 @torch.no_grad()
 def evaluate(
     *,
-    model: PersonaEncoder,
+    model: PersonaEncoder | LabelModel,
     train: FeatureTensors,
     test: FeatureTensors,
     personas: np.ndarray | None = None,
@@ -86,8 +88,14 @@ def evaluate(
     - ``reconstruction_error``: mean loss on test features hidden with a fixed-seed mask.
     - ``ari``: k-means on the test embeddings against the ground-truth personas.
     - with ``baseline``: ``alone_auc``, ``local_auc`` and ``alone_ari`` (module docstring).
+
+    For the label model (:mod:`fedpersona.model.linear`) only ``label_auc`` (the mean of the two
+    halves on the test rows) and the baseline's metrics: it has no embedding (the personas come
+    from the persona protocol and are scored there).
     """
     model.eval()
+    if isinstance(model, LabelModel):
+        return _evaluate_label_model(model, train, test, personas=personas, seed=seed, baseline=baseline)
     metrics: dict[str, float] = {}
     z_test = embed_all(model, test)
     index = torch.arange(len(test), device=test.tensors["scalar"].device)
@@ -122,6 +130,46 @@ def evaluate(
     return metrics
 
 
+def _evaluate_label_model(
+    model: LabelModel,
+    train: FeatureTensors,
+    test: FeatureTensors,
+    *,
+    personas: np.ndarray | None,
+    seed: int,
+    baseline: bool,
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if test.layout.label_names:
+        y_test = test.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
+        metrics["label_auc"] = _auc(y_test, _all_rows(model.logits, test))
+        if baseline:
+            metrics.update(
+                _stacked_baseline(
+                    train,
+                    test,
+                    fed_train=_all_rows(model.out_of_sample_logits, train),
+                    fed_test=_all_rows(model.logits, test),
+                    seed=seed,
+                )
+            )
+    if baseline and personas is not None and len(personas) == len(test):
+        k = len(np.unique(personas))
+        if k >= 2 and len(test) > k:
+            own = own_personas(x=own_columns(test)[0], k=k, generator=np.random.default_rng(seed))
+            metrics["alone_ari"] = float(adjusted_rand_score(personas, own))
+    return metrics
+
+
+def _all_rows(score: Callable[[dict[str, torch.Tensor]], torch.Tensor], data: FeatureTensors) -> np.ndarray:
+    """The first label's logit of every row of ``data``, in blocks."""
+    out = []
+    for start in range(0, len(data), 65_536):
+        index = torch.arange(start, min(len(data), start + 65_536), device=data.tensors["scalar"].device)
+        out.append(score(data.batch(index))[:, 0].cpu().numpy().astype(np.float64))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
 def own_columns(data: FeatureTensors) -> tuple[np.ndarray, np.ndarray]:
     """The partner's own columns as ``(x_enc, x_raw)``: numbers and categorical codes.
 
@@ -146,7 +194,22 @@ def own_columns(data: FeatureTensors) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _label_baseline(model: PersonaEncoder, train: FeatureTensors, test: FeatureTensors, seed: int) -> dict[str, float]:
-    """``alone_auc`` and ``local_auc`` on the test rows (module docstring)."""
+    """``alone_auc`` and ``local_auc`` on the test rows, the encoder's head as the federated score."""
+    device = train.tensors["scalar"].device
+
+    def fed(data: FeatureTensors) -> np.ndarray:
+        z = torch.from_numpy(embed_all(model, data)).to(device)
+        with torch.no_grad():
+            return model.label_logits(z)[:, 0].cpu().numpy().astype(np.float64)
+
+    return _stacked_baseline(train, test, fed_train=fed(train), fed_test=fed(test), seed=seed)
+
+
+def _stacked_baseline(
+    train: FeatureTensors, test: FeatureTensors, *, fed_train: np.ndarray, fed_test: np.ndarray, seed: int
+) -> dict[str, float]:
+    """``alone_auc`` and ``local_auc`` on the test rows (module docstring), from the federated
+    score of every training row (out of sample where the model allows) and of every test row."""
     y_train = train.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
     y_test = test.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
     known = ~np.isnan(y_train)
@@ -155,17 +218,10 @@ def _label_baseline(model: PersonaEncoder, train: FeatureTensors, test: FeatureT
         return {}  # too few labelled rows of a class for cross-validation
     enc_train, raw_train = own_columns(train)
     enc_test, raw_test = own_columns(test)
-    device = train.tensors["scalar"].device
-
-    def fed(data: FeatureTensors) -> np.ndarray:
-        z = torch.from_numpy(embed_all(model, data)).to(device)
-        with torch.no_grad():
-            return model.label_logits(z)[:, 0].cpu().numpy().astype(np.float64)
-
     generator = np.random.default_rng(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        local = fit_local_model(x_enc=enc_train, x_raw=raw_train, fed_logit=fed(train), y=y_train, generator=generator)
+        local = fit_local_model(x_enc=enc_train, x_raw=raw_train, fed_logit=fed_train, y=y_train, generator=generator)
         # The partner's own best (LR or HGB, as cross-validated on the same folds inside the
         # local model's choice), refitted on all its labelled training rows.
         best = local.report.own_best
@@ -178,5 +234,5 @@ def _label_baseline(model: PersonaEncoder, train: FeatureTensors, test: FeatureT
             return {}
     return {
         "alone_auc": _auc(y_test, alone),
-        "local_auc": _auc(y_test, local.predict(x_enc=enc_test, x_raw=raw_test, fed_logit=fed(test))),
+        "local_auc": _auc(y_test, local.predict(x_enc=enc_test, x_raw=raw_test, fed_logit=fed_test)),
     }

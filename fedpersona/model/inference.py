@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -76,14 +76,17 @@ class InferenceSummary:
     counts: tuple[int, ...]  # users per persona
 
 
+_Model = TypeVar("_Model", bound=torch.nn.Module)
+
+
 def load_parameters(
-    model: PersonaEncoder,
+    model: _Model,
     shared: Mapping[str, Any],
     *,
     local: Mapping[str, Any] | None = None,
     source: str = "the model",
     require_shared: bool = False,
-) -> PersonaEncoder:
+) -> _Model:
     """Load ``local`` parameters (the partner's own: heads, an unshared adapter) and then the
     ``shared`` ones (trunk, the slot's adapter) into ``model``: the one way any fedpersona
     code loads weights into an encoder. Names are checked against the model, shared ones

@@ -2,6 +2,8 @@
 
 - ``adapter`` (scope ``kind``): averaged only among partners of one kind and one schema (one
   adapter slot, :func:`fedpersona.data.schema.slot_id`).
+- ``label_model`` (scope ``kind``): the cross-fitted logistic regressions of
+  :mod:`fedpersona.model.linear`, averaged within a slot like the adapter.
 - ``trunk`` (scope ``global``): averaged over every partner.
 - ``recon_head``, ``scalar_stats`` and ``label_head`` (scope ``local``): never leave the partner.
 
@@ -20,6 +22,7 @@ Scope = Literal["global", "kind", "local"]
 
 SCOPES: dict[str, Scope] = {
     "adapter": "kind",
+    "label_model": "kind",
     "trunk": "global",
     "recon_head": "local",
     "scalar_stats": "local",

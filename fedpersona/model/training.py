@@ -34,12 +34,16 @@ from fedpersona.config.settings import PrivacySettings, TrainingSettings, sample
 from fedpersona.data.features import FeatureTensors
 from fedpersona.errors import ConfigError
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
+from fedpersona.model.linear import LabelModel
 from fedpersona.privacy.accounting import merge_history
 from fedpersona.privacy.clipping import add_secret_noise, clipped_gradient_sum
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
-__all__ = ["LocalResult", "check_accounting", "pick_device", "train_locally"]
+__all__ = ["LocalResult", "TrainedModel", "check_accounting", "pick_device", "train_locally"]
+
+TrainedModel = PersonaEncoder | LabelModel
+"""What DP-SGD trains: the label model (the default) or the persona encoder."""
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +81,7 @@ class _PerSampleLoss:
 
 def train_locally(
     *,
-    model: PersonaEncoder,
+    model: TrainedModel,
     data: FeatureTensors,
     settings: TrainingSettings,
     privacy: PrivacySettings,
@@ -89,6 +93,9 @@ def train_locally(
     anchor: dict[str, torch.Tensor] | None = None,
 ) -> LocalResult:
     """Run one round of local training in place on ``model``.
+
+    The optimizer (``training.optimizer``) is plain SGD or Adam, made fresh each round (no
+    optimizer state crosses rounds: the global model the server sends is the only state).
 
     For a private run the ledger is charged (and the budget checked) before the first
     gradient step; :class:`~fedpersona.errors.PrivacyBudgetExceeded` leaves the model and the
@@ -104,10 +111,19 @@ def train_locally(
     """
     rows = len(data)
     public = rows if public_rows is None else int(public_rows)
-    q = sample_rate_for(public, settings.batch_size)
+    batch_size = settings.batch_for(public)
+    q = sample_rate_for(public, batch_size)
     steps = settings.steps_per_round(public)
+    if not any(p.requires_grad for p in model.parameters()):
+        # Nothing to train (a label model for a table without labels): no step, no release,
+        # nothing charged.
+        return LocalResult(0, q, noise_multiplier, None, 0.0)
     device = next(model.parameters()).device
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.SGD(model.parameters(), lr=settings.lr)
+        if settings.optimizer == "sgd"
+        else torch.optim.Adam(model.parameters(), lr=settings.lr)
+    )
     criterion = _PerSampleLoss()
     engine: PrivacyEngine | None = None
     train_model: torch.nn.Module = model
@@ -127,9 +143,7 @@ def train_locally(
         engine.accountant.history = merge_history(ledger.history[:-1])
         # Only its length matters: Opacus derives q = 1 / len(loader) and the expected batch
         # size from it, both functions of the public row count.
-        index_loader = DataLoader(
-            TensorDataset(torch.arange(public)), batch_size=max(1, min(settings.batch_size, public))
-        )
+        index_loader = DataLoader(TensorDataset(torch.arange(public)), batch_size=max(1, min(batch_size, public)))
         if not math.isclose(1.0 / len(index_loader), q):
             raise RuntimeError("sample rate mismatch between the plan and Opacus")
         if bookkeeping:
@@ -179,7 +193,7 @@ def train_locally(
                 optimizer.zero_grad(set_to_none=True)
             continue
         batch = data.batch(index)
-        keep = random_keep(token_presence(data.layout, batch), model.config.mask_rate, masks)
+        keep = _keep(model, data, batch, masks)
         per_sample = train_model(batch, keep)
         loss = criterion(per_sample) if engine is not None else per_sample.mean()
         loss.backward()
@@ -196,6 +210,16 @@ def train_locally(
             train_model._close()  # type: ignore[operator]
     model.eval()
     return LocalResult(steps, q, noise_multiplier, epsilon, total / max(1, steps))
+
+
+def _keep(
+    model: torch.nn.Module, data: FeatureTensors, batch: dict[str, torch.Tensor], masks: torch.Generator
+) -> torch.Tensor | None:
+    """The encoder's random feature mask for a batch (None for a model that masks nothing)."""
+    if not getattr(model, "takes_keep", True):
+        return None
+    rate = float(model.config.mask_rate)  # type: ignore[union-attr, arg-type]
+    return random_keep(token_presence(data.layout, batch), rate, masks)
 
 
 def _bookkeeping_step(
@@ -224,7 +248,7 @@ def _bookkeeping_step(
         summed = {name: torch.zeros_like(p) for name, p in trainable}
     else:
         batch = data.batch(index)
-        keep = random_keep(token_presence(data.layout, batch), mask_rate, masks)
+        keep = _keep(model, data, batch, masks)
         clipped = clipped_gradient_sum(
             model=model, per_sample_loss=lambda: model(batch, keep), max_grad_norm=max_grad_norm
         )
@@ -289,7 +313,7 @@ def _secret_noise(optimizer: torch.optim.Optimizer, randomness: SecretRandomness
 
 
 @torch.no_grad()
-def _proximal_step(model: PersonaEncoder, anchor: dict[str, torch.Tensor], strength: float) -> None:
+def _proximal_step(model: TrainedModel, anchor: dict[str, torch.Tensor], strength: float) -> None:
     """Pull shared parameters toward the received global ones (FedProx)."""
     for name, param in model.named_parameters():
         ref = anchor.get(name)

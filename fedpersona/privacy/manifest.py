@@ -107,6 +107,7 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query", "info", "em_noise", "public", _PLAN),
     ReleaseItem("train", "arrays", "trunk.*", "dp", "DP-SGD update; ledger entry of this round"),
     ReleaseItem("train", "arrays", "adapter.*", "dp", "DP-SGD update; ledger entry of this round"),
+    ReleaseItem("train", "arrays", "label_model.*", "dp", "DP-SGD update; ledger entry of this round"),
     ReleaseItem("train", "metrics", "num-examples", "public", _ROWS),
     ReleaseItem("train", "metrics", "steps", "public", _PLAN),
     ReleaseItem("train", "metrics", "sample_rate", "public", _PLAN),
@@ -149,6 +150,7 @@ MANIFEST: tuple[ReleaseItem, ...] = (
     ReleaseItem("query.secagg_setup", "secagg", "share_key", "public", _KEY),
     ReleaseItem("query.secagg_setup", "shapes", "trunk.*", "public", _SHAPES),
     ReleaseItem("query.secagg_setup", "shapes", "adapter.*", "public", _SHAPES),
+    ReleaseItem("query.secagg_setup", "shapes", "label_model.*", "public", _SHAPES),
     ReleaseItem(
         "query.secagg_setup", "shapes", "persona_total.*", "public", "persona release shapes: from the schema and K"
     ),

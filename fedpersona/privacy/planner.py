@@ -65,7 +65,7 @@ def make_plan(
     for none) get ``persona_share`` of the budget (:func:`plan_split`); DP-SGD the rest.
     """
     rounds = privacy.planned_rounds or rounds
-    q = sample_rate_for(public_rows, training.batch_size)
+    q = sample_rate_for(public_rows, training.batch_for(public_rows))
     steps = training.steps_per_round(public_rows)
     sigma: float | None = None
     gram: float | None = None
@@ -98,7 +98,7 @@ def make_plan(
         em_noise=em,
         public_rows=public_rows,
         noise_seeded=privacy.noise_seed is not None,
-        batch_size=training.batch_size,
+        batch_size=training.batch_for(public_rows),
         local_epochs=training.local_epochs,
     )
 

@@ -200,8 +200,8 @@ def test_out_of_bounds_is_clipped_when_the_policy_says_clip(tmp_path: Path, capl
 
 # --------------------------------------------------------------------------- at the partner
 
-MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
-TRAINING = TrainingSettings(batch_size=16, local_epochs=1)
+MODEL = ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1)
+TRAINING = TrainingSettings(batch_size=16, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
 
 
 def _message(kind: str, **config: object) -> Message:

@@ -28,8 +28,8 @@ from fedpersona.federation.server_app import ServerSettings, run_federation
 from fedpersona.model.encoder import PersonaTrunk
 from tests.fake_grid import FakeGrid, client_app_nodes, partner_context
 
-MODEL = ModelSettings(token_dim=8, embed_dim=8, hidden=8, blocks=1)
-TRAINING = TrainingSettings(batch_size=32, local_epochs=1)
+MODEL = ModelSettings(architecture="encoder", token_dim=8, embed_dim=8, hidden=8, blocks=1)
+TRAINING = TrainingSettings(batch_size=32, local_epochs=1, sample_rate=None, optimizer="adam", lr=0.01)
 
 
 def _trunk(seed: int = 0) -> dict[str, np.ndarray]:
