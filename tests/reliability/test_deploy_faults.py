@@ -248,16 +248,25 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
             "partners": [{"name": n, "public_key": str(keys[n].public_key)} for n in [*names, "rogue-wrong-ca"]],
         },
     )  # fmt: skip
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Ten partner sites share this machine's cores: one thread per process (as each site's own
+    # torch would use its own cores), and no Flower telemetry (nothing here reaches the internet).
+    env = {
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+    }  # fmt: skip
     cli = [sys.executable, "-m", "fedpersona.cli"]
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs = tmp_path / "logs"
     logs.mkdir()
 
-    def launch(label: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+    def launch(label: str, cmd: list[str], *, home: Path | None = None) -> subprocess.Popen[bytes]:
+        extra = {} if home is None else {"FLWR_HOME": str(home)}  # a site's own Flower folder, as `partner start` sets
         with (logs / f"{label}.log").open("ab") as out:
-            procs[label] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            procs[label] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**env, **extra})
         return procs[label]
+
+    def flwr_home(name: str) -> Path:
+        return configs[name].parent / "state" / "flwr-home"
 
     def supernode(name: str) -> list[str]:
         return supernode_command(
@@ -326,14 +335,24 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
     marks: dict[str, float] = {}
     try:
         server = launch("server", [*cli, "server", "start", "--config", str(federation)])
-        # A bare SuperNode whose key is not registered yet gives up: start them once all are.
-        wait(lambda: "started run" in (logs / "server.log").read_text() or server.poll() is not None, 120, "the run")
+        # A bare SuperNode whose key is not registered yet gives up: start them once all are
+        # (SuperNodes wait for the run themselves; `flwr run` need not have finished).
+        registered = [f"registered partner {n} as node" for n in [*names, "rogue-wrong-ca"]]
+
+        def all_registered() -> bool:
+            text = (logs / "server.log").read_text()
+            return all(line in text for line in registered) or server.poll() is not None
+
+        wait(all_registered, 120, "the partners' registration")
         for name in names:
-            launch(name, partner_start(name) if name in PARTNER_START else supernode(name))
+            if name in PARTNER_START:
+                launch(name, partner_start(name))
+            else:
+                launch(name, supernode(name), home=flwr_home(name))
         for rogue, ca in (("rogue-wrong-ca", other_ca.ca_cert), ("rogue-unlisted", creds.ca_cert)):
             launch(rogue, supernode_command(
                 config=configs[rogue], superlink=f"127.0.0.1:{port}", ca=ca, key=keys[rogue].private_key,
-                runtime_port=ports[rogue], max_wait_time=60))  # fmt: skip
+                runtime_port=ports[rogue], max_wait_time=60), home=flwr_home(rogue))  # fmt: skip
         wait(lambda: ledger(VICTIM) == [1], 600, f"{VICTIM} to start round 1")
         kill_family(procs[VICTIM].pid)  # mid-round, as a power cut would
         marks["partner killed"] = time.monotonic() - start
@@ -350,7 +369,7 @@ def test_deployment_of_ten_supernodes_survives_a_killed_partner_and_a_killed_sup
         assert server.wait(timeout=120) == 1
         assert "restart with --resume" in (logs / "server.log").read_text()
 
-        launch(VICTIM + "-restarted", supernode(VICTIM))  # the same key: the same node
+        launch(VICTIM + "-restarted", supernode(VICTIM), home=flwr_home(VICTIM))  # the same key: the same node
         resumed = launch("server-resumed", [*cli, "server", "start", "--config", str(federation), "--resume"])
         wait(lambda: resumed.poll() is not None, LIMIT - (time.monotonic() - start), "the resumed run to finish")
         marks["run finished"] = time.monotonic() - start
