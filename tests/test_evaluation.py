@@ -42,6 +42,34 @@ def test_own_columns_by_hand() -> None:
     np.testing.assert_array_equal(raw, [[0.25, np.nan, 2, 0], [0.5, 1.0, 0, np.nan]])
 
 
+def test_own_columns_include_texts_and_both_kinds_of_sequence() -> None:
+    layout = FeatureLayout(
+        scalar_names=(), cat_names=(), cat_cardinalities=(), text_names=("t",), text_buckets=(100,),
+        text_lengths=(3,), seq_num_names=("s",), seq_num_lengths=(2,), seq_cat_names=("q",), seq_cat_lengths=(2,),
+        seq_cat_cardinalities=(3,), label_names=("y",),
+    )  # fmt: skip
+    tensors = {
+        "scalar": torch.zeros(2, 0),
+        "scalar_present": torch.zeros(2, 0, dtype=torch.bool),
+        "cat": torch.zeros(2, 0, dtype=torch.int64),
+        "cat_present": torch.zeros(2, 0, dtype=torch.bool),
+        "text0": torch.tensor([[5, 69, 0], [0, 0, 0]]),  # buckets 5 and 69 fold to column 5 of 64
+        "seqnum0": torch.tensor([[0.5, 0.0], [0.25, 1.0]]),
+        "seqnum0_present": torch.tensor([[True, False], [True, True]]),
+        "seqcat0": torch.tensor([[1, 3 + 2], [0, 3 + 0]]),  # step 2's codes are offset by the cardinality
+        "seqcat0_present": torch.tensor([[True, True], [False, True]]),
+        "labels": torch.tensor([[1.0], [0.0]]),
+    }
+    enc, raw = own_columns(FeatureTensors(layout, tensors))
+    text = np.zeros((2, 64))
+    text[0, 5] = 2.0
+    np.testing.assert_array_equal(
+        enc,
+        np.concatenate([text, [[0.5, 0.0, 1, 0, 0, 1, 0, 0, 0, 1], [0.25, 1.0, 1, 1, 0, 0, 0, 1, 0, 0]]], axis=1),
+    )
+    np.testing.assert_array_equal(raw, np.concatenate([text, [[0.5, np.nan, 1, 2], [0.25, 1.0, np.nan, 0]]], axis=1))
+
+
 @pytest.mark.parametrize("kind", ["finance", "health"])
 def test_baseline_fits_on_training_rows_and_scores_held_out_rows(tmp_path: Path, kind: str) -> None:
     data = load_partner_data(partner_config(tmp_path, kind, rows=400))

@@ -43,7 +43,7 @@ from fedpersona.data.features import FeatureTensors
 from fedpersona.model.alone import draw_seed, fit_linear, fit_trees, own_personas
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
 from fedpersona.model.linear import LabelModel
-from fedpersona.model.stacking import fit_local_model
+from fedpersona.model.stacking import detect_signal, fit_local_model
 
 __all__ = ["embed_all", "evaluate", "own_columns"]
 
@@ -90,7 +90,8 @@ def evaluate(
     - with ``baseline``: ``alone_auc``, ``local_auc`` and ``alone_ari`` (module docstring).
 
     For the label model (:mod:`fedpersona.model.linear`) only ``label_auc`` (the mean of the two
-    halves on the test rows) and the baseline's metrics: it has no embedding (the personas come
+    halves on the test rows; NaN, with ``label_signal`` 0, when its out-of-sample score on the
+    partner's training rows shows no signal) and the baseline's metrics: it has no embedding (the personas come
     from the persona protocol and are scored there).
     """
     model.eval()
@@ -142,7 +143,12 @@ def _evaluate_label_model(
     metrics: dict[str, float] = {}
     if test.layout.label_names:
         y_test = test.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
-        metrics["label_auc"] = _auc(y_test, _all_rows(model.logits, test))
+        y_train = train.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
+        # A score that shows no signal on the partner's own rows (the out-of-sample halves, the
+        # detector of fedpersona.model.stacking) says so, rather than report a chance-level AUC.
+        detection = detect_signal(y=y_train, score=_all_rows(model.out_of_sample_logits, train))
+        metrics["label_signal"] = float(detection.signal)
+        metrics["label_auc"] = _auc(y_test, _all_rows(model.logits, test)) if detection.signal else math.nan
         if baseline:
             metrics.update(
                 _stacked_baseline(
@@ -171,25 +177,45 @@ def _all_rows(score: Callable[[dict[str, torch.Tensor]], torch.Tensor], data: Fe
 
 
 def own_columns(data: FeatureTensors) -> tuple[np.ndarray, np.ndarray]:
-    """The partner's own columns as ``(x_enc, x_raw)``: numbers and categorical codes.
+    """The partner's own columns as ``(x_enc, x_raw)``: every feature of its schema.
 
-    ``x_enc`` (linear models, k-means): numbers in [0, 1] with missing as 0, a presence flag
-    per number, a one-hot block per categorical column. ``x_raw`` (trees): numbers with NaN
-    for missing, categorical codes as numbers (NaN for missing).
+    ``x_enc`` (linear models, k-means): numbers and every step of a numeric sequence in [0, 1]
+    with missing as 0 and a presence flag each; a one-hot block per categorical column and per
+    step of a categorical sequence; a text as the counts of its hashed words folded to at most
+    64 columns. ``x_raw`` (trees): the same numbers with NaN for missing, categorical codes as
+    numbers (NaN for missing), the same text counts.
     """
-    t = {k: v.cpu().numpy() for k, v in data.tensors.items() if k in ("scalar", "scalar_present", "cat", "cat_present")}
+    t = {k: v.cpu().numpy() for k, v in data.tensors.items()}
+    layout = data.layout
     present = t["scalar_present"].astype(bool)
-    numbers = np.where(present, t["scalar"], 0.0).astype(np.float64)
     raw = [np.where(present, t["scalar"], np.nan).astype(np.float64)]
-    enc = [numbers, present.astype(np.float64)]
-    offsets, sizes = data.layout.cat_offsets, data.layout.cat_cardinalities
-    for j, (offset, size) in enumerate(zip(offsets, sizes, strict=True)):
-        codes = t["cat"][:, j] - offset
-        here = t["cat_present"][:, j].astype(bool) & (codes >= 0) & (codes < size)
+    enc = [np.where(present, t["scalar"], 0.0).astype(np.float64), present.astype(np.float64)]
+
+    def one_hot(codes: np.ndarray, here: np.ndarray, size: int) -> None:
+        here = here & (codes >= 0) & (codes < size)
         block = np.zeros((len(codes), size))
         block[np.flatnonzero(here), codes[here]] = 1.0
         enc.append(block)
         raw.append(np.where(here, codes, np.nan).astype(np.float64)[:, None])
+
+    for j, (offset, size) in enumerate(zip(layout.cat_offsets, layout.cat_cardinalities, strict=True)):
+        one_hot(t["cat"][:, j] - offset, t["cat_present"][:, j].astype(bool), size)
+    for i in range(len(layout.text_names)):
+        ids = t[f"text{i}"]
+        width = min(64, layout.text_buckets[i])
+        counts = np.zeros((len(ids), width))
+        rows, cols = np.nonzero(ids > 0)
+        np.add.at(counts, (rows, ids[rows, cols] % width), 1.0)
+        enc.append(counts)
+        raw.append(counts)
+    for i in range(len(layout.seq_num_names)):
+        values, here = t[f"seqnum{i}"].astype(np.float64), t[f"seqnum{i}_present"].astype(bool)
+        enc += [np.where(here, values, 0.0), here.astype(np.float64)]
+        raw.append(np.where(here, values, np.nan))
+    for i, size in enumerate(layout.seq_cat_cardinalities):
+        codes, here = t[f"seqcat{i}"], t[f"seqcat{i}_present"].astype(bool)
+        for step in range(codes.shape[1]):
+            one_hot(codes[:, step] - step * size, here[:, step], size)
     return np.concatenate(enc, axis=1), np.concatenate(raw, axis=1)
 
 
