@@ -138,3 +138,36 @@ def test_private_rounds_learn_a_linear_signal_and_charge_the_ledger(tmp_path: ob
     oos = model.out_of_sample_logits(data.batch(index))[:, 0].numpy()
     assert roc_auc_score(y, oos) > 0.75
     assert roc_auc_score(y, x @ beta) > 0.8  # the oracle's own ceiling, for scale
+
+
+def test_a_label_model_without_signal_reports_no_auc() -> None:
+    """Evaluation of a label model whose score carries no signal on the partner's own rows: no
+    AUC is reported (label_signal 0); with a planted signal the AUC is reported."""
+    from fedpersona.model.evaluation import evaluate
+
+    rng = np.random.default_rng(1)
+    n, d = 600, 4
+    layout = layout_of(synthetic_schema("finance"))
+
+    def data(x: np.ndarray, y: np.ndarray) -> FeatureTensors:
+        return FeatureTensors(
+            layout,
+            {
+                "scalar": torch.zeros(len(y), 1),
+                LABEL_INPUT: torch.from_numpy(x.astype(np.float32)),
+                HALF: torch.from_numpy(rng.integers(0, 2, size=len(y))),
+                "labels": torch.from_numpy(y.astype(np.float32)[:, None]),
+            },
+        )
+
+    x = rng.normal(size=(n, d))
+    model = LabelModel(d, 1, ModelSettings())
+    with torch.no_grad():
+        for half in ("half0", "half1"):
+            model.label_model[half].weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    noise = (rng.random(n) < 0.5).astype(np.float64)
+    metrics = evaluate(model=model, train=data(x, noise), test=data(x, noise))
+    assert metrics["label_signal"] == 0.0 and math.isnan(metrics["label_auc"])
+    planted = (x[:, 0] + rng.normal(size=n) * 0.5 > 0).astype(np.float64)
+    metrics = evaluate(model=model, train=data(x, planted), test=data(x, planted))
+    assert metrics["label_signal"] == 1.0 and metrics["label_auc"] > 0.8

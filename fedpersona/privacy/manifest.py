@@ -179,6 +179,7 @@ MANIFEST: tuple[ReleaseItem, ...] = (
         "query.secagg_unmask", "secagg", "shares", "public", _SHARES + " (seeds of survivors, keys of dropped)"
     ),
     ReleaseItem("evaluate", "metrics", "label_auc", "opt-in", "held-out metric, NOT DP"),
+    ReleaseItem("evaluate", "metrics", "label_signal", "opt-in", "detector verdict on the partner's rows, NOT DP"),
     ReleaseItem("evaluate", "metrics", "probe_auc", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "reconstruction_error", "opt-in", "held-out metric, NOT DP"),
     ReleaseItem("evaluate", "metrics", "ari", "opt-in", "held-out metric on synthetic ground truth, NOT DP"),
