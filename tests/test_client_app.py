@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -332,3 +334,14 @@ def test_every_reply_matches_the_release_manifest_and_is_audited(tmp_path: Path)
         ]
         assert len(matches) == 1, f"{item.message} {item.record} {item.key}: {len(matches)} rows in docs/privacy.md"
         assert matches[0][3].lower() == item.status, f"{item.key}: docs say {matches[0][3]}, the manifest {item.status}"
+
+
+def test_the_client_app_module_starts_without_the_learning_stack() -> None:
+    """Every deployed message starts a process that imports the ClientApp: the status, final
+    model and key-exchange messages must not pay for PyTorch, Opacus and scikit-learn."""
+    probe = (
+        "import sys, fedpersona.federation.client_app; "
+        "print(sorted(m for m in ('torch', 'opacus', 'sklearn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]"

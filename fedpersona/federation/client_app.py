@@ -20,6 +20,11 @@ the partner verifies it against the federation's model-signing key named in its 
 With secure aggregation the ``query.secagg_*`` and ``train.secagg`` handlers run the partner's
 side of :mod:`fedpersona.federation.secagg`; its secrets live in ``Context.state["secagg"]`` (kept by the
 SuperNode between messages, never sent).
+
+In deployment every message starts a fresh process that imports this module, so it imports
+only Flower and fedpersona's light modules; a handler that reads the table or trains imports
+the learning stack (PyTorch, Opacus, scikit-learn: seconds of CPU) itself. The status, final
+model and secure-aggregation key messages start without it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -40,18 +45,6 @@ from fedpersona.config.settings import PartnerConfig
 from fedpersona.errors import ConfigError, FedPersonaError, PolicyRefusal, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.federation import run_log
 from fedpersona.federation.messages import arrays_of, config_of, decode_arrays, decode_settings, encode_arrays
-from fedpersona.federation.partner import (
-    RoundOutcome,
-    build_model,
-    evaluate_round,
-    load_partner_data,
-    load_plan,
-    partner_schema,
-    shared_names,
-    spent_epsilon,
-    train_round,
-)
-from fedpersona.federation.partner_personas import persona_release, persona_round, persona_width
 from fedpersona.federation.secagg import (
     PartnerSecrets,
     Placement,
@@ -67,10 +60,11 @@ from fedpersona.federation.secagg import (
     share_keys,
     start_round,
 )
-from fedpersona.model.training import pick_device
-from fedpersona.personas.space import packed_size
-from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger, spent_epsilon
 from fedpersona.privacy.manifest import ERROR_CODES, audit_entry, check_outgoing, error_reason, write_audit
+
+if TYPE_CHECKING:
+    from fedpersona.federation.partner import RoundOutcome
 
 __all__ = ["app", "build_client_app"]
 
@@ -195,6 +189,10 @@ def _last_ledger_seq(cfg: PartnerConfig) -> int | None:
 
 def _query(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Describe this partner: kind, schema fingerprint, declared row count and noise plan."""
+    from fedpersona.federation.partner import load_partner_data, load_plan, partner_schema
+    from fedpersona.federation.partner_personas import persona_width
+    from fedpersona.model.training import pick_device
+
     _, training = decode_settings(config_of(msg))
     config = config_of(msg)
     rounds = int(config["num_rounds"])
@@ -264,6 +262,8 @@ def _check_ledger_not_rolled_back(context: Context, cfg: PartnerConfig) -> int:
 
 
 def _run_training(msg: Message, context: Context, cfg: PartnerConfig) -> tuple[RoundOutcome, MetricRecord]:
+    from fedpersona.federation.partner import train_round
+
     config = config_of(msg)
     model_cfg, training = decode_settings(config)
     if cfg.privacy.private:
@@ -306,6 +306,11 @@ def _secagg_setup(msg: Message, context: Context, cfg: PartnerConfig) -> RecordD
     """Fresh key pairs for this round; reply with the public keys and the shapes of what this
     partner will sum: its shared parameters, or (``secagg.purpose = "personas"``) its persona
     release (the Gram matrix of its slot's persona view, or the EM statistics)."""
+    from fedpersona.federation.partner import build_model, load_partner_data, shared_names
+    from fedpersona.federation.partner_personas import persona_width
+    from fedpersona.model.training import pick_device
+    from fedpersona.personas.space import packed_size
+
     config = config_of(msg)
     if config.get("secagg.purpose") == "personas":
         shapes: dict[str, tuple[int, ...]] = {"persona_total.ones": (1,)}
@@ -381,6 +386,8 @@ def _secagg_train(msg: Message, context: Context, cfg: PartnerConfig) -> RecordD
 
 
 def _release(msg: Message, cfg: PartnerConfig) -> dict[str, np.ndarray]:
+    from fedpersona.federation.partner_personas import persona_release
+
     config = config_of(msg)
     _, training = decode_settings(config)
     persona = msg.content.array_records["persona"] if "persona" in msg.content.array_records else None
@@ -412,6 +419,8 @@ def _secagg_unmask(msg: Message, context: Context, cfg: PartnerConfig) -> Record
 
 
 def _evaluate(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
+    from fedpersona.federation.partner import evaluate_round
+
     config = config_of(msg)
     model_cfg, training = decode_settings(config)
     metrics = evaluate_round(
@@ -443,6 +452,8 @@ def _persona_release(msg: Message, context: Context, cfg: PartnerConfig) -> Reco
 
 def _personas(msg: Message, context: Context, cfg: PartnerConfig) -> RecordDict:
     """Assign users to the slot's released personas and write the persona cards locally."""
+    from fedpersona.federation.partner_personas import persona_round
+
     config = config_of(msg)
     metrics = persona_round(
         cfg=cfg,

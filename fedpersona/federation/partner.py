@@ -41,7 +41,7 @@ from fedpersona.model.inference import load_parameters
 from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel, halves
 from fedpersona.model.scopes import parameter_scope
 from fedpersona.model.training import LocalResult, TrainedModel, pick_device, train_locally
-from fedpersona.privacy.ledger import PrivacyLedger
+from fedpersona.privacy.ledger import PrivacyLedger, spent_epsilon
 from fedpersona.privacy.planner import make_plan
 from fedpersona.privacy.randomness import SecretRandomness
 
@@ -491,10 +491,3 @@ def evaluate_round(
     with path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
     return metrics
-
-
-def spent_epsilon(cfg: PartnerConfig) -> float | None:
-    """Cumulative epsilon from the ledger (None for an explicitly non-private partner)."""
-    if not cfg.privacy.private:
-        return None
-    return PrivacyLedger(cfg.state_dir, settings=cfg.privacy).epsilon()

@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpersona.config.settings import PrivacySettings
+from fedpersona.config.settings import PartnerConfig, PrivacySettings
 from fedpersona.errors import PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.privacy.accounting import compute_epsilon
 
-__all__ = ["LedgerEntry", "PrivacyLedger"]
+__all__ = ["LedgerEntry", "PrivacyLedger", "spent_epsilon"]
 
 logger = logging.getLogger(__name__)
 
@@ -278,3 +278,10 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def spent_epsilon(cfg: PartnerConfig) -> float | None:
+    """A partner's cumulative epsilon from its ledger (None for an explicitly non-private partner)."""
+    if not cfg.privacy.private:
+        return None
+    return PrivacyLedger(cfg.state_dir, settings=cfg.privacy).epsilon()
