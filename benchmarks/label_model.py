@@ -184,7 +184,7 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
     """A Markdown table per dataset and the targets, from :func:`dataset` results."""
     lines = [
         "| dataset | epsilon | large: local - alone (mean; worst) | small: alone / local / pooled, gap closed "
-        "| fed score alone (large mean, small) | lowest AUC |",
+        "| fed score alone (large mean, small) | lowest AUC served |",
         "|---|---|---|---|---|---|",
     ]
     for name, eps in sorted({(r["dataset"], r["epsilon"]) for r in results}):
@@ -193,7 +193,7 @@ def summary(results: list[dict[str, Any]]) -> list[str]:
         small = [(p, r["pooled"]) for r in group for p in r["partners"] if p["partner"] == "small"]
         gains = [p["local"] - p["alone"] for p in large]
         closed = [(p["local"] - p["alone"]) / (pooled - p["alone"]) for p, pooled in small if pooled > p["alone"]]
-        lowest = min(min(p["alone"], p["local"], p["fed"]) for r in group for p in r["partners"])
+        lowest = min(p["local"] for r in group for p in r["partners"])
         lines.append(
             f"| {name} | {eps:g} | {np.mean(gains):+.4f}; {min(gains):+.4f} "
             f"| {np.mean([p['alone'] for p, _ in small]):.3f} / {np.mean([p['local'] for p, _ in small]):.3f} / "
