@@ -31,11 +31,13 @@ import numpy as np
 import tomli_w
 import torch
 
-from benchmarks.workload import fresh_encoder, median
-from fedpersona.config.settings import PrivacySettings, TrainingSettings, sample_rate_for
+from benchmarks.workload import median
+from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings, sample_rate_for
+from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
 from fedpersona.model.evaluation import evaluate
+from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel
 from fedpersona.model.training import train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.planner import plan_noise
@@ -53,10 +55,11 @@ class Size:
 SIZES = (Size(3, 1_000, 3.0), Size(9, 1_000, 3.0), Size(30, 1_000, 3.0), Size(100, 300, 3.0))
 # One Ray actor per core (cpus_per_partner 1): the partners' work is CPU-bound, so more actors
 # than cores add no throughput, only start-up (each actor imports torch and Opacus) and memory.
-ROUNDS, BATCH, CPUS_PER_PARTNER, TEST_FRACTION, DELTA, WAIT_S = 3, 64, 1.0, 0.2, 1e-5, 600
+ROUNDS, CPUS_PER_PARTNER, TEST_FRACTION, DELTA, WAIT_S = 3, 1.0, 0.2, 1e-5, 600
 KINDS = ("ecommerce", "finance", "health")
 CORES = os.cpu_count() or 1  # the simulation's Ray actors share them; the plain loop uses one thread
-TRAINING = TrainingSettings(local_epochs=1, batch_size=BATCH, lr=0.01, grad_sample_mode="bookkeeping", device="cpu")
+# The product's defaults: the label model, Poisson sample rate 0.2, SGD, one local epoch.
+TRAINING = TrainingSettings(local_epochs=1, grad_sample_mode="bookkeeping", device="cpu")
 
 
 def run(*, quick: bool) -> dict[str, Any]:
@@ -123,8 +126,9 @@ def run(*, quick: bool) -> dict[str, Any]:
     at100 = data.get(100)
     notes = [
         f"Synthetic partners split evenly over {', '.join(KINDS)}; each keeps {TEST_FRACTION:.0%} of its rows "
-        f"for evaluation. {ROUNDS} rounds, 1 local epoch, Poisson batch {BATCH}, book-keeping clipping, default "
-        f"encoder, no persona clustering, no honest baseline, every round evaluated, cpus_per_partner "
+        f"for evaluation. {ROUNDS} rounds, the default label model and training (Poisson sample rate "
+        f"{TRAINING.sample_rate}, {TRAINING.steps_per_round(800)} steps per round, SGD, book-keeping clipping), "
+        f"no persona clustering, no honest baseline, every round evaluated, cpus_per_partner "
         f"{CPUS_PER_PARTNER} ({int(CORES / CPUS_PER_PARTNER)} Ray actors on {CORES} cores).",
         "Local compute (plain loop): in one process, for every partner in turn, one local epoch of "
         "train_locally on its training rows and one evaluate() of the model on its test rows (the work one "
@@ -183,7 +187,7 @@ def run(*, quick: bool) -> dict[str, Any]:
                 "rows": [_startup_row(startup)],
             },
             {
-                "name": f"Synthetic partners, 3 kinds, {ROUNDS} rounds, 1 local epoch, batch {BATCH}, "
+                "name": f"Synthetic partners, 3 kinds, {ROUNDS} rounds, the default label model and training, "
                 "no persona clustering",
                 "columns": [
                     "partners",
@@ -257,7 +261,9 @@ def _partner_data(kind: str, rows: int, seed: int) -> tuple[FeatureTensors, Feat
     """A synthetic partner's training rows, test rows and the test rows' true personas."""
     silo = generate_silo(kind, rows, seed=seed)
     features = featurize(silo.table)
+    features.tensors[LABEL_INPUT] = torch.from_numpy(np.ascontiguousarray(dense_views(silo.table).label))
     order = np.random.default_rng(seed).permutation(rows)
+    features.tensors[HALF] = torch.from_numpy(np.random.default_rng(seed + 1).integers(0, 2, size=rows))
     n_test = max(1, round(rows * TEST_FRACTION))
     test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
     train = FeatureTensors(features.layout, features.batch(torch.from_numpy(train_idx)))
@@ -275,11 +281,12 @@ def _plain_loop(size: Size) -> float:
     seconds = 0.0
     for kind, i, timed in work:
         train, test, personas = _partner_data(kind, size.rows_per_partner, seed=i)
-        model = fresh_encoder(train, seed=i)
+        model = LabelModel(int(train.tensors[LABEL_INPUT].shape[1]), len(train.layout.label_names), ModelSettings())
         sigma = None
         if privacy.private:
+            rate = sample_rate_for(len(train), TRAINING.batch_for(len(train)))
             sigma = plan_noise(
-                target_epsilon=size.epsilon, delta=DELTA, sample_rate=sample_rate_for(len(train), BATCH),
+                target_epsilon=size.epsilon, delta=DELTA, sample_rate=rate,
                 steps=TRAINING.steps_per_round(len(train)) * ROUNDS, accountant="prv",
             )  # fmt: skip
         with tempfile.TemporaryDirectory() as state:
@@ -312,7 +319,7 @@ def _scenario(size: Size) -> dict[str, Any]:
             "evaluate_every": 1,
             "baseline": False,
         },
-        "training": {"local_epochs": 1, "batch_size": BATCH, "lr": TRAINING.lr, "grad_sample_mode": "bookkeeping"},
+        "training": {"local_epochs": 1, "grad_sample_mode": "bookkeeping"},
         "privacy": {
             "target_epsilon": "inf" if math.isinf(size.epsilon) else size.epsilon,
             "delta": DELTA,
