@@ -665,6 +665,40 @@ def test_partner_data_is_read_once_per_process_and_again_when_the_file_changes(
     assert len(reads) == 2 and len(third.train) + len(third.test) == 60
 
 
+def test_a_process_keeps_many_partners_and_drops_the_least_recently_used_past_its_memory_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A simulation's actor answers for many partners: each is read once while they fit in the
+    cache's byte budget; past it the least recently used goes, never the newest."""
+    from fedpersona.federation import partner
+    from tests.conftest import partner_config
+
+    monkeypatch.setattr(partner, "_DATA_CACHE", {})
+    reads: list[str] = []
+    real = partner.read_partner_data
+    monkeypatch.setattr(
+        partner,
+        "read_partner_data",
+        lambda c, device=None: reads.append(f"p{c.synthetic_seed}") or real(c, device=device),
+    )
+    configs = [partner_config(tmp_path, "finance", rows=200, seed=s) for s in range(6)]
+    for _ in range(2):
+        for cfg in configs:
+            partner.load_partner_data(cfg)
+    assert reads == [f"p{s}" for s in range(6)]  # six partners, each read once (the old cache held four)
+    one = partner._approximate_bytes(partner.load_partner_data(configs[0]))
+    assert one > 0
+    monkeypatch.setattr(partner, "_DATA_CACHE_BYTES", int(2.5 * one))  # room for two
+    partner.load_partner_data(configs[5])  # p0 was used last, then p5: p1..p4 go
+    reads.clear()
+    for name in (0, 5, 1):
+        partner.load_partner_data(configs[name])
+    assert reads == ["p1"]
+    partner.load_partner_data(configs[5])  # p0 is now the least recently used and was dropped for p1
+    partner.load_partner_data(configs[0])
+    assert reads == ["p1", "p0"]
+
+
 # --- Arrow tables (streaming inference) are validated exactly as their pandas frames ---------------
 
 MIXED = {

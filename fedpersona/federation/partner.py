@@ -92,8 +92,10 @@ def partner_schema(cfg: PartnerConfig) -> Schema:
     return synthetic_schema(cfg.kind)
 
 
-_DATA_CACHE: dict[tuple[object, ...], PartnerData] = {}
-_DATA_CACHE_SIZE = 4
+_DATA_CACHE: dict[tuple[object, ...], tuple[PartnerData, int]] = {}  # key -> (data, approximate bytes)
+# What one process keeps (a simulation's actor answers for many partners): the least recently
+# used partner goes first once the cached arrays pass this size; the newest is always kept.
+_DATA_CACHE_BYTES = 1 << 30
 
 
 def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None) -> PartnerData:
@@ -105,15 +107,18 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
     (or the synthetic recipe), the schema file's, the split key, the test fraction and the
     device. A changed file or setting loads afresh. Each call gets its own tensor dictionaries,
     so whatever a caller adds to them stays with that caller. The cache is the partner's own
-    process memory: nothing of it leaves the partner.
+    process memory: nothing of it leaves the partner. A process answering for many partners (a
+    simulation's actor) keeps as many as fit in ``_DATA_CACHE_BYTES``, least recently used out.
     """
     key = _data_key(cfg, device)
-    cached = _DATA_CACHE.get(key)
-    if cached is None:
-        cached = read_partner_data(cfg, device=device)
-        while len(_DATA_CACHE) >= _DATA_CACHE_SIZE:
-            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
-        _DATA_CACHE[key] = cached
+    entry = _DATA_CACHE.pop(key, None)
+    if entry is None:
+        loaded = read_partner_data(cfg, device=device)
+        entry = (loaded, _approximate_bytes(loaded))
+    _DATA_CACHE[key] = entry  # the most recently used goes last
+    while len(_DATA_CACHE) > 1 and sum(size for _, size in _DATA_CACHE.values()) > _DATA_CACHE_BYTES:
+        _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
+    cached = entry[0]
     return PartnerData(
         schema=cached.schema,
         train=FeatureTensors(cached.train.layout, dict(cached.train.tensors)),
@@ -123,6 +128,14 @@ def load_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
         train_index=cached.train_index,
         dense=cached.dense,
     )
+
+
+def _approximate_bytes(data: PartnerData) -> int:
+    """The memory a cached partner holds: its tensors, dense views and the table's columns
+    (object columns counted by their pointers: a lower bound for text)."""
+    tensors = [*data.train.tensors.values(), *data.test.tensors.values()]
+    arrays = [data.dense.persona, data.dense.label, *data.table.columns.values()]
+    return sum(t.element_size() * t.nelement() for t in tensors) + sum(np.asarray(a).nbytes for a in arrays)
 
 
 def _data_key(cfg: PartnerConfig, device: torch.device | None) -> tuple[object, ...]:
