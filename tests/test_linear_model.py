@@ -171,3 +171,48 @@ def test_a_label_model_without_signal_reports_no_auc() -> None:
     planted = (x[:, 0] + rng.normal(size=n) * 0.5 > 0).astype(np.float64)
     metrics = evaluate(model=model, train=data(x, planted), test=data(x, planted))
     assert metrics["label_signal"] == 1.0 and metrics["label_auc"] > 0.8
+
+
+def test_a_default_private_round_never_imports_opacus(tmp_path: object) -> None:
+    """Book-keeping rounds record their steps without Opacus (a second of CPU in every deployed
+    training process); the cross-check with the ledger still holds and still refuses a step
+    that was not charged."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
+        from fedpersona.data.features import FeatureTensors, layout_of
+        from fedpersona.data.synthetic import synthetic_schema
+        from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel
+        from fedpersona.model.training import train_locally
+        from fedpersona.privacy.ledger import PrivacyLedger
+        from fedpersona.privacy.randomness import SecretRandomness
+        n = 500
+        data = FeatureTensors(layout_of(synthetic_schema("finance")), {{
+            "scalar": torch.zeros(n, 1), LABEL_INPUT: torch.randn(n, 4), HALF: torch.randint(0, 2, (n,)),
+            "labels": (torch.rand(n, 1) < 0.5).float()}})
+        privacy = PrivacySettings(target_epsilon=3.0)
+        ledger = PrivacyLedger({str(tmp_path)!r}, settings=privacy)
+        result = train_locally(model=LabelModel(4, 1, ModelSettings()), data=data,
+            settings=TrainingSettings(device="cpu"), privacy=privacy, noise_multiplier=2.0, ledger=ledger,
+            round=1, randomness=SecretRandomness.for_mechanism(None, "p", "train", 1, 0), public_rows=n)
+        print(result.epsilon == ledger.epsilon() > 0, "opacus" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["True", "False"]
+
+    from fedpersona.model.training import StepRecord, check_accounting
+
+    ledger = PrivacyLedger(str(tmp_path), settings=PrivacySettings(target_epsilon=3.0))  # the round above
+    record = StepRecord([])
+    for _ in range(5):
+        record.accountant.step(noise_multiplier=2.0, sample_rate=0.2)
+    assert check_accounting(record, ledger, 1e-5) == ledger.epsilon()
+    record.accountant.step(noise_multiplier=2.0, sample_rate=0.2)  # a sixth step, never charged
+    with pytest.raises(RuntimeError, match="did not charge"):
+        check_accounting(record, ledger, 1e-5)

@@ -12,9 +12,11 @@ training, so every epsilon it reports is cumulative over all rounds and restarts
   (one forward, one backward; the math is in that module). Each step releases
   ``(sum_b c_b grad_b + N(0, (sigma C)^2 I)) / E[B]`` with ``c_b = min(1, C / ||grad_b||)``,
   the noise from :func:`fedpersona.privacy.clipping.add_secret_noise` and ``E[B] = int(q *
-  public_rows)`` as Opacus divides, and the step is recorded in the same Opacus accountant
-  the other modes use (``accountant.step(noise_multiplier=sigma, sample_rate=q)``, what
-  Opacus' optimizer hook calls), so :func:`check_accounting` compares the same histories.
+  public_rows)`` as Opacus divides, and each step is recorded as ``(sigma, q, 1)`` in a step
+  record (:class:`StepRecord`, what Opacus' optimizer hook records in its accountant in the
+  other modes), so :func:`check_accounting` compares the same histories. This path does not
+  import Opacus (about a second of CPU in every process that trains, and in deployment every
+  message is a fresh process).
 - ``"ghost"`` and ``"hooks"``: Opacus' ``make_private`` with its fast gradient clipping (two
   backward passes) or per-sample gradients, the noise replaced by :func:`_secret_noise`.
 """
@@ -25,9 +27,9 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedpersona.config.settings import PrivacySettings, TrainingSettings, sample_rate_for
@@ -40,12 +42,40 @@ from fedpersona.privacy.clipping import add_secret_noise, clipped_gradient_sum
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
-__all__ = ["LocalResult", "TrainedModel", "check_accounting", "pick_device", "train_locally"]
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+__all__ = ["LocalResult", "StepRecord", "TrainedModel", "check_accounting", "pick_device", "train_locally"]
 
 TrainedModel = PersonaEncoder | LabelModel
 """What DP-SGD trains: the label model (the default) or the persona encoder."""
 
 logger = logging.getLogger(__name__)
+
+
+class _Accountant(Protocol):
+    history: list[tuple[float, float, int]]
+
+
+class _WithAccountant(Protocol):
+    @property
+    def accountant(self) -> _Accountant: ...
+
+
+class StepRecord:
+    """The noisy steps a book-keeping round ran, as Opacus' accountants record them (a history of
+    ``(sigma, q, steps)``): ``record.accountant.step(noise_multiplier=..., sample_rate=...)``
+    appends one step. :func:`check_accounting` reads it as it reads a privacy engine."""
+
+    def __init__(self, history: list[tuple[float, float, int]]) -> None:
+        self.history = list(history)
+
+    @property
+    def accountant(self) -> StepRecord:
+        return self
+
+    def step(self, *, noise_multiplier: float, sample_rate: float) -> None:
+        self.history.append((float(noise_multiplier), float(sample_rate), 1))
 
 
 @dataclass(frozen=True)
@@ -125,7 +155,7 @@ def train_locally(
         else torch.optim.Adam(model.parameters(), lr=settings.lr)
     )
     criterion = _PerSampleLoss()
-    engine: PrivacyEngine | None = None
+    engine: PrivacyEngine | StepRecord | None = None
     train_model: torch.nn.Module = model
     bookkeeping = privacy.private and settings.grad_sample_mode == "bookkeeping"
     expected_batch = 1
@@ -137,19 +167,22 @@ def train_locally(
             round=round, mechanism="dp-sgd", noise_multiplier=noise_multiplier,
             sample_rate=q, steps=steps,
         )  # fmt: skip
-        engine = _privacy_engine(privacy.accountant)
         # Everything charged before this round's entry (read after the charge, which may have
         # caught up with entries another writer appended).
-        engine.accountant.history = merge_history(ledger.history[:-1])
+        earlier = merge_history(ledger.history[:-1])
         # Only its length matters: Opacus derives q = 1 / len(loader) and the expected batch
         # size from it, both functions of the public row count.
         index_loader = DataLoader(TensorDataset(torch.arange(public)), batch_size=max(1, min(batch_size, public)))
         if not math.isclose(1.0 / len(index_loader), q):
             raise RuntimeError("sample rate mismatch between the plan and Opacus")
         if bookkeeping:
+            engine = StepRecord(earlier)
             expected_batch = max(1, int(public * q))  # Opacus' expected_batch_size for this loader
         else:
-            private = engine.make_private(
+            opacus_engine = _privacy_engine(privacy.accountant)
+            opacus_engine.accountant.history = earlier
+            engine = opacus_engine
+            private = opacus_engine.make_private(
                 module=model,
                 optimizer=optimizer,
                 criterion=criterion,
@@ -263,7 +296,7 @@ def _bookkeeping_step(
     return mean_loss
 
 
-def check_accounting(engine: PrivacyEngine, ledger: PrivacyLedger, delta: float) -> float:
+def check_accounting(engine: _WithAccountant, ledger: PrivacyLedger, delta: float) -> float:
     """The ledger's epsilon, refused unless the ledger charged every step Opacus took.
 
     Opacus' accountant records each noisy step it actually ran as ``(sigma, q, steps)``; the
@@ -290,6 +323,8 @@ def _privacy_engine(accountant: str) -> PrivacyEngine:
     :func:`_secret_noise` replaces Opacus' noise with noise from the partner's secret ChaCha20
     stream, so the notice is dropped here and only here.
     """
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         return PrivacyEngine(accountant=accountant)
