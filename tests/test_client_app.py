@@ -345,3 +345,8 @@ def test_the_client_app_module_starts_without_the_learning_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]"
+    # Admission and training need PyTorch, not Opacus (book-keeping clipping) or scikit-learn
+    # (evaluation and persona cards import it when they run).
+    probe = probe.replace("client_app", "partner, fedpersona.federation.partner_personas, fedpersona.model.training")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "['torch']"

@@ -36,7 +36,6 @@ from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.model.encoder import PersonaEncoder
-from fedpersona.model.evaluation import evaluate
 from fedpersona.model.inference import load_parameters
 from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel, halves
 from fedpersona.model.scopes import parameter_scope
@@ -494,6 +493,8 @@ def evaluate_round(
     data = load_partner_data(cfg, device=device)
     model = build_model(data, model_cfg, seed=seed, device=device)
     _with_received(model, cfg, received)
+    from fedpersona.model.evaluation import evaluate  # scikit-learn: only the messages that evaluate pay for it
+
     metrics: dict[str, Any] = evaluate(
         model=model, train=data.train, test=data.test, personas=data.personas_test, seed=seed, baseline=baseline
     )
