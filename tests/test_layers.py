@@ -136,3 +136,21 @@ def test_version_names_the_installed_packages_without_importing_them() -> None:
     first, loaded = done.stdout.strip().splitlines()[0], done.stdout.strip().splitlines()[-1]
     assert first.startswith(f"fedpersona {version('fedpersona')} (flwr {version('flwr')}, opacus {version('opacus')}")
     assert f"torch {version('torch')}" in first and loaded == "[]"
+
+
+def test_persona_inference_runs_without_torch(tmp_path: Path) -> None:
+    """`fedpersona infer` assigns personas from the public persona view and the released
+    mixture: its code path never imports PyTorch, Opacus or scikit-learn (seconds of start-up)."""
+    code = (
+        "import sys\n"
+        "from fedpersona.federation.partner_personas import infer_users, persona_width\n"
+        "from fedpersona.model.artifacts import verify_model\n"
+        "from fedpersona.data.schema_reader import partner_schema\n"
+        "from fedpersona.config.settings import PartnerConfig, PrivacySettings\n"
+        f"cfg = PartnerConfig(name='shop', kind='ecommerce', state_dir={str(tmp_path)!r}, "
+        "privacy=PrivacySettings(target_epsilon=3.0), synthetic_rows=100)\n"
+        "assert persona_width(cfg) > 0 and partner_schema(cfg).kind == 'ecommerce'\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'opacus', 'sklearn')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip() == "[]", done.stdout[:500]

@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from fedpersona.config.settings import valid_kind
+from fedpersona.config.settings import PartnerConfig, valid_kind
 from fedpersona.data.schema import (
     DEFAULT_FALSE,
     DEFAULT_NA,
@@ -35,9 +35,9 @@ from fedpersona.data.schema import (
     TextFeature,
     canonical,
 )
-from fedpersona.errors import SchemaError
+from fedpersona.errors import ConfigError, SchemaError
 
-__all__ = ["load_schema", "parse_schema"]
+__all__ = ["load_schema", "parse_schema", "partner_schema"]
 
 
 _TABLE_KEYS = {
@@ -526,3 +526,18 @@ def _parse_events(spec: Any, problems: list[str]) -> EventSpec | None:
         reference=spec.get("reference"),
         aggregates=tuple(aggregates),
     )
+
+
+def partner_schema(cfg: PartnerConfig) -> Schema:
+    """The partner's schema: its own file, or the packaged synthetic one."""
+    if cfg.schema_path is not None:
+        schema = load_schema(cfg.schema_path)
+        if schema.kind != cfg.kind:
+            raise ConfigError(
+                f"{cfg.source}: partner.kind is {cfg.kind!r} but the schema {cfg.schema_path} says table.kind = "
+                f"{schema.kind!r}; they must agree (the kind and the schema's fingerprint name the partner's slot)"
+            )
+        return schema
+    from fedpersona.data.synthetic import synthetic_schema
+
+    return synthetic_schema(cfg.kind)

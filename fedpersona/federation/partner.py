@@ -32,7 +32,7 @@ from fedpersona.config.settings import ModelSettings, PartnerConfig, PrivacyPlan
 from fedpersona.data.dense import DenseViews, dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema import Schema
-from fedpersona.data.schema_reader import load_schema
+from fedpersona.data.schema_reader import partner_schema
 from fedpersona.data.tables import Table, load_table
 from fedpersona.errors import ConfigError, PrivacyBudgetExceeded, PrivacyLedgerError
 from fedpersona.model.encoder import PersonaEncoder
@@ -74,21 +74,6 @@ class PartnerData:
     def persona_train(self) -> np.ndarray:
         """The persona view of the training rows (float64): what the persona releases use."""
         return np.asarray(self.dense.persona[self.train_index], dtype=np.float64)
-
-
-def partner_schema(cfg: PartnerConfig) -> Schema:
-    """The partner's schema: its own file, or the packaged synthetic one."""
-    if cfg.schema_path is not None:
-        schema = load_schema(cfg.schema_path)
-        if schema.kind != cfg.kind:
-            raise ConfigError(
-                f"{cfg.source}: partner.kind is {cfg.kind!r} but the schema {cfg.schema_path} says table.kind = "
-                f"{schema.kind!r}; they must agree (the kind and the schema's fingerprint name the partner's slot)"
-            )
-        return schema
-    from fedpersona.data.synthetic import synthetic_schema
-
-    return synthetic_schema(cfg.kind)
 
 
 _DATA_CACHE: dict[tuple[object, ...], tuple[PartnerData, int]] = {}  # key -> (data, approximate bytes)

@@ -17,9 +17,9 @@ import numpy as np
 from fedpersona.config.settings import PartnerConfig, TrainingSettings
 from fedpersona.data.dense import dense_layout, persona_view
 from fedpersona.data.schema import SequenceFeature, slot_id
+from fedpersona.data.schema_reader import partner_schema
 from fedpersona.data.tables import Table
 from fedpersona.errors import ConfigError
-from fedpersona.federation.partner import _atomic_write, _seed_for, load_partner_data, load_plan, partner_schema
 from fedpersona.model.inference import InferenceSummary, infer_file
 from fedpersona.personas.mixture import STATS_MECHANISM, Mixture, stats_release
 from fedpersona.personas.protocol import personas_from_arrays, result_from_json
@@ -53,6 +53,8 @@ def persona_release(
     so no choice of them weakens the guarantee. The noise comes from the partner's secret
     stream, keyed by the ledger entry, so a repeated request draws fresh noise.
     """
+    from fedpersona.federation.partner import load_partner_data, load_plan
+
     data = load_partner_data(cfg)
     plan = load_plan(cfg, data, training, 1)
     kind = str(config["persona.kind"])
@@ -117,6 +119,7 @@ def persona_round(
     (``state_dir/assignments.csv``) stay at the partner. The
     returned metrics are held-out evaluation metrics (opt-in, not DP) for the server.
     """
+    from fedpersona.federation.partner import _atomic_write, _seed_for, load_partner_data
     from fedpersona.personas.cards import feature_profile, hit_rate_at_k, persona_cards
 
     data = load_partner_data(cfg)

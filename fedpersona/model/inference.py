@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -40,16 +40,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import torch
 from threadpoolctl import threadpool_limits
 
 from fedpersona.config.settings import ModelSettings
-from fedpersona.data.features import layout_of
 from fedpersona.data.schema import Schema, slot_id
 from fedpersona.data.tables import Table, check_file, read_frame, validate_frame
 from fedpersona.errors import ConfigError, DataError, SchemaError
-from fedpersona.model.encoder import PersonaEncoder
 from fedpersona.model.scopes import parameter_scope
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedpersona.model.encoder import PersonaEncoder
 
 __all__ = [
     "BLOCK_ROWS",
@@ -76,7 +78,7 @@ class InferenceSummary:
     counts: tuple[int, ...]  # users per persona
 
 
-_Model = TypeVar("_Model", bound=torch.nn.Module)
+_Model = TypeVar("_Model", bound="torch.nn.Module")
 
 
 def load_parameters(
@@ -94,6 +96,8 @@ def load_parameters(
     configuration; with ``require_shared`` every shared parameter must be present. Every problem
     is listed in one :class:`~fedpersona.errors.ConfigError`.
     """
+    import torch
+
     state = model.state_dict()
     problems = []
     unknown = sorted(name for name in [*shared, *(local or {})] if name not in state)
@@ -136,6 +140,11 @@ def load_encoder(
     :func:`load_parameters`. A partner whose adapter was never shared (its schema differs from
     its kind's) passes its own as ``local_adapter`` (keys ``adapter.*``).
     """
+    import torch
+
+    from fedpersona.data.features import layout_of
+    from fedpersona.model.encoder import PersonaEncoder
+
     section = card.get("model")
     if not isinstance(section, Mapping):
         raise ConfigError("the model card has no 'model' section with the encoder sizes")
