@@ -156,7 +156,8 @@ def read_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
         silo = generate_silo(cfg.kind, int(cfg.synthetic_rows or 0), seed=cfg.synthetic_seed, mix=mix)
         table, personas = silo.table, silo.persona
     n = len(table)
-    in_train = train_mask(row_keys(table), split_key(cfg), cfg.test_fraction)
+    keys, secret = row_keys(table), split_key(cfg)
+    in_train = train_mask(keys, secret, cfg.test_fraction)
     train_idx, test_idx = np.flatnonzero(in_train), np.flatnonzero(~in_train)
     if len(train_idx) < 2:
         raise ConfigError(f"{cfg.source}: the table has {n} rows, too few to split for training")
@@ -164,7 +165,7 @@ def read_partner_data(cfg: PartnerConfig, *, device: torch.device | None = None)
     dense = dense_views(table)
     # The label model's inputs ride with the other tensors, so one index gathers a batch.
     features.tensors[LABEL_INPUT] = torch.from_numpy(np.ascontiguousarray(dense.label, dtype=np.float32))
-    features.tensors[HALF] = torch.from_numpy(halves(row_keys(table), split_key(cfg)))
+    features.tensors[HALF] = torch.from_numpy(halves(keys, secret))
     if device is not None:
         features = features.to(device)
     index_train = torch.from_numpy(train_idx).to(features.tensors["scalar"].device)

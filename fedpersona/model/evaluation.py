@@ -144,21 +144,14 @@ def _evaluate_label_model(
     if test.layout.label_names:
         y_test = test.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
         y_train = train.tensors["labels"][:, 0].cpu().numpy().astype(np.float64)
+        fed_train, fed_test = _all_rows(model.out_of_sample_logits, train), _all_rows(model.logits, test)
         # A score that shows no signal on the partner's own rows (the out-of-sample halves, the
         # detector of fedpersona.model.stacking) says so, rather than report a chance-level AUC.
-        detection = detect_signal(y=y_train, score=_all_rows(model.out_of_sample_logits, train))
+        detection = detect_signal(y=y_train, score=fed_train)
         metrics["label_signal"] = float(detection.signal)
-        metrics["label_auc"] = _auc(y_test, _all_rows(model.logits, test)) if detection.signal else math.nan
+        metrics["label_auc"] = _auc(y_test, fed_test) if detection.signal else math.nan
         if baseline:
-            metrics.update(
-                _stacked_baseline(
-                    train,
-                    test,
-                    fed_train=_all_rows(model.out_of_sample_logits, train),
-                    fed_test=_all_rows(model.logits, test),
-                    seed=seed,
-                )
-            )
+            metrics.update(_stacked_baseline(train, test, fed_train=fed_train, fed_test=fed_test, seed=seed))
     if baseline and personas is not None and len(personas) == len(test):
         k = len(np.unique(personas))
         if k >= 2 and len(test) > k:
