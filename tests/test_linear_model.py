@@ -216,3 +216,25 @@ def test_a_default_private_round_never_imports_opacus(tmp_path: object) -> None:
     record.accountant.step(noise_multiplier=2.0, sample_rate=0.2)  # a sixth step, never charged
     with pytest.raises(RuntimeError, match="did not charge"):
         check_accounting(record, ledger, 1e-5)
+
+
+def test_a_label_model_without_labels_trains_nothing_and_charges_nothing(tmp_path: object) -> None:
+    """A schema without labels gives a label model of zero-size regressions: no DP-SGD step
+    runs, no update is released and the ledger stays empty (no budget spent on nothing)."""
+    from pathlib import Path
+
+    n = 300
+    data = FeatureTensors(
+        layout_of(synthetic_schema("finance")),
+        {"scalar": torch.zeros(n, 1), LABEL_INPUT: torch.randn(n, 4), HALF: torch.randint(0, 2, (n,)),
+         "labels": torch.zeros(n, 0)},
+    )  # fmt: skip
+    privacy = PrivacySettings(target_epsilon=3.0)
+    ledger = PrivacyLedger(Path(str(tmp_path)), settings=privacy)
+    result = train_locally(
+        model=LabelModel(4, 0, ModelSettings()), data=data, settings=TrainingSettings(device="cpu"), privacy=privacy,
+        noise_multiplier=2.0, ledger=ledger, round=1, randomness=SecretRandomness.for_mechanism(None, "p", 1),
+        public_rows=n,
+    )  # fmt: skip
+    assert result.steps == 0 and result.epsilon is None
+    assert ledger.entries == []

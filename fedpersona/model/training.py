@@ -144,9 +144,9 @@ def train_locally(
     batch_size = settings.batch_for(public)
     q = sample_rate_for(public, batch_size)
     steps = settings.steps_per_round(public)
-    if not any(p.requires_grad for p in model.parameters()):
-        # Nothing to train (a label model for a table without labels): no step, no release,
-        # nothing charged.
+    if not any(p.requires_grad and p.numel() > 0 for p in model.parameters()):
+        # Nothing to train (a label model for a table without labels has zero-size
+        # regressions): no step, no release, nothing charged.
         return LocalResult(0, q, noise_multiplier, None, 0.0)
     device = next(model.parameters()).device
     optimizer: torch.optim.Optimizer = (
