@@ -104,6 +104,74 @@ def test_bookkeeping_clipping_is_exact_against_one_row_at_a_time() -> None:
         assert torch.allclose(got.grads[n], g, atol=1e-6), n
 
 
+@pytest.mark.parametrize("clip", [0.05, 0.7, 1e6])  # every row clipped, some, none
+def test_the_closed_form_clipped_sum_equals_one_row_at_a_time_and_the_generic_path(clip: float) -> None:
+    model = _model(6, 3)
+    batch = _batch(60, 6, 3, seed=5)
+    batch["labels"][7] = math.nan  # a row with no known label: a zero gradient, clip factor 1
+    got = model.clipped_sum(batch, clip)
+    generic = clipped_gradient_sum(model=model, per_sample_loss=lambda: model(batch), max_grad_norm=clip)
+    assert list(got.grads) == list(generic.grads)  # the same order: the noise lands on the same coordinates
+    want = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    norms = []
+    for i in range(60):
+        model.zero_grad()
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        model(row).sum().backward()
+        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).double() for n, p in model.named_parameters()}
+        norm = math.sqrt(sum(float((g**2).sum()) for g in grads.values()))
+        norms.append(norm)
+        factor = min(1.0, clip / norm) if norm > 0 else 1.0
+        for n in want:
+            want[n] += grads[n] * factor
+    assert norms[7] == 0.0
+    assert torch.allclose(got.norms.double(), torch.tensor(norms, dtype=torch.float64), rtol=1e-5)
+    assert torch.allclose(got.losses, model(batch).detach(), rtol=1e-6)
+    for n, g in want.items():
+        assert torch.allclose(got.grads[n].double(), g, atol=1e-5), n
+        assert torch.allclose(got.grads[n], generic.grads[n], atol=1e-5), n
+
+
+def test_a_private_round_gives_the_same_model_through_the_closed_form_and_the_generic_path(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same seeded DP-SGD round (same batches, same noise) trained once with the label
+    model's closed-form clipped sum and once, with that method removed, through the generic
+    book-keeping path: the two models agree to float32 rounding."""
+    from pathlib import Path
+
+    g = torch.Generator().manual_seed(2)
+    n, d = 1500, 5
+    layout = layout_of(synthetic_schema("finance"))
+    data = FeatureTensors(
+        layout,
+        {
+            "scalar": torch.zeros(n, 1),
+            LABEL_INPUT: torch.randn(n, d, generator=g),
+            HALF: (torch.rand(n, generator=g) < 0.5).long(),
+            "labels": (torch.rand(n, 1, generator=g) < 0.3).float(),
+        },
+    )
+    privacy = PrivacySettings(target_epsilon=50.0, delta=1e-5)
+
+    def trained(where: str) -> LabelModel:
+        model = _model(d, 1, seed=4)
+        ledger = PrivacyLedger(Path(str(tmp_path)) / where, settings=privacy)
+        train_locally(
+            model=model, data=data, settings=TrainingSettings(device="cpu"), privacy=privacy, noise_multiplier=0.8,
+            ledger=ledger, round=1, randomness=SecretRandomness.from_seed(9, "same"), public_rows=n,
+        )  # fmt: skip
+        return model
+
+    closed = trained("closed")
+    monkeypatch.delattr(LabelModel, "clipped_sum")
+    generic = trained("generic")
+    start = _model(d, 1, seed=4)
+    for (name, a), b, s in zip(closed.named_parameters(), generic.parameters(), start.parameters(), strict=True):
+        assert not torch.allclose(a, s), name  # the round moved the model
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
 def test_private_rounds_learn_a_linear_signal_and_charge_the_ledger(tmp_path: object) -> None:
     """Three DP-SGD rounds at epsilon 3 on 4,000 rows of a planted logistic model: the
     cross-fitted out-of-sample AUC is far above chance, and the ledger holds one entry per round."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -92,9 +93,12 @@ class FeatureTensors:
     def __len__(self) -> int:
         return int(self.tensors["scalar"].shape[0])
 
-    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rows ``index`` of every tensor (a tensor gather, no per-row Python)."""
-        return {key: value[index] for key, value in self.tensors.items()}
+    def batch(self, index: torch.Tensor, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Rows ``index`` of every tensor, or of the tensors named in ``keys`` (a tensor gather,
+        no per-row Python)."""
+        if keys is None:
+            return {key: value[index] for key, value in self.tensors.items()}
+        return {key: self.tensors[key][index] for key in keys}
 
     def to(self, device: torch.device | str) -> FeatureTensors:
         return FeatureTensors(self.layout, {k: v.to(device) for k, v in self.tensors.items()})

@@ -38,9 +38,20 @@ coordinator learns neither which rows trained which half nor anything else about
 Could an auditor call this a leak? The out-of-sample scores and the halves stay at the
 partner; what leaves is the noisy DP-SGD update, charged to the ledger before it is computed.
 
-**Exact per-sample clipping.** Both halves are :class:`torch.nn.Linear` on ``(B, d)`` inputs;
-the output gradient of the half a row is not in is exactly zero for that row, so
-:mod:`fedpersona.privacy.clipping` computes each row's gradient norm exactly.
+**Exact per-sample clipping, in closed form** (:meth:`LabelModel.clipped_sum`). Row ``b`` has
+features ``x_b``, half ``h_b`` and loss ``l_b = sum_l k_bl BCE(z_bl, y_bl)`` with ``z_b = W_{h_b}
+x_b + beta_{h_b}`` and ``k_bl`` = 1 where label ``l`` is known. Since ``d BCE(z, y) / dz =
+sigmoid(z) - y``, the row's output gradient is ``r_b = k_b * (sigmoid(z_b) - y_b)`` (``(L,)``) and
+its whole parameter gradient is ``r_b x_b^T`` on ``W_{h_b}``, ``r_b`` on ``beta_{h_b}`` and zero
+on the other half, so
+
+    ``||grad_b||^2 = ||r_b||^2 (||x_b||^2 + 1)``,
+
+and with ``c_b = min(1, C / ||grad_b||)`` the clipped sums are ``sum_{b: h_b = h} c_b r_b x_b^T``
+and ``sum_{b: h_b = h} c_b r_b``: two matrix products for the whole batch, with no autograd, no
+hooks and no per-sample gradient. It is the book-keeping computation of
+:mod:`fedpersona.privacy.clipping` with the backward pass written out; the tests check it
+against that module and against one-row-at-a-time gradients.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpersona.config.settings import ModelSettings
+from fedpersona.privacy.clipping import ClippedSum, clip_factors
 
 __all__ = ["LABEL_INPUT", "LabelModel", "halves"]
 
@@ -87,6 +99,7 @@ class LabelModel(nn.Module):
     """
 
     takes_keep = False  # DP-SGD draws no feature mask for it
+    batch_keys = (LABEL_INPUT, HALF, "labels")  # all it reads of a partner's tensors
 
     def __init__(self, width: int, labels: int, config: ModelSettings) -> None:
         super().__init__()
@@ -124,3 +137,37 @@ class LabelModel(nn.Module):
         """``(B, L)``: each training row's logits from the half that did not train on it."""
         first, second = self._both(batch)
         return torch.where((batch[HALF] == 0)[:, None], second, first)
+
+    @torch.no_grad()
+    def clipped_sum(self, batch: dict[str, torch.Tensor], max_grad_norm: float) -> ClippedSum:
+        """The batch's clipped per-sample gradient sum in closed form (module docstring).
+
+        The same :class:`~fedpersona.privacy.clipping.ClippedSum` as
+        :func:`fedpersona.privacy.clipping.clipped_gradient_sum` gives for this model (the
+        parameters in the same order, so the secret noise lands on the same coordinates): the
+        exact sums, never noised here, stay at the partner.
+        """
+        x, half, labels = batch[LABEL_INPUT], batch[HALF], batch["labels"]
+        size = self.labels
+        first, second = self.label_model["half0"], self.label_model["half1"]
+        weights = torch.cat([first.weight, second.weight])  # (2L, d): both halves in one product
+        both = torch.addmm(torch.cat([first.bias, second.bias]), x, weights.t())  # (B, 2L)
+        in_first = (half == 0)[:, None]
+        own = torch.where(in_first, both[:, :size], both[:, size:])
+        known = ~torch.isnan(labels)
+        target = torch.nan_to_num(labels)
+        losses = (F.binary_cross_entropy_with_logits(own, target, reduction="none") * known).sum(1)
+        residual = (torch.sigmoid(own) - target) * known  # (B, L): each row's output gradient
+        norms = torch.linalg.vector_norm(residual, dim=1) * (torch.linalg.vector_norm(x, dim=1).square() + 1.0).sqrt()
+        scaled = residual * clip_factors(norms, max_grad_norm)[:, None]
+        zero = torch.zeros((), dtype=scaled.dtype, device=scaled.device)
+        spread = torch.cat([torch.where(in_first, scaled, zero), torch.where(in_first, zero, scaled)], 1)  # (B, 2L)
+        weight_sums = spread.t() @ x  # (2L, d)
+        bias_sums = spread.sum(0)
+        grads = {
+            "label_model.half0.weight": weight_sums[:size],
+            "label_model.half0.bias": bias_sums[:size],
+            "label_model.half1.weight": weight_sums[size:],
+            "label_model.half1.bias": bias_sums[size:],
+        }
+        return ClippedSum(grads=grads, norms=norms, max_grad_norm=float(max_grad_norm), losses=losses)

@@ -9,7 +9,8 @@ training, so every epsilon it reports is cumulative over all rounds and restarts
 **Per-sample clipping** (``training.grad_sample_mode``), exact in every mode:
 
 - ``"bookkeeping"`` (the default): :func:`fedpersona.privacy.clipping.clipped_gradient_sum`
-  (one forward, one backward; the math is in that module). Each step releases
+  (one forward, one backward; the math is in that module), or for the label model the same
+  sums in closed form (:meth:`fedpersona.model.linear.LabelModel.clipped_sum`: no autograd). Each step releases
   ``(sum_b c_b grad_b + N(0, (sigma C)^2 I)) / E[B]`` with ``c_b = min(1, C / ||grad_b||)``,
   the noise from :func:`fedpersona.privacy.clipping.add_secret_noise` and ``E[B] = int(q *
   public_rows)`` as Opacus divides, and each step is recorded as ``(sigma, q, 1)`` in a step
@@ -225,7 +226,7 @@ def train_locally(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             continue
-        batch = data.batch(index)
+        batch = data.batch(index, getattr(model, "batch_keys", None))
         keep = _keep(model, data, batch, masks)
         per_sample = train_model(batch, keep)
         loss = criterion(per_sample) if engine is not None else per_sample.mean()
@@ -280,11 +281,15 @@ def _bookkeeping_step(
     if len(index) == 0:
         summed = {name: torch.zeros_like(p) for name, p in trainable}
     else:
-        batch = data.batch(index)
-        keep = _keep(model, data, batch, masks)
-        clipped = clipped_gradient_sum(
-            model=model, per_sample_loss=lambda: model(batch, keep), max_grad_norm=max_grad_norm
-        )
+        batch = data.batch(index, getattr(model, "batch_keys", None))
+        closed_form = getattr(model, "clipped_sum", None)
+        if closed_form is not None and all(p.requires_grad for p in model.parameters()):
+            clipped = closed_form(batch, max_grad_norm)  # the label model: the same sums without autograd
+        else:
+            keep = _keep(model, data, batch, masks)
+            clipped = clipped_gradient_sum(
+                model=model, per_sample_loss=lambda: model(batch, keep), max_grad_norm=max_grad_norm
+            )
         summed = clipped.grads
         mean_loss = float(clipped.losses.mean())
     noisy = add_secret_noise(summed, std=noise_multiplier * max_grad_norm, randomness=randomness)
