@@ -118,7 +118,9 @@ def test_the_closed_form_clipped_sum_equals_one_row_at_a_time_and_the_generic_pa
         model.zero_grad()
         row = {k: v[i : i + 1] for k, v in batch.items()}
         model(row).sum().backward()
-        grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).double() for n, p in model.named_parameters()}
+        grads = {
+            n: (p.grad if p.grad is not None else torch.zeros_like(p)).double() for n, p in model.named_parameters()
+        }
         norm = math.sqrt(sum(float((g**2).sum()) for g in grads.values()))
         norms.append(norm)
         factor = min(1.0, clip / norm) if norm > 0 else 1.0

@@ -150,6 +150,7 @@ class LabelModel(nn.Module):
         x, half, labels = batch[LABEL_INPUT], batch[HALF], batch["labels"]
         size = self.labels
         first, second = self.label_model["half0"], self.label_model["half1"]
+        assert isinstance(first, nn.Linear) and isinstance(second, nn.Linear)
         weights = torch.cat([first.weight, second.weight])  # (2L, d): both halves in one product
         both = torch.addmm(torch.cat([first.bias, second.bias]), x, weights.t())  # (B, 2L)
         in_first = (half == 0)[:, None]
