@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -39,7 +40,7 @@ from fedpersona.errors import ConfigError
 from fedpersona.model.encoder import PersonaEncoder, random_keep, token_presence
 from fedpersona.model.linear import LabelModel
 from fedpersona.privacy.accounting import merge_history
-from fedpersona.privacy.clipping import add_secret_noise, clipped_gradient_sum
+from fedpersona.privacy.clipping import ClippedSum, add_secret_noise, clipped_gradient_sum
 from fedpersona.privacy.ledger import PrivacyLedger
 from fedpersona.privacy.randomness import SecretRandomness
 
@@ -200,14 +201,19 @@ def train_locally(
             _secret_noise(optimizer, randomness)
     model.train()
     masks = randomness.torch_generator(device)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    closed_form = getattr(model, "clipped_sum", None)  # the label model: the same sums without autograd
+    if closed_form is not None and len(trainable) != len(list(model.parameters())):
+        closed_form = None  # a frozen parameter: the generic path, which skips it
+    keys = getattr(model, "batch_keys", None)  # the tensors the model reads (None: all)
     total = 0.0
     for _ in range(steps):
         index = torch.from_numpy(randomness.poisson_sample(rows, q)).to(data.tensors["scalar"].device)
         if bookkeeping:
             assert engine is not None and noise_multiplier is not None
             total += _bookkeeping_step(
-                model=model, data=data, index=index, masks=masks, mask_rate=model.config.mask_rate,
-                optimizer=optimizer, randomness=randomness, noise_multiplier=noise_multiplier,
+                model=model, data=data, index=index, masks=masks, trainable=trainable, closed_form=closed_form,
+                keys=keys, optimizer=optimizer, randomness=randomness, noise_multiplier=noise_multiplier,
                 max_grad_norm=privacy.max_grad_norm, expected_batch=expected_batch,
             )  # fmt: skip
             engine.accountant.step(noise_multiplier=noise_multiplier, sample_rate=q)
@@ -226,7 +232,7 @@ def train_locally(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             continue
-        batch = data.batch(index, getattr(model, "batch_keys", None))
+        batch = data.batch(index, keys)
         keep = _keep(model, data, batch, masks)
         per_sample = train_model(batch, keep)
         loss = criterion(per_sample) if engine is not None else per_sample.mean()
@@ -262,7 +268,9 @@ def _bookkeeping_step(
     data: FeatureTensors,
     index: torch.Tensor,
     masks: torch.Generator,
-    mask_rate: float,
+    trainable: list[tuple[str, torch.nn.Parameter]],
+    closed_form: Callable[[dict[str, torch.Tensor], float], ClippedSum] | None,
+    keys: Sequence[str] | None,
     optimizer: torch.optim.Optimizer,
     randomness: SecretRandomness,
     noise_multiplier: float,
@@ -276,15 +284,13 @@ def _bookkeeping_step(
     reveal the empty batch). The clipped sum and the losses stay here; only the noisy step
     changes the model.
     """
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     mean_loss = 0.0
     if len(index) == 0:
         summed = {name: torch.zeros_like(p) for name, p in trainable}
     else:
-        batch = data.batch(index, getattr(model, "batch_keys", None))
-        closed_form = getattr(model, "clipped_sum", None)
-        if closed_form is not None and all(p.requires_grad for p in model.parameters()):
-            clipped = closed_form(batch, max_grad_norm)  # the label model: the same sums without autograd
+        batch = data.batch(index, keys)
+        if closed_form is not None:
+            clipped = closed_form(batch, max_grad_norm)
         else:
             keep = _keep(model, data, batch, masks)
             clipped = clipped_gradient_sum(
