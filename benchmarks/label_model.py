@@ -12,7 +12,7 @@ The honest baseline of the label side, with the product's own code from end to e
 - **With the federation.** The label model (:mod:`fedpersona.model.linear`) trained by the
   product's DP-SGD (:func:`fedpersona.model.training.train_locally`, book-keeping clipping,
   secret noise, a ledger per partner) for the shipped recipe (``simulations/real_silos.toml``:
-  15 rounds of 5 steps at sample rate 0.2, SGD at learning rate 2, clip 1), the noise planned
+  15 rounds of 5 steps at sample rate 0.2, SGD at learning rate 2, clip 2), the noise planned
   per partner by :func:`fedpersona.privacy.planner.make_plan` with the persona releases' share
   (60%) reserved exactly as in a federation, averaged each round by
   :class:`~fedpersona.federation.aggregation.ScopedAggregator` (FedAvg weighted by the declared
@@ -46,7 +46,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from fedpersona.config.files import load_scenario
-from fedpersona.config.settings import FederationSettings, PrivacySettings
+from fedpersona.config.settings import FederationSettings, PrivacySettings, TrainingSettings
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema_reader import load_schema
@@ -83,11 +83,24 @@ def partners_of(y: np.ndarray, train: np.ndarray, seed: int) -> list[np.ndarray]
     return [*large, small]
 
 
-def federate(parts: list[FeatureTensors], *, epsilon: float, seed: int) -> list[LabelModel]:
-    """The shipped recipe over ``parts`` (one slot); each partner's final model."""
+def federate(
+    parts: list[FeatureTensors],
+    *,
+    epsilon: float,
+    seed: int,
+    training: TrainingSettings | None = None,
+    rounds: int | None = None,
+    max_grad_norm: float | None = None,
+) -> list[LabelModel]:
+    """The shipped recipe over ``parts`` (one slot); each partner's final model. ``training``,
+    ``rounds`` and ``max_grad_norm`` replace the recipe's (for :mod:`benchmarks.label_recipe`)."""
     scenario = load_scenario(SCENARIO)
-    training, fed = scenario.training.replace(device="cpu"), scenario.federation
-    privacy = PrivacySettings(target_epsilon=epsilon, delta=scenario.privacy.delta, accountant="prv")
+    training = (training or scenario.training).replace(device="cpu")
+    fed = scenario.federation if rounds is None else scenario.federation.replace(rounds=rounds)
+    clip = scenario.privacy.max_grad_norm if max_grad_norm is None else max_grad_norm
+    privacy = PrivacySettings(
+        target_epsilon=epsilon, delta=scenario.privacy.delta, accountant="prv", max_grad_norm=clip
+    )
     personas = FederationSettings(personas=6)  # the persona releases every partner plans for
     width, labels = int(parts[0].tensors[LABEL_INPUT].shape[1]), 1
     aggregator = ScopedAggregator()

@@ -163,8 +163,8 @@ class PrivacySettings(Settings):
 
     target_epsilon: float = Field(3.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1.0)
-    # An infinite clipping norm is no clipping: the sensitivity, and so epsilon, is unbounded.
-    max_grad_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    # Infinite = no clipping = unbounded epsilon. 2: the label model's recipe (model/linear.py).
+    max_grad_norm: float = Field(2.0, gt=0, allow_inf_nan=False)
     accountant: Literal["prv", "rdp"] = "prv"
     planned_rounds: int | None = Field(None, ge=1)
     # Reproducible noise: every DP key derives from this seed (fedpersona.privacy.randomness).

@@ -1,0 +1,138 @@
+"""Choosing the label model's DP-SGD recipe on validation splits: no test row is ever scored.
+
+Per dataset and seed the rows are split exactly as in :mod:`benchmarks.label_model` (a
+stratified 80/20 split, ``random_state = seed``); the 20% test rows are set aside and never
+read here. The 80% training rows are split again, stratified 75/25 (``random_state = 100 +
+seed``): the federation (three large Dirichlet(1) partners and a 400-row one, as in
+:func:`benchmarks.label_model.partners_of`) trains on the 75%, and each recipe is scored by the
+ROC AUC of the federated score (the mean of the two halves' logits) on the 25% validation rows.
+Each recipe runs the product's own training (:func:`benchmarks.label_model.federate`: planner,
+ledger, book-keeping clipping, secret noise, FedAvg within the slot) at the same epsilon, with
+the persona releases' share reserved as in a federation.
+
+``python -m benchmarks.label_recipe --seeds 0 1 2 3 [--epsilon 3] [--recipes NAME ...]``
+prints one row per recipe: the validation AUC per dataset (mean and spread over seeds) and the
+mean over the datasets, which is what a recipe is chosen by. The rows ``no noise`` (non-private,
+no clipping) and ``clipping only`` (epsilon 100, little noise) are references, not candidates: they show how
+much of the gap to the non-private model is noise and how much is clipping and the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
+
+from benchmarks.label_model import DATA, DATASETS, REPO, SCENARIO, SCHEMAS, federate, partners_of
+from fedpersona.config.files import load_scenario
+from fedpersona.data.dense import dense_views
+from fedpersona.data.features import FeatureTensors, featurize
+from fedpersona.data.schema_reader import load_schema
+from fedpersona.data.tables import load_table
+from fedpersona.model.linear import HALF, LABEL_INPUT
+
+# name -> changes to the shipped recipe: TrainingSettings fields, "rounds", "max_grad_norm", "epsilon"
+RECIPES: dict[str, dict[str, Any]] = {
+    "shipped (simulations/real_silos.toml)": {},
+    "clip 1 (the recipe before 2026-12-04)": {"max_grad_norm": 1.0},
+    "lr 4": {"lr": 4.0},
+    "lr 8": {"lr": 8.0},
+    "clip 2": {"max_grad_norm": 2.0},
+    "clip 3": {"max_grad_norm": 3.0},
+    "clip 5": {"max_grad_norm": 5.0},
+    "clip 10": {"max_grad_norm": 10.0},
+    "clip 5, q 0.5": {"max_grad_norm": 5.0, "sample_rate": 0.5},
+    "clip 5, q 0.5, 2 local epochs": {"max_grad_norm": 5.0, "sample_rate": 0.5, "local_epochs": 2},
+    "clip 3, q 0.5, 2 local epochs": {"max_grad_norm": 3.0, "sample_rate": 0.5, "local_epochs": 2},
+    "3 local epochs (15 steps a round)": {"local_epochs": 3},
+    "3 local epochs, lr 4": {"local_epochs": 3, "lr": 4.0},
+    "3 local epochs, clip 3": {"local_epochs": 3, "max_grad_norm": 3.0},
+    "30 rounds": {"rounds": 30},
+    "reference: clipping only (epsilon 100)": {"epsilon": 100.0},
+    "reference: no noise, no clipping": {"epsilon": float("inf")},
+}
+
+
+@dataclass(frozen=True)
+class Split:
+    parts: list[FeatureTensors]
+    validation: FeatureTensors
+    y_validation: np.ndarray
+
+
+def load(name: str) -> tuple[FeatureTensors, np.ndarray]:
+    """A dataset's tensors with its dense label view and a fixed half per row."""
+    schema = load_schema(REPO / "clients" / SCHEMAS[name] / "schema.toml")
+    table = load_table(schema, DATA / DATASETS[name])
+    features = featurize(table)
+    features.tensors[LABEL_INPUT] = torch.from_numpy(np.ascontiguousarray(dense_views(table).label))
+    features.tensors[HALF] = torch.from_numpy(np.random.default_rng(7).integers(0, 2, size=len(table)))
+    return features, features.tensors["labels"][:, 0].numpy().astype(np.float64)
+
+
+def split(features: FeatureTensors, y: np.ndarray, seed: int) -> Split:
+    """The federation's partners on the fitting rows and the validation rows (module docstring)."""
+    train, _test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)
+    fit, validation = train_test_split(np.sort(train), test_size=0.25, stratify=y[np.sort(train)],
+                                       random_state=100 + seed)  # fmt: skip
+    fit, validation = np.sort(fit), np.sort(validation)
+
+    def subset(index: np.ndarray) -> FeatureTensors:
+        return FeatureTensors(features.layout, features.batch(torch.from_numpy(index)))
+
+    return Split([subset(p) for p in partners_of(y, fit, seed)], subset(validation), y[validation])
+
+
+def score(data: Split, recipe: dict[str, Any], *, epsilon: float, seed: int) -> float:
+    changes = dict(recipe)
+    rounds = changes.pop("rounds", None)
+    clip = changes.pop("max_grad_norm", None)
+    epsilon = changes.pop("epsilon", epsilon)
+    training = load_scenario(SCENARIO).training.replace(**changes)
+    models = federate(data.parts, epsilon=epsilon, seed=seed, training=training, rounds=rounds, max_grad_norm=clip)
+    logits = models[0].logits(data.validation.batch(torch.arange(len(data.y_validation))))[:, 0].numpy()
+    return float(roc_auc_score(data.y_validation, logits.astype(np.float64)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    parser.add_argument("--epsilon", type=float, default=3.0)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    scores: dict[str, dict[str, list[float]]] = {r: {d: [] for d in args.datasets} for r in args.recipes}
+    began = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for name in args.datasets:
+            features, y = load(name)
+            for seed in args.seeds:
+                data = split(features, y, seed)
+                for recipe in args.recipes:
+                    scores[recipe][name].append(score(data, RECIPES[recipe], epsilon=args.epsilon, seed=seed))
+                    print(f"{name} seed {seed} {recipe}: {scores[recipe][name][-1]:.4f}", file=sys.stderr, flush=True)
+    print(f"Validation AUC of the federated score, epsilon {args.epsilon:g}, seeds {args.seeds} "
+          f"(mean, spread over seeds), {time.perf_counter() - began:.0f} s")  # fmt: skip
+    print("| recipe | " + " | ".join(args.datasets) + " | mean over datasets |")
+    print("|---|" + "---|" * (len(args.datasets) + 1))
+    for recipe in args.recipes:
+        cells = [f"{statistics.mean(v):.4f} ({min(v):.3f}-{max(v):.3f})" for v in scores[recipe].values()]
+        overall = statistics.mean(statistics.mean(v) for v in scores[recipe].values())
+        print(f"| {recipe} | " + " | ".join(cells) + f" | {overall:.4f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
