@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from fedpersona.config.files import load_scenario
-from fedpersona.config.settings import FederationSettings, PrivacySettings, TrainingSettings
+from fedpersona.config.settings import FederationSettings, ModelSettings, PrivacySettings, TrainingSettings
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema_reader import load_schema
@@ -91,9 +92,11 @@ def federate(
     training: TrainingSettings | None = None,
     rounds: int | None = None,
     max_grad_norm: float | None = None,
+    model: Callable[[int, int, ModelSettings], LabelModel] = LabelModel,
 ) -> list[LabelModel]:
     """The shipped recipe over ``parts`` (one slot); each partner's final model. ``training``,
-    ``rounds`` and ``max_grad_norm`` replace the recipe's (for :mod:`benchmarks.label_recipe`)."""
+    ``rounds``, ``max_grad_norm`` and the model class replace the recipe's (for
+    :mod:`benchmarks.label_recipe`)."""
     scenario = load_scenario(SCENARIO)
     training = (training or scenario.training).replace(device="cpu")
     fed = scenario.federation if rounds is None else scenario.federation.replace(rounds=rounds)
@@ -104,7 +107,7 @@ def federate(
     personas = FederationSettings(personas=6)  # the persona releases every partner plans for
     width, labels = int(parts[0].tensors[LABEL_INPUT].shape[1]), 1
     aggregator = ScopedAggregator()
-    models = [LabelModel(width, labels, scenario.model) for _ in parts]
+    models = [model(width, labels, scenario.model) for _ in parts]
     releases = personas.persona_releases if privacy.private else 0
     plans = [
         make_plan(

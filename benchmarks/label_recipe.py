@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,14 +33,16 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
+from torch import nn
 
 from benchmarks.label_model import DATA, DATASETS, REPO, SCENARIO, SCHEMAS, federate, partners_of
 from fedpersona.config.files import load_scenario
+from fedpersona.config.settings import ModelSettings
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import load_table
-from fedpersona.model.linear import HALF, LABEL_INPUT
+from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel
 
 # name -> changes to the shipped recipe: TrainingSettings fields, "rounds", "max_grad_norm", "epsilon"
 RECIPES: dict[str, dict[str, Any]] = {
@@ -47,7 +50,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "clip 1 (the recipe before 2026-12-04)": {"max_grad_norm": 1.0},
     "lr 4": {"lr": 4.0},
     "lr 8": {"lr": 8.0},
-    "clip 2": {"max_grad_norm": 2.0},
     "clip 3": {"max_grad_norm": 3.0},
     "clip 5": {"max_grad_norm": 5.0},
     "clip 10": {"max_grad_norm": 10.0},
@@ -58,9 +60,58 @@ RECIPES: dict[str, dict[str, Any]] = {
     "3 local epochs, lr 4": {"local_epochs": 3, "lr": 4.0},
     "3 local epochs, clip 3": {"local_epochs": 3, "max_grad_norm": 3.0},
     "30 rounds": {"rounds": 30},
+    # other model classes on the same view, trained by the same DP-SGD (the generic book-keeping clipping)
+    "one hidden layer of 8 (ReLU), lr 4": {"model": ("hidden", 8), "lr": 4.0},
+    "one hidden layer of 16 (ReLU), lr 4": {"model": ("hidden", 16), "lr": 4.0},
+    "linear + a hidden layer of 8 (ReLU), lr 4": {"model": ("linear+hidden", 8), "lr": 4.0},
+    "linear on x and 64 fixed random ReLU features": {"model": ("random features", 64)},
     "reference: clipping only (epsilon 100)": {"epsilon": 100.0},
     "reference: no noise, no clipping": {"epsilon": float("inf")},
 }
+
+
+class _Half(nn.Module):
+    """One half of a label-model variant on the dense view ``(B, d) -> (B, L)``: ``"hidden"``
+    (``d -> H -> L``, ReLU), ``"linear+hidden"`` (a linear map plus that), ``"random features"``
+    (a linear map of ``x`` and ``relu(R x + b)``, ``R`` and ``b`` fixed at a public seed). The
+    layers that train start at zero where a zero start leaves the others a gradient; the hidden
+    layer starts at N(0, 1/d), the same for every partner (a public seed)."""
+
+    def __init__(self, kind: str, width: int, labels: int, hidden: int, generator: torch.Generator) -> None:
+        super().__init__()
+        self.kind = kind
+        self.hidden = nn.Linear(width, hidden)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.randn(hidden, width, generator=generator) / width**0.5)
+            self.hidden.bias.copy_(torch.randn(hidden, generator=generator) * 0.1 if kind == "random features" else 0)
+        self.hidden.requires_grad_(kind != "random features")
+        self.out = nn.Linear(hidden + (width if kind == "random features" else 0), labels)
+        self.linear = nn.Linear(width, labels) if kind == "linear+hidden" else None
+        for layer in (self.out, self.linear):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.hidden(x))
+        if self.kind == "random features":
+            return self.out(torch.cat([x, h], 1))
+        return self.out(h) + (self.linear(x) if self.linear is not None else 0)
+
+
+def variant(kind: str, hidden: int) -> Callable[[int, int, ModelSettings], LabelModel]:
+    """A label model whose two halves are :class:`_Half` (no closed-form clipping: the generic
+    book-keeping path clips it, exactly)."""
+
+    def build(width: int, labels: int, config: ModelSettings) -> LabelModel:
+        model = LabelModel(width, labels, config)
+        model.clipped_sum = None  # type: ignore[assignment, method-assign]
+        generator = torch.Generator().manual_seed(0)
+        halves = {f"half{h}": _Half(kind, width, labels, hidden, generator) for h in (0, 1)}
+        model.label_model = nn.ModuleDict(halves)
+        return model
+
+    return build
 
 
 @dataclass(frozen=True)
@@ -98,8 +149,11 @@ def score(data: Split, recipe: dict[str, Any], *, epsilon: float, seed: int) -> 
     rounds = changes.pop("rounds", None)
     clip = changes.pop("max_grad_norm", None)
     epsilon = changes.pop("epsilon", epsilon)
+    model = variant(*changes.pop("model")) if "model" in changes else LabelModel
     training = load_scenario(SCENARIO).training.replace(**changes)
-    models = federate(data.parts, epsilon=epsilon, seed=seed, training=training, rounds=rounds, max_grad_norm=clip)
+    models = federate(
+        data.parts, epsilon=epsilon, seed=seed, training=training, rounds=rounds, max_grad_norm=clip, model=model
+    )
     logits = models[0].logits(data.validation.batch(torch.arange(len(data.y_validation))))[:, 0].numpy()
     return float(roc_auc_score(data.y_validation, logits.astype(np.float64)))
 

@@ -185,14 +185,9 @@ def run(*, quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    result = run(quick=False)
-    for table in result["tables"]:
-        print(table["name"])
-        print(" | ".join(table["columns"]))
-        for row in table["rows"]:
-            print(" | ".join(str(cell) for cell in row))
-    for note in result["notes"]:
-        print(note)
+    from benchmarks.report import print_section
+
+    print_section(run(quick=False))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,14 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def print_section(section: dict[str, Any]) -> None:
+    """One benchmark's tables and notes as Markdown on stdout (``python -m benchmarks.NAME``)."""
+    for table in section.get("tables", []):
+        print(f"**{table['name']}**\n\n{_table(table['columns'], table['rows'])}\n")
+    for note in section.get("notes", []):
+        print(f"- {note}")
+
+
 def _table(columns: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]

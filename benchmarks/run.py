@@ -25,7 +25,17 @@ from typing import Any
 from benchmarks.report import render
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("dp_speed", "planning", "featurize", "utility", "inference", "communication", "scale", "commands")
+BENCHMARKS = (
+    "dp_speed",
+    "planning",
+    "featurize",
+    "utility",
+    "inference",
+    "communication",
+    "scale",
+    "message_floor",
+    "commands",
+)
 PACKAGES = {"torch": "torch", "opacus": "opacus", "flwr": "flwr", "sklearn": "scikit-learn"}
 
 logger = logging.getLogger("benchmarks")

@@ -173,3 +173,30 @@ def test_persona_geometry_overrides_are_typed_and_checked() -> None:
     for bad in ("model.width=3", "hidden=3", "model.hidden"):
         with pytest.raises(SystemExit, match=r"expected model\.KEY=VALUE or training\.KEY=VALUE"):
             _override(MODEL, TRAINING, [bad])
+
+
+def test_print_section_prints_each_table_and_note(capsys) -> None:
+    from benchmarks.report import print_section
+
+    print_section({"tables": [{"name": "T", "columns": ["a", "b"], "rows": [[1, 2.5]]}], "notes": ["a note"]})
+    out = capsys.readouterr().out
+    assert "**T**" in out and "| a | b |" in out and "| 1 | 2.5 |" in out and "- a note" in out
+
+
+def test_label_recipe_variants_start_every_partner_from_the_same_model() -> None:
+    """FedAvg needs every partner of a slot to start from the same parameters: the variants'
+    hidden layers come from a public seed; the random features stay fixed (not trained)."""
+    import torch
+
+    from benchmarks.label_recipe import variant
+    from fedpersona.config.settings import ModelSettings
+    from fedpersona.model.linear import HALF, LABEL_INPUT
+
+    for kind in ("hidden", "linear+hidden", "random features"):
+        first, second = (variant(kind, 4)(6, 1, ModelSettings()) for _ in range(2))
+        a, b = first.state_dict(), second.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
+        trainable = {n for n, p in first.named_parameters() if p.requires_grad}
+        assert any(".hidden." in n for n in trainable) == (kind != "random features"), kind
+        batch = {LABEL_INPUT: torch.randn(5, 6), HALF: torch.tensor([0, 1, 0, 1, 1]), "labels": torch.ones(5, 1)}
+        assert first(batch).shape == (5,) and getattr(first, "clipped_sum", None) is None  # the generic clipping
