@@ -66,6 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "linear + a hidden layer of 8 (ReLU), lr 4": {"model": ("linear+hidden", 8), "lr": 4.0},
     "linear on x and 64 fixed random ReLU features": {"model": ("random features", 64)},
     "reference: clipping only (epsilon 100)": {"epsilon": 100.0},
+    "reference: clip 1, epsilon 100": {"max_grad_norm": 1.0, "epsilon": 100.0},
     "reference: no noise, no clipping": {"epsilon": float("inf")},
 }
 
