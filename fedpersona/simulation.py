@@ -365,7 +365,9 @@ def _observed(grid: Grid, on_phase: PhaseCallback, started: float, *, rounds: in
                     stamp(f"{head}: {len(replies)} answered, {len(waiting)} to go")
                     told = time.monotonic()
                 if waiting:
-                    time.sleep(0.1)  # as often as Flower's own grid polls
+                    # An in-memory poll: cheap, so five times as often as Flower's own grid (0.1 s),
+                    # which would add up to 0.1 s to every phase of every round.
+                    time.sleep(0.02)
             stamp(f"{head}: {len(replies)} answered in {time.monotonic() - asked:.1f}s")
             return replies
 
