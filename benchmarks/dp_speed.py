@@ -263,8 +263,9 @@ def _run(*, quick: bool, device: torch.device) -> dict[str, Any]:
         ],
         "notes": [
             f"{repeats} repeats per mode after one warm-up round each, modes interleaved in one process; noise "
-            f"multiplier {SIGMA}, max_grad_norm 1.0, PRV accountant; plain SGD for the label model, Adam for the "
-            f"encoder. Load average (1 min) {load_before[0]:.2f} "
+            f"multiplier {SIGMA}, max_grad_norm {PrivacySettings().max_grad_norm} (the cost does not depend on it), "
+            "PRV accountant; plain SGD for the label model, Adam for the encoder. Load average (1 min) "
+            f"{load_before[0]:.2f} "
             f"before, {load_after[0]:.2f} after, on {os.cpu_count()} cores; torch used {used_threads} thread(s).",
             f"Target: the default model's DP step (bookkeeping) <= {TARGET}x the non-private step, epsilon "
             f"bookkeeping included: measured {min(dp):.2f}x-{max(dp):.2f}x for the label model "
