@@ -59,7 +59,7 @@ from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel
 from fedpersona.model.stacking import fit_local_model
 from fedpersona.model.training import train_locally
 from fedpersona.privacy.ledger import PrivacyLedger
-from fedpersona.privacy.planner import make_plan
+from fedpersona.privacy.planner import make_plan, sgd_clip
 from fedpersona.privacy.randomness import SecretRandomness
 from fedpersona.simulation import _label_skew_split
 
@@ -96,7 +96,8 @@ def federate(
 ) -> list[LabelModel]:
     """The shipped recipe over ``parts`` (one slot); each partner's final model. ``training``,
     ``rounds``, ``max_grad_norm`` and the model class replace the recipe's (for
-    :mod:`benchmarks.label_recipe`)."""
+    :mod:`benchmarks.label_recipe`); a ``max_grad_norm`` given here is the clip every step uses,
+    without it each partner clips as the product does (:func:`fedpersona.privacy.planner.sgd_clip`)."""
     scenario = load_scenario(SCENARIO)
     training = (training or scenario.training).replace(device="cpu")
     fed = scenario.federation if rounds is None else scenario.federation.replace(rounds=rounds)
@@ -127,8 +128,10 @@ def federate(
             for i, (part, model, plan) in enumerate(zip(parts, models, plans, strict=True)):
                 if rnd > 1:
                     model.load_state_dict({k: torch.from_numpy(v) for k, v in aggregator.adapters["slot"].items()})
+                # the product's clip for the plan (planner.sgd_clip), or the fixed one a recipe gives
+                clipped = privacy.replace(max_grad_norm=sgd_clip(plan) if max_grad_norm is None else max_grad_norm)
                 train_locally(
-                    model=model, data=part, settings=training, privacy=privacy, noise_multiplier=plan.noise_multiplier,
+                    model=model, data=part, settings=training, privacy=clipped, noise_multiplier=plan.noise_multiplier,
                     ledger=ledgers[i] if privacy.private else None, round=rnd, public_rows=len(part),
                     randomness=SecretRandomness.from_seed(seed, i, rnd),
                 )  # fmt: skip

@@ -17,7 +17,7 @@ from fedpersona.config.settings import FederationSettings, PrivacyPlan, PrivacyS
 from fedpersona.errors import ConfigError
 from fedpersona.privacy.accounting import compute_epsilon
 from fedpersona.privacy.ledger import PrivacyLedger
-from fedpersona.privacy.planner import epsilon_schedule, make_plan
+from fedpersona.privacy.planner import epsilon_schedule, make_plan, sgd_clip
 
 __all__ = ["ledger_table", "plan_table"]
 
@@ -32,6 +32,7 @@ def _block(title: str, plan: PrivacyPlan) -> tuple[str, Lines]:
         f"{plan.target_epsilon:g}, accountant {plan.accountant}, noise multiplier "
         + (f"{sigma:.4f}" if sigma is not None else "none (NOT PRIVATE)")
         + f", sample rate {plan.sample_rate:.5f}, {plan.steps_per_round} steps/round"
+        + (f", clip {sgd_clip(plan):.3g} (max_grad_norm {plan.max_grad_norm:g})" if plan.private else "")
     )
     if plan.private and plan.delta >= 1.0 / plan.public_rows:
         head += f"  WARNING: delta >= 1/n ({1.0 / plan.public_rows:.2g}): the guarantee is weak"

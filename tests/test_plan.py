@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fedpersona.cli import app as cli
 from fedpersona.config.files import load_partner_config
-from fedpersona.config.settings import TrainingSettings
+from fedpersona.config.settings import ModelSettings, TrainingSettings
 from fedpersona.errors import ConfigError
 from fedpersona.federation.partner import load_partner_data, load_plan
 from fedpersona.privacy.accounting import compute_epsilon
@@ -160,3 +160,62 @@ def test_a_plan_fixed_before_the_persona_protocol_still_loads_and_makes_no_perso
     plan = load_plan_file(state)
     assert plan is not None and plan.noise_multiplier == 1.1 and plan.planned_rounds == 5
     assert plan.persona_releases == 0 and plan.gram_noise is None and plan.em_noise is None
+
+
+def _plan(*, sigma: float | None, rows: int, cap: float = 2.0, q: float = 0.2) -> object:
+    from fedpersona.config.settings import PrivacyPlan
+
+    return PrivacyPlan(
+        private=sigma is not None, noise_multiplier=sigma, sample_rate=q, steps_per_round=5, planned_rounds=15,
+        target_epsilon=3.0 if sigma is not None else float("inf"), delta=1e-5, accountant="prv",
+        max_grad_norm=cap, public_rows=rows,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("sigma", "rows", "cap", "want"),
+    [
+        (4.0, 3000, 2.0, 2.0),  # noise on a mean step at clip 2: 2 * 4 / 600 = 0.013, within 0.02: the cap
+        (10.0, 3000, 2.0, 1.2),  # 0.02 * 600 / 10: raised above 1 only that far
+        (10.0, 1200, 2.0, 1.0),  # 0.02 * 240 / 10 = 0.48: never below 1
+        (10.0, 1200, 0.5, 0.5),  # a configured clip below 1 is kept
+        (0.1, 3000, 4.0, 4.0),  # little noise: the configured clip
+        (None, 3000, 2.0, 2.0),  # not private: nothing is clipped, the configured value is reported
+    ],
+)
+def test_the_sgd_clip_is_the_cap_lowered_for_noisy_plans_never_below_one(
+    sigma: float | None, rows: int, cap: float, want: float
+) -> None:
+    from fedpersona.privacy.planner import sgd_clip
+
+    assert sgd_clip(_plan(sigma=sigma, rows=rows, cap=cap)) == pytest.approx(want)  # type: ignore[arg-type]
+
+
+def test_a_partner_trains_with_the_plans_clip_and_the_plan_prints_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clip the partner's DP-SGD uses is sgd_clip of its fixed plan (a 200-row partner at
+    epsilon 2 is a noisy plan: clip 1, not the configured 2), and `privacy plan` prints it."""
+    import fedpersona.federation.partner as partner
+    from fedpersona.privacy.planner import sgd_clip
+
+    path = write_client(tmp_path, extra="max_grad_norm = 2.0")
+    done = CliRunner().invoke(cli, ["privacy", "plan", "--config", str(path), "--rounds", "3"], terminal_width=200)
+    assert done.exit_code == 0, done.output
+    printed = float(re.search(r"clip ([0-9.]+) \(max_grad_norm 2\)", done.output).group(1))  # type: ignore[union-attr]
+    used: list[float] = []
+    real = partner.train_locally
+
+    def spy(**kwargs: object) -> object:
+        used.append(kwargs["privacy"].max_grad_norm)  # type: ignore[attr-defined]
+        return real(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(partner, "train_locally", spy)
+    cfg = load_partner_config(path)
+    training = TrainingSettings(device="cpu")
+    partner.train_round(
+        cfg=cfg, model_cfg=ModelSettings(), training=training, received={}, server_round=1, num_rounds=3,
+        adapter_shared=False, seed=0,
+    )  # fmt: skip
+    plan = load_plan(cfg, load_partner_data(cfg), training, 3)  # the plan fixed at round 1
+    assert used and set(used) == {sgd_clip(plan)} == {printed} == {1.0}

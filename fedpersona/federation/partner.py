@@ -41,7 +41,7 @@ from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel, halves
 from fedpersona.model.scopes import parameter_scope
 from fedpersona.model.training import LocalResult, TrainedModel, pick_device, train_locally
 from fedpersona.privacy.ledger import PrivacyLedger, spent_epsilon
-from fedpersona.privacy.planner import make_plan
+from fedpersona.privacy.planner import make_plan, sgd_clip
 from fedpersona.privacy.randomness import SecretRandomness
 
 __all__ = [
@@ -445,7 +445,7 @@ def train_round(
             model=trained,
             data=data.train,
             settings=training,
-            privacy=cfg.privacy,
+            privacy=cfg.privacy.replace(max_grad_norm=sgd_clip(plan)),  # the plan's clip (public)
             noise_multiplier=plan.noise_multiplier,
             ledger=ledger,
             round=server_round,
