@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from benchmarks.scale import _tree_cpu
 
 PARTNERS = (9, 30)
-ROUNDS = 4  # the first is start-up; the median of the others is reported
+ROUNDS = 11  # the first is start-up; the median of the others is reported
 PAYLOAD = {f"slot{i}/label_model.half{h}.{p}": (173 if p == "weight" else 1) for i in range(3) for h in (0, 1)
            for p in ("weight", "bias")}  # fmt: skip
 
