@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingS
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.synthetic import generate_silo
+from fedpersona.deploy.processes import descendants
 from fedpersona.model.evaluation import evaluate
 from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel
 from fedpersona.model.training import train_locally
@@ -380,48 +382,35 @@ class _PeakRss(threading.Thread):
         self.join()
 
 
+def _tree_sum(root: int, value: Callable[[Path], float]) -> float:
+    """``value`` of ``/proc/PID`` summed over ``root`` and its live descendants (0 for a process
+    that ended meanwhile)."""
+    total = 0.0
+    for pid in [root, *descendants(root)]:
+        try:
+            total += value(Path("/proc") / str(pid))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _cpu_seconds(proc: Path) -> float:
+    fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
+
+
+def _rss_bytes(proc: Path) -> float:
+    for line in (proc / "status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def _tree_cpu(root: int) -> float:
     """CPU seconds (user + system, all threads) used so far by ``root`` and every live descendant."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents: dict[int, int] = {}
-    used: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
-        parents[int(entry.name)] = int(fields[1])
-        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-    children: dict[int, list[int]] = {}
-    for pid, parent in parents.items():
-        children.setdefault(parent, []).append(pid)
-    total, stack = 0.0, [root]
-    while stack:
-        pid = stack.pop()
-        total += used.get(pid, 0.0)
-        stack.extend(children.get(pid, []))
-    return total
+    return _tree_sum(root, _cpu_seconds)
 
 
 def _tree_rss(root: int) -> int:
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = dict(line.split(":", 1) for line in (entry / "status").read_text().splitlines() if ":" in line)
-        except OSError:
-            continue
-        pid = int(entry.name)
-        children.setdefault(int(fields.get("PPid", "0").strip()), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
+    """Summed VmRSS of ``root`` and every live descendant."""
+    return int(_tree_sum(root, _rss_bytes))
