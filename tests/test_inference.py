@@ -270,3 +270,28 @@ def test_loading_leaves_the_global_torch_rng_alone(published: Published, schema:
     torch.manual_seed(123)
     load_encoder(arrays=published.arrays, card=published.card, schema=schema)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_seen_ids_find_every_repeat_and_nothing_else_across_many_chunks() -> None:
+    from fedpersona.model.inference import SeenIds
+
+    seen = SeenIds()
+    ids = np.array([f"user-{i}" for i in range(5000)], dtype=object)
+    for start in range(0, 5000, 250):  # 20 chunks: runs are merged as they grow
+        chunk = ids[start : start + 250]
+        first, second = SeenIds.hashes(chunk)
+        assert not seen.seen(first, second).any()
+        seen.add(first, second)
+    assert len(seen._runs) <= 5  # O(log n) sorted runs, not one per chunk
+    probe = np.array(["user-17", "user-4999", "user-5000", "someone-else", "user-2500"], dtype=object)
+    assert seen.seen(*SeenIds.hashes(probe)).tolist() == [True, True, False, False, True]
+
+
+def test_seen_ids_need_both_hashes_to_agree() -> None:
+    """Two ids whose first hashes collide are still told apart by the second."""
+    from fedpersona.model.inference import SeenIds
+
+    seen = SeenIds()
+    seen.add(np.array([7, 7, 9], dtype=np.uint64), np.array([1, 2, 3], dtype=np.uint64))
+    got = seen.seen(np.array([7, 7, 7, 9, 9], dtype=np.uint64), np.array([1, 2, 5, 3, 4], dtype=np.uint64))
+    assert got.tolist() == [True, True, False, True, False]
