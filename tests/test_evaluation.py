@@ -72,7 +72,11 @@ def test_own_columns_include_texts_and_both_kinds_of_sequence() -> None:
 
 @pytest.mark.parametrize("kind", ["finance", "health"])
 def test_baseline_fits_on_training_rows_and_scores_held_out_rows(tmp_path: Path, kind: str) -> None:
-    data = load_partner_data(partner_config(tmp_path, kind, rows=400))
+    # Reproducible: the train/test split from a noise seed (not a fresh secret key) and a seeded
+    # untrained encoder; with a random split, 80 test rows made the last check below a coin toss.
+    cfg = partner_config(tmp_path, kind, rows=400)
+    data = load_partner_data(cfg.replace(privacy=cfg.privacy.replace(noise_seed=0)))
+    torch.manual_seed(0)
     model = PersonaEncoder(data.train.layout, ModelSettings(token_dim=16, embed_dim=8, hidden=16, blocks=1))
     metrics = evaluate(
         model=model, train=data.train, test=data.test, personas=data.personas_test, seed=3, baseline=True
