@@ -473,8 +473,6 @@ class SeenIds:
 
     @classmethod
     def hashes(cls, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import pandas as pd
-
         values = np.asarray(ids, dtype=object)
         first, second = (pd.util.hash_array(values, hash_key=key, categorize=False) for key in cls.KEYS)
         return first, second

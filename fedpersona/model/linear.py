@@ -59,7 +59,11 @@ and with ``c_b = min(1, C / ||grad_b||)`` the clipped sums are ``sum_{b: h_b = h
 and ``sum_{b: h_b = h} c_b r_b``: two matrix products for the whole batch, with no autograd, no
 hooks and no per-sample gradient. It is the book-keeping computation of
 :mod:`fedpersona.privacy.clipping` with the backward pass written out; the tests check it
-against that module and against one-row-at-a-time gradients.
+against that module and against one-row-at-a-time gradients, and check that a seeded private
+round gives the same model through either path. That last check matters to an auditor: the
+privacy audit (:mod:`fedpersona.audit`) wraps the trained model with its canaries, and that
+wrapper has no closed form, so the audit exercises the generic path; the equivalence test is
+what carries its finding over to the closed form the product runs.
 """
 
 from __future__ import annotations
