@@ -200,3 +200,34 @@ def test_label_recipe_variants_start_every_partner_from_the_same_model() -> None
         assert any(".hidden." in n for n in trainable) == (kind != "random features"), kind
         batch = {LABEL_INPUT: torch.randn(5, 6), HALF: torch.tensor([0, 1, 0, 1, 1]), "labels": torch.ones(5, 1)}
         assert first(batch).shape == (5,) and getattr(first, "clipped_sum", None) is None  # the generic clipping
+
+
+def test_local_selection_shipped_rule_is_the_products_rule_and_its_blends_are_the_products() -> None:
+    """The benchmark's ``first_within`` must pick what the product's fed-first rule picks on the
+    shipped candidates, and a blend it builds with the own best model must score as the
+    product's blend of that weight; else its table would describe a rule the product does not run."""
+    import numpy as np
+
+    from benchmarks.local_selection import PartnerResult, _blend, first_within
+    from fedpersona.model import stacking
+    from fedpersona.model.alone import LinearScorer
+
+    rng = np.random.default_rng(3)
+    picks = set()
+    for draw in range(40):
+        y = rng.integers(0, 2, size=120)
+        signal = rng.uniform(0.0, 1.5, size=len(stacking.CANDIDATES))
+        oof = {n: s * y + rng.normal(size=len(y)) for n, s in zip(stacking.CANDIDATES, signal, strict=True)}
+        result = PartnerResult(small=True, y=y, oof=oof, validation_auc={}, own_best="own_lr", pooled=1.0)
+        expected = stacking.fed_first_choice(y=y, oof=oof)[2]
+        assert first_within(result, stacking.CANDIDATES) == expected, draw
+        picks.add(expected)
+    assert len(picks) >= 3  # the draws exercise the rule, not one fixed answer
+
+    x, y = rng.normal(size=(80, 3)), rng.integers(0, 2, size=80)
+    fed, x_new, fed_new = rng.normal(size=80), rng.normal(size=(7, 3)), rng.normal(size=7)
+    data = {"x_enc": x, "x_raw": x, "fed": fed, "y": y}
+    product = stacking._fit("blend0.5", rows=np.arange(80), data=data, own_best="own_lr", seed=0)
+    assert isinstance(product.model, LinearScorer)
+    ours = _blend(0.5, fed_new, fed, product.model.score(x_new), product.model.score(x))
+    np.testing.assert_allclose(ours, product.score(x_enc=x_new, x_raw=x_new, fed=fed_new))
