@@ -104,8 +104,11 @@ def test_two_round_simulation_writes_the_run_folder(tmp_path: Path) -> None:
         assert 0.0 <= row["alone_auc"] <= 1.0 and 0.0 <= row["local_auc"] <= 1.0
         assert -1.0 <= row["alone_ari"] <= 1.0
     # The bank's labels follow its columns: its own model is far above chance (a 240-row shop's
-    # may sit at chance on its 60 held-out rows).
-    assert by_partner["bank-1"]["alone_auc"] > 0.7
+    # may sit at chance on its 60 held-out rows). Its held-out rows come from the partner's
+    # secret split key, so they differ from run to run: over 75 random 240/60 splits of 300-row
+    # synthetic banks its own model scored 0.84 on average, 0.76 at the 5th percentile and 0.69
+    # at the lowest, where chance on 60 rows rarely passes 0.62.
+    assert by_partner["bank-1"]["alone_auc"] > 0.62
     assert "alone (own columns) or with the federation" in done.stdout
     assert "## Alone or with the federation" in (out / "report.md").read_text()
 
