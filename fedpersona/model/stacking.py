@@ -21,6 +21,12 @@ walk ``fed, blend0.75, blend0.5, blend0.25, stk_lr, stk_hgb, own_lr, own_hgb`` a
 first candidate within one paired DeLong standard error of the best. The federated score was
 estimated on far more rows than the partner has, so among statistically tied candidates it is
 the lower-variance choice; the partner's own models win only when they are clearly better.
+Alternatives were measured on validation splits of the three public primaries at epsilon 3
+and 1 (``python -m benchmarks.local_selection``; ``docs/results.md``): half a standard error,
+starting from an equal blend, the best cross-validated candidate, and blends with each own
+model rather than the best one. Each gains on one table or budget and loses on another (the
+400-row partner's share of the gap to pooled boosting moves from 39/43/70% to at best 49/47/66%
+at epsilon 3, and the same rules lose at epsilon 1), so the rule stays.
 
 **Audit and fallback.** A stratified 20% of the labelled rows is held back; the selected
 candidate is refitted on the other 80% and must pass the detector on the held-back rows at
