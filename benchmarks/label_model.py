@@ -47,7 +47,13 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from fedpersona.config.files import load_scenario
-from fedpersona.config.settings import FederationSettings, ModelSettings, PrivacySettings, TrainingSettings
+from fedpersona.config.settings import (
+    FederationSettings,
+    ModelSettings,
+    PrivacyPlan,
+    PrivacySettings,
+    TrainingSettings,
+)
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema_reader import load_schema
@@ -93,11 +99,14 @@ def federate(
     rounds: int | None = None,
     max_grad_norm: float | None = None,
     model: Callable[[int, int, ModelSettings], LabelModel] = LabelModel,
+    prepare: Callable[[LabelModel, PrivacyPlan], None] | None = None,
 ) -> list[LabelModel]:
     """The shipped recipe over ``parts`` (one slot); each partner's final model. ``training``,
     ``rounds``, ``max_grad_norm`` and the model class replace the recipe's (for
     :mod:`benchmarks.label_recipe`); a ``max_grad_norm`` given here is the clip every step uses,
-    without it each partner clips as the product does (:func:`fedpersona.privacy.planner.sgd_clip`)."""
+    without it each partner clips as the product does (:func:`fedpersona.privacy.planner.sgd_clip`).
+    ``prepare(model, plan)``, when given, sees each partner's model and plan before the first
+    round (a recipe that trains part of a model only under some plans)."""
     scenario = load_scenario(SCENARIO)
     training = (training or scenario.training).replace(device="cpu")
     fed = scenario.federation if rounds is None else scenario.federation.replace(rounds=rounds)
@@ -121,6 +130,9 @@ def federate(
         )
         for p in parts
     ]
+    if prepare is not None:
+        for m, plan in zip(models, plans, strict=True):
+            prepare(m, plan)
     with tempfile.TemporaryDirectory() as state:
         ledgers = [PrivacyLedger(Path(state) / f"p{i}", settings=privacy) for i in range(len(parts))]
         for rnd in range(1, fed.rounds + 1):

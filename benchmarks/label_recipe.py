@@ -38,12 +38,13 @@ from torch import nn
 
 from benchmarks.label_model import DATA, DATASETS, REPO, SCENARIO, SCHEMAS, federate, partners_of
 from fedpersona.config.files import load_scenario
-from fedpersona.config.settings import ModelSettings
+from fedpersona.config.settings import ModelSettings, PrivacyPlan
 from fedpersona.data.dense import dense_views
 from fedpersona.data.features import FeatureTensors, featurize
 from fedpersona.data.schema_reader import load_schema
 from fedpersona.data.tables import load_table
 from fedpersona.model.linear import HALF, LABEL_INPUT, LabelModel
+from fedpersona.privacy.planner import sgd_clip
 
 # name -> changes to the shipped recipe: TrainingSettings fields, "rounds", "max_grad_norm", "epsilon"
 RECIPES: dict[str, dict[str, Any]] = {
@@ -67,6 +68,22 @@ RECIPES: dict[str, dict[str, Any]] = {
     "one hidden layer of 16 (ReLU), lr 4": {"model": ("hidden", 16), "lr": 4.0},
     "linear + a hidden layer of 8 (ReLU), lr 4": {"model": ("linear+hidden", 8), "lr": 4.0},
     "linear on x and 64 fixed random ReLU features": {"model": ("random features", 64)},
+    # one shared model class, its hidden part trained only by partners whose plan is quiet enough
+    "linear + hidden 8, lr 4, hidden frozen where the step noise > 0.01": {
+        "model": ("linear+hidden", 8),
+        "lr": 4.0,
+        "freeze_above": 0.01,
+    },
+    "linear + hidden 8, lr 4, hidden frozen where the step noise > 0.025": {
+        "model": ("linear+hidden", 8),
+        "lr": 4.0,
+        "freeze_above": 0.025,
+    },
+    "linear + hidden 8, lr 4, hidden frozen everywhere (the linear model at lr 4)": {
+        "model": ("linear+hidden", 8),
+        "lr": 4.0,
+        "freeze_above": 0.0,
+    },
     "reference: clipping only (epsilon 100)": {"epsilon": 100.0},
     "reference: clip 1, epsilon 100": {"max_grad_norm": 1.0, "epsilon": 100.0},
     "reference: no noise, no clipping": {"epsilon": float("inf")},
@@ -151,16 +168,43 @@ def split(features: FeatureTensors, y: np.ndarray, seed: int) -> Split:
     return Split([subset(p) for p in partners_of(y, fit, seed)], subset(validation), y[validation])
 
 
+def step_noise(plan: PrivacyPlan) -> float:
+    """The standard deviation a DP-SGD step adds to each coordinate of the mean clipped gradient
+    under ``plan``, ``C sigma / E[B]`` (public numbers only); 0 without privacy."""
+    if not plan.private or plan.noise_multiplier is None:
+        return 0.0
+    return sgd_clip(plan) * plan.noise_multiplier / max(1.0, plan.sample_rate * plan.public_rows)
+
+
+def freezer(threshold: float) -> Callable[[LabelModel, PrivacyPlan], None]:
+    """Freeze the hidden part (hidden and output layers) of a :class:`_Half` variant for a partner
+    whose :func:`step_noise` is above ``threshold``: it trains only the linear map and releases
+    the hidden part as it received it. A frozen hidden part that starts at zero output leaves
+    exactly the linear model."""
+
+    def prepare(model: LabelModel, plan: PrivacyPlan) -> None:
+        if step_noise(plan) > threshold:
+            for half in model.label_model.values():
+                assert isinstance(half, _Half)
+                half.hidden.requires_grad_(False)
+                half.out.requires_grad_(False)
+
+    return prepare
+
+
 def score(data: Split, recipe: dict[str, Any], *, epsilon: float, seed: int) -> float:
     changes = dict(recipe)
     rounds = changes.pop("rounds", None)
+    threshold = changes.pop("freeze_above", None)
     clip = changes.pop("max_grad_norm", None)
     epsilon = changes.pop("epsilon", epsilon)
     model = variant(*changes.pop("model")) if "model" in changes else LabelModel
     training = load_scenario(SCENARIO).training.replace(**changes)
+    prepare = None if threshold is None else freezer(float(threshold))
     models = federate(
-        data.parts, epsilon=epsilon, seed=seed, training=training, rounds=rounds, max_grad_norm=clip, model=model
-    )
+        data.parts, epsilon=epsilon, seed=seed, training=training, rounds=rounds, max_grad_norm=clip, model=model,
+        prepare=prepare,
+    )  # fmt: skip
     logits = models[0].logits(data.validation.batch(torch.arange(len(data.y_validation))))[:, 0].numpy()
     return float(roc_auc_score(data.y_validation, logits.astype(np.float64)))
 

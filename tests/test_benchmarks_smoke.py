@@ -231,3 +231,32 @@ def test_local_selection_shipped_rule_is_the_products_rule_and_its_blends_are_th
     assert isinstance(product.model, LinearScorer)
     ours = _blend(0.5, fed_new, fed, product.model.score(x_new), product.model.score(x))
     np.testing.assert_allclose(ours, product.score(x_enc=x_new, x_raw=x_new, fed=fed_new))
+
+
+def test_label_recipe_freezes_the_hidden_part_only_for_noisy_plans() -> None:
+    """``step_noise`` is ``C sigma / E[B]`` of the plan, and ``freezer`` stops the hidden part of
+    exactly the partners above the threshold (their linear map still trains)."""
+    import pytest
+
+    from benchmarks.label_recipe import freezer, step_noise, variant
+    from fedpersona.config.settings import ModelSettings, PrivacySettings, TrainingSettings
+    from fedpersona.privacy.planner import make_plan, sgd_clip
+
+    def plan(rows: int, epsilon: float):  # type: ignore[no-untyped-def]
+        return make_plan(
+            privacy=PrivacySettings(target_epsilon=epsilon, delta=1e-5), training=TrainingSettings(),
+            public_rows=rows, rounds=15,
+        )  # fmt: skip
+
+    quiet, noisy = plan(20_000, 3.0), plan(400, 1.0)
+    for p in (quiet, noisy):
+        expected = sgd_clip(p) * p.noise_multiplier / (p.sample_rate * p.public_rows)
+        assert step_noise(p) == pytest.approx(expected)
+    assert step_noise(quiet) < 0.01 < step_noise(noisy)
+    assert step_noise(plan(400, float("inf"))) == 0.0
+    for p, frozen in ((quiet, False), (noisy, True)):
+        model = variant("linear+hidden", 4)(6, 1, ModelSettings())
+        freezer(0.01)(model, p)
+        trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+        assert any(".linear." in n for n in trainable)
+        assert any(".hidden." in n or ".out." in n for n in trainable) == (not frozen)
