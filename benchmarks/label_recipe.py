@@ -139,6 +139,8 @@ class Split:
     parts: list[FeatureTensors]
     validation: FeatureTensors
     y_validation: np.ndarray
+    partner_rows: list[np.ndarray]  # each partner's positions in the whole table (the last is the 400-row one)
+    validation_rows: np.ndarray
 
 
 def load(name: str, tables: dict[str, tuple[Path, Path]] | None = None) -> tuple[FeatureTensors, np.ndarray]:
@@ -155,17 +157,24 @@ def load(name: str, tables: dict[str, tuple[Path, Path]] | None = None) -> tuple
     return features, features.tensors["labels"][:, 0].numpy().astype(np.float64)
 
 
-def split(features: FeatureTensors, y: np.ndarray, seed: int) -> Split:
-    """The federation's partners on the fitting rows and the validation rows (module docstring)."""
+def fit_and_validation(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted positions of the fitting rows and of the validation rows (module docstring);
+    the 20% test rows are in neither."""
     train, _test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)
     fit, validation = train_test_split(np.sort(train), test_size=0.25, stratify=y[np.sort(train)],
                                        random_state=100 + seed)  # fmt: skip
-    fit, validation = np.sort(fit), np.sort(validation)
+    return np.sort(fit), np.sort(validation)
+
+
+def split(features: FeatureTensors, y: np.ndarray, seed: int) -> Split:
+    """The federation's partners on the fitting rows and the validation rows (module docstring)."""
+    fit, validation = fit_and_validation(y, seed)
 
     def subset(index: np.ndarray) -> FeatureTensors:
         return FeatureTensors(features.layout, features.batch(torch.from_numpy(index)))
 
-    return Split([subset(p) for p in partners_of(y, fit, seed)], subset(validation), y[validation])
+    partners = partners_of(y, fit, seed)
+    return Split([subset(p) for p in partners], subset(validation), y[validation], partners, validation)
 
 
 def step_noise(plan: PrivacyPlan) -> float:

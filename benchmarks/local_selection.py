@@ -52,10 +52,9 @@ import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 
-from benchmarks.label_model import DATASETS, federate, partners_of
-from benchmarks.label_recipe import load, split
+from benchmarks.label_model import DATASETS, federate
+from benchmarks.label_recipe import fit_and_validation, load, split
 from fedpersona.model import stacking
 from fedpersona.model.alone import auc, cross_fit_own, cv_plan, cv_splits, delong_difference, draw_seed, fit_trees
 from fedpersona.model.evaluation import own_columns
@@ -159,11 +158,9 @@ RULES: dict[str, Callable[[PartnerResult], str]] = {
 
 def federation(name: str, *, seed: int, epsilon: float, features: Any, y: np.ndarray) -> list[PartnerResult]:
     """One federation on the validation split of ``name`` and every partner's candidates."""
-    train, _test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)
-    fit, val = train_test_split(np.sort(train), test_size=0.25, stratify=y[np.sort(train)], random_state=100 + seed)
-    fit, val = np.sort(fit), np.sort(val)
-    positions = partners_of(y, fit, seed)  # the same partners as label_recipe.split
     data = split(features, y, seed)
+    positions, val = data.partner_rows, data.validation_rows
+    fit = np.sort(np.concatenate(positions))
     enc_all, raw_all = own_columns(features)
     labels = y.astype(np.int64)
     pooled = auc(y=labels[val], score=fit_trees(raw_all[fit], labels[fit], seed=seed).score(raw_all[val]))
@@ -231,8 +228,7 @@ def ceiling(name: str, features: Any, y: np.ndarray, seeds: Sequence[int]) -> st
     }
     scores: dict[str, list[float]] = {m: [] for m in models}
     for seed in seeds:
-        train, _test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=y, random_state=seed)
-        fit, val = train_test_split(np.sort(train), test_size=0.25, stratify=y[np.sort(train)], random_state=100 + seed)
+        fit, val = fit_and_validation(y, seed)
         for label, make in models.items():
             x = dense if label.startswith("logistic") else raw_all
             model = make().fit(x[fit], y[fit])
